@@ -1,0 +1,288 @@
+package twin
+
+import (
+	"fmt"
+	"time"
+)
+
+// EventKind says what a committed change did.
+type EventKind uint8
+
+// Kinds of committed changes.
+const (
+	KindCreated EventKind = iota + 1
+	KindReported
+	KindDesired
+	KindUpdated
+	KindDeleted
+	KindPresence
+)
+
+func (k EventKind) String() string {
+	switch k {
+	case KindCreated:
+		return "created"
+	case KindReported:
+		return "reported"
+	case KindDesired:
+		return "desired"
+	case KindUpdated:
+		return "updated"
+	case KindDeleted:
+		return "deleted"
+	case KindPresence:
+		return "presence"
+	}
+	return fmt.Sprintf("EventKind(%d)", uint8(k))
+}
+
+// Event is one committed change of a twin. Events are immutable.
+type Event struct {
+	Revision int64     `json:"r"`
+	Kind     EventKind `json:"k"`
+	// Twin is the twin after the change; for a deletion, as it was before.
+	Twin *Twin `json:"tw"`
+	// Patch is the merge patch the change applied, if any.
+	Patch  Document  `json:"p,omitempty"`
+	Time   time.Time `json:"t"`
+	Source Source    `json:"s,omitempty"`
+}
+
+// CreateRequest describes a twin to create.
+type CreateRequest struct {
+	ID       string
+	Type     string
+	Labels   map[string]string
+	Reported Document
+	Desired  Document
+	Source   Source
+}
+
+// PatchRequest is a merge patch of reported or desired state.
+type PatchRequest struct {
+	ID    string
+	Patch Document
+	// ExpectedVersion, if not 0, makes the change fail with
+	// ErrVersionMismatch unless the twin is at exactly this version.
+	ExpectedVersion int64
+	// DesiredAckedVersion, for reports, if not 0, acknowledges the desired
+	// state the device has applied.
+	DesiredAckedVersion int64
+	Source              Source
+}
+
+// UpdateRequest changes a twin's type and labels.
+type UpdateRequest struct {
+	ID string
+	// Type, if not nil, replaces the type.
+	Type *string
+	// Labels are set; RemoveLabels are removed.
+	Labels          map[string]string
+	RemoveLabels    []string
+	ExpectedVersion int64
+	Source          Source
+}
+
+// opKind says what an op asks of its shard.
+type opKind uint8
+
+const (
+	opCreate opKind = iota + 1
+	opReport
+	opDesired
+	opUpdate
+	opDelete
+	opToken
+)
+
+// op is one request to a shard worker. The worker answers on done exactly
+// once.
+type op struct {
+	kind   opKind
+	id     string
+	create *CreateRequest
+	patch  *PatchRequest
+	update *UpdateRequest
+	expect int64  // for deletes
+	token  []byte // for opToken
+	done   chan result
+}
+
+type result struct {
+	twin *Twin
+	err  error
+}
+
+// change is the outcome of one op: what to write and whom to tell.
+type change struct {
+	op    *op
+	prev  *Twin // nil for a creation
+	next  *Twin // nil for a deletion
+	event *Event
+	// deletedVersion is the last version of a deleted twin.
+	deletedVersion int64
+}
+
+func checkVersion(t *Twin, expected int64) error {
+	if expected != 0 && t.Version != expected {
+		return fmt.Errorf("%w: twin %q is at version %d, not the expected %d; read it again and retry",
+			ErrVersionMismatch, t.ID, t.Version, expected)
+	}
+	return nil
+}
+
+func notFound(id string) error {
+	return fmt.Errorf("%w: twin %q does not exist", ErrNotFound, id)
+}
+
+// applier computes changes; it holds the configuration that applying needs.
+type applier struct {
+	limits Limits
+}
+
+// create computes the twin that a CreateRequest makes. lastVersion is the
+// last version of a deleted twin with the same id, or 0.
+func (a *applier) create(req *CreateRequest, lastVersion int64, now time.Time) (*Twin, error) {
+	if err := ValidateType(req.Type); err != nil {
+		return nil, err
+	}
+	if err := validateLabels(req.Labels); err != nil {
+		return nil, err
+	}
+	t := &Twin{
+		ID:         req.ID,
+		Type:       req.Type,
+		Labels:     cloneLabels(req.Labels, nil, nil),
+		Version:    lastVersion + 1,
+		CreateTime: now,
+		UpdateTime: now,
+	}
+	stamp := FieldMeta{Time: now, Version: t.Version}
+	for _, side := range []struct {
+		patch Document
+		doc   *Document
+		meta  *map[string]FieldMeta
+		name  string
+	}{
+		{req.Reported, &t.Reported, &t.ReportedMeta, "reported"},
+		{req.Desired, &t.Desired, &t.DesiredMeta, "desired"},
+	} {
+		if err := a.limits.checkPatch(side.patch); err != nil {
+			return nil, fmt.Errorf("%s: %w", side.name, err)
+		}
+		var r mergeResult
+		doc := mergeObject(nil, side.patch, "", &r)
+		if doc == nil {
+			doc = Document{}
+		}
+		if err := a.checkSize(doc, side.name); err != nil {
+			return nil, err
+		}
+		*side.doc = doc
+		*side.meta = updateMeta(nil, &r, stamp)
+	}
+	t.Delta = Delta(t.Desired, t.Reported, nil)
+	return t, nil
+}
+
+func (a *applier) checkSize(doc Document, name string) error {
+	n, err := jsonSize(doc)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrInvalidPatch, name, err)
+	}
+	if n > a.limits.MaxDocumentBytes {
+		return fmt.Errorf("%w: %s would be %d bytes, over the document limit of %d bytes",
+			ErrLimit, name, n, a.limits.MaxDocumentBytes)
+	}
+	return nil
+}
+
+// patch computes the twin after a reported or desired merge patch. It returns
+// cur itself when nothing changes.
+func (a *applier) patch(cur *Twin, req *PatchRequest, desired bool, now time.Time) (*Twin, error) {
+	if err := checkVersion(cur, req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	name := "reported"
+	if desired {
+		name = "desired"
+	}
+	if err := a.limits.checkPatch(req.Patch); err != nil {
+		return nil, fmt.Errorf("%s patch: %w", name, err)
+	}
+	doc := cur.Reported
+	if desired {
+		doc = cur.Desired
+	}
+	var r mergeResult
+	merged := mergeObject(doc, req.Patch, "", &r)
+	ackChanged := !desired && req.DesiredAckedVersion > cur.DesiredAckedVersion
+	if !r.changed() && !ackChanged {
+		return cur, nil
+	}
+	if r.changed() {
+		if err := a.checkSize(merged, name); err != nil {
+			return nil, err
+		}
+	}
+	next := cur.clone()
+	next.Version++
+	next.UpdateTime = now
+	stamp := FieldMeta{Time: now, Version: next.Version}
+	if desired {
+		next.Desired = merged
+		next.DesiredMeta = updateMeta(cur.DesiredMeta, &r, stamp)
+		next.Tombstones = updateTombstones(cur.Tombstones, &r, next.Version)
+	} else {
+		if r.changed() {
+			next.Reported = merged
+			next.ReportedMeta = updateMeta(cur.ReportedMeta, &r, stamp)
+		}
+		if ackChanged {
+			v := min(req.DesiredAckedVersion, cur.Version)
+			next.DesiredAckedVersion = max(v, cur.DesiredAckedVersion)
+			next.Tombstones = ackTombstones(cur.Tombstones, next.DesiredAckedVersion)
+		}
+	}
+	next.Delta = Delta(next.Desired, next.Reported, next.Tombstones)
+	return next, nil
+}
+
+// update computes the twin after a change of type or labels.
+func (a *applier) update(cur *Twin, req *UpdateRequest, now time.Time) (*Twin, error) {
+	if err := checkVersion(cur, req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	typ := cur.Type
+	if req.Type != nil {
+		if err := ValidateType(*req.Type); err != nil {
+			return nil, err
+		}
+		typ = *req.Type
+	}
+	labels := cloneLabels(cur.Labels, req.Labels, req.RemoveLabels)
+	if err := validateLabels(labels); err != nil {
+		return nil, err
+	}
+	if typ == cur.Type && equalLabels(labels, cur.Labels) {
+		return cur, nil
+	}
+	next := cur.clone()
+	next.Type = typ
+	next.Labels = labels
+	next.Version++
+	next.UpdateTime = now
+	return next, nil
+}
+
+func equalLabels(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,238 @@
+package twin
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"math"
+	"strconv"
+	"time"
+)
+
+// Key layout. Every key of a twin lives under its virtual shard's prefix, so
+// that a shard's keys and state can be moved as one range:
+//
+//	m/format                       store format: {"vshards": 256, "format": 1}
+//	m/rev                          last committed revision, 8 bytes big-endian
+//	l/<rev:8>                      watch log: the Event of each revision
+//	s/<vs:2>/t/<id>                the twin record (JSON), or a deletion marker
+//	s/<vs:2>/h/<id>\x00<ver:8>     history: the Event of each version of a twin
+//
+// Numbers in keys are big-endian so that keys sort in numeric order. Values
+// are JSON, which keeps the store inspectable and its format easy to evolve.
+var (
+	keyFormat    = []byte("m/format")
+	keyRevision  = []byte("m/rev")
+	prefixLog    = []byte("l/")
+	prefixShards = []byte("s/")
+)
+
+const formatVersion = 1
+
+type storeFormat struct {
+	VShards int `json:"vshards"`
+	Format  int `json:"format"`
+}
+
+func appendUint64(b []byte, v uint64) []byte { return binary.BigEndian.AppendUint64(b, v) }
+
+func shardPrefix(vs uint16, section byte) []byte {
+	b := make([]byte, 0, 8)
+	b = append(b, prefixShards...)
+	b = binary.BigEndian.AppendUint16(b, vs)
+	return append(b, '/', section, '/')
+}
+
+func twinKey(vs uint16, id string) []byte {
+	return append(shardPrefix(vs, 't'), id...)
+}
+
+func historyPrefix(vs uint16, id string) []byte {
+	return append(append(shardPrefix(vs, 'h'), id...), 0)
+}
+
+func historyKey(vs uint16, id string, version int64) []byte {
+	return appendUint64(historyPrefix(vs, id), uint64(version))
+}
+
+func logKey(rev int64) []byte {
+	return appendUint64(append([]byte(nil), prefixLog...), uint64(rev))
+}
+
+// prefixEnd returns the first key after every key with the prefix p.
+func prefixEnd(p []byte) []byte {
+	end := append([]byte(nil), p...)
+	for i := len(end) - 1; i >= 0; i-- {
+		end[i]++
+		if end[i] != 0 {
+			return end[:i+1]
+		}
+	}
+	return nil
+}
+
+// record is the stored form of a twin, or of a deleted twin's last version.
+type record struct {
+	Twin        *Twin
+	Deleted     bool
+	LastVersion int64
+}
+
+// twinJSON is the stored form of a Twin.
+type twinJSON struct {
+	ID                  string               `json:"id"`
+	Type                string               `json:"type,omitempty"`
+	Labels              map[string]string    `json:"labels,omitempty"`
+	Reported            Document             `json:"reported"`
+	Desired             Document             `json:"desired"`
+	ReportedMeta        map[string]FieldMeta `json:"reported_meta,omitempty"`
+	DesiredMeta         map[string]FieldMeta `json:"desired_meta,omitempty"`
+	Tombstones          map[string]int64     `json:"tombstones,omitempty"`
+	DesiredAckedVersion int64                `json:"desired_acked_version,omitempty"`
+	Version             int64                `json:"version"`
+	Revision            int64                `json:"revision"`
+	Presence            Presence             `json:"presence"`
+	CreateTime          time.Time            `json:"create_time"`
+	UpdateTime          time.Time            `json:"update_time"`
+	TokenHash           []byte               `json:"token_hash,omitempty"`
+}
+
+// MarshalJSON encodes the twin in its stored form. Delta is not stored.
+func (t *Twin) MarshalJSON() ([]byte, error) {
+	return json.Marshal(twinJSON{
+		ID: t.ID, Type: t.Type, Labels: t.Labels,
+		Reported: t.Reported, Desired: t.Desired,
+		ReportedMeta: t.ReportedMeta, DesiredMeta: t.DesiredMeta,
+		Tombstones: t.Tombstones, DesiredAckedVersion: t.DesiredAckedVersion,
+		Version: t.Version, Revision: t.Revision, Presence: t.Presence,
+		CreateTime: t.CreateTime, UpdateTime: t.UpdateTime,
+		TokenHash: t.TokenHash,
+	})
+}
+
+// UnmarshalJSON decodes the stored form of a twin and recomputes its delta.
+func (t *Twin) UnmarshalJSON(b []byte) error {
+	var j twinJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	*t = Twin{
+		ID: j.ID, Type: j.Type, Labels: j.Labels,
+		Reported: j.Reported, Desired: j.Desired,
+		ReportedMeta: j.ReportedMeta, DesiredMeta: j.DesiredMeta,
+		Tombstones: j.Tombstones, DesiredAckedVersion: j.DesiredAckedVersion,
+		Version: j.Version, Revision: j.Revision, Presence: j.Presence,
+		CreateTime: j.CreateTime, UpdateTime: j.UpdateTime,
+		TokenHash: j.TokenHash,
+	}
+	if t.Reported == nil {
+		t.Reported = Document{}
+	}
+	if t.Desired == nil {
+		t.Desired = Document{}
+	}
+	t.Delta = Delta(t.Desired, t.Reported, t.Tombstones)
+	return nil
+}
+
+func encodeRecord(r record) ([]byte, error) {
+	if r.Deleted {
+		return json.Marshal(struct {
+			Deleted     bool  `json:"deleted"`
+			LastVersion int64 `json:"last_version"`
+		}{true, r.LastVersion})
+	}
+	return json.Marshal(r.Twin)
+}
+
+func decodeRecord(b []byte) (record, error) {
+	var probe struct {
+		Deleted     bool  `json:"deleted"`
+		LastVersion int64 `json:"last_version"`
+	}
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return record{}, fmt.Errorf("twin: corrupt record: %w", err)
+	}
+	if probe.Deleted {
+		return record{Deleted: true, LastVersion: probe.LastVersion}, nil
+	}
+	t := new(Twin)
+	if err := json.Unmarshal(b, t); err != nil {
+		return record{}, fmt.Errorf("twin: corrupt record: %w", err)
+	}
+	return record{Twin: t}, nil
+}
+
+func encodeEvent(ev *Event) ([]byte, error) { return json.Marshal(ev) }
+
+func decodeEvent(b []byte) (*Event, error) {
+	ev := new(Event)
+	if err := json.Unmarshal(b, ev); err != nil {
+		return nil, fmt.Errorf("twin: corrupt event: %w", err)
+	}
+	return ev, nil
+}
+
+// jsonSize returns the length of the compact JSON encoding of v, as
+// encoding/json would produce it, without building it.
+func jsonSize(v any) (int, error) {
+	switch v := v.(type) {
+	case nil:
+		return 4, nil
+	case bool:
+		if v {
+			return 4, nil
+		}
+		return 5, nil
+	case float64:
+		// As encoding/json formats floats.
+		var buf [32]byte
+		f := byte('f')
+		if a := math.Abs(v); a != 0 && (a < 1e-6 || a >= 1e21) {
+			f = 'e'
+		}
+		b := strconv.AppendFloat(buf[:0], v, f, -1, 64)
+		if n := len(b); f == 'e' && n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
+			return n - 1, nil
+		}
+		return len(b), nil
+	case string:
+		return quotedSize(v), nil
+	case []any:
+		n := 2 + max(len(v)-1, 0)
+		for _, e := range v {
+			s, err := jsonSize(e)
+			if err != nil {
+				return 0, err
+			}
+			n += s
+		}
+		return n, nil
+	case map[string]any:
+		n := 2 + max(len(v)-1, 0)
+		for k, e := range v {
+			s, err := jsonSize(e)
+			if err != nil {
+				return 0, err
+			}
+			n += quotedSize(k) + 1 + s
+		}
+		return n, nil
+	}
+	return 0, fmt.Errorf("unsupported value of type %T", v)
+}
+
+func quotedSize(s string) int {
+	n := 2
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"' || c == '\\':
+			n += 2
+		case c < 0x20 || c == '<' || c == '>' || c == '&':
+			n += 6
+		default:
+			n++
+		}
+	}
+	return n
+}

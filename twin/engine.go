@@ -1,0 +1,559 @@
+package twin
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// Options configure an Engine. The zero value of every field is its default.
+type Options struct {
+	// Dir is the directory of the Pebble store. Default "twind-data".
+	Dir string
+	// FS is the filesystem of the store. Default vfs.Default; tests use
+	// vfs.NewMem().
+	FS vfs.FS
+	// Clock tells the time. Default time.Now.
+	Clock func() time.Time
+	// Logger receives the engine's logs. Default slog.Default().
+	Logger *slog.Logger
+	// VShards is the number of virtual shards of a new store. It is recorded
+	// in the store when the store is created and never changes; for an
+	// existing store this field is ignored. Default 256.
+	VShards int
+	// Workers is the number of shard worker goroutines. Default
+	// 2*GOMAXPROCS.
+	Workers int
+	// InboxSize bounds each worker's queue of pending requests; a full inbox
+	// blocks the sender. Default 1024.
+	InboxSize int
+	// MaxBatch bounds how many requests a worker applies in one step.
+	// Default 512.
+	MaxBatch int
+	// Limits bound documents.
+	Limits Limits
+	// HistoryLimit is how many versions of each twin ListTwinHistory keeps.
+	// Default 100.
+	HistoryLimit int
+	// LogRetention is how many revisions the watch log keeps, so that
+	// watchers can resume from a revision at most this old. Default
+	// 1,000,000.
+	LogRetention int64
+	// PebbleCacheBytes is the size of Pebble's block cache. Default 64 MiB.
+	PebbleCacheBytes int64
+}
+
+// EnsureDefaults fills the zero fields of o with their defaults.
+func (o *Options) EnsureDefaults() {
+	if o.Dir == "" {
+		o.Dir = "twind-data"
+	}
+	if o.FS == nil {
+		o.FS = vfs.Default
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.VShards <= 0 {
+		o.VShards = 256
+	}
+	if o.Workers <= 0 {
+		o.Workers = 2 * runtime.GOMAXPROCS(0)
+	}
+	if o.InboxSize <= 0 {
+		o.InboxSize = 1024
+	}
+	if o.MaxBatch <= 0 {
+		o.MaxBatch = 512
+	}
+	o.Limits.EnsureDefaults()
+	if o.HistoryLimit <= 0 {
+		o.HistoryLimit = 100
+	}
+	if o.LogRetention <= 0 {
+		o.LogRetention = 1_000_000
+	}
+	if o.PebbleCacheBytes <= 0 {
+		o.PebbleCacheBytes = 64 << 20
+	}
+}
+
+// Validate reports every problem with o at once.
+func (o *Options) Validate() error {
+	var errs []error
+	if o.VShards > 1<<16 {
+		errs = append(errs, fmt.Errorf("twin: VShards is %d, at most 65536", o.VShards))
+	}
+	if o.Workers > 4096 {
+		errs = append(errs, fmt.Errorf("twin: Workers is %d, at most 4096", o.Workers))
+	}
+	if o.Limits.MaxDocumentBytes > 16<<20 {
+		errs = append(errs, fmt.Errorf("twin: MaxDocumentBytes is %d, at most 16 MiB", o.Limits.MaxDocumentBytes))
+	}
+	if o.Limits.MaxDepth > 100 {
+		errs = append(errs, fmt.Errorf("twin: MaxDepth is %d, at most 100", o.Limits.MaxDepth))
+	}
+	return errors.Join(errs...)
+}
+
+// Engine holds every twin in memory, partitioned into virtual shards served
+// by worker goroutines, and keeps them durable in Pebble.
+//
+// Every mutation of a twin is applied by the one worker that owns the twin,
+// so a twin's changes are totally ordered and need no lock. Workers hand
+// their batches to a single committer that merges the batches of all workers
+// into one Pebble commit with a synced WAL (group commit); a request is
+// answered only after its commit is durable, and only then do readers and
+// watchers see it.
+//
+// An Engine is safe for concurrent use.
+type Engine struct {
+	opts    Options
+	db      *pebble.DB
+	vshards int
+	workers []*worker
+	apply   applier
+
+	// closeMu guards closed and the sends on worker inboxes, so that Close
+	// can close the inboxes with no sender left.
+	closeMu sync.RWMutex
+	closed  bool
+
+	commitCh chan *group
+	syncCh   chan *commitUnit
+	workerWG sync.WaitGroup // the workers
+	pipeWG   sync.WaitGroup // the committer and the syncer
+	readerWG sync.WaitGroup // watchers and other long readers of db
+	done     chan struct{}  // closed by Close, for watchers
+
+	// nextRev is the last revision handed out.
+	nextRev atomic.Int64
+	// failed holds the error that stopped the engine, if any.
+	failed atomic.Pointer[error]
+
+	// revMu protects the durable revision watermark and its broadcast.
+	revMu    sync.Mutex
+	rev      int64             // every revision <= rev is durable or never will be
+	revWait  chan struct{}     // closed and replaced when rev advances
+	revDone  map[int64]struct{} // durable revisions above rev
+	oldest   atomic.Int64      // the oldest revision still in the watch log
+	pruned   int64             // committer only: the log is pruned below this
+	maxStore int64             // committer only: highest revision committed
+}
+
+// group is one worker step's worth of changes, with their batch.
+type group struct {
+	w       *worker
+	batch   *pebble.Batch
+	changes []*change
+}
+
+// commitUnit is one Pebble commit that is waiting for its WAL sync.
+type commitUnit struct {
+	batch  *pebble.Batch
+	groups []*group
+}
+
+// Open opens or creates the store in opts.Dir, loads every twin into its
+// shard and starts the workers. The caller must Close the engine.
+func Open(opts Options) (*Engine, error) {
+	opts.EnsureDefaults()
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	cache := pebble.NewCache(opts.PebbleCacheBytes)
+	defer cache.Unref()
+	db, err := pebble.Open(opts.Dir, &pebble.Options{
+		FS:     opts.FS,
+		Cache:  cache,
+		Logger: pebbleLogger{opts.Logger},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("twin: open store in %s: %w", opts.Dir, err)
+	}
+	e := &Engine{
+		opts:     opts,
+		db:       db,
+		apply:    applier{limits: opts.Limits},
+		commitCh: make(chan *group, opts.Workers),
+		syncCh:   make(chan *commitUnit, 2),
+		done:     make(chan struct{}),
+		revWait:  make(chan struct{}),
+		revDone:  map[int64]struct{}{},
+	}
+	if err := e.load(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	e.pipeWG.Add(2)
+	go e.commitLoop()
+	go e.syncLoop()
+	for _, w := range e.workers {
+		e.workerWG.Add(1)
+		go w.run()
+	}
+	return e, nil
+}
+
+// load reads the store's format, its revision and every twin.
+func (e *Engine) load() error {
+	f, err := e.readFormat()
+	if err != nil {
+		return err
+	}
+	e.vshards = f.VShards
+	e.workers = make([]*worker, min(e.opts.Workers, e.vshards))
+	for i := range e.workers {
+		e.workers[i] = &worker{
+			e:     e,
+			inbox: make(chan *op, e.opts.InboxSize),
+			twins: map[string]*Twin{},
+			gone:  map[string]int64{},
+			view:  map[string]*Twin{},
+		}
+	}
+	if v, closer, err := e.db.Get(keyRevision); err == nil {
+		e.rev = int64(binary.BigEndian.Uint64(v))
+		closer.Close()
+	} else if !errors.Is(err, pebble.ErrNotFound) {
+		return fmt.Errorf("twin: read revision: %w", err)
+	}
+	e.nextRev.Store(e.rev)
+	e.maxStore = e.rev
+
+	// The oldest retained log entry.
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: prefixLog, UpperBound: prefixEnd(prefixLog)})
+	if err != nil {
+		return err
+	}
+	if it.First() {
+		e.pruned = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
+	} else {
+		e.pruned = e.rev + 1
+	}
+	e.oldest.Store(e.pruned)
+	if err := it.Close(); err != nil {
+		return err
+	}
+
+	for vs := range e.vshards {
+		if err := e.loadShard(uint16(vs)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadShard loads the twins of one virtual shard.
+func (e *Engine) loadShard(vs uint16) error {
+	lower := shardPrefix(vs, 't')
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		id := string(it.Key()[len(lower):])
+		r, err := decodeRecord(it.Value())
+		if err != nil {
+			return fmt.Errorf("%w (key %q)", err, it.Key())
+		}
+		w := e.workerFor(id)
+		if r.Deleted {
+			w.gone[id] = r.LastVersion
+			continue
+		}
+		w.twins[id] = r.Twin
+		w.view[id] = r.Twin
+	}
+	return it.Error()
+}
+
+func (e *Engine) readFormat() (storeFormat, error) {
+	v, closer, err := e.db.Get(keyFormat)
+	if errors.Is(err, pebble.ErrNotFound) {
+		f := storeFormat{VShards: e.opts.VShards, Format: formatVersion}
+		b, _ := json.Marshal(f)
+		if err := e.db.Set(keyFormat, b, pebble.Sync); err != nil {
+			return f, fmt.Errorf("twin: initialize store: %w", err)
+		}
+		return f, nil
+	}
+	if err != nil {
+		return storeFormat{}, fmt.Errorf("twin: read store format: %w", err)
+	}
+	defer closer.Close()
+	var f storeFormat
+	if err := json.Unmarshal(v, &f); err != nil || f.VShards <= 0 || f.VShards > 1<<16 {
+		return f, fmt.Errorf("twin: store format %q is not valid", v)
+	}
+	if f.Format != formatVersion {
+		return f, fmt.Errorf("twin: store format %d is not supported (this build reads format %d)", f.Format, formatVersion)
+	}
+	return f, nil
+}
+
+// VShard returns the virtual shard of a twin id.
+func (e *Engine) VShard(id string) uint16 {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return uint16(h.Sum32() % uint32(e.vshards))
+}
+
+func (e *Engine) workerFor(id string) *worker {
+	return e.workers[int(e.VShard(id))%len(e.workers)]
+}
+
+// Close stops accepting requests, finishes the ones accepted, ends watches
+// and closes the store. It returns when nothing of the engine is running.
+func (e *Engine) Close() error {
+	e.closeMu.Lock()
+	if e.closed {
+		e.closeMu.Unlock()
+		return ErrClosed
+	}
+	e.closed = true
+	for _, w := range e.workers {
+		close(w.inbox)
+	}
+	e.closeMu.Unlock()
+
+	e.workerWG.Wait()
+	close(e.commitCh)
+	e.pipeWG.Wait()
+	close(e.done)
+	e.readerWG.Wait()
+	return e.db.Close()
+}
+
+// Len returns the number of twins.
+func (e *Engine) Len() int {
+	n := 0
+	for _, w := range e.workers {
+		w.mu.RLock()
+		n += len(w.view)
+		w.mu.RUnlock()
+	}
+	return n
+}
+
+// Revision returns the store's current revision: every change up to it is
+// durable and visible to readers.
+func (e *Engine) Revision() int64 {
+	e.revMu.Lock()
+	defer e.revMu.Unlock()
+	return e.rev
+}
+
+func (e *Engine) err() error {
+	if p := e.failed.Load(); p != nil {
+		return fmt.Errorf("%w: the store failed: %v", ErrClosed, *p)
+	}
+	return nil
+}
+
+// fail stops the engine from accepting more changes after a store error it
+// cannot recover from: the in-memory state may then be ahead of the store.
+func (e *Engine) fail(err error) {
+	if e.failed.CompareAndSwap(nil, &err) {
+		e.opts.Logger.Error("store commit failed; refusing all further changes", "err", err)
+	}
+}
+
+// do hands an op to its worker and waits for the answer.
+func (e *Engine) do(ctx context.Context, o *op) (*Twin, error) {
+	if err := ValidateID(o.id); err != nil {
+		return nil, err
+	}
+	if err := e.err(); err != nil {
+		return nil, err
+	}
+	o.done = make(chan result, 1)
+	w := e.workerFor(o.id)
+	e.closeMu.RLock()
+	if e.closed {
+		e.closeMu.RUnlock()
+		return nil, ErrClosed
+	}
+	select {
+	case w.inbox <- o:
+	case <-ctx.Done():
+		e.closeMu.RUnlock()
+		return nil, ctx.Err()
+	}
+	e.closeMu.RUnlock()
+	select {
+	case r := <-o.done:
+		return r.twin, r.err
+	case <-ctx.Done():
+		// The op may still commit; the caller cannot know.
+		return nil, ctx.Err()
+	}
+}
+
+// Create creates a twin. It fails with ErrAlreadyExists if the id is taken.
+func (e *Engine) Create(ctx context.Context, req CreateRequest) (*Twin, error) {
+	if req.Source == "" {
+		req.Source = SourceAPI
+	}
+	return e.do(ctx, &op{kind: opCreate, id: req.ID, create: &req})
+}
+
+// Report merges a patch into a twin's reported state.
+func (e *Engine) Report(ctx context.Context, req PatchRequest) (*Twin, error) {
+	if req.Source == "" {
+		req.Source = SourceDevice
+	}
+	return e.do(ctx, &op{kind: opReport, id: req.ID, patch: &req})
+}
+
+// UpdateDesired merges a patch into a twin's desired state.
+func (e *Engine) UpdateDesired(ctx context.Context, req PatchRequest) (*Twin, error) {
+	if req.Source == "" {
+		req.Source = SourceAPI
+	}
+	return e.do(ctx, &op{kind: opDesired, id: req.ID, patch: &req})
+}
+
+// Update changes a twin's type and labels.
+func (e *Engine) Update(ctx context.Context, req UpdateRequest) (*Twin, error) {
+	if req.Source == "" {
+		req.Source = SourceAPI
+	}
+	return e.do(ctx, &op{kind: opUpdate, id: req.ID, update: &req})
+}
+
+// Delete deletes a twin and its history. expectedVersion, if not 0, must be
+// the twin's version.
+func (e *Engine) Delete(ctx context.Context, id string, expectedVersion int64) error {
+	_, err := e.do(ctx, &op{kind: opDelete, id: id, expect: expectedVersion})
+	return err
+}
+
+// SetTokenHash durably replaces the hash of a twin's device token. It does
+// not change the twin's version.
+func (e *Engine) SetTokenHash(ctx context.Context, id string, hash []byte) error {
+	_, err := e.do(ctx, &op{kind: opToken, id: id, token: hash})
+	return err
+}
+
+// Get returns the committed state of a twin.
+func (e *Engine) Get(id string) (*Twin, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	w := e.workerFor(id)
+	w.mu.RLock()
+	t, ok := w.view[id]
+	w.mu.RUnlock()
+	if !ok {
+		return nil, notFound(id)
+	}
+	return t, nil
+}
+
+// List returns up to limit twins with ids after `after`, in id order, for
+// which match (if not nil) returns true, and the revision up to which every
+// change is reflected. more reports whether more matching twins follow.
+func (e *Engine) List(after string, limit int, match func(*Twin) bool) (twins []*Twin, rev int64, more bool) {
+	rev = e.Revision()
+	var all []*Twin
+	for _, w := range e.workers {
+		w.mu.RLock()
+		for id, t := range w.view {
+			if id > after {
+				all = append(all, t)
+			}
+		}
+		w.mu.RUnlock()
+	}
+	slices.SortFunc(all, func(a, b *Twin) int { return strings.Compare(a.ID, b.ID) })
+	for _, t := range all {
+		if match != nil && !match(t) {
+			continue
+		}
+		if len(twins) == limit {
+			return twins, rev, true
+		}
+		twins = append(twins, t)
+	}
+	return twins, rev, false
+}
+
+// History returns up to limit of a twin's retained events with versions
+// below `before` (0 for no bound), newest first. Events of a deleted twin
+// are gone with it.
+func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if _, err := e.Get(id); err != nil {
+		return nil, err
+	}
+	vs := e.VShard(id)
+	lower := historyPrefix(vs, id)
+	upper := prefixEnd(lower)
+	if before > 0 {
+		upper = historyKey(vs, id, before)
+	}
+	if !e.startReader() {
+		return nil, ErrClosed
+	}
+	defer e.readerWG.Done()
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var evs []*Event
+	for it.Last(); it.Valid() && len(evs) < limit; it.Prev() {
+		ev, err := decodeEvent(it.Value())
+		if err != nil {
+			return nil, err
+		}
+		evs = append(evs, ev)
+	}
+	return evs, it.Error()
+}
+
+// startReader registers a reader of the store that Close waits for. It
+// reports false once the engine is closing.
+func (e *Engine) startReader() bool {
+	e.closeMu.RLock()
+	defer e.closeMu.RUnlock()
+	if e.closed {
+		return false
+	}
+	e.readerWG.Add(1)
+	return true
+}
+
+// pebbleLogger sends Pebble's logs to slog.
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any) {
+	p.l.Debug(fmt.Sprintf(format, args...), "component", "pebble")
+}
+func (p pebbleLogger) Errorf(format string, args ...any) {
+	p.l.Error(fmt.Sprintf(format, args...), "component", "pebble")
+}
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	p.l.Error(fmt.Sprintf(format, args...), "component", "pebble")
+	panic(fmt.Sprintf(format, args...))
+}

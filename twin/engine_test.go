@@ -1,0 +1,375 @@
+package twin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/google/go-cmp/cmp"
+)
+
+func openMem(t testing.TB, fs vfs.FS, opts Options) *Engine {
+	t.Helper()
+	opts.FS = fs
+	opts.Dir = "db"
+	e, err := Open(opts)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return e
+}
+
+func TestEngineLifecycle(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{})
+
+	tw, err := e.Create(ctx, CreateRequest{ID: "fridge-1", Type: "fridge", Labels: map[string]string{"site": "berlin"},
+		Desired: doc(t, `{"target_c":4}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Version != 1 || tw.Revision != 1 {
+		t.Errorf("created twin at version %d revision %d; want 1 and 1", tw.Version, tw.Revision)
+	}
+	if _, err := e.Create(ctx, CreateRequest{ID: "fridge-1"}); !errors.Is(err, ErrAlreadyExists) {
+		t.Errorf("second Create = %v; want ErrAlreadyExists", err)
+	}
+	tw, err = e.Report(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, `{"temp_c":6.5,"door":"closed","target_c":5}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(doc(t, `{"target_c":4}`), tw.Delta); diff != "" {
+		t.Errorf("delta after report (-want +got):\n%s", diff)
+	}
+	if tw.Presence.LastSeen.IsZero() {
+		t.Errorf("a device report did not set last_seen")
+	}
+	// A no-op patch keeps the version.
+	same, err := e.Report(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, `{"temp_c":6.5}`)})
+	if err != nil || same.Version != tw.Version {
+		t.Errorf("no-op report: version %d, %v; want version %d", same.Version, err, tw.Version)
+	}
+	// Optimistic concurrency.
+	if _, err := e.UpdateDesired(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, `{"eco":true}`), ExpectedVersion: 1}); !errors.Is(err, ErrVersionMismatch) {
+		t.Errorf("stale expected_version = %v; want ErrVersionMismatch", err)
+	}
+	tw, err = e.UpdateDesired(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, `{"eco":true,"target_c":null}`), ExpectedVersion: tw.Version})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(doc(t, `{"eco":true,"target_c":null}`), tw.Delta); diff != "" {
+		t.Errorf("delta with tombstone (-want +got):\n%s", diff)
+	}
+	if _, ok := tw.DesiredMeta["/eco"]; !ok {
+		t.Errorf("desired metadata %v lacks /eco", tw.DesiredMeta)
+	}
+	// The device acknowledges the desired version: the tombstone goes.
+	tw, err = e.Report(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, `{"eco":true,"target_c":null}`), DesiredAckedVersion: tw.Version})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Delta != nil {
+		t.Errorf("delta after ack = %v; want none", tw.Delta)
+	}
+	// Bad input changes nothing.
+	for _, p := range []string{`{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":{"l":{"m":{"n":{"o":{"p":{"q":1}}}}}}}}}}}}}}}}}`} {
+		if _, err := e.Report(ctx, PatchRequest{ID: "fridge-1", Patch: doc(t, p)}); !errors.Is(err, ErrLimit) {
+			t.Errorf("Report(%s) = %v; want ErrLimit", p, err)
+		}
+	}
+	big := map[string]any{"blob": string(make([]byte, 70<<10))}
+	if _, err := e.Report(ctx, PatchRequest{ID: "fridge-1", Patch: big}); !errors.Is(err, ErrLimit) {
+		t.Errorf("Report(70 KiB) = %v; want ErrLimit", err)
+	}
+	got, _ := e.Get("fridge-1")
+	if got.Version != tw.Version {
+		t.Errorf("refused writes moved the version to %d from %d", got.Version, tw.Version)
+	}
+
+	hist, err := e.History("fridge-1", 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var versions []int64
+	for _, ev := range hist {
+		versions = append(versions, ev.Twin.Version)
+	}
+	if diff := cmp.Diff([]int64{4, 3, 2, 1}, versions); diff != "" {
+		t.Errorf("history versions (-want +got):\n%s", diff)
+	}
+
+	if err := e.Delete(ctx, "fridge-1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Get("fridge-1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after Delete = %v; want ErrNotFound", err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The version is never reused, not even after a restart.
+	e = openMem(t, fs, Options{})
+	defer e.Close()
+	tw, err = e.Create(ctx, CreateRequest{ID: "fridge-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Version != 5 {
+		t.Errorf("re-created twin at version %d; want 5", tw.Version)
+	}
+	if tw.Revision != 6 {
+		t.Errorf("revision after restart = %d; want 6", tw.Revision)
+	}
+}
+
+// model is the simple in-memory model of the store that TestEngineModel
+// compares the engine with.
+type model struct {
+	twins map[string]Document // reported only; desired mirrors it
+	vers  map[string]int64
+	last  map[string]int64 // last version of deleted twins
+}
+
+func TestEngineModel(t *testing.T) {
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(uint64(seed), 0))
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{Workers: 3, VShards: 16, HistoryLimit: 5})
+	defer func() { e.Close() }()
+	m := model{twins: map[string]Document{}, vers: map[string]int64{}, last: map[string]int64{}}
+	ids := []string{"a", "b", "c", "d", "e", "f"}
+	keys := []string{"x", "y", "z"}
+	randPatch := func() Document {
+		p := Document{}
+		for range 1 + rng.IntN(3) {
+			k := keys[rng.IntN(len(keys))]
+			switch rng.IntN(4) {
+			case 0:
+				p[k] = nil
+			case 1:
+				p[k] = map[string]any{keys[rng.IntN(3)]: float64(rng.IntN(3))}
+			default:
+				p[k] = float64(rng.IntN(3))
+			}
+		}
+		return p
+	}
+	for i := range 2000 {
+		id := ids[rng.IntN(len(ids))]
+		_, exists := m.twins[id]
+		switch r := rng.IntN(10); {
+		case r == 0:
+			_, err := e.Create(ctx, CreateRequest{ID: id})
+			if exists != errors.Is(err, ErrAlreadyExists) || (!exists && err != nil) {
+				t.Fatalf("op %d: Create(%s) = %v; exists %v", i, id, err, exists)
+			}
+			if !exists {
+				m.twins[id] = Document{}
+				m.vers[id] = m.last[id] + 1
+			}
+		case r == 1:
+			err := e.Delete(ctx, id, 0)
+			if exists != (err == nil) {
+				t.Fatalf("op %d: Delete(%s) = %v; exists %v", i, id, err, exists)
+			}
+			if exists {
+				m.last[id] = m.vers[id]
+				delete(m.twins, id)
+				delete(m.vers, id)
+			}
+		case r == 2:
+			e.Close()
+			e = openMem(t, fs, Options{Workers: 1 + rng.IntN(4), HistoryLimit: 5})
+		default:
+			p := randPatch()
+			expect := int64(0)
+			if rng.IntN(4) == 0 {
+				expect = m.vers[id] + int64(rng.IntN(2))
+			}
+			tw, err := e.Report(ctx, PatchRequest{ID: id, Patch: p, ExpectedVersion: expect})
+			switch {
+			case !exists:
+				if !errors.Is(err, ErrNotFound) {
+					t.Fatalf("op %d: Report(%s) on missing twin = %v", i, id, err)
+				}
+			case expect != 0 && expect != m.vers[id]:
+				if !errors.Is(err, ErrVersionMismatch) {
+					t.Fatalf("op %d: Report(%s) with stale version = %v", i, id, err)
+				}
+			default:
+				if err != nil {
+					t.Fatalf("op %d: Report(%s, %v) = %v", i, id, p, err)
+				}
+				next, changed := MergePatch(m.twins[id], p)
+				if changed {
+					m.vers[id]++
+					m.twins[id] = next
+				}
+				if tw.Version != m.vers[id] {
+					t.Fatalf("op %d: Report(%s) version %d; model %d", i, id, tw.Version, m.vers[id])
+				}
+			}
+		}
+		for _, id := range ids {
+			got, err := e.Get(id)
+			want, ok := m.twins[id]
+			if !ok {
+				if !errors.Is(err, ErrNotFound) {
+					t.Fatalf("op %d: Get(%s) = %v; want not found", i, id, err)
+				}
+				continue
+			}
+			if err != nil {
+				t.Fatalf("op %d: Get(%s): %v", i, id, err)
+			}
+			if len(want) == 0 {
+				want = Document{}
+			}
+			if diff := cmp.Diff(want, got.Reported); diff != "" || got.Version != m.vers[id] {
+				t.Fatalf("op %d: twin %s version %d (model %d) reported (-model +engine):\n%s", i, id, got.Version, m.vers[id], diff)
+			}
+		}
+	}
+}
+
+func TestWatch(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e := openMem(t, vfs.NewMem(), Options{LogRetention: 2000})
+	defer e.Close()
+	for i := range 10 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("t", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make(chan *Event, 100)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		err := e.Watch(ctx, 4, func(ev *Event) error { got <- ev; return nil })
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("Watch ended with %v; want context.Canceled", err)
+		}
+	}()
+	for want := int64(4); want <= 10; want++ {
+		ev := <-got
+		if ev.Revision != want || ev.Kind != KindCreated {
+			t.Fatalf("replayed event %d %v; want revision %d created", ev.Revision, ev.Kind, want)
+		}
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "t3", Patch: doc(t, `{"on":true}`)}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-got:
+		if ev.Revision != 11 || ev.Twin.ID != "t3" || ev.Kind != KindReported {
+			t.Errorf("live event %d %s %v; want revision 11 t3 reported", ev.Revision, ev.Twin.ID, ev.Kind)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no live event within 10s")
+	}
+	cancel()
+	wg.Wait()
+
+	// Push the log past its retention: old revisions are compacted.
+	for i := range 3100 {
+		if _, err := e.Report(context.Background(), PatchRequest{ID: "t1", Patch: Document{"n": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := e.Watch(context.Background(), 2, func(*Event) error { return nil })
+	if !errors.Is(err, ErrCompacted) {
+		t.Errorf("Watch from a compacted revision = %v; want ErrCompacted", err)
+	}
+}
+
+// TestConcurrentWrites checks that concurrent writers to the same and to
+// different twins all see their writes, with versions totally ordered.
+func TestConcurrentWrites(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	const twins, writers, writes = 8, 16, 50
+	for i := range twins {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("t", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range writes {
+				id := fmt.Sprint("t", (w+i)%twins)
+				if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{fmt.Sprint("w", w): float64(i)}}); err != nil {
+					t.Errorf("Report: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	total := int64(0)
+	for i := range twins {
+		tw, _ := e.Get(fmt.Sprint("t", i))
+		total += tw.Version - 1
+	}
+	if total != writers*writes {
+		t.Errorf("versions add up to %d changes; want %d", total, writers*writes)
+	}
+	if rev := e.Revision(); rev != twins+writers*writes {
+		t.Errorf("revision %d; want %d", rev, twins+writers*writes)
+	}
+}
+
+func BenchmarkCommit(b *testing.B) {
+	ctx := context.Background()
+	e, err := Open(Options{Dir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	const twins = 64
+	for i := range twins {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("fridge-", i), Type: "fridge"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	b.SetParallelism(32) // 32 x GOMAXPROCS: 64 concurrent writers here
+	var n atomicCounter
+	b.RunParallel(func(pb *testing.PB) {
+		id := fmt.Sprint("fridge-", n.next()%twins)
+		i := 0
+		for pb.Next() {
+			i++
+			if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"temp_c": float64(i % 10)}}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+type atomicCounter struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (c *atomicCounter) next() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.n++
+	return c.n
+}
