@@ -1,0 +1,95 @@
+package server
+
+import (
+	"fmt"
+	"time"
+
+	"google.golang.org/protobuf/types/known/structpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
+)
+
+// twinProto converts a twin to its wire form.
+func twinProto(t *twin.Twin) *twinv1.Twin {
+	return &twinv1.Twin{
+		Id:                  t.ID,
+		Type:                t.Type,
+		Labels:              t.Labels,
+		Reported:            structProto(t.Reported),
+		Desired:             structProto(t.Desired),
+		Delta:               structProto(t.Delta),
+		Version:             t.Version,
+		Metadata:            &twinv1.TwinMetadata{Reported: metaProto(t.ReportedMeta), Desired: metaProto(t.DesiredMeta)},
+		Presence:            presenceProto(t.Presence),
+		CreateTime:          timeProto(t.CreateTime),
+		UpdateTime:          timeProto(t.UpdateTime),
+		Revision:            t.Revision,
+		DesiredAckedVersion: t.DesiredAckedVersion,
+	}
+}
+
+// structProto converts a document to a Struct. Documents hold only JSON
+// values, which always convert.
+func structProto(d twin.Document) *structpb.Struct {
+	s, err := structpb.NewStruct(d)
+	if err != nil {
+		panic(fmt.Sprintf("server: document does not convert to a Struct: %v", err))
+	}
+	return s
+}
+
+func metaProto(m map[string]twin.FieldMeta) map[string]*twinv1.FieldMetadata {
+	if len(m) == 0 {
+		return nil
+	}
+	out := make(map[string]*twinv1.FieldMetadata, len(m))
+	for p, fm := range m {
+		out[p] = &twinv1.FieldMetadata{UpdateTime: timeProto(fm.Time), Version: fm.Version}
+	}
+	return out
+}
+
+func presenceProto(p twin.Presence) *twinv1.Presence {
+	return &twinv1.Presence{Connected: p.Connected, Since: timeProto(p.Since), LastSeen: timeProto(p.LastSeen)}
+}
+
+func timeProto(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+// document converts a Struct from a client to a document. nil is an empty
+// document.
+func document(s *structpb.Struct) twin.Document {
+	if s == nil {
+		return twin.Document{}
+	}
+	return s.AsMap()
+}
+
+var eventKinds = map[twin.EventKind]twinv1.TwinEventKind{
+	twin.KindCreated:  twinv1.TwinEventKind_TWIN_EVENT_KIND_CREATED,
+	twin.KindReported: twinv1.TwinEventKind_TWIN_EVENT_KIND_REPORTED,
+	twin.KindDesired:  twinv1.TwinEventKind_TWIN_EVENT_KIND_DESIRED,
+	twin.KindUpdated:  twinv1.TwinEventKind_TWIN_EVENT_KIND_UPDATED,
+	twin.KindDeleted:  twinv1.TwinEventKind_TWIN_EVENT_KIND_DELETED,
+	twin.KindPresence: twinv1.TwinEventKind_TWIN_EVENT_KIND_PRESENCE,
+}
+
+func eventProto(ev *twin.Event) *twinv1.TwinEvent {
+	out := &twinv1.TwinEvent{
+		Revision: ev.Revision,
+		Kind:     eventKinds[ev.Kind],
+		Twin:     twinProto(ev.Twin),
+		Time:     timeProto(ev.Time),
+		Source:   string(ev.Source),
+	}
+	if ev.Patch != nil {
+		out.Patch = structProto(ev.Patch)
+	}
+	return out
+}

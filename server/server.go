@@ -1,0 +1,214 @@
+// Package server serves twind's gRPC API: it wires the twin engine and the
+// rules together, validates every request, and translates errors to gRPC
+// status codes in one place.
+//
+// Run is the whole daemon: it opens the store, serves until its context is
+// done, then shuts down gracefully. The twind command and the end-to-end
+// tests both call it.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
+)
+
+// Options configure a server. The zero value of every field is its default.
+type Options struct {
+	// Addr is the address to listen on. Default "localhost:50051".
+	Addr string
+	// Listener, if set, is used instead of listening on Addr.
+	Listener net.Listener
+	// DataDir is the directory of the store. Default "./twind-data".
+	DataDir string
+	// Engine configures the twin engine; its Dir, Logger and Clock are
+	// taken from this struct.
+	Engine twin.Options
+	// Logger receives the server's logs. Default slog.Default().
+	Logger *slog.Logger
+	// Clock tells the time. Default time.Now.
+	Clock func() time.Time
+	// ShutdownTimeout bounds how long shutdown waits for requests in
+	// flight. Default 10s.
+	ShutdownTimeout time.Duration
+	// Ready, if set, is called with the address the server listens on once
+	// it accepts connections.
+	Ready func(addr net.Addr)
+}
+
+// EnsureDefaults fills the zero fields of o with their defaults.
+func (o *Options) EnsureDefaults() {
+	if o.Addr == "" {
+		o.Addr = "localhost:50051"
+	}
+	if o.DataDir == "" {
+		o.DataDir = "./twind-data"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	if o.ShutdownTimeout <= 0 {
+		o.ShutdownTimeout = 10 * time.Second
+	}
+	o.Engine.Dir = o.DataDir
+	o.Engine.Logger = o.Logger
+	o.Engine.Clock = o.Clock
+}
+
+// Server is a running twind: the engine and the gRPC services over it.
+type Server struct {
+	opts   Options
+	engine *twin.Engine
+	grpc   *grpc.Server
+	health *health.Server
+
+	// stopCtx is cancelled when shutdown begins; streams end on it.
+	stopCtx  context.Context
+	stopping context.CancelFunc
+}
+
+// New opens the store and builds the server. The caller must Close it.
+func New(opts Options) (*Server, error) {
+	opts.EnsureDefaults()
+	e, err := twin.Open(opts.Engine)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		opts:   opts,
+		engine: e,
+		health: health.NewServer(),
+	}
+	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.grpc = grpc.NewServer(
+		grpc.MaxRecvMsgSize(4<<20),
+	)
+	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
+	twinv1.RegisterDeviceServiceServer(s.grpc, twinv1.UnimplementedDeviceServiceServer{})
+	twinv1.RegisterCommandServiceServer(s.grpc, twinv1.UnimplementedCommandServiceServer{})
+	twinv1.RegisterRuleServiceServer(s.grpc, twinv1.UnimplementedRuleServiceServer{})
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	reflection.Register(s.grpc)
+	for _, svc := range []string{"", twinv1.TwinService_ServiceDesc.ServiceName, twinv1.DeviceService_ServiceDesc.ServiceName,
+		twinv1.CommandService_ServiceDesc.ServiceName, twinv1.RuleService_ServiceDesc.ServiceName} {
+		s.health.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
+	}
+	return s, nil
+}
+
+// Engine returns the server's twin engine.
+func (s *Server) Engine() *twin.Engine { return s.engine }
+
+// Serve serves on l until Shutdown. It returns nil after a shutdown.
+func (s *Server) Serve(l net.Listener) error {
+	err := s.grpc.Serve(l)
+	if errors.Is(err, grpc.ErrServerStopped) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops accepting connections, ends streams with UNAVAILABLE,
+// waits up to the shutdown timeout for requests in flight, and closes the
+// store. Every acknowledged write is durable before Shutdown returns.
+func (s *Server) Shutdown() error {
+	s.stopping()
+	s.health.Shutdown()
+	done := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(done)
+	}()
+	t := time.NewTimer(s.opts.ShutdownTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.opts.Logger.Warn("requests still in flight after the shutdown timeout; cancelling them", "timeout", s.opts.ShutdownTimeout)
+		s.grpc.Stop()
+		<-done
+	}
+	return s.engine.Close()
+}
+
+// streamContext returns a context for a stream that is cancelled when the
+// server begins to shut down.
+func (s *Server) streamContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(s.stopCtx, func() { cancel(errShutdown) })
+	return ctx, func() { stop(); cancel(context.Canceled) }
+}
+
+// streamStatus translates the error that ended a stream.
+func (s *Server) streamStatus(method string, ctx context.Context, err error) error {
+	if cause := context.Cause(ctx); errors.Is(cause, errShutdown) {
+		return s.status(method, fmt.Errorf("%w: reconnect to another server or retry", errShutdown))
+	}
+	if errors.Is(err, twin.ErrClosed) {
+		return s.status(method, errShutdown)
+	}
+	return s.status(method, err)
+}
+
+// status translates err for a method.
+func (s *Server) status(method string, err error) error {
+	return toStatus(s.opts.Logger, method, err)
+}
+
+// Run runs a server until ctx is done, then shuts it down gracefully. It
+// returns an error if the store cannot be opened or the address cannot be
+// listened on.
+func Run(ctx context.Context, opts Options) error {
+	opts.EnsureDefaults()
+	l := opts.Listener
+	if l == nil {
+		var err error
+		if l, err = net.Listen("tcp", opts.Addr); err != nil {
+			return fmt.Errorf("listen on %s: %w", opts.Addr, err)
+		}
+	}
+	defer l.Close()
+	s, err := New(opts)
+	if err != nil {
+		return err
+	}
+	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "data", opts.DataDir,
+		"twins", s.engine.Len(), "revision", s.engine.Revision())
+	if opts.Ready != nil {
+		opts.Ready(l.Addr())
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- s.Serve(l) }()
+	served := false
+	select {
+	case <-ctx.Done():
+		opts.Logger.Info("shutting down")
+	case err = <-serveErr:
+		served = true
+		opts.Logger.Error("serving failed; shutting down", "err", err)
+	}
+	if cerr := s.Shutdown(); cerr != nil && !errors.Is(cerr, twin.ErrClosed) {
+		err = errors.Join(err, cerr)
+	}
+	if !served {
+		err = errors.Join(err, <-serveErr)
+	}
+	if err == nil {
+		opts.Logger.Info("stopped cleanly")
+	}
+	return err
+}
