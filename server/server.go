@@ -95,7 +95,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.grpc = grpc.NewServer(
-		grpc.MaxRecvMsgSize(4<<20),
+		grpc.MaxRecvMsgSize(4 << 20),
 	)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
 	twinv1.RegisterDeviceServiceServer(s.grpc, twinv1.UnimplementedDeviceServiceServer{})

@@ -28,7 +28,7 @@ import (
 // testServer is a real server on an in-memory store, served over bufconn.
 type testServer struct {
 	*Server
-	conn *grpc.ClientConn
+	conn  *grpc.ClientConn
 	twins twinv1.TwinServiceClient
 }
 

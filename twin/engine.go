@@ -149,12 +149,12 @@ type Engine struct {
 
 	// revMu protects the durable revision watermark and its broadcast.
 	revMu    sync.Mutex
-	rev      int64             // every revision <= rev is durable or never will be
-	revWait  chan struct{}     // closed and replaced when rev advances
+	rev      int64              // every revision <= rev is durable or never will be
+	revWait  chan struct{}      // closed and replaced when rev advances
 	revDone  map[int64]struct{} // durable revisions above rev
-	oldest   atomic.Int64      // the oldest revision still in the watch log
-	pruned   int64             // committer only: the log is pruned below this
-	maxStore int64             // committer only: highest revision committed
+	oldest   atomic.Int64       // the oldest revision still in the watch log
+	pruned   int64              // committer only: the log is pruned below this
+	maxStore int64              // committer only: highest revision committed
 }
 
 // group is one worker step's worth of changes, with their batch.
