@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"time"
 
 	"google.golang.org/grpc"
@@ -95,7 +96,9 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.grpc = grpc.NewServer(
-		grpc.MaxRecvMsgSize(4 << 20),
+		grpc.MaxRecvMsgSize(4<<20),
+		// A fixed pool of stream workers saves a goroutine per call.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
 	twinv1.RegisterDeviceServiceServer(s.grpc, twinv1.UnimplementedDeviceServiceServer{})

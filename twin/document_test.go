@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -170,5 +171,50 @@ func BenchmarkMergeDelta(b *testing.B) {
 		var r mergeResult
 		merged := mergeObject(reported, patch, "", &r)
 		_ = Delta(desired, merged, nil)
+	}
+}
+
+func TestStoredFormRoundTrip(t *testing.T) {
+	tw := &Twin{
+		ID: "car-1", Type: "car", Labels: map[string]string{"fleet": "north", "owner": "ops"},
+		Reported:     doc(t, `{"fuel":0.25,"location":{"lat":52.5,"lon":13.4},"tags":["a","\"b\"\n"],"on":true,"x":null,"big":1e300,"tiny":-3e-7,"ü":"\u0001<>&"}`),
+		Desired:      doc(t, `{"locked":true}`),
+		ReportedMeta: map[string]FieldMeta{"/fuel": {Time: time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC), Version: 3}},
+		Tombstones:   map[string]int64{"/old": 2},
+		Version:      3, Revision: 99, DesiredAckedVersion: 1,
+		Presence:   Presence{Connected: true, Since: time.Date(2026, 1, 2, 0, 0, 0, 0, time.UTC)},
+		CreateTime: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), UpdateTime: time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC),
+		TokenHash: []byte{1, 2, 3, 250, 251},
+	}
+	tw.Delta = Delta(tw.Desired, tw.Reported, tw.Tombstones)
+	b := appendTwin(nil, tw)
+	if !json.Valid(b) {
+		t.Fatalf("appendTwin wrote invalid JSON: %s", b)
+	}
+	r, err := decodeRecord(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(tw, r.Twin); diff != "" {
+		t.Errorf("round trip (-want +got):\n%s", diff)
+	}
+	want, _ := json.Marshal(map[string]any(tw.Reported))
+	var a, c any
+	json.Unmarshal(want, &a)
+	json.Unmarshal(appendJSON(nil, map[string]any(tw.Reported)), &c)
+	if diff := cmp.Diff(a, c); diff != "" {
+		t.Errorf("appendJSON differs from encoding/json (-want +got):\n%s", diff)
+	}
+	ev := &Event{Revision: 99, Kind: KindReported, Twin: tw, Patch: doc(t, `{"fuel":0.25}`), Time: tw.UpdateTime, Source: SourceDevice}
+	got, err := decodeEvent(appendEvent(nil, ev, b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(ev, got); diff != "" {
+		t.Errorf("event round trip (-want +got):\n%s", diff)
+	}
+	del, err := decodeRecord(encodeRecord(record{Deleted: true, LastVersion: 7}))
+	if err != nil || !del.Deleted || del.LastVersion != 7 {
+		t.Errorf("deletion marker round trip = %+v, %v", del, err)
 	}
 }

@@ -13,16 +13,15 @@ import (
 // that a shard's keys and state can be moved as one range:
 //
 //	m/format                       store format: {"vshards": 256, "format": 1}
-//	m/rev                          last committed revision, 8 bytes big-endian
 //	l/<rev:8>                      watch log: the Event of each revision
 //	s/<vs:2>/t/<id>                the twin record (JSON), or a deletion marker
-//	s/<vs:2>/h/<id>\x00<ver:8>     history: the Event of each version of a twin
+//	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
+//	                               whose Event is in the watch log
 //
 // Numbers in keys are big-endian so that keys sort in numeric order. Values
 // are JSON, which keeps the store inspectable and its format easy to evolve.
 var (
 	keyFormat    = []byte("m/format")
-	keyRevision  = []byte("m/rev")
 	prefixLog    = []byte("l/")
 	prefixShards = []byte("s/")
 )
@@ -98,17 +97,7 @@ type twinJSON struct {
 }
 
 // MarshalJSON encodes the twin in its stored form. Delta is not stored.
-func (t *Twin) MarshalJSON() ([]byte, error) {
-	return json.Marshal(twinJSON{
-		ID: t.ID, Type: t.Type, Labels: t.Labels,
-		Reported: t.Reported, Desired: t.Desired,
-		ReportedMeta: t.ReportedMeta, DesiredMeta: t.DesiredMeta,
-		Tombstones: t.Tombstones, DesiredAckedVersion: t.DesiredAckedVersion,
-		Version: t.Version, Revision: t.Revision, Presence: t.Presence,
-		CreateTime: t.CreateTime, UpdateTime: t.UpdateTime,
-		TokenHash: t.TokenHash,
-	})
-}
+func (t *Twin) MarshalJSON() ([]byte, error) { return appendTwin(nil, t), nil }
 
 // UnmarshalJSON decodes the stored form of a twin and recomputes its delta.
 func (t *Twin) UnmarshalJSON(b []byte) error {
@@ -135,14 +124,11 @@ func (t *Twin) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-func encodeRecord(r record) ([]byte, error) {
+func encodeRecord(r record) []byte {
 	if r.Deleted {
-		return json.Marshal(struct {
-			Deleted     bool  `json:"deleted"`
-			LastVersion int64 `json:"last_version"`
-		}{true, r.LastVersion})
+		return append(strconv.AppendInt([]byte(`{"deleted":true,"last_version":`), r.LastVersion, 10), '}')
 	}
-	return json.Marshal(r.Twin)
+	return appendTwin(nil, r.Twin)
 }
 
 func decodeRecord(b []byte) (record, error) {
@@ -163,7 +149,6 @@ func decodeRecord(b []byte) (record, error) {
 	return record{Twin: t}, nil
 }
 
-func encodeEvent(ev *Event) ([]byte, error) { return json.Marshal(ev) }
 
 func decodeEvent(b []byte) (*Event, error) {
 	ev := new(Event)

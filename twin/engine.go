@@ -45,7 +45,8 @@ type Options struct {
 	MaxBatch int
 	// Limits bound documents.
 	Limits Limits
-	// HistoryLimit is how many versions of each twin ListTwinHistory keeps.
+	// HistoryLimit is how many versions of each twin ListTwinHistory keeps,
+	// as long as they are still in the watch log (see LogRetention).
 	// Default 100.
 	HistoryLimit int
 	// LogRetention is how many revisions the watch log keeps, so that
@@ -54,6 +55,10 @@ type Options struct {
 	LogRetention int64
 	// PebbleCacheBytes is the size of Pebble's block cache. Default 64 MiB.
 	PebbleCacheBytes int64
+	// MemTableBytes is the size of each Pebble memtable. A large memtable
+	// absorbs the rewrites of busy twins before they reach disk. Default
+	// 64 MiB.
+	MemTableBytes uint64
 }
 
 // EnsureDefaults fills the zero fields of o with their defaults.
@@ -91,6 +96,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.PebbleCacheBytes <= 0 {
 		o.PebbleCacheBytes = 64 << 20
+	}
+	if o.MemTableBytes == 0 {
+		o.MemTableBytes = 64 << 20
 	}
 }
 
@@ -135,10 +143,8 @@ type Engine struct {
 	closeMu sync.RWMutex
 	closed  bool
 
-	commitCh chan *group
-	syncCh   chan *commitUnit
 	workerWG sync.WaitGroup // the workers
-	pipeWG   sync.WaitGroup // the committer and the syncer
+	syncWG   sync.WaitGroup // the workers' syncers
 	readerWG sync.WaitGroup // watchers and other long readers of db
 	done     chan struct{}  // closed by Close, for watchers
 
@@ -157,17 +163,13 @@ type Engine struct {
 	maxStore int64              // committer only: highest revision committed
 }
 
-// group is one worker step's worth of changes, with their batch.
+// group is one worker step's worth of changes, with the batch that commits
+// them, or the error that kept them from committing.
 type group struct {
 	w       *worker
 	batch   *pebble.Batch
+	err     error
 	changes []*change
-}
-
-// commitUnit is one Pebble commit that is waiting for its WAL sync.
-type commitUnit struct {
-	batch  *pebble.Batch
-	groups []*group
 }
 
 // Open opens or creates the store in opts.Dir, loads every twin into its
@@ -180,9 +182,10 @@ func Open(opts Options) (*Engine, error) {
 	cache := pebble.NewCache(opts.PebbleCacheBytes)
 	defer cache.Unref()
 	db, err := pebble.Open(opts.Dir, &pebble.Options{
-		FS:     opts.FS,
-		Cache:  cache,
-		Logger: pebbleLogger{opts.Logger},
+		FS:           opts.FS,
+		Cache:        cache,
+		Logger:       pebbleLogger{opts.Logger},
+		MemTableSize: opts.MemTableBytes,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("twin: open store in %s: %w", opts.Dir, err)
@@ -191,8 +194,6 @@ func Open(opts Options) (*Engine, error) {
 		opts:     opts,
 		db:       db,
 		apply:    applier{limits: opts.Limits},
-		commitCh: make(chan *group, opts.Workers),
-		syncCh:   make(chan *commitUnit, 2),
 		done:     make(chan struct{}),
 		revWait:  make(chan struct{}),
 		revDone:  map[int64]struct{}{},
@@ -201,12 +202,11 @@ func Open(opts Options) (*Engine, error) {
 		db.Close()
 		return nil, err
 	}
-	e.pipeWG.Add(2)
-	go e.commitLoop()
-	go e.syncLoop()
 	for _, w := range e.workers {
 		e.workerWG.Add(1)
 		go w.run()
+		e.syncWG.Add(1)
+		go w.syncLoop()
 	}
 	return e, nil
 }
@@ -226,28 +226,27 @@ func (e *Engine) load() error {
 			twins: map[string]*Twin{},
 			gone:  map[string]int64{},
 			view:  map[string]*Twin{},
+			// A few commits in flight per worker overlap the next
+			// step's work with this one's fsync.
+			syncCh: make(chan *group, 4),
 		}
 	}
-	if v, closer, err := e.db.Get(keyRevision); err == nil {
-		e.rev = int64(binary.BigEndian.Uint64(v))
-		closer.Close()
-	} else if !errors.Is(err, pebble.ErrNotFound) {
-		return fmt.Errorf("twin: read revision: %w", err)
-	}
-	e.nextRev.Store(e.rev)
-	e.maxStore = e.rev
-
-	// The oldest retained log entry.
+	// Every committed change is in the watch log, and pruning never
+	// reaches the newest entries, so the log's last key is the store's
+	// revision and its first the oldest that watchers can resume from.
 	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: prefixLog, UpperBound: prefixEnd(prefixLog)})
 	if err != nil {
 		return err
 	}
-	if it.First() {
-		e.pruned = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
-	} else {
-		e.pruned = e.rev + 1
+	if it.Last() {
+		e.rev = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 	}
-	e.oldest.Store(e.pruned)
+	e.nextRev.Store(e.rev)
+	if it.First() {
+		e.oldest.Store(int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):])))
+	} else {
+		e.oldest.Store(e.rev + 1)
+	}
 	if err := it.Close(); err != nil {
 		return err
 	}
@@ -335,8 +334,7 @@ func (e *Engine) Close() error {
 	e.closeMu.Unlock()
 
 	e.workerWG.Wait()
-	close(e.commitCh)
-	e.pipeWG.Wait()
+	e.syncWG.Wait()
 	close(e.done)
 	e.readerWG.Wait()
 	return e.db.Close()
@@ -523,7 +521,19 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 	defer it.Close()
 	var evs []*Event
 	for it.Last(); it.Valid() && len(evs) < limit; it.Prev() {
-		ev, err := decodeEvent(it.Value())
+		if len(it.Value()) != 8 {
+			return nil, fmt.Errorf("twin: corrupt history entry %q", it.Key())
+		}
+		rev := int64(binary.BigEndian.Uint64(it.Value()))
+		v, closer, err := e.db.Get(logKey(rev))
+		if errors.Is(err, pebble.ErrNotFound) {
+			break // older entries have left the watch log
+		}
+		if err != nil {
+			return nil, err
+		}
+		ev, err := decodeEvent(v)
+		closer.Close()
 		if err != nil {
 			return nil, err
 		}

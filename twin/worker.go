@@ -23,11 +23,17 @@ type worker struct {
 	// writes it after each commit; readers take the read lock.
 	mu   sync.RWMutex
 	view map[string]*Twin
+
+	buf []byte // scratch space of the worker goroutine
+
+	// syncCh carries the worker's commits, in commit order, to its syncer.
+	syncCh chan *group
 }
 
 // run applies requests until the inbox is closed and drained.
 func (w *worker) run() {
 	defer w.e.workerWG.Done()
+	defer close(w.syncCh)
 	ops := make([]*op, 0, w.e.opts.MaxBatch)
 	for o := range w.inbox {
 		ops = append(ops[:0], o)
@@ -73,8 +79,9 @@ func (w *worker) step(ops []*op) {
 		return
 	}
 	b := e.db.NewBatch()
+	var err error
 	for _, c := range changes {
-		if err := w.write(b, c); err != nil {
+		if w.buf, err = w.write(b, c, w.buf); err != nil {
 			// Encoding a validated document cannot fail; if it does, the
 			// working state is no longer what the store will hold.
 			e.fail(fmt.Errorf("encode change of %q: %w", c.op.id, err))
@@ -85,7 +92,13 @@ func (w *worker) step(ops []*op) {
 			return
 		}
 	}
-	e.commitCh <- &group{w: w, batch: b, changes: changes}
+	g := &group{w: w, batch: b, changes: changes}
+	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
+		e.fail(fmt.Errorf("commit: %w", err))
+		b.Close()
+		g.batch, g.err = nil, e.err()
+	}
+	w.syncCh <- g
 }
 
 // apply computes the change an op makes and applies it to the working
@@ -173,173 +186,95 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	return c, nil
 }
 
-// write adds a change's keys to b.
-func (w *worker) write(b *pebble.Batch, c *change) error {
+// write adds a change's keys to b. buf is scratch space, returned for reuse.
+func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)
+	var tw []byte // the encoded twin of the event
 	if c.next != c.prev {
-		var rec record
+		rec := record{Twin: c.next}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.deletedVersion}
-		} else {
-			rec = record{Twin: c.next}
 		}
-		v, err := encodeRecord(rec)
-		if err != nil {
-			return err
-		}
+		v := encodeRecord(rec)
 		if err := b.Set(twinKey(vs, id), v, nil); err != nil {
-			return err
+			return buf, err
 		}
+		tw = v
 	}
 	if c.event == nil {
-		return nil
+		return buf, nil
 	}
-	ev, err := encodeEvent(c.event)
-	if err != nil {
-		return err
+	if c.next == nil {
+		tw = appendTwin(nil, c.prev)
 	}
-	if err := b.Set(logKey(c.event.Revision), ev, nil); err != nil {
-		return err
+	buf = appendEvent(buf[:0], c.event, tw)
+	if err := b.Set(logKey(c.event.Revision), buf, nil); err != nil {
+		return buf, err
 	}
 	if c.next == nil {
 		hp := historyPrefix(vs, id)
-		return b.DeleteRange(hp, prefixEnd(hp), nil)
+		return buf, b.DeleteRange(hp, prefixEnd(hp), nil)
 	}
+	// The history entry points into the watch log.
 	v := c.next.Version
-	if err := b.Set(historyKey(vs, id, v), ev, nil); err != nil {
-		return err
+	var rev [8]byte
+	binary.BigEndian.PutUint64(rev[:], uint64(c.event.Revision))
+	if err := b.Set(historyKey(vs, id, v), rev[:], nil); err != nil {
+		return buf, err
 	}
 	if old := v - int64(e.opts.HistoryLimit); old > 0 {
-		return b.Delete(historyKey(vs, id, old), nil)
+		return buf, b.Delete(historyKey(vs, id, old), nil)
 	}
-	return nil
+	return buf, nil
 }
 
-// commitLoop merges the batches of the groups it receives, in the order it
-// receives them, into one Pebble commit with a synced WAL, and hands each
-// commit to the syncer without waiting for the sync, so that the next
-// commit's write overlaps this one's fsync.
-func (e *Engine) commitLoop() {
-	defer e.pipeWG.Done()
-	defer close(e.syncCh)
-	const maxGroups = 256
-	for g := range e.commitCh {
-		groups := []*group{g}
-	drain:
-		for len(groups) < maxGroups {
-			select {
-			case g, ok := <-e.commitCh:
-				if !ok {
-					break drain
-				}
-				groups = append(groups, g)
-			default:
-				break drain
-			}
-		}
-		e.commit(groups)
-	}
-}
-
-func (e *Engine) commit(groups []*group) {
-	b := groups[0].batch
-	if len(groups) > 1 {
-		b = e.db.NewBatch()
-		for _, g := range groups {
-			if err := b.Apply(g.batch, nil); err != nil {
-				e.fail(fmt.Errorf("merge batches: %w", err))
-			}
+// syncLoop waits for the WAL sync of each of the worker's commits, in
+// order, then publishes its changes to readers and watchers and answers its
+// requests. It runs beside the worker so that the worker applies and commits
+// its next step while this one's fsync is under way.
+func (w *worker) syncLoop() {
+	defer w.e.syncWG.Done()
+	e := w.e
+	for g := range w.syncCh {
+		err := g.err
+		if g.batch != nil {
+			err = g.batch.SyncWait()
 			g.batch.Close()
-		}
-	}
-	for _, g := range groups {
-		for _, c := range g.changes {
-			if c.event != nil {
-				e.maxStore = max(e.maxStore, c.event.Revision)
-			}
-		}
-	}
-	var rev [8]byte
-	binary.BigEndian.PutUint64(rev[:], uint64(e.maxStore))
-	if err := b.Set(keyRevision, rev[:], nil); err != nil {
-		e.fail(err)
-	}
-	// Prune the watch log in steps, so that one range deletion covers many
-	// revisions.
-	const pruneStep = 1024
-	if keep := e.maxStore - e.opts.LogRetention + 1; keep-e.pruned >= pruneStep {
-		if err := b.DeleteRange(logKey(e.pruned), logKey(keep), nil); err != nil {
-			e.fail(err)
-		}
-		e.pruned = keep
-		e.oldest.Store(keep)
-	}
-	var err error
-	if e.err() == nil {
-		err = e.db.ApplyNoSyncWait(b, pebble.Sync)
-	} else {
-		err = e.err()
-	}
-	if err != nil {
-		e.fail(fmt.Errorf("commit: %w", err))
-		b.Close()
-		e.syncCh <- &commitUnit{groups: groups}
-		return
-	}
-	e.syncCh <- &commitUnit{batch: b, groups: groups}
-}
-
-// syncLoop waits for each commit's WAL sync, then publishes its changes to
-// readers and watchers and answers its requests, in commit order.
-func (e *Engine) syncLoop() {
-	defer e.pipeWG.Done()
-	for u := range e.syncCh {
-		var err error
-		if u.batch != nil {
-			err = u.batch.SyncWait()
-			u.batch.Close()
 			if err != nil {
 				e.fail(fmt.Errorf("sync: %w", err))
 			}
 		}
-		if err == nil {
-			err = e.err()
-		}
 		if err != nil {
-			for _, g := range u.groups {
-				for _, c := range g.changes {
-					c.op.done <- result{err: err}
-				}
+			for _, c := range g.changes {
+				c.op.done <- result{err: e.err()}
 			}
 			continue
 		}
-		e.publish(u.groups)
+		e.publish(g)
 	}
 }
 
-func (e *Engine) publish(groups []*group) {
-	for _, g := range groups {
-		g.w.mu.Lock()
-		for _, c := range g.changes {
-			if c.next == nil {
-				delete(g.w.view, c.op.id)
-			} else {
-				g.w.view[c.op.id] = c.next
-			}
+// publish makes a durable group visible and answers its requests.
+func (e *Engine) publish(g *group) {
+	g.w.mu.Lock()
+	for _, c := range g.changes {
+		if c.next == nil {
+			delete(g.w.view, c.op.id)
+		} else {
+			g.w.view[c.op.id] = c.next
 		}
-		g.w.mu.Unlock()
 	}
+	g.w.mu.Unlock()
+
 	e.revMu.Lock()
-	advanced := false
-	for _, g := range groups {
-		for _, c := range g.changes {
-			if c.event != nil {
-				e.revDone[c.event.Revision] = struct{}{}
-			}
+	for _, c := range g.changes {
+		if c.event != nil {
+			e.revDone[c.event.Revision] = struct{}{}
 		}
 	}
+	advanced := false
 	for {
 		if _, ok := e.revDone[e.rev+1]; !ok {
 			break
@@ -351,11 +286,27 @@ func (e *Engine) publish(groups []*group) {
 	if advanced {
 		close(e.revWait)
 		e.revWait = make(chan struct{})
+		e.pruneLog()
 	}
 	e.revMu.Unlock()
-	for _, g := range groups {
-		for _, c := range g.changes {
-			c.op.done <- result{twin: c.next}
-		}
+	for _, c := range g.changes {
+		c.op.done <- result{twin: c.next}
+	}
+}
+
+// pruneLog drops the watch log's revisions older than the retention, in
+// steps, so that one range deletion covers many revisions. e.revMu is held.
+func (e *Engine) pruneLog() {
+	const pruneStep = 1024
+	keep := e.rev - e.opts.LogRetention + 1
+	from := e.oldest.Load()
+	if keep-from < pruneStep {
+		return
+	}
+	// Watchers learn of the pruning before it happens, so none reads a
+	// partly pruned range and takes it for complete.
+	e.oldest.Store(keep)
+	if err := e.db.DeleteRange(logKey(from), logKey(keep), pebble.NoSync); err != nil {
+		e.opts.Logger.Error("pruning the watch log failed", "err", err)
 	}
 }

@@ -1,0 +1,192 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+)
+
+// The test binary doubles as the daemon: with TWIND_TEST_DAEMON set it runs
+// twind instead of the tests, so crash tests kill a real twind process.
+func TestMain(m *testing.M) {
+	if os.Getenv("TWIND_TEST_DAEMON") == "1" {
+		if err := run(os.Args[1:]); err != nil {
+			fmt.Fprintln(os.Stderr, "twind:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// daemon is a twind process started by a test.
+type daemon struct {
+	cmd  *exec.Cmd
+	addr string
+	done chan error
+}
+
+var servingLine = regexp.MustCompile(`msg="twind serving" addr=(\S+)`)
+
+func startDaemon(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, append([]string{"--addr", "localhost:0"}, args...)...)
+	cmd.Env = append(os.Environ(), "TWIND_TEST_DAEMON=1")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cmd: cmd, done: make(chan error, 1)}
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if m := servingLine.FindStringSubmatch(sc.Text()); m != nil {
+				addr <- m[1]
+			}
+		}
+		d.done <- cmd.Wait()
+	}()
+	select {
+	case d.addr = <-addr:
+	case err := <-d.done:
+		t.Fatalf("twind exited before serving: %v", err)
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("twind did not start serving within 30s")
+	}
+	t.Cleanup(func() { d.kill(t) })
+	return d
+}
+
+func (d *daemon) kill(t *testing.T) {
+	if d.cmd.ProcessState != nil {
+		return
+	}
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.done
+}
+
+func dial(t *testing.T, addr string) twinv1.TwinServiceClient {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return twinv1.NewTwinServiceClient(conn)
+}
+
+// TestCrashLosesNoAcknowledgedWrite kills twind with SIGKILL while many
+// clients write, restarts it, and checks that every acknowledged write is
+// there. It does so for several rounds on the same store.
+func TestCrashLosesNoAcknowledgedWrite(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real processes")
+	}
+	dir := t.TempDir()
+	const writers = 16
+	acked := make([]float64, writers) // highest acknowledged counter per twin
+	versions := make([]int64, writers)
+	for round := range 3 {
+		d := startDaemon(t, "--data", dir)
+		c := dial(t, d.addr)
+		ctx := context.Background()
+		if round == 0 {
+			for w := range writers {
+				if _, err := c.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("car-", w), Type: "car"}}); err != nil {
+					t.Fatal(err)
+				}
+				versions[w] = 1
+			}
+		}
+		// Everything acknowledged before the last crash is there.
+		for w := range writers {
+			got, err := c.GetTwin(ctx, &twinv1.GetTwinRequest{Id: fmt.Sprint("car-", w)})
+			if err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+			n := got.Twin.Reported.GetFields()["odometer_km"].GetNumberValue()
+			if n < acked[w] || got.Twin.Version < versions[w] {
+				t.Errorf("round %d: car-%d has odometer %v at version %d; %v at version %d was acknowledged",
+					round, w, n, got.Twin.Version, acked[w], versions[w])
+			}
+			acked[w], versions[w] = n, got.Twin.Version
+		}
+		// Write concurrently and kill the process mid-flight.
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		var writes atomic.Int64
+		enough := make(chan struct{})
+		for w := range writers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := acked[w] + 1; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					resp, err := c.ReportState(ctx, &twinv1.ReportStateRequest{Id: fmt.Sprint("car-", w),
+						Patch: &structpb.Struct{Fields: map[string]*structpb.Value{"odometer_km": structpb.NewNumberValue(i)}}})
+					if err != nil {
+						return // the process is gone
+					}
+					acked[w], versions[w] = i, resp.Twin.Version
+					if writes.Add(1) == 2000 {
+						close(enough)
+					}
+				}
+			}()
+		}
+		select { // kill once the load is well under way
+		case <-enough:
+		case <-time.After(time.Minute):
+			t.Fatal("fewer than 2000 writes acknowledged in a minute")
+		}
+		d.kill(t)
+		close(stop)
+		wg.Wait()
+		total := 0.0
+		for _, n := range acked {
+			total += n
+		}
+		t.Logf("round %d: %v writes acknowledged in all before SIGKILL", round, total)
+	}
+}
+
+func TestFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"--no-such-flag"},
+		{"--log-level", "loud"},
+		{"extra"},
+	} {
+		if err := run(args); err == nil {
+			t.Errorf("run(%q) = nil; want an error", args)
+		}
+	}
+	if err := run([]string{"--help"}); err != nil {
+		t.Errorf("run(--help) = %v; want nil", err)
+	}
+}
