@@ -149,7 +149,6 @@ func decodeRecord(b []byte) (record, error) {
 	return record{Twin: t}, nil
 }
 
-
 func decodeEvent(b []byte) (*Event, error) {
 	ev := new(Event)
 	if err := json.Unmarshal(b, ev); err != nil {

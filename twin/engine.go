@@ -191,12 +191,12 @@ func Open(opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("twin: open store in %s: %w", opts.Dir, err)
 	}
 	e := &Engine{
-		opts:     opts,
-		db:       db,
-		apply:    applier{limits: opts.Limits},
-		done:     make(chan struct{}),
-		revWait:  make(chan struct{}),
-		revDone:  map[int64]struct{}{},
+		opts:    opts,
+		db:      db,
+		apply:   applier{limits: opts.Limits},
+		done:    make(chan struct{}),
+		revWait: make(chan struct{}),
+		revDone: map[int64]struct{}{},
 	}
 	if err := e.load(); err != nil {
 		db.Close()
