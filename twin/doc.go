@@ -1,0 +1,18 @@
+// Package twin keeps the digital twins of devices: the document model (merge
+// patches, delta, per-leaf metadata), the Pebble store, and the sharded
+// engine that applies every change.
+//
+// A twin is one document per device: what it reported, what is desired of
+// it, and the computed delta between the two. Changes are RFC 7396 merge
+// patches; each committed change bumps the twin's version and gets a
+// store-wide revision.
+//
+// Twins are partitioned by a hash of their id into a fixed number of virtual
+// shards, recorded in the store when it is created, and the virtual shards
+// are served by worker goroutines. A worker owns its twins: it alone applies
+// their changes, so a twin's changes are totally ordered without locks. Each
+// worker step writes the changes of many requests into one Pebble batch and
+// commits it with a synced WAL; requests are answered, and readers and
+// watchers see the changes, only once the batch is durable. The key layout
+// is described in encoding.go.
+package twin
