@@ -197,6 +197,10 @@ func appendTwin(b []byte, t *Twin) []byte {
 	b = appendTime(b, t.CreateTime)
 	b = appendKey(b, "update_time")
 	b = appendTime(b, t.UpdateTime)
+	if t.CommandSeq != 0 {
+		b = appendKey(b, "command_seq")
+		b = strconv.AppendInt(b, t.CommandSeq, 10)
+	}
 	if len(t.TokenHash) > 0 {
 		b = appendKey(b, "token_hash")
 		b = append(b, '"')

@@ -93,6 +93,12 @@ const (
 	opUpdate
 	opDelete
 	opToken
+	opConnect
+	opDisconnect
+	opSendCommand
+	opUpdateCommand
+	opCancelCommand
+	opExpire
 )
 
 // op is one request to a shard worker. The worker answers on done exactly
@@ -105,12 +111,18 @@ type op struct {
 	update *UpdateRequest
 	expect int64  // for deletes
 	token  []byte // for opToken
-	done   chan result
+	sink   Sink   // for opConnect and opDisconnect
+	cmdReq *CommandRequest
+	cmdUpd *CommandUpdate
+	seq    int64 // the command of opCancelCommand
+	done   chan Result
 }
 
-type result struct {
-	twin *Twin
-	err  error
+// Result is the answer to a request handed to the engine.
+type Result struct {
+	Twin    *Twin
+	Command *Command
+	Err     error
 }
 
 // change is the outcome of one op: what to write and whom to tell.
@@ -119,8 +131,30 @@ type change struct {
 	prev  *Twin // nil for a creation
 	next  *Twin // nil for a deletion
 	event *Event
-	// deletedVersion is the last version of a deleted twin.
-	deletedVersion int64
+	// gone is what a deleted twin leaves behind.
+	gone goneTwin
+
+	// cmds is the device's new command list, if it changed; writeCmds
+	// are the commands to store and dropCmds the sequences to delete.
+	cmds      *commandList
+	writeCmds []*Command
+	dropCmds  []int64
+	cmd       *Command // the command the op is about, for its answer
+
+	// sink is the device's stream when the change was applied; the
+	// publisher tells it what it needs to know.
+	sink     Sink
+	welcome  bool       // sink is new: send it the welcome
+	replaced Sink       // a stream that sink replaced, or that was closed
+	closeErr error      // why replaced is being closed
+	deliver  []*Command // commands to send to sink
+}
+
+// goneTwin is what a deleted twin leaves behind, so that a twin re-created
+// with the same id never reuses a version or a command id.
+type goneTwin struct {
+	version int64
+	cmdSeq  int64
 }
 
 func checkVersion(t *Twin, expected int64) error {

@@ -15,6 +15,7 @@ import (
 //	m/format                       store format: {"vshards": 256, "format": 1}
 //	l/<rev:8>                      watch log: the Event of each revision
 //	s/<vs:2>/t/<id>                the twin record (JSON), or a deletion marker
+//	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands (JSON), by sequence
 //	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
 //	                               whose Event is in the watch log
 //
@@ -54,6 +55,14 @@ func historyKey(vs uint16, id string, version int64) []byte {
 	return appendUint64(historyPrefix(vs, id), uint64(version))
 }
 
+func commandPrefix(vs uint16, id string) []byte {
+	return append(append(shardPrefix(vs, 'c'), id...), 0)
+}
+
+func commandKey(vs uint16, id string, seq int64) []byte {
+	return appendUint64(commandPrefix(vs, id), uint64(seq))
+}
+
 func logKey(rev int64) []byte {
 	return appendUint64(append([]byte(nil), prefixLog...), uint64(rev))
 }
@@ -72,9 +81,10 @@ func prefixEnd(p []byte) []byte {
 
 // record is the stored form of a twin, or of a deleted twin's last version.
 type record struct {
-	Twin        *Twin
-	Deleted     bool
-	LastVersion int64
+	Twin           *Twin
+	Deleted        bool
+	LastVersion    int64
+	LastCommandSeq int64
 }
 
 // twinJSON is the stored form of a Twin.
@@ -94,6 +104,7 @@ type twinJSON struct {
 	CreateTime          time.Time            `json:"create_time"`
 	UpdateTime          time.Time            `json:"update_time"`
 	TokenHash           []byte               `json:"token_hash,omitempty"`
+	CommandSeq          int64                `json:"command_seq,omitempty"`
 }
 
 // MarshalJSON encodes the twin in its stored form. Delta is not stored.
@@ -112,7 +123,7 @@ func (t *Twin) UnmarshalJSON(b []byte) error {
 		Tombstones: j.Tombstones, DesiredAckedVersion: j.DesiredAckedVersion,
 		Version: j.Version, Revision: j.Revision, Presence: j.Presence,
 		CreateTime: j.CreateTime, UpdateTime: j.UpdateTime,
-		TokenHash: j.TokenHash,
+		TokenHash: j.TokenHash, CommandSeq: j.CommandSeq,
 	}
 	if t.Reported == nil {
 		t.Reported = Document{}
@@ -126,21 +137,24 @@ func (t *Twin) UnmarshalJSON(b []byte) error {
 
 func encodeRecord(r record) []byte {
 	if r.Deleted {
-		return append(strconv.AppendInt([]byte(`{"deleted":true,"last_version":`), r.LastVersion, 10), '}')
+		b := strconv.AppendInt([]byte(`{"deleted":true,"last_version":`), r.LastVersion, 10)
+		b = strconv.AppendInt(append(b, `,"last_command_seq":`...), r.LastCommandSeq, 10)
+		return append(b, '}')
 	}
 	return appendTwin(nil, r.Twin)
 }
 
 func decodeRecord(b []byte) (record, error) {
 	var probe struct {
-		Deleted     bool  `json:"deleted"`
-		LastVersion int64 `json:"last_version"`
+		Deleted        bool  `json:"deleted"`
+		LastVersion    int64 `json:"last_version"`
+		LastCommandSeq int64 `json:"last_command_seq"`
 	}
 	if err := json.Unmarshal(b, &probe); err != nil {
 		return record{}, fmt.Errorf("twin: corrupt record: %w", err)
 	}
 	if probe.Deleted {
-		return record{Deleted: true, LastVersion: probe.LastVersion}, nil
+		return record{Deleted: true, LastVersion: probe.LastVersion, LastCommandSeq: probe.LastCommandSeq}, nil
 	}
 	t := new(Twin)
 	if err := json.Unmarshal(b, t); err != nil {

@@ -53,6 +53,17 @@ type Options struct {
 	// watchers can resume from a revision at most this old. Default
 	// 1,000,000.
 	LogRetention int64
+	// CommandQueueLimit bounds each device's unfinished commands; more are
+	// refused with ErrOverloaded. Default 100.
+	CommandQueueLimit int
+	// CommandRetention is how many finished commands are kept per device.
+	// Default 100.
+	CommandRetention int
+	// DefaultCommandTTL is the ttl of a command sent without one. Default
+	// 1 hour.
+	DefaultCommandTTL time.Duration
+	// MaxCommandTTL bounds a command's ttl. Default 7 days.
+	MaxCommandTTL time.Duration
 	// PebbleCacheBytes is the size of Pebble's block cache. Default 64 MiB.
 	PebbleCacheBytes int64
 	// MemTableBytes is the size of each Pebble memtable. A large memtable
@@ -93,6 +104,21 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.LogRetention <= 0 {
 		o.LogRetention = 1_000_000
+	}
+	if o.CommandQueueLimit <= 0 {
+		o.CommandQueueLimit = 100
+	}
+	if o.CommandRetention <= 0 {
+		o.CommandRetention = 100
+	}
+	if o.DefaultCommandTTL <= 0 {
+		o.DefaultCommandTTL = time.Hour
+	}
+	if o.MaxCommandTTL <= 0 {
+		o.MaxCommandTTL = 7 * 24 * time.Hour
+	}
+	if o.DefaultCommandTTL > o.MaxCommandTTL {
+		o.DefaultCommandTTL = o.MaxCommandTTL
 	}
 	if o.PebbleCacheBytes <= 0 {
 		o.PebbleCacheBytes = 64 << 20
@@ -154,13 +180,17 @@ type Engine struct {
 	failed atomic.Pointer[error]
 
 	// revMu protects the durable revision watermark and its broadcast.
-	revMu    sync.Mutex
-	rev      int64              // every revision <= rev is durable or never will be
-	revWait  chan struct{}      // closed and replaced when rev advances
-	revDone  map[int64]struct{} // durable revisions above rev
-	oldest   atomic.Int64       // the oldest revision still in the watch log
-	pruned   int64              // committer only: the log is pruned below this
-	maxStore int64              // committer only: highest revision committed
+	revMu   sync.Mutex
+	rev     int64              // every revision <= rev is durable or never will be
+	revWait chan struct{}      // closed and replaced when rev advances
+	revDone map[int64]struct{} // durable revisions above rev
+	// oldest is the oldest revision still in the watch log.
+	oldest atomic.Int64
+
+	// waitMu protects waiters: the channels of WaitCommand calls, by
+	// command id.
+	waitMu  sync.Mutex
+	waiters map[string][]chan *Command
 }
 
 // group is one worker step's worth of changes, with the batch that commits
@@ -197,6 +227,7 @@ func Open(opts Options) (*Engine, error) {
 		done:    make(chan struct{}),
 		revWait: make(chan struct{}),
 		revDone: map[int64]struct{}{},
+		waiters: map[string][]chan *Command{},
 	}
 	if err := e.load(); err != nil {
 		db.Close()
@@ -221,11 +252,14 @@ func (e *Engine) load() error {
 	e.workers = make([]*worker, min(e.opts.Workers, e.vshards))
 	for i := range e.workers {
 		e.workers[i] = &worker{
-			e:     e,
-			inbox: make(chan *op, e.opts.InboxSize),
-			twins: map[string]*Twin{},
-			gone:  map[string]int64{},
-			view:  map[string]*Twin{},
+			e:       e,
+			inbox:   make(chan *op, e.opts.InboxSize),
+			twins:   map[string]*Twin{},
+			gone:    map[string]goneTwin{},
+			view:    map[string]*Twin{},
+			sinks:   map[string]Sink{},
+			cmds:    map[string]*commandList{},
+			cmdView: map[string]*commandList{},
 			// A few commits in flight per worker overlap the next
 			// step's work with this one's fsync.
 			syncCh: make(chan *group, 4),
@@ -275,11 +309,42 @@ func (e *Engine) loadShard(vs uint16) error {
 		}
 		w := e.workerFor(id)
 		if r.Deleted {
-			w.gone[id] = r.LastVersion
+			w.gone[id] = goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}
 			continue
 		}
 		w.twins[id] = r.Twin
 		w.view[id] = r.Twin
+	}
+	if err := it.Error(); err != nil {
+		return err
+	}
+	return e.loadCommands(vs)
+}
+
+// loadCommands loads the retained commands of one virtual shard.
+func (e *Engine) loadCommands(vs uint16) error {
+	lower := shardPrefix(vs, 'c')
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		cmd, err := decodeCommand(it.Value())
+		if err != nil {
+			return fmt.Errorf("%w (key %q)", err, it.Key())
+		}
+		w := e.workerFor(cmd.DeviceID)
+		l := w.cmds[cmd.DeviceID]
+		if l == nil {
+			l = &commandList{}
+		}
+		l.cmds = append(l.cmds, cmd) // keys, and so commands, are in sequence order
+		w.cmds[cmd.DeviceID] = l
+		w.cmdView[cmd.DeviceID] = l
+		if !cmd.State.Final() {
+			w.expiries.add(cmd)
+		}
 	}
 	return it.Error()
 }
@@ -374,35 +439,67 @@ func (e *Engine) fail(err error) {
 	}
 }
 
-// do hands an op to its worker and waits for the answer.
+// do hands an op to its worker and waits for the twin it answers.
 func (e *Engine) do(ctx context.Context, o *op) (*Twin, error) {
+	r, err := e.submit(ctx, o)
+	return r.Twin, err
+}
+
+// submit hands an op to its worker and waits for the answer.
+func (e *Engine) submit(ctx context.Context, o *op) (Result, error) {
+	if err := e.start(ctx, o); err != nil {
+		return Result{}, err
+	}
+	select {
+	case r := <-o.done:
+		return r, r.Err
+	case <-ctx.Done():
+		// The op may still commit; the caller cannot know.
+		return Result{}, ctx.Err()
+	}
+}
+
+// start hands an op to its worker without waiting for the answer, which
+// arrives on o.done. A full inbox blocks until there is room or ctx is done.
+func (e *Engine) start(ctx context.Context, o *op) error {
 	if err := ValidateID(o.id); err != nil {
-		return nil, err
+		return err
 	}
 	if err := e.err(); err != nil {
-		return nil, err
+		return err
 	}
-	o.done = make(chan result, 1)
+	o.done = make(chan Result, 1)
 	w := e.workerFor(o.id)
 	e.closeMu.RLock()
+	defer e.closeMu.RUnlock()
 	if e.closed {
-		e.closeMu.RUnlock()
-		return nil, ErrClosed
+		return ErrClosed
 	}
 	select {
 	case w.inbox <- o:
+		return nil
 	case <-ctx.Done():
-		e.closeMu.RUnlock()
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
-	e.closeMu.RUnlock()
-	select {
-	case r := <-o.done:
-		return r.twin, r.err
-	case <-ctx.Done():
-		// The op may still commit; the caller cannot know.
-		return nil, ctx.Err()
+}
+
+// Pending is a request handed to the engine whose answer has not been
+// waited for.
+type Pending struct{ o *op }
+
+// Done delivers the answer, once, when the request is durable or has
+// failed.
+func (p Pending) Done() <-chan Result { return p.o.done }
+
+// StartReport hands a report to the engine and returns without waiting for
+// it to be durable. Reports of one device are applied in the order they are
+// started.
+func (e *Engine) StartReport(ctx context.Context, req PatchRequest) (Pending, error) {
+	if req.Source == "" {
+		req.Source = SourceDevice
 	}
+	o := &op{kind: opReport, id: req.ID, patch: &req}
+	return Pending{o}, e.start(ctx, o)
 }
 
 // Create creates a twin. It fails with ErrAlreadyExists if the id is taken.

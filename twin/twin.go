@@ -56,6 +56,8 @@ type Twin struct {
 
 	// TokenHash is the SHA-256 of the device's current token, or nil.
 	TokenHash []byte
+	// CommandSeq is the sequence of the device's last command.
+	CommandSeq int64
 }
 
 // FieldMeta says when one leaf of a document last changed.

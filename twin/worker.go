@@ -16,13 +16,17 @@ type worker struct {
 
 	// twins and gone are the working state: every change applied, durable or
 	// not yet. Only the worker goroutine touches them.
-	twins map[string]*Twin
-	gone  map[string]int64 // last version of each deleted twin
+	twins    map[string]*Twin
+	gone     map[string]goneTwin     // what deleted twins left behind
+	sinks    map[string]Sink         // the streams of connected devices
+	cmds     map[string]*commandList // retained commands by device
+	expiries expiryHeap              // when open commands expire
 
-	// mu protects view, the committed state that readers see. The syncer
-	// writes it after each commit; readers take the read lock.
-	mu   sync.RWMutex
-	view map[string]*Twin
+	// mu protects view and cmdView, the committed state that readers see.
+	// The syncer writes them after each commit; readers take the read lock.
+	mu      sync.RWMutex
+	view    map[string]*Twin
+	cmdView map[string]*commandList
 
 	buf []byte // scratch space of the worker goroutine
 
@@ -35,7 +39,26 @@ func (w *worker) run() {
 	defer w.e.workerWG.Done()
 	defer close(w.syncCh)
 	ops := make([]*op, 0, w.e.opts.MaxBatch)
-	for o := range w.inbox {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		// Sleep until a request arrives or the next command expires.
+		if w.expiries.Len() > 0 {
+			timer.Reset(max(w.expiries[0].at.Sub(w.e.opts.Clock()), 0))
+		} else {
+			timer.Stop()
+		}
+		var o *op
+		select {
+		case next, ok := <-w.inbox:
+			if !ok {
+				return
+			}
+			o = next
+		case <-timer.C:
+			w.step(nil)
+			continue
+		}
 		ops = append(ops[:0], o)
 	drain:
 		for len(ops) < cap(ops) {
@@ -61,16 +84,16 @@ func (w *worker) step(ops []*op) {
 	e := w.e
 	if err := e.err(); err != nil {
 		for _, o := range ops {
-			o.done <- result{err: err}
+			o.done <- Result{Err: err}
 		}
 		return
 	}
 	now := e.opts.Clock().UTC()
-	var changes []*change
+	changes := w.expireDue(now)
 	for _, o := range ops {
 		c, err := w.apply(o, now)
 		if err != nil {
-			o.done <- result{err: err}
+			o.done <- Result{Err: err}
 			continue
 		}
 		changes = append(changes, c)
@@ -87,7 +110,7 @@ func (w *worker) step(ops []*op) {
 			e.fail(fmt.Errorf("encode change of %q: %w", c.op.id, err))
 			b.Close()
 			for _, c := range changes {
-				c.op.done <- result{err: e.err()}
+				c.op.done <- Result{Err: e.err()}
 			}
 			return
 		}
@@ -102,29 +125,34 @@ func (w *worker) step(ops []*op) {
 }
 
 // apply computes the change an op makes and applies it to the working
-// state. A change with no event changes nothing but must still wait for the
-// commit of the changes before it.
+// state. A change with no event changes nothing durable about the twin but
+// must still wait for the commit of the changes before it.
 func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	cur := w.twins[o.id]
-	c := &change{op: o, prev: cur}
+	if cur == nil && o.kind != opCreate {
+		return nil, notFound(o.id)
+	}
+	c := &change{op: o, prev: cur, sink: w.sinks[o.id]}
 	var (
 		next   *Twin
 		err    error
 		kind   EventKind
 		patch  Document
 		source Source
+		emit   bool // an event even without a version bump
 	)
 	switch o.kind {
 	case opCreate:
 		if cur != nil {
 			return nil, fmt.Errorf("%w: twin %q already exists", ErrAlreadyExists, o.id)
 		}
-		next, err = w.e.apply.create(o.create, w.gone[o.id], now)
+		gone := w.gone[o.id]
+		next, err = w.e.apply.create(o.create, gone.version, now)
+		if err == nil {
+			next.CommandSeq = gone.cmdSeq
+		}
 		kind, source = KindCreated, o.create.Source
 	case opReport, opDesired:
-		if cur == nil {
-			return nil, notFound(o.id)
-		}
 		desired := o.kind == opDesired
 		next, err = w.e.apply.patch(cur, o.patch, desired, now)
 		kind, patch, source = KindReported, o.patch.Patch, o.patch.Source
@@ -137,26 +165,39 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			next.Presence.LastSeen = now
 		}
 	case opUpdate:
-		if cur == nil {
-			return nil, notFound(o.id)
-		}
 		next, err = w.e.apply.update(cur, o.update, now)
 		kind, source = KindUpdated, o.update.Source
 	case opDelete:
-		if cur == nil {
-			return nil, notFound(o.id)
-		}
 		if err := checkVersion(cur, o.expect); err != nil {
 			return nil, err
 		}
-		c.deletedVersion = cur.Version
+		c.gone = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
 		kind, source = KindDeleted, SourceAPI
-	case opToken:
-		if cur == nil {
-			return nil, notFound(o.id)
+		if l := w.cmds[o.id]; l != nil {
+			c.cmds = &commandList{}
+			for _, cmd := range l.cmds {
+				c.dropCmds = append(c.dropCmds, cmd.Seq)
+			}
 		}
+		if c.sink != nil {
+			c.replaced, c.closeErr = c.sink, fmt.Errorf("%w: twin %q was deleted", ErrNotFound, o.id)
+			delete(w.sinks, o.id)
+			c.sink = nil
+		}
+	case opToken:
 		next = cur.clone()
 		next.TokenHash = o.token
+	case opConnect, opDisconnect:
+		next = w.presence(c, cur, o, now)
+		kind, source, emit = KindPresence, SourceDevice, next != cur
+	case opSendCommand:
+		next, err = w.sendCommand(c, cur, o.cmdReq, now)
+	case opUpdateCommand:
+		err = w.updateCommand(c, cur, o.cmdUpd, now)
+		next = cur
+	case opCancelCommand:
+		err = w.finishCommand(c, o.seq, CommandCanceled, "canceled by an operator", now)
+		next = cur
 	default:
 		return nil, fmt.Errorf("twin: unknown op %d", o.kind)
 	}
@@ -165,7 +206,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	}
 
 	bumped := next == nil || cur == nil || next.Version != cur.Version
-	if bumped {
+	if bumped || emit {
 		rev := w.e.nextRev.Add(1)
 		evTwin := next
 		if next == nil {
@@ -178,10 +219,14 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	c.next = next
 	if next == nil {
 		delete(w.twins, o.id)
-		w.gone[o.id] = c.deletedVersion
+		delete(w.cmds, o.id)
+		w.gone[o.id] = c.gone
 	} else {
 		w.twins[o.id] = next
 		delete(w.gone, o.id)
+	}
+	if c.cmds != nil && next != nil {
+		w.cmds[o.id] = c.cmds
 	}
 	return c, nil
 }
@@ -191,11 +236,25 @@ func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)
+	for _, cmd := range c.writeCmds {
+		v, err := encodeCommand(cmd)
+		if err != nil {
+			return buf, err
+		}
+		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
+			return buf, err
+		}
+	}
+	for _, seq := range c.dropCmds {
+		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
+			return buf, err
+		}
+	}
 	var tw []byte // the encoded twin of the event
 	if c.next != c.prev {
 		rec := record{Twin: c.next}
 		if c.next == nil {
-			rec = record{Deleted: true, LastVersion: c.deletedVersion}
+			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}
 		}
 		v := encodeRecord(rec)
 		if err := b.Set(twinKey(vs, id), v, nil); err != nil {
@@ -214,8 +273,15 @@ func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
 		return buf, err
 	}
 	if c.next == nil {
-		hp := historyPrefix(vs, id)
-		return buf, b.DeleteRange(hp, prefixEnd(hp), nil)
+		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id)} {
+			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
+				return buf, err
+			}
+		}
+		return buf, nil
+	}
+	if c.prev != nil && c.next.Version == c.prev.Version {
+		return buf, nil // a presence change: no new version for the history
 	}
 	// The history entry points into the watch log.
 	v := c.next.Version
@@ -248,7 +314,7 @@ func (w *worker) syncLoop() {
 		}
 		if err != nil {
 			for _, c := range g.changes {
-				c.op.done <- result{err: e.err()}
+				c.op.done <- Result{Err: e.err()}
 			}
 			continue
 		}
@@ -256,17 +322,44 @@ func (w *worker) syncLoop() {
 	}
 }
 
-// publish makes a durable group visible and answers its requests.
+// publish makes a durable group visible, tells connected devices and
+// command waiters, and answers the group's requests.
 func (e *Engine) publish(g *group) {
 	g.w.mu.Lock()
 	for _, c := range g.changes {
 		if c.next == nil {
 			delete(g.w.view, c.op.id)
-		} else {
-			g.w.view[c.op.id] = c.next
+			delete(g.w.cmdView, c.op.id)
+			continue
+		}
+		g.w.view[c.op.id] = c.next
+		if c.cmds != nil {
+			g.w.cmdView[c.op.id] = c.cmds
 		}
 	}
 	g.w.mu.Unlock()
+
+	for _, c := range g.changes {
+		if c.replaced != nil {
+			c.replaced.Close(c.closeErr)
+		}
+		if c.sink != nil {
+			switch {
+			case c.welcome:
+				c.sink.Welcome(c.next, c.deliver)
+			case len(c.deliver) > 0:
+				c.sink.Commands(c.deliver)
+			}
+			if c.event != nil && c.event.Kind == KindDesired {
+				c.sink.DesiredChanged(c.next, c.event.Patch)
+			}
+		}
+		for _, cmd := range c.writeCmds {
+			if cmd.State.Final() {
+				e.notifyCommand(cmd)
+			}
+		}
+	}
 
 	e.revMu.Lock()
 	for _, c := range g.changes {
@@ -290,7 +383,7 @@ func (e *Engine) publish(g *group) {
 	}
 	e.revMu.Unlock()
 	for _, c := range g.changes {
-		c.op.done <- result{twin: c.next}
+		c.op.done <- Result{Twin: c.next, Command: c.cmd}
 	}
 }
 

@@ -1,0 +1,233 @@
+package twin
+
+import (
+	"container/heap"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// CommandState is where a command is in its life:
+// Queued -> Sent -> Accepted -> Succeeded | Failed | Rejected, or Expired
+// (its ttl passed first) or Canceled. The numbers match the API's.
+type CommandState uint8
+
+// Command states.
+const (
+	CommandQueued CommandState = iota + 1
+	CommandSent
+	CommandAccepted
+	CommandSucceeded
+	CommandFailed
+	CommandRejected
+	CommandExpired
+	CommandCanceled
+)
+
+var commandStateNames = [...]string{"", "QUEUED", "SENT", "ACCEPTED", "SUCCEEDED", "FAILED", "REJECTED", "EXPIRED", "CANCELED"}
+
+func (s CommandState) String() string {
+	if int(s) < len(commandStateNames) && s > 0 {
+		return commandStateNames[s]
+	}
+	return fmt.Sprintf("CommandState(%d)", uint8(s))
+}
+
+// Final reports whether a command in state s is done.
+func (s CommandState) Final() bool { return s >= CommandSucceeded }
+
+// Command is one instruction to one device. Commands handed out by this
+// package are immutable snapshots.
+type Command struct {
+	ID         string        `json:"id"`
+	DeviceID   string        `json:"device_id"`
+	Seq        int64         `json:"seq"`
+	Name       string        `json:"name"`
+	Params     Document      `json:"params,omitempty"`
+	State      CommandState  `json:"state"`
+	Result     Document      `json:"result,omitempty"`
+	Message    string        `json:"message,omitempty"`
+	Source     Source        `json:"source,omitempty"`
+	RequestID  string        `json:"request_id,omitempty"`
+	TTL        time.Duration `json:"ttl"`
+	CreateTime time.Time     `json:"create_time"`
+	UpdateTime time.Time     `json:"update_time"`
+	ExpireTime time.Time     `json:"expire_time"`
+}
+
+// CommandID returns the id of a device's command: the device id, "~", and
+// the command's sequence number on that device, which never repeats.
+func CommandID(deviceID string, seq int64) string {
+	return deviceID + "~" + strconv.FormatInt(seq, 10)
+}
+
+// ParseCommandID splits a command id into its device id and sequence.
+func ParseCommandID(id string) (deviceID string, seq int64, err error) {
+	i := strings.LastIndexByte(id, '~')
+	if i < 0 {
+		return "", 0, fmt.Errorf("%w: command id %.60q is not of the form <device_id>~<number>", ErrInvalidArgument, id)
+	}
+	seq, err = strconv.ParseInt(id[i+1:], 10, 64)
+	if err != nil || seq <= 0 || ValidateID(id[:i]) != nil {
+		return "", 0, fmt.Errorf("%w: command id %.60q is not of the form <device_id>~<number>", ErrInvalidArgument, id)
+	}
+	return id[:i], seq, nil
+}
+
+var namePattern = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
+
+// CommandRequest asks for a command to be sent to a device.
+type CommandRequest struct {
+	DeviceID string
+	Name     string
+	Params   Document
+	// TTL is how long the command may wait for a final state; 0 means the
+	// engine's default.
+	TTL time.Duration
+	// RequestID, if set, makes the request idempotent: a second request
+	// with the same device and RequestID returns the first command.
+	RequestID string
+	Source    Source
+}
+
+// CommandUpdate is a device's report of a command's progress.
+type CommandUpdate struct {
+	ID      string
+	State   CommandState
+	Result  Document
+	Message string
+}
+
+// commandList is the immutable list of a device's retained commands, by
+// sequence.
+type commandList struct {
+	cmds []*Command
+}
+
+func (l *commandList) find(seq int64) (int, *Command) {
+	if l == nil {
+		return -1, nil
+	}
+	i, ok := slices.BinarySearchFunc(l.cmds, seq, func(c *Command, s int64) int {
+		return int(min(max(c.Seq-s, -1), 1))
+	})
+	if !ok {
+		return -1, nil
+	}
+	return i, l.cmds[i]
+}
+
+func (l *commandList) open() []*Command {
+	if l == nil {
+		return nil
+	}
+	var out []*Command
+	for _, c := range l.cmds {
+		if !c.State.Final() {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// with returns a copy of l with c replacing the command of the same
+// sequence, or appended.
+func (l *commandList) with(c *Command) *commandList {
+	var cmds []*Command
+	if l != nil {
+		cmds = l.cmds
+	}
+	if i, _ := l.find(c.Seq); i >= 0 {
+		cmds = slices.Clone(cmds)
+		cmds[i] = c
+	} else {
+		cmds = append(slices.Clip(cmds), c)
+	}
+	return &commandList{cmds: cmds}
+}
+
+// prune drops the oldest final commands beyond keep and returns the new
+// list and the dropped sequences.
+func (l *commandList) prune(keep int) (*commandList, []int64) {
+	final := 0
+	for _, c := range l.cmds {
+		if c.State.Final() {
+			final++
+		}
+	}
+	if final <= keep {
+		return l, nil
+	}
+	drop := final - keep
+	var dropped []int64
+	out := make([]*Command, 0, len(l.cmds)-drop)
+	for _, c := range l.cmds {
+		if drop > 0 && c.State.Final() {
+			dropped = append(dropped, c.Seq)
+			drop--
+			continue
+		}
+		out = append(out, c)
+	}
+	return &commandList{cmds: out}, dropped
+}
+
+func (c *Command) clone() *Command {
+	n := *c
+	return &n
+}
+
+func encodeCommand(c *Command) ([]byte, error) { return json.Marshal(c) }
+
+func decodeCommand(b []byte) (*Command, error) {
+	c := new(Command)
+	if err := json.Unmarshal(b, c); err != nil {
+		return nil, fmt.Errorf("twin: corrupt command: %w", err)
+	}
+	return c, nil
+}
+
+// validTransition reports whether a device may move a command from one
+// state to another.
+func validTransition(from, to CommandState) bool {
+	if from.Final() {
+		return false
+	}
+	switch to {
+	case CommandAccepted:
+		return from != CommandAccepted
+	case CommandSucceeded, CommandFailed, CommandRejected:
+		return true
+	}
+	return false
+}
+
+// expiry is one entry of a worker's expiry heap: a device that has an open
+// command expiring at a time. Entries go stale when the command finishes;
+// the worker skips those.
+type expiry struct {
+	at     time.Time
+	device string
+	seq    int64
+}
+
+type expiryHeap []expiry
+
+func (h expiryHeap) Len() int           { return len(h) }
+func (h expiryHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h expiryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *expiryHeap) Push(x any)        { *h = append(*h, x.(expiry)) }
+func (h *expiryHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+func (h *expiryHeap) add(c *Command) {
+	heap.Push(h, expiry{at: c.ExpireTime, device: c.DeviceID, seq: c.Seq})
+}

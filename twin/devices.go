@@ -1,0 +1,348 @@
+package twin
+
+import (
+	"container/heap"
+	"context"
+	"fmt"
+	"slices"
+	"time"
+)
+
+// Sink receives what a connected device must be told. The engine calls it
+// from its own goroutines, after the change concerned is durable and in
+// commit order; its methods must not block. A sink that cannot keep up
+// closes its stream rather than wait.
+type Sink interface {
+	// Welcome is the first call: the twin as of the connection, and the
+	// device's unfinished commands in order.
+	Welcome(t *Twin, cmds []*Command)
+	// DesiredChanged says that desired state changed by patch.
+	DesiredChanged(t *Twin, patch Document)
+	// Commands delivers new commands, or commands whose state an operator
+	// changed (canceled).
+	Commands(cmds []*Command)
+	// Close ends the stream: a newer stream replaced it, or the twin was
+	// deleted.
+	Close(err error)
+}
+
+// ErrReplaced is given to a Sink's Close when a newer stream of the same
+// device replaces it.
+var ErrReplaced = fmt.Errorf("twin: replaced by a newer stream of the same device")
+
+// Connect registers sink as the device's stream, replacing (and closing) any
+// previous one, and marks the twin connected. The sink is welcomed once the
+// change is durable.
+func (e *Engine) Connect(ctx context.Context, id string, sink Sink) (*Twin, error) {
+	return e.do(ctx, &op{kind: opConnect, id: id, sink: sink})
+}
+
+// Disconnect unregisters sink, if it is still the device's stream, and
+// marks the twin disconnected.
+func (e *Engine) Disconnect(ctx context.Context, id string, sink Sink) error {
+	_, err := e.do(ctx, &op{kind: opDisconnect, id: id, sink: sink})
+	return err
+}
+
+// presence applies a connect or disconnect.
+func (w *worker) presence(c *change, cur *Twin, o *op, now time.Time) *Twin {
+	if o.kind == opDisconnect {
+		if c.sink != o.sink {
+			c.sink = nil
+			return cur // a newer stream took over; it owns presence
+		}
+		delete(w.sinks, o.id)
+		c.sink = nil
+		next := cur.clone()
+		next.Presence = Presence{Connected: false, Since: now, LastSeen: now}
+		return next
+	}
+	if c.sink != nil {
+		c.replaced, c.closeErr = c.sink, ErrReplaced
+	}
+	w.sinks[o.id] = o.sink
+	c.sink, c.welcome = o.sink, true
+	next := cur.clone()
+	next.Presence = Presence{Connected: true, Since: now, LastSeen: now}
+	// Everything unfinished goes (again) to the new stream, in order.
+	l := w.cmds[o.id]
+	for _, cmd := range l.open() {
+		if cmd.State == CommandQueued {
+			cmd = cmd.clone()
+			cmd.State, cmd.UpdateTime = CommandSent, now
+			l = l.with(cmd)
+			c.writeCmds = append(c.writeCmds, cmd)
+		}
+		c.deliver = append(c.deliver, cmd)
+	}
+	if len(c.writeCmds) > 0 {
+		c.cmds = l
+	}
+	return next
+}
+
+// sendCommand queues a command.
+func (w *worker) sendCommand(c *change, cur *Twin, req *CommandRequest, now time.Time) (*Twin, error) {
+	l := w.cmds[cur.ID]
+	if req.RequestID != "" && l != nil {
+		for _, cmd := range l.cmds {
+			if cmd.RequestID == req.RequestID {
+				c.cmd = cmd
+				return cur, nil
+			}
+		}
+	}
+	if n := len(l.open()); n >= w.e.opts.CommandQueueLimit {
+		return nil, fmt.Errorf("%w: device %q has %d unfinished commands, the most its queue holds; wait for some to finish or cancel them",
+			ErrOverloaded, cur.ID, n)
+	}
+	next := cur.clone()
+	next.CommandSeq++
+	cmd := &Command{
+		ID:         CommandID(cur.ID, next.CommandSeq),
+		DeviceID:   cur.ID,
+		Seq:        next.CommandSeq,
+		Name:       req.Name,
+		Params:     req.Params,
+		State:      CommandQueued,
+		Source:     req.Source,
+		RequestID:  req.RequestID,
+		TTL:        req.TTL,
+		CreateTime: now,
+		UpdateTime: now,
+		ExpireTime: now.Add(req.TTL),
+	}
+	if c.sink != nil {
+		cmd.State = CommandSent
+		c.deliver = []*Command{cmd}
+	}
+	l = l.with(cmd)
+	c.cmds, c.dropCmds = l.prune(w.e.opts.CommandRetention)
+	c.writeCmds = []*Command{cmd}
+	c.cmd = cmd
+	w.expiries.add(cmd)
+	return next, nil
+}
+
+// updateCommand applies a device's report of a command's progress.
+func (w *worker) updateCommand(c *change, cur *Twin, u *CommandUpdate, now time.Time) error {
+	dev, seq, err := ParseCommandID(u.ID)
+	if err != nil {
+		return err
+	}
+	if dev != cur.ID {
+		return fmt.Errorf("%w: command %q is not one of device %q", ErrInvalidArgument, u.ID, cur.ID)
+	}
+	_, cmd := w.cmds[cur.ID].find(seq)
+	if cmd == nil {
+		return fmt.Errorf("%w: command %q does not exist", ErrNotFound, u.ID)
+	}
+	if cmd.State == u.State && cmd.State == CommandAccepted {
+		c.cmd = cmd
+		return nil // a repeated accept
+	}
+	if !validTransition(cmd.State, u.State) {
+		return fmt.Errorf("%w: command %q is %s and cannot become %s", ErrVersionMismatch, u.ID, cmd.State, u.State)
+	}
+	cmd = cmd.clone()
+	cmd.State, cmd.Result, cmd.Message, cmd.UpdateTime = u.State, u.Result, u.Message, now
+	w.setCommand(c, cmd)
+	return nil
+}
+
+// finishCommand moves an unfinished command to a final state chosen by the
+// server: canceled or expired.
+func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg string, now time.Time) error {
+	id := CommandID(c.op.id, seq)
+	_, cmd := w.cmds[c.op.id].find(seq)
+	if cmd == nil {
+		return fmt.Errorf("%w: command %q does not exist", ErrNotFound, id)
+	}
+	if cmd.State.Final() {
+		return fmt.Errorf("%w: command %q is already %s", ErrVersionMismatch, id, cmd.State)
+	}
+	cmd = cmd.clone()
+	cmd.State, cmd.Message, cmd.UpdateTime = state, msg, now
+	w.setCommand(c, cmd)
+	if state == CommandCanceled && c.sink != nil {
+		c.deliver = []*Command{cmd} // the device may stop working on it
+	}
+	return nil
+}
+
+func (w *worker) setCommand(c *change, cmd *Command) {
+	l := c.cmds
+	if l == nil {
+		l = w.cmds[cmd.DeviceID]
+	}
+	l = l.with(cmd)
+	var dropped []int64
+	l, dropped = l.prune(w.e.opts.CommandRetention)
+	c.cmds = l
+	c.dropCmds = append(c.dropCmds, dropped...)
+	c.writeCmds = append(c.writeCmds, cmd)
+	c.cmd = cmd
+}
+
+// expireDue expires the open commands whose ttl has passed, one change per
+// device, and returns those changes.
+func (w *worker) expireDue(now time.Time) []*change {
+	var out []*change
+	byDevice := map[string]*change{}
+	for w.expiries.Len() > 0 && !w.expiries[0].at.After(now) {
+		x := heap.Pop(&w.expiries).(expiry)
+		cur := w.twins[x.device]
+		if cur == nil {
+			continue
+		}
+		_, cmd := w.cmds[x.device].find(x.seq)
+		if cmd == nil || cmd.State.Final() || cmd.ExpireTime.After(now) {
+			continue // stale entry
+		}
+		c := byDevice[x.device]
+		if c == nil {
+			o := &op{kind: opExpire, id: x.device, done: make(chan Result, 1)}
+			c = &change{op: o, prev: cur, next: cur, sink: w.sinks[x.device]}
+			byDevice[x.device] = c
+			out = append(out, c)
+		}
+		w.finishCommand(c, x.seq, CommandExpired, fmt.Sprintf("ttl of %v passed before the command finished", cmd.TTL), now)
+		w.cmds[x.device] = c.cmds
+	}
+	return out
+}
+
+// SendCommand queues a command for a device. It returns the command as
+// queued, or the existing command for a repeated RequestID.
+func (e *Engine) SendCommand(ctx context.Context, req CommandRequest) (*Command, error) {
+	if !namePattern.MatchString(req.Name) {
+		return nil, fmt.Errorf("%w: command name %.40q must be 1 to 128 characters of [A-Za-z0-9._:-]", ErrInvalidArgument, req.Name)
+	}
+	if len(req.RequestID) > 128 {
+		return nil, fmt.Errorf("%w: request_id is %d bytes, at most 128", ErrInvalidArgument, len(req.RequestID))
+	}
+	switch {
+	case req.TTL < 0:
+		return nil, fmt.Errorf("%w: ttl is negative", ErrInvalidArgument)
+	case req.TTL == 0:
+		req.TTL = e.opts.DefaultCommandTTL
+	case req.TTL > e.opts.MaxCommandTTL:
+		return nil, fmt.Errorf("%w: ttl %v is over the maximum of %v", ErrInvalidArgument, req.TTL, e.opts.MaxCommandTTL)
+	}
+	if err := e.opts.Limits.checkPatch(req.Params); err != nil {
+		return nil, fmt.Errorf("params: %w", err)
+	}
+	if req.Source == "" {
+		req.Source = SourceAPI
+	}
+	o := &op{kind: opSendCommand, id: req.DeviceID, cmdReq: &req}
+	r, err := e.submit(ctx, o)
+	return r.Command, err
+}
+
+// UpdateCommand applies a device's report of a command's progress.
+func (e *Engine) UpdateCommand(ctx context.Context, deviceID string, u CommandUpdate) (*Command, error) {
+	if u.State < CommandAccepted || u.State > CommandRejected {
+		return nil, fmt.Errorf("%w: a device may set a command ACCEPTED, SUCCEEDED, FAILED or REJECTED, not %s", ErrInvalidArgument, u.State)
+	}
+	if err := e.opts.Limits.checkPatch(u.Result); err != nil {
+		return nil, fmt.Errorf("result: %w", err)
+	}
+	o := &op{kind: opUpdateCommand, id: deviceID, cmdUpd: &u}
+	r, err := e.submit(ctx, o)
+	return r.Command, err
+}
+
+// CancelCommand cancels an unfinished command.
+func (e *Engine) CancelCommand(ctx context.Context, id string) (*Command, error) {
+	dev, seq, err := ParseCommandID(id)
+	if err != nil {
+		return nil, err
+	}
+	o := &op{kind: opCancelCommand, id: dev, seq: seq}
+	r, err := e.submit(ctx, o)
+	return r.Command, err
+}
+
+// GetCommand returns the committed state of a command.
+func (e *Engine) GetCommand(id string) (*Command, error) {
+	dev, seq, err := ParseCommandID(id)
+	if err != nil {
+		return nil, err
+	}
+	w := e.workerFor(dev)
+	w.mu.RLock()
+	_, cmd := w.cmdView[dev].find(seq)
+	w.mu.RUnlock()
+	if cmd == nil {
+		return nil, fmt.Errorf("%w: command %q does not exist", ErrNotFound, id)
+	}
+	return cmd, nil
+}
+
+// ListCommands returns up to limit of a device's retained commands with
+// sequence after `after`, oldest first, whose state is one of states (any if
+// empty). more reports whether more follow.
+func (e *Engine) ListCommands(deviceID string, states []CommandState, after int64, limit int) (cmds []*Command, more bool, err error) {
+	if _, err := e.Get(deviceID); err != nil {
+		return nil, false, err
+	}
+	w := e.workerFor(deviceID)
+	w.mu.RLock()
+	l := w.cmdView[deviceID]
+	w.mu.RUnlock()
+	if l == nil {
+		return nil, false, nil
+	}
+	for _, c := range l.cmds {
+		if c.Seq <= after || (len(states) > 0 && !slices.Contains(states, c.State)) {
+			continue
+		}
+		if len(cmds) == limit {
+			return cmds, true, nil
+		}
+		cmds = append(cmds, c)
+	}
+	return cmds, false, nil
+}
+
+// WaitCommand waits until a command reaches a final state, or ctx is done,
+// and returns the command as it then is.
+func (e *Engine) WaitCommand(ctx context.Context, id string) (*Command, error) {
+	ch := make(chan *Command, 1)
+	e.waitMu.Lock()
+	e.waiters[id] = append(e.waiters[id], ch)
+	e.waitMu.Unlock()
+	defer func() {
+		e.waitMu.Lock()
+		e.waiters[id] = slices.DeleteFunc(e.waiters[id], func(c chan *Command) bool { return c == ch })
+		if len(e.waiters[id]) == 0 {
+			delete(e.waiters, id)
+		}
+		e.waitMu.Unlock()
+	}()
+	cmd, err := e.GetCommand(id)
+	if err != nil || cmd.State.Final() {
+		return cmd, err
+	}
+	select {
+	case cmd := <-ch:
+		return cmd, nil
+	case <-ctx.Done():
+		return e.GetCommand(id)
+	case <-e.done:
+		return e.GetCommand(id)
+	}
+}
+
+// notifyCommand wakes the waiters of a command that reached a final state.
+func (e *Engine) notifyCommand(cmd *Command) {
+	e.waitMu.Lock()
+	defer e.waitMu.Unlock()
+	for _, ch := range e.waiters[cmd.ID] {
+		select {
+		case ch <- cmd:
+		default:
+		}
+	}
+}
