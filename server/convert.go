@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -90,6 +91,30 @@ func eventProto(ev *twin.Event) *twinv1.TwinEvent {
 	}
 	if ev.Patch != nil {
 		out.Patch = structProto(ev.Patch)
+	}
+	return out
+}
+
+func commandProto(c *twin.Command) *twinv1.Command {
+	out := &twinv1.Command{
+		Id:         c.ID,
+		DeviceId:   c.DeviceID,
+		Name:       c.Name,
+		State:      twinv1.CommandState(c.State),
+		Message:    c.Message,
+		Source:     string(c.Source),
+		RequestId:  c.RequestID,
+		Ttl:        durationpb.New(c.TTL),
+		CreateTime: timeProto(c.CreateTime),
+		UpdateTime: timeProto(c.UpdateTime),
+		ExpireTime: timeProto(c.ExpireTime),
+		Sequence:   c.Seq,
+	}
+	if c.Params != nil {
+		out.Params = structProto(c.Params)
+	}
+	if c.Result != nil {
+		out.Result = structProto(c.Result)
 	}
 	return out
 }

@@ -43,6 +43,13 @@ type Options struct {
 	// ShutdownTimeout bounds how long shutdown waits for requests in
 	// flight. Default 10s.
 	ShutdownTimeout time.Duration
+	// DeviceSendQueue bounds the messages waiting to be sent on each device
+	// stream; a device that falls further behind is disconnected. Default
+	// 256.
+	DeviceSendQueue int
+	// HelloTimeout bounds how long a new device stream may take to send its
+	// hello. Default 10s.
+	HelloTimeout time.Duration
 	// Ready, if set, is called with the address the server listens on once
 	// it accepts connections.
 	Ready func(addr net.Addr)
@@ -64,6 +71,12 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.ShutdownTimeout <= 0 {
 		o.ShutdownTimeout = 10 * time.Second
+	}
+	if o.DeviceSendQueue <= 0 {
+		o.DeviceSendQueue = 256
+	}
+	if o.HelloTimeout <= 0 {
+		o.HelloTimeout = 10 * time.Second
 	}
 	o.Engine.Dir = o.DataDir
 	o.Engine.Logger = o.Logger
@@ -101,8 +114,8 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
-	twinv1.RegisterDeviceServiceServer(s.grpc, twinv1.UnimplementedDeviceServiceServer{})
-	twinv1.RegisterCommandServiceServer(s.grpc, twinv1.UnimplementedCommandServiceServer{})
+	twinv1.RegisterDeviceServiceServer(s.grpc, &deviceService{s: s})
+	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, twinv1.UnimplementedRuleServiceServer{})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)

@@ -35,7 +35,9 @@ func (s *recSink) Welcome(t *Twin, cmds []*Command) {
 	}
 	s.add(e)
 }
-func (s *recSink) DesiredChanged(t *Twin, p Document) { s.add(fmt.Sprintf("desired v%d %v", t.Version, p)) }
+func (s *recSink) DesiredChanged(t *Twin, p Document) {
+	s.add(fmt.Sprintf("desired v%d %v", t.Version, p))
+}
 func (s *recSink) Commands(cmds []*Command) {
 	for _, c := range cmds {
 		s.add("command " + c.ID + ":" + c.State.String())
