@@ -27,6 +27,7 @@ type deviceService struct {
 // outItem is one message waiting in a session's send queue. It is converted
 // to protobuf by the stream's goroutine, not by the engine's.
 type outItem struct {
+	flushed chan struct{} // closed by the sender when it reaches this item
 	ack     *twinv1.ReportAck
 	welcome *twin.Twin
 	desired *twin.Twin
@@ -143,6 +144,10 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 		for {
 			select {
 			case it := <-ss.sendQ:
+				if it.flushed != nil {
+					close(it.flushed)
+					continue
+				}
 				if err := stream.Send(ds.message(ss, it)); err != nil {
 					sendErr <- err
 					return
@@ -161,7 +166,25 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	}
 	var pending []pendingReport
 	const maxPending = 1024
+	eof := false        // the device closed its side
+	recvDone := recvErr // nil once the receiver has ended
 	for {
+		if eof && len(pending) == 0 {
+			// Answer everything the device sent before it closed, then
+			// end the stream cleanly.
+			flushed := make(chan struct{})
+			ss.push(outItem{flushed: flushed})
+			select {
+			case <-flushed:
+				return nil
+			case err := <-sendErr:
+				return err
+			case <-ss.closed:
+				return ss.closeErr
+			case <-ctx.Done():
+				return s.streamStatus("Connect", ctx, ctx.Err())
+			}
+		}
 		var head <-chan twin.Result
 		if len(pending) > 0 {
 			head = pending[0].p.Done()
@@ -218,9 +241,10 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 			}
 		case <-ss.closed:
 			return ss.closeErr
-		case err := <-recvErr:
+		case err := <-recvDone:
 			if errors.Is(err, io.EOF) {
-				return nil // the device closed its side
+				eof, recvDone = true, nil
+				continue
 			}
 			return s.streamStatus("Connect", ctx, err)
 		case <-ctx.Done():

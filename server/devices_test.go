@@ -391,3 +391,18 @@ func TestSlowDevice(t *testing.T) {
 		t.Errorf("command to the cut-off device = %v, %v; want QUEUED", c, err)
 	}
 }
+
+func TestDeviceShutdown(t *testing.T) {
+	s := startServer(t, nil, nil)
+	tok := createDevice(t, s, "car-1", "car")
+	d := connect(t, s, &twinv1.Hello{DeviceId: "car-1", Token: tok}, true)
+	d.next()
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown() }()
+	if err := d.end(); status.Code(err) != codes.Unavailable {
+		t.Errorf("stream at shutdown ended with %v; want UNAVAILABLE", err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+}

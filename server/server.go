@@ -45,7 +45,7 @@ type Options struct {
 	ShutdownTimeout time.Duration
 	// DeviceSendQueue bounds the messages waiting to be sent on each device
 	// stream; a device that falls further behind is disconnected. Default
-	// 256.
+	// 64.
 	DeviceSendQueue int
 	// HelloTimeout bounds how long a new device stream may take to send its
 	// hello. Default 10s.
@@ -73,7 +73,7 @@ func (o *Options) EnsureDefaults() {
 		o.ShutdownTimeout = 10 * time.Second
 	}
 	if o.DeviceSendQueue <= 0 {
-		o.DeviceSendQueue = 256
+		o.DeviceSendQueue = 64
 	}
 	if o.HelloTimeout <= 0 {
 		o.HelloTimeout = 10 * time.Second

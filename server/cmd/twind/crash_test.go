@@ -190,3 +190,69 @@ func TestFlags(t *testing.T) {
 		t.Errorf("run(--help) = %v; want nil", err)
 	}
 }
+
+// TestCommandsSurviveCrash queues commands for an offline device, kills
+// twind with SIGKILL, restarts it, and checks that the device receives every
+// acknowledged command, in order, when it connects.
+func TestCommandsSurviveCrash(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real processes")
+	}
+	dir := t.TempDir()
+	d := startDaemon(t, "--data", dir)
+	conn, err := grpc.NewClient(d.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tc := twinv1.NewTwinServiceClient(conn)
+	cc := twinv1.NewCommandServiceClient(conn)
+	if _, err := tc.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "planter-1", Type: "planter"}}); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := tc.IssueDeviceToken(ctx, &twinv1.IssueDeviceTokenRequest{Id: "planter-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for i := range 20 {
+		c, err := cc.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "planter-1", Name: "water",
+			Params: &structpb.Struct{Fields: map[string]*structpb.Value{"seconds": structpb.NewNumberValue(float64(i))}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, c.Command.Id)
+	}
+	conn.Close()
+	d.kill(t)
+
+	d = startDaemon(t, "--data", dir)
+	conn, err = grpc.NewClient(d.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	st, err := twinv1.NewDeviceServiceClient(conn).Connect(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(&twinv1.ConnectRequest{Msg: &twinv1.ConnectRequest_Hello{Hello: &twinv1.Hello{DeviceId: "planter-1", Token: tok.Token}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := st.Recv(); err != nil || m.GetWelcome() == nil {
+		t.Fatalf("first message = %v, %v; want the welcome", m, err)
+	}
+	var got []string
+	for len(got) < len(want) {
+		m, err := st.Recv()
+		if err != nil {
+			t.Fatalf("after %d commands: %v", len(got), err)
+		}
+		got = append(got, m.GetCommand().GetId())
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("after SIGKILL and restart the device received %v; want %v", got, want)
+	}
+}
