@@ -99,6 +99,7 @@ const (
 	opUpdateCommand
 	opCancelCommand
 	opExpire
+	opRuleTimer
 )
 
 // op is one request to a shard worker. The worker answers on done exactly
@@ -148,6 +149,11 @@ type change struct {
 	replaced Sink       // a stream that sink replaced, or that was closed
 	closeErr error      // why replaced is being closed
 	deliver  []*Command // commands to send to sink
+
+	// ruleWrites are the rule states to store (nil deletes); firings are
+	// published once the change is durable.
+	ruleWrites map[string]*RuleState
+	firings    []Firing
 }
 
 // goneTwin is what a deleted twin leaves behind, so that a twin re-created

@@ -64,6 +64,13 @@ type Options struct {
 	DefaultCommandTTL time.Duration
 	// MaxCommandTTL bounds a command's ttl. Default 7 days.
 	MaxCommandTTL time.Duration
+	// RuleTick is how often rules that read `now` are re-evaluated for
+	// every twin they select, without a change. Default 10s.
+	RuleTick time.Duration
+	// OnFirings, if set, is called with rule firings and errors once the
+	// changes they belong to are durable, in commit order per twin. It
+	// must not block.
+	OnFirings func([]FiringEvent)
 	// PebbleCacheBytes is the size of Pebble's block cache. Default 64 MiB.
 	PebbleCacheBytes int64
 	// MemTableBytes is the size of each Pebble memtable. A large memtable
@@ -119,6 +126,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.DefaultCommandTTL > o.MaxCommandTTL {
 		o.DefaultCommandTTL = o.MaxCommandTTL
+	}
+	if o.RuleTick <= 0 {
+		o.RuleTick = 10 * time.Second
 	}
 	if o.PebbleCacheBytes <= 0 {
 		o.PebbleCacheBytes = 64 << 20
@@ -186,6 +196,9 @@ type Engine struct {
 	revDone map[int64]struct{} // durable revisions above rev
 	// oldest is the oldest revision still in the watch log.
 	oldest atomic.Int64
+
+	// evaluator holds the rules in force.
+	evaluator atomic.Pointer[evaluatorBox]
 
 	// waitMu protects waiters: the channels of WaitCommand calls, by
 	// command id.
@@ -260,6 +273,8 @@ func (e *Engine) load() error {
 			sinks:   map[string]Sink{},
 			cmds:    map[string]*commandList{},
 			cmdView: map[string]*commandList{},
+
+			ruleStates: map[string]map[string]RuleState{},
 			// A few commits in flight per worker overlap the next
 			// step's work with this one's fsync.
 			syncCh: make(chan *group, 4),
@@ -318,7 +333,10 @@ func (e *Engine) loadShard(vs uint16) error {
 	if err := it.Error(); err != nil {
 		return err
 	}
-	return e.loadCommands(vs)
+	if err := e.loadCommands(vs); err != nil {
+		return err
+	}
+	return e.loadRuleStates(vs)
 }
 
 // loadCommands loads the retained commands of one virtual shard.

@@ -21,6 +21,11 @@ type worker struct {
 	sinks    map[string]Sink         // the streams of connected devices
 	cmds     map[string]*commandList // retained commands by device
 	expiries expiryHeap              // when open commands expire
+	// ruleStates holds each twin's rule states (immutable maps);
+	// ruleTimers when rules want a twin evaluated again.
+	ruleStates map[string]map[string]RuleState
+	ruleTimers ruleTimerHeap
+	nextTick   time.Time
 
 	// mu protects view and cmdView, the committed state that readers see.
 	// The syncer writes them after each commit; readers take the read lock.
@@ -42,9 +47,9 @@ func (w *worker) run() {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
-		// Sleep until a request arrives or the next command expires.
-		if w.expiries.Len() > 0 {
-			timer.Reset(max(w.expiries[0].at.Sub(w.e.opts.Clock()), 0))
+		// Sleep until a request arrives or the next timed work is due.
+		if at, ok := w.nextTimed(); ok {
+			timer.Reset(max(at.Sub(w.e.opts.Clock()), 0))
 		} else {
 			timer.Stop()
 		}
@@ -89,7 +94,15 @@ func (w *worker) step(ops []*op) {
 		return
 	}
 	now := e.opts.Clock().UTC()
+	ev := e.currentEvaluator()
 	changes := w.expireDue(now)
+	if ev != nil {
+		tick := !w.nextTick.IsZero() && !now.Before(w.nextTick)
+		if tick || w.nextTick.IsZero() {
+			w.nextTick = now.Add(e.opts.RuleTick)
+		}
+		changes = append(changes, w.timedRules(ev, now, tick)...)
+	}
 	for _, o := range ops {
 		c, err := w.apply(o, now)
 		if err != nil {
@@ -97,6 +110,9 @@ func (w *worker) step(ops []*op) {
 			continue
 		}
 		changes = append(changes, c)
+		if ev != nil && c.event != nil {
+			changes = append(changes, w.runRules(ev, c, now, false)...)
+		}
 	}
 	if len(changes) == 0 {
 		return
@@ -220,6 +236,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	if next == nil {
 		delete(w.twins, o.id)
 		delete(w.cmds, o.id)
+		delete(w.ruleStates, o.id)
 		w.gone[o.id] = c.gone
 	} else {
 		w.twins[o.id] = next
@@ -229,6 +246,24 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		w.cmds[o.id] = c.cmds
 	}
 	return c, nil
+}
+
+// nextTimed returns when the worker has timed work next: a command to
+// expire, a twin whose rules want evaluating, or the periodic rule tick.
+func (w *worker) nextTimed() (time.Time, bool) {
+	var at time.Time
+	if w.expiries.Len() > 0 {
+		at = w.expiries[0].at
+	}
+	if w.ruleTimers.Len() > 0 && (at.IsZero() || w.ruleTimers[0].at.Before(at)) {
+		at = w.ruleTimers[0].at
+	}
+	if w.e.currentEvaluator() != nil {
+		if t := w.nextTick; t.IsZero() || at.IsZero() || t.Before(at) {
+			at = t // a zero tick means "now": start ticking
+		}
+	}
+	return at, !at.IsZero() || w.e.currentEvaluator() != nil
 }
 
 // write adds a change's keys to b. buf is scratch space, returned for reuse.
@@ -244,6 +279,9 @@ func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
 		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
 			return buf, err
 		}
+	}
+	if err := writeRuleStates(b, vs, id, c.ruleWrites); err != nil {
+		return buf, err
 	}
 	for _, seq := range c.dropCmds {
 		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
@@ -273,7 +311,7 @@ func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
 		return buf, err
 	}
 	if c.next == nil {
-		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id)} {
+		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
 			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
 				return buf, err
 			}
@@ -358,6 +396,17 @@ func (e *Engine) publish(g *group) {
 			if cmd.State.Final() {
 				e.notifyCommand(cmd)
 			}
+		}
+		if len(c.firings) > 0 && e.opts.OnFirings != nil {
+			t := c.next
+			if t == nil {
+				t = c.prev
+			}
+			evs := make([]FiringEvent, len(c.firings))
+			for i, f := range c.firings {
+				evs[i] = FiringEvent{Firing: f, TwinID: t.ID, TwinVersion: t.Version, Time: e.opts.Clock()}
+			}
+			e.opts.OnFirings(evs)
 		}
 	}
 

@@ -1,0 +1,337 @@
+package twin
+
+import (
+	"bytes"
+	"container/heap"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// Evaluator decides what rules do when a twin changes. The rules package
+// implements it; the engine calls it from its workers, inside the change, so
+// that every effect of a firing commits in the same batch as the change
+// that caused it. Implementations must be safe for concurrent use and must
+// not block.
+type Evaluator interface {
+	// Evaluate evaluates the rules that apply to next, given prev (the twin
+	// before the change; nil for a new twin) and the twin's rule states.
+	// timer is true when the engine calls because of a wake-up time the
+	// evaluator asked for, or a periodic tick, rather than a change. It
+	// returns the states that changed (a nil state deletes it), what fired,
+	// and the earliest time it wants to be called again for this twin
+	// without a change (zero for never).
+	Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation
+	// Ticks reports whether rules of a device type read `now`, so that
+	// their twins must be re-evaluated periodically.
+	Ticks(typ string) bool
+}
+
+// Evaluation is the outcome of evaluating the rules of one change.
+type Evaluation struct {
+	States  map[string]*RuleState
+	Firings []Firing
+	Wake    time.Time
+}
+
+// RuleState is a twin's state for one rule. It is stored with the twin, in
+// the same batch as the change that set it, so that hold_for and cooldown
+// survive restarts.
+type RuleState struct {
+	// Gen is the generation of the rule the state belongs to; a state of
+	// an older generation is void.
+	Gen int64 `json:"g"`
+	// Active says the condition held at the last evaluation.
+	Active bool `json:"a,omitempty"`
+	// PendingSince is when the condition started to hold, while hold_for
+	// runs.
+	PendingSince time.Time `json:"p,omitzero"`
+	// Fired says the rule fired in the current active period.
+	Fired bool `json:"f,omitempty"`
+	// LastFired is when the rule last fired for the twin.
+	LastFired time.Time `json:"l,omitzero"`
+}
+
+// Firing is what one rule does for one change, or the error it hit.
+type Firing struct {
+	RuleID string
+	// DesiredPatch is merged into desired as a change of its own, with
+	// the next version, in the same batch.
+	DesiredPatch Document
+	Commands     []RuleCommand
+	Emits        []Emit
+	// Err is an evaluation error: nothing else is set.
+	Err error
+}
+
+// RuleCommand is a command a firing sends to the twin's device.
+type RuleCommand struct {
+	Name   string
+	Params Document
+}
+
+// Emit is an event a firing emits.
+type Emit struct {
+	Severity int
+	Message  string
+}
+
+// FiringEvent is a firing as published after its commit.
+type FiringEvent struct {
+	Firing
+	TwinID      string
+	TwinVersion int64
+	Time        time.Time
+}
+
+// maxRuleDepth bounds how many times rules may change a twin's desired state
+// in a row because of their own changes: a rule that re-fires itself forever
+// stops there, with an error.
+const maxRuleDepth = 8
+
+// ErrRuleLoop is recorded for a rule whose effects keep re-firing rules.
+var ErrRuleLoop = fmt.Errorf("twin: rules changed desired state %d times in a row for one change; stopped", maxRuleDepth)
+
+// SetEvaluator installs the rules evaluated from now on. It takes effect
+// atomically: each worker step uses one evaluator throughout.
+func (e *Engine) SetEvaluator(ev Evaluator) { e.evaluator.Store(&evaluatorBox{ev}) }
+
+type evaluatorBox struct{ Evaluator }
+
+func (e *Engine) currentEvaluator() Evaluator {
+	if b := e.evaluator.Load(); b != nil {
+		return b.Evaluator
+	}
+	return nil
+}
+
+// runRules evaluates the rules on a change and folds their effects into it:
+// state writes and commands in c, desired patches as further changes of the
+// same twin, which it returns.
+func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []*change {
+	var extra []*change
+	for depth := 0; ; depth++ {
+		if c.next == nil {
+			return extra
+		}
+		id := c.next.ID
+		res := ev.Evaluate(c.prev, c.next, w.ruleStates[id], now, timer)
+		timer = false
+		if len(res.States) > 0 {
+			st := maps.Clone(w.ruleStates[id])
+			if st == nil {
+				st = map[string]RuleState{}
+			}
+			for r, s := range res.States {
+				if s == nil {
+					delete(st, r)
+				} else {
+					st[r] = *s
+				}
+				if c.ruleWrites == nil {
+					c.ruleWrites = map[string]*RuleState{}
+				}
+				c.ruleWrites[r] = s
+			}
+			w.ruleStates[id] = st
+		}
+		if !res.Wake.IsZero() {
+			heap.Push(&w.ruleTimers, ruleTimer{at: res.Wake, id: id})
+		}
+		var patch Document
+		var source Source
+		for _, f := range res.Firings {
+			c.firings = append(c.firings, f)
+			if f.Err != nil {
+				continue
+			}
+			for _, cmd := range f.Commands {
+				next, err := w.sendCommand(c, c.next, &CommandRequest{DeviceID: id, Name: cmd.Name, Params: cmd.Params,
+					TTL: w.e.opts.DefaultCommandTTL, Source: RuleSource(f.RuleID)}, now)
+				if err != nil {
+					c.firings = append(c.firings, Firing{RuleID: f.RuleID, Err: fmt.Errorf("command %s: %w", cmd.Name, err)})
+					continue
+				}
+				w.setWorking(c, next)
+			}
+			if f.DesiredPatch != nil {
+				patch, _ = MergePatch(patch, f.DesiredPatch)
+				if source == "" {
+					source = RuleSource(f.RuleID)
+				}
+			}
+		}
+		if patch == nil {
+			return extra
+		}
+		if depth == maxRuleDepth {
+			c.firings = append(c.firings, Firing{RuleID: string(source[len("rule:"):]), Err: ErrRuleLoop})
+			return extra
+		}
+		o := &op{kind: opDesired, id: id, patch: &PatchRequest{ID: id, Patch: patch, Source: source}, done: make(chan Result, 1)}
+		nc, err := w.apply(o, now)
+		if err != nil {
+			c.firings = append(c.firings, Firing{RuleID: string(source[len("rule:"):]), Err: fmt.Errorf("set_desired: %w", err)})
+			return extra
+		}
+		if nc.next == nc.prev {
+			return extra // the patch changed nothing
+		}
+		extra = append(extra, nc)
+		c = nc
+	}
+}
+
+// setWorking replaces the twin a change produced, before the change is
+// written.
+func (w *worker) setWorking(c *change, next *Twin) {
+	if c.event != nil && c.event.Twin == c.next {
+		c.event.Twin = next
+	}
+	c.next = next
+	w.twins[next.ID] = next
+}
+
+// ruleTimer asks for a twin's rules to be evaluated at a time.
+type ruleTimer struct {
+	at time.Time
+	id string
+}
+
+type ruleTimerHeap []ruleTimer
+
+func (h ruleTimerHeap) Len() int           { return len(h) }
+func (h ruleTimerHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h ruleTimerHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *ruleTimerHeap) Push(x any)        { *h = append(*h, x.(ruleTimer)) }
+func (h *ruleTimerHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+// timedRules evaluates the rules of the twins whose wake-up time has come,
+// and, on a periodic tick, of every twin whose type has time-dependent rules.
+func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
+	due := map[string]bool{}
+	for w.ruleTimers.Len() > 0 && !w.ruleTimers[0].at.After(now) {
+		due[heap.Pop(&w.ruleTimers).(ruleTimer).id] = true
+	}
+	if tick {
+		for id, t := range w.twins {
+			if ev.Ticks(t.Type) {
+				due[id] = true
+			}
+		}
+	}
+	var out []*change
+	for id := range due {
+		cur := w.twins[id]
+		if cur == nil {
+			continue
+		}
+		o := &op{kind: opRuleTimer, id: id, done: make(chan Result, 1)}
+		c := &change{op: o, prev: cur, next: cur, sink: w.sinks[id]}
+		extra := w.runRules(ev, c, now, true)
+		if c.ruleWrites == nil && len(c.writeCmds) == 0 && len(c.firings) == 0 && len(extra) == 0 && c.next == cur {
+			continue // nothing happened
+		}
+		out = append(out, c)
+		out = append(out, extra...)
+	}
+	return out
+}
+
+func ruleStateKey(vs uint16, id, ruleID string) []byte {
+	return append(append(append(shardPrefix(vs, 'x'), id...), 0), ruleID...)
+}
+
+func ruleStatePrefix(vs uint16, id string) []byte {
+	return append(append(shardPrefix(vs, 'x'), id...), 0)
+}
+
+// writeRuleStates adds a change's rule state writes to b.
+func writeRuleStates(b *pebble.Batch, vs uint16, id string, writes map[string]*RuleState) error {
+	for r, s := range writes {
+		k := ruleStateKey(vs, id, r)
+		if s == nil {
+			if err := b.Delete(k, nil); err != nil {
+				return err
+			}
+			continue
+		}
+		v, err := json.Marshal(s)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(k, v, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadRuleStates loads the rule states of one virtual shard.
+func (e *Engine) loadRuleStates(vs uint16) error {
+	lower := shardPrefix(vs, 'x')
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()[len(lower):]
+		i := bytes.IndexByte(k, 0)
+		if i < 0 {
+			return fmt.Errorf("twin: corrupt rule state key %q", it.Key())
+		}
+		id, ruleID := string(k[:i]), string(k[i+1:])
+		var s RuleState
+		if err := json.Unmarshal(it.Value(), &s); err != nil {
+			return fmt.Errorf("twin: corrupt rule state %q: %w", it.Key(), err)
+		}
+		w := e.workerFor(id)
+		if w.ruleStates[id] == nil {
+			w.ruleStates[id] = map[string]RuleState{}
+		}
+		w.ruleStates[id][ruleID] = s
+		if !s.PendingSince.IsZero() {
+			// Re-evaluate once loaded: hold_for may have run out while the
+			// server was down.
+			heap.Push(&w.ruleTimers, ruleTimer{at: s.PendingSince, id: id})
+		}
+	}
+	return it.Error()
+}
+
+// Rule definitions are stored as opaque blobs under r/<id>; the rules
+// package owns their format.
+var prefixRules = []byte("r/")
+
+// PutRule durably stores a rule definition.
+func (e *Engine) PutRule(id string, def []byte) error {
+	return e.db.Set(append(append([]byte(nil), prefixRules...), id...), def, pebble.Sync)
+}
+
+// DeleteRule durably deletes a rule definition.
+func (e *Engine) DeleteRule(id string) error {
+	return e.db.Delete(append(append([]byte(nil), prefixRules...), id...), pebble.Sync)
+}
+
+// Rules returns every stored rule definition, by id.
+func (e *Engine) Rules() (map[string][]byte, error) {
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: prefixRules, UpperBound: prefixEnd(prefixRules)})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	out := map[string][]byte{}
+	for it.First(); it.Valid(); it.Next() {
+		out[string(it.Key()[len(prefixRules):])] = append([]byte(nil), it.Value()...)
+	}
+	return out, it.Error()
+}
