@@ -8,7 +8,8 @@
 // `now`. A twin is a map with the keys id, type, labels, reported, desired,
 // delta, version, revision, presence (connected, since, last_seen),
 // create_time and update_time; reading a field the twin does not have makes
-// the expression false rather than an error.
+// the expression false rather than an error. `changed` lists the leaves the
+// change set, as "reported.temp_c" or "desired.pump".
 package rules
 
 import (
@@ -50,6 +51,7 @@ func Env() (*cel.Env, error) {
 			cel.Variable("twin", cel.MapType(cel.StringType, cel.DynType)),
 			cel.Variable("prev", cel.MapType(cel.StringType, cel.DynType)),
 			cel.Variable("now", cel.TimestampType),
+			cel.Variable("changed", cel.ListType(cel.StringType)),
 			cel.OptionalTypes(),
 			ext.Strings(),
 			ext.Math(),

@@ -100,6 +100,7 @@ const (
 	opCancelCommand
 	opExpire
 	opRuleTimer
+	opPoke
 )
 
 // op is one request to a shard worker. The worker answers on done exactly

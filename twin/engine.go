@@ -509,6 +509,40 @@ type Pending struct{ o *op }
 // failed.
 func (p Pending) Done() <-chan Result { return p.o.done }
 
+// RunTimers makes every worker do its timed work (command expiry, hold_for,
+// rule ticks) as of the engine's clock now, and returns once that work is
+// durable. Workers do this by themselves on time; RunTimers is for tests and
+// tools that drive a fake clock.
+func (e *Engine) RunTimers(ctx context.Context) error {
+	ops := make([]*op, len(e.workers))
+	e.closeMu.RLock()
+	if e.closed {
+		e.closeMu.RUnlock()
+		return ErrClosed
+	}
+	for i, w := range e.workers {
+		ops[i] = &op{kind: opPoke, done: make(chan Result, 1)}
+		select {
+		case w.inbox <- ops[i]:
+		case <-ctx.Done():
+			e.closeMu.RUnlock()
+			return ctx.Err()
+		}
+	}
+	e.closeMu.RUnlock()
+	for _, o := range ops {
+		select {
+		case r := <-o.done:
+			if r.Err != nil {
+				return r.Err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
 // StartReport hands a report to the engine and returns without waiting for
 // it to be durable. Reports of one device are applied in the order they are
 // started.

@@ -104,6 +104,11 @@ func (w *worker) step(ops []*op) {
 		changes = append(changes, w.timedRules(ev, now, tick)...)
 	}
 	for _, o := range ops {
+		if o.kind == opPoke {
+			// Answered once everything before it is durable.
+			changes = append(changes, &change{op: o})
+			continue
+		}
 		c, err := w.apply(o, now)
 		if err != nil {
 			o.done <- Result{Err: err}
@@ -365,6 +370,9 @@ func (w *worker) syncLoop() {
 func (e *Engine) publish(g *group) {
 	g.w.mu.Lock()
 	for _, c := range g.changes {
+		if c.op.kind == opPoke {
+			continue
+		}
 		if c.next == nil {
 			delete(g.w.view, c.op.id)
 			delete(g.w.cmdView, c.op.id)
