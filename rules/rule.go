@@ -283,7 +283,25 @@ func compileProgram(field, src string, want *cel.Type) (prg cel.Program, estimat
 		return nil, 0, false, false, []Issue{{Field: field, Message: err.Error()}}
 	}
 	usesNow, usesChanged = references(a, "now"), references(a, "changed")
+	if a.OutputType() == cel.DynType {
+		// The twin's fields are dynamic, so the checker cannot always tell
+		// an expression's type. Evaluating it on an empty twin catches
+		// those that read a field every twin has, like `twin.version`.
+		if out, _, err := prg.Eval(probeActivation); err == nil {
+			if got := out.Type().TypeName(); (want == cel.BoolType && got != "bool") ||
+				(want == cel.StringType && got != "string") ||
+				(want.Kind() == types.MapKind && got != "map") {
+				return nil, 0, false, false, []Issue{{Field: field, Message: fmt.Sprintf("evaluates to %s; want %s", got, want)}}
+			}
+		}
+	}
 	return prg, est.Max, usesNow, usesChanged, nil
+}
+
+var probeActivation = &activation{
+	twin: Value(&twin.Twin{Reported: twin.Document{}, Desired: twin.Document{}}),
+	prev: Value(nil),
+	now:  time.Unix(0, 0).UTC(),
 }
 
 // references reports whether an expression reads a variable.

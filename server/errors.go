@@ -32,9 +32,9 @@ func toStatus(log *slog.Logger, method string, err error) error {
 	}
 	code := codes.Internal
 	switch {
-	case errors.Is(err, twin.ErrNotFound):
+	case errors.Is(err, twin.ErrNotFound), errors.Is(err, rules.ErrNotFound):
 		code = codes.NotFound
-	case errors.Is(err, twin.ErrAlreadyExists):
+	case errors.Is(err, twin.ErrAlreadyExists), errors.Is(err, rules.ErrExists):
 		code = codes.AlreadyExists
 	case errors.Is(err, twin.ErrVersionMismatch):
 		code = codes.FailedPrecondition

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/rules"
 	"github.com/twind-io/twind/twin"
 )
 
@@ -85,10 +86,12 @@ func (o *Options) EnsureDefaults() {
 
 // Server is a running twind: the engine and the gRPC services over it.
 type Server struct {
-	opts   Options
-	engine *twin.Engine
-	grpc   *grpc.Server
-	health *health.Server
+	opts       Options
+	engine     *twin.Engine
+	rules      *rules.Registry
+	ruleEvents *ruleHub
+	grpc       *grpc.Server
+	health     *health.Server
 
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
@@ -98,14 +101,23 @@ type Server struct {
 // New opens the store and builds the server. The caller must Close it.
 func New(opts Options) (*Server, error) {
 	opts.EnsureDefaults()
+	hub := newRuleHub()
+	opts.Engine.OnFirings = hub.publish
 	e, err := twin.Open(opts.Engine)
 	if err != nil {
 		return nil, err
 	}
+	reg, err := rules.NewRegistry(e, func(set *rules.Set) { e.SetEvaluator(set) }, opts.Clock, opts.Logger)
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
 	s := &Server{
-		opts:   opts,
-		engine: e,
-		health: health.NewServer(),
+		opts:       opts,
+		engine:     e,
+		rules:      reg,
+		ruleEvents: hub,
+		health:     health.NewServer(),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.grpc = grpc.NewServer(
@@ -116,7 +128,7 @@ func New(opts Options) (*Server, error) {
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
 	twinv1.RegisterDeviceServiceServer(s.grpc, &deviceService{s: s})
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
-	twinv1.RegisterRuleServiceServer(s.grpc, twinv1.UnimplementedRuleServiceServer{})
+	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	for _, svc := range []string{"", twinv1.TwinService_ServiceDesc.ServiceName, twinv1.DeviceService_ServiceDesc.ServiceName,

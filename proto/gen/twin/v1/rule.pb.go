@@ -211,8 +211,8 @@ type Rule struct {
 	Cooldown *durationpb.Duration `protobuf:"bytes,7,opt,name=cooldown,proto3" json:"cooldown,omitempty"`
 	// What to do when the rule fires, in order.
 	Actions []*Action `protobuf:"bytes,8,rep,name=actions,proto3" json:"actions,omitempty"`
-	// Disabled rules are not evaluated.
-	Enabled bool `protobuf:"varint,9,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// Disabled rules are not evaluated. Unset means enabled.
+	Enabled *bool `protobuf:"varint,9,opt,name=enabled,proto3,oneof" json:"enabled,omitempty"`
 	// Read-only: how the rule is doing.
 	Status *RuleStatus `protobuf:"bytes,10,opt,name=status,proto3" json:"status,omitempty"`
 	// Read-only: when the rule was created.
@@ -310,8 +310,8 @@ func (x *Rule) GetActions() []*Action {
 }
 
 func (x *Rule) GetEnabled() bool {
-	if x != nil {
-		return x.Enabled
+	if x != nil && x.Enabled != nil {
+		return *x.Enabled
 	}
 	return false
 }
@@ -1767,7 +1767,7 @@ var File_twin_v1_rule_proto protoreflect.FileDescriptor
 
 const file_twin_v1_rule_proto_rawDesc = "" +
 	"\n" +
-	"\x12twin/v1/rule.proto\x12\atwin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12twin/v1/twin.proto\"\xf1\x03\n" +
+	"\x12twin/v1/rule.proto\x12\atwin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12twin/v1/twin.proto\"\x82\x04\n" +
 	"\x04Rule\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x14\n" +
@@ -1776,14 +1776,16 @@ const file_twin_v1_rule_proto_rawDesc = "" +
 	"\atrigger\x18\x05 \x01(\x0e2\x10.twin.v1.TriggerR\atrigger\x124\n" +
 	"\bhold_for\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\aholdFor\x125\n" +
 	"\bcooldown\x18\a \x01(\v2\x19.google.protobuf.DurationR\bcooldown\x12)\n" +
-	"\aactions\x18\b \x03(\v2\x0f.twin.v1.ActionR\aactions\x12\x18\n" +
-	"\aenabled\x18\t \x01(\bR\aenabled\x12+\n" +
+	"\aactions\x18\b \x03(\v2\x0f.twin.v1.ActionR\aactions\x12\x1d\n" +
+	"\aenabled\x18\t \x01(\bH\x00R\aenabled\x88\x01\x01\x12+\n" +
 	"\x06status\x18\n" +
 	" \x01(\v2\x13.twin.v1.RuleStatusR\x06status\x12;\n" +
 	"\vcreate_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\xaf\x01\n" +
+	"updateTimeB\n" +
+	"\n" +
+	"\b_enabled\"\xaf\x01\n" +
 	"\x06Action\x122\n" +
 	"\acommand\x18\x01 \x01(\v2\x16.twin.v1.CommandActionH\x00R\acommand\x12<\n" +
 	"\vset_desired\x18\x02 \x01(\v2\x19.twin.v1.SetDesiredActionH\x00R\n" +
@@ -2008,6 +2010,7 @@ func file_twin_v1_rule_proto_init() {
 		return
 	}
 	file_twin_v1_twin_proto_init()
+	file_twin_v1_rule_proto_msgTypes[0].OneofWrappers = []any{}
 	file_twin_v1_rule_proto_msgTypes[1].OneofWrappers = []any{
 		(*Action_Command)(nil),
 		(*Action_SetDesired)(nil),

@@ -1,0 +1,299 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+)
+
+// testClock is a clock the test moves.
+type testClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func TestRuleService(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+
+	// Bad rules: INVALID_ARGUMENT with the CEL message and its position.
+	bad := []struct {
+		rule *twinv1.Rule
+		msg  string
+	}{
+		{&twinv1.Rule{Id: "r1", Condition: "twin.reported.temp_c >"}, "condition:1:23: Syntax error"},
+		{&twinv1.Rule{Id: "r1", Condition: "twin.version"}, "want bool"},
+		{&twinv1.Rule{Id: "r1", Condition: "true", Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "'x'"}}}}}, "set_desired.patch: has type string"},
+		{&twinv1.Rule{Id: "r1", Condition: "true", Types: []string{"bad type"}}, "types[0]"},
+		{&twinv1.Rule{Id: "", Condition: "true"}, "id: must be"},
+		{&twinv1.Rule{Id: "r1", Condition: "true", Trigger: twinv1.Trigger(7)}, "trigger"},
+	}
+	for _, b := range bad {
+		_, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: b.rule})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), b.msg) {
+			t.Errorf("CreateRule(%v) = %v; want INVALID_ARGUMENT containing %q", b.rule, err, b.msg)
+		}
+	}
+	v, err := rc.ValidateRule(ctx, &twinv1.ValidateRuleRequest{Rule: &twinv1.Rule{Id: "r1", Condition: "twin.reported.temp_c > 8.0 &&\n  twin.reported.door = 'open'"}})
+	if err != nil || v.Valid || len(v.Issues) == 0 || v.Issues[0].Line != 2 || v.Issues[0].Field != "condition" {
+		t.Errorf("ValidateRule = %v, %v; want an issue on line 2 of condition", v, err)
+	}
+	v, err = rc.ValidateRule(ctx, &twinv1.ValidateRuleRequest{Rule: &twinv1.Rule{Id: "r1", Condition: "twin.reported.temp_c > 8.0"}})
+	if err != nil || !v.Valid || v.CostEstimate == 0 {
+		t.Errorf("ValidateRule(good) = %v, %v; want valid with a cost estimate", v, err)
+	}
+
+	// CRUD.
+	created, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "warm", Types: []string{"fridge"},
+		Condition: "twin.reported.temp_c > 8.0",
+		Actions:   []*twinv1.Action{{Action: &twinv1.Action_Emit{Emit: &twinv1.EmitAction{Message: "'warm: ' + twin.id"}}}}}})
+	if err != nil || !created.Rule.GetEnabled() || created.Rule.Trigger != twinv1.Trigger_TRIGGER_RISING || created.Rule.CreateTime == nil {
+		t.Fatalf("CreateRule = %v, %v; want enabled and RISING by default", created, err)
+	}
+	if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: created.Rule}); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("second CreateRule = %v; want ALREADY_EXISTS", err)
+	}
+	for _, id := range []string{"b", "c", "a"} {
+		if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: id, Condition: "false"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ids []string
+	tok := ""
+	for {
+		l, err := rc.ListRules(ctx, &twinv1.ListRulesRequest{PageSize: 3, PageToken: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range l.Rules {
+			ids = append(ids, r.Id)
+		}
+		if tok = l.NextPageToken; tok == "" {
+			break
+		}
+	}
+	if fmt.Sprint(ids) != "[a b c warm]" {
+		t.Errorf("ListRules = %v", ids)
+	}
+	if _, err := rc.DeleteRule(ctx, &twinv1.DeleteRuleRequest{Id: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: "b"}); status.Code(err) != codes.NotFound {
+		t.Errorf("GetRule(deleted) = %v; want NOT_FOUND", err)
+	}
+	if _, err := rc.UpdateRule(ctx, &twinv1.UpdateRuleRequest{Rule: &twinv1.Rule{Id: "nope", Condition: "true"}}); status.Code(err) != codes.NotFound {
+		t.Errorf("UpdateRule(unknown) = %v; want NOT_FOUND", err)
+	}
+
+	// Watch events, fire, and see the status.
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	watch, err := rc.WatchRuleEvents(wctx, &twinv1.WatchRuleEventsRequest{RuleId: "warm"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The subscription is live once a first event comes through, so keep
+	// making the rule fire until one does.
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "fridge-1", Type: "fridge"}}); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *twinv1.RuleEvent, 100)
+	go func() {
+		for {
+			m, err := watch.Recv()
+			if err != nil {
+				return
+			}
+			got <- m.Event
+		}
+	}()
+	var first *twinv1.RuleEvent
+	for i := 0; first == nil; i++ {
+		if i == 100 {
+			t.Fatal("no rule event after 100 firings")
+		}
+		for _, temp := range []float64{2, 9} {
+			if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "fridge-1", Patch: mustStruct(t, map[string]any{"temp_c": temp})}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		select {
+		case first = <-got:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if first.RuleId != "warm" || first.TwinId != "fridge-1" || first.Kind != twinv1.RuleEventKind_RULE_EVENT_KIND_FIRED || first.TwinVersion == 0 {
+		t.Errorf("first event = %v; want warm FIRED on fridge-1", first)
+	}
+	if e := <-got; e.Kind != twinv1.RuleEventKind_RULE_EVENT_KIND_EMIT || e.Message != "warm: fridge-1" {
+		t.Errorf("second event = %v; want the EMIT", e)
+	}
+	r, _ := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: "warm"})
+	if r.Rule.Status.FireCount == 0 || r.Rule.Status.LastFireTime == nil {
+		t.Errorf("status = %v; want firings counted", r.Rule.Status)
+	}
+
+	// TestRule, saved and unsaved, without side effects.
+	before := &twinv1.Twin{Id: "fridge-9", Type: "fridge", Reported: jsonStruct(t, `{"temp_c": 5}`)}
+	after := &twinv1.Twin{Id: "fridge-9", Type: "fridge", Version: 2, Reported: jsonStruct(t, `{"temp_c": 9}`)}
+	tr, err := rc.TestRule(ctx, &twinv1.TestRuleRequest{Rule: &twinv1.Rule{Id: "warm"}, Before: before, After: after})
+	if err != nil || !tr.Fired || !tr.Condition || tr.PreviousCondition || len(tr.Events) != 1 || tr.Events[0].Message != "warm: fridge-9" {
+		t.Errorf("TestRule(saved) = %v, %v", tr, err)
+	}
+	tr, err = rc.TestRule(ctx, &twinv1.TestRuleRequest{Rule: &twinv1.Rule{Condition: "twin.reported.temp_c > 8.0",
+		Actions: []*twinv1.Action{
+			{Action: &twinv1.Action_Command{Command: &twinv1.CommandAction{Name: "defrost", Params: "{'minutes': 20}"}}},
+			{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "{'eco': false}"}}},
+		}}, Before: before, After: after})
+	if err != nil || !tr.Fired || len(tr.Commands) != 1 || tr.Commands[0].Params.Fields["minutes"].GetNumberValue() != 20 ||
+		tr.DesiredPatch.Fields["eco"].GetBoolValue() {
+		t.Errorf("TestRule(unsaved) = %v, %v", tr, err)
+	}
+	if _, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "fridge-9"}); status.Code(err) != codes.NotFound {
+		t.Errorf("TestRule had a side effect: %v", err)
+	}
+}
+
+// loadExample reads one of the example rules shipped in rules/examples.
+func loadExample(t *testing.T, name string) *twinv1.CreateRuleRequest {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "rules", "examples", name+".json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &twinv1.CreateRuleRequest{}
+	if err := protojson.Unmarshal(b, req); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return req
+}
+
+// TestExampleRules loads every example rule through the API, as the README
+// does, and drives the appliances they are for.
+func TestExampleRules(t *testing.T) {
+	ctx := context.Background()
+	clock := &testClock{now: time.Date(2026, 6, 1, 10, 0, 0, 0, time.UTC)}
+	s := startServer(t, nil, func(o *Options) { o.Clock = clock.Now })
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	cc := twinv1.NewCommandServiceClient(s.conn)
+	files, _ := filepath.Glob(filepath.Join("..", "rules", "examples", "*.json"))
+	if len(files) < 8 {
+		t.Fatalf("found %d example rules", len(files))
+	}
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".json")
+		if _, err := rc.CreateRule(ctx, loadExample(t, name)); err != nil {
+			t.Fatalf("example %s: %v", name, err)
+		}
+	}
+	for _, tw := range []*twinv1.Twin{
+		{Id: "fridge-1", Type: "fridge", Desired: jsonStruct(t, `{"target_c": 4, "eco": true}`)},
+		{Id: "car-1", Type: "car"},
+		{Id: "planter-1", Type: "planter", Desired: jsonStruct(t, `{"target_humidity": 60}`)},
+	} {
+		if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: tw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report := func(id, js string) {
+		t.Helper()
+		if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: id, Patch: jsonStruct(t, js)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	desired := func(id string) string {
+		t.Helper()
+		g, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := protojson.Marshal(g.Twin.Desired)
+		return strings.ReplaceAll(string(b), " ", "")
+	}
+	commands := func(id string) []string {
+		t.Helper()
+		l, err := cc.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, c := range l.Commands {
+			out = append(out, c.Name+" from "+c.Source)
+		}
+		sort.Strings(out)
+		return out
+	}
+
+	// Fridge: warm leaves eco mode.
+	report("fridge-1", `{"temp_c": 9.5, "door": "closed"}`)
+	if got := desired("fridge-1"); !strings.Contains(got, `"eco":false`) {
+		t.Errorf("warm fridge desired %s; want eco false", got)
+	}
+	// Fridge: the door open for two minutes (the engine's clock is the
+	// test's; RunTimers does on demand what the timers do on time).
+	report("fridge-1", `{"door": "open"}`)
+	clock.advance(119 * time.Second)
+	if err := s.Engine().RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: "fridge-door-open"}); r.Rule.Status.FireCount != 0 {
+		t.Errorf("door rule fired before two minutes")
+	}
+	clock.advance(2 * time.Second)
+	if err := s.Engine().RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: "fridge-door-open"}); r.Rule.Status.FireCount != 1 {
+		t.Errorf("door rule fired %d times after two minutes; want 1", r.Rule.Status.FireCount)
+	}
+
+	// Car: low fuel navigates to a station.
+	report("car-1", `{"fuel": 0.5, "speed_kmh": 80}`)
+	report("car-1", `{"fuel": 0.08}`)
+	if got := commands("car-1"); fmt.Sprint(got) != "[navigate from rule:car-low-fuel]" {
+		t.Errorf("car commands %v", got)
+	}
+
+	// Planter: dry soil waters and runs the pump, moist soil stops it; high
+	// CO2 runs the fan, low CO2 stops it; a dark day lights the lamp.
+	report("planter-1", `{"soil_moisture": 25, "co2_ppm": 600, "light_lux": 5000, "humidity": 58}`)
+	if got := desired("planter-1"); !strings.Contains(got, `"pump":"on"`) {
+		t.Errorf("dry planter desired %s; want pump on", got)
+	}
+	report("planter-1", `{"soil_moisture": 60, "co2_ppm": 1200}`)
+	if got := desired("planter-1"); !strings.Contains(got, `"pump":"off"`) || !strings.Contains(got, `"fan":"on"`) {
+		t.Errorf("moist, stuffy planter desired %s; want pump off and fan on", got)
+	}
+	report("planter-1", `{"co2_ppm": 700, "light_lux": 50}`)
+	if got := desired("planter-1"); !strings.Contains(got, `"fan":"off"`) || !strings.Contains(got, `"lamp":"on"`) {
+		t.Errorf("fresh, dark planter desired %s; want fan off and lamp on", got)
+	}
+	if got := commands("planter-1"); fmt.Sprint(got) != "[water from rule:planter-dry]" {
+		t.Errorf("planter commands %v", got)
+	}
+}
