@@ -256,3 +256,108 @@ func TestCommandsSurviveCrash(t *testing.T) {
 		t.Errorf("after SIGKILL and restart the device received %v; want %v", got, want)
 	}
 }
+
+// TestRuleEffectsAreAtomic runs a rule whose firing sends a command and sets
+// desired state, kills twind with SIGKILL while many twins make it fire,
+// and checks after the restart that every firing left both effects or
+// neither: each twin holds exactly as many `water` commands from the rule as
+// its history holds desired changes by the rule that turned the pump on.
+func TestRuleEffectsAreAtomic(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real processes")
+	}
+	dir := t.TempDir()
+	d := startDaemon(t, "--data", dir)
+	conn, err := grpc.NewClient(d.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tc := twinv1.NewTwinServiceClient(conn)
+	rc := twinv1.NewRuleServiceClient(conn)
+	for _, r := range []*twinv1.Rule{
+		{Id: "dry", Types: []string{"planter"}, Condition: "twin.reported.soil_moisture < 30.0 && twin.desired.?pump.orValue('off') != 'on'",
+			Actions: []*twinv1.Action{
+				{Action: &twinv1.Action_Command{Command: &twinv1.CommandAction{Name: "water", Params: "{'seconds': 30}"}}},
+				{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "{'pump': 'on'}"}}},
+			}},
+		{Id: "wet", Types: []string{"planter"}, Condition: "twin.reported.soil_moisture > 55.0 && twin.desired.?pump.orValue('off') == 'on'",
+			Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "{'pump': 'off'}"}}}}},
+	} {
+		if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: r}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const planters, cycles = 16, 20 // within the history and command retention
+	for i := range planters {
+		if _, err := tc.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("planter-", i), Type: "planter"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var writes atomic.Int64
+	enough := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range planters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range 2 * cycles {
+				moisture := 20.0
+				if j%2 == 1 {
+					moisture = 60
+				}
+				_, err := tc.ReportState(ctx, &twinv1.ReportStateRequest{Id: fmt.Sprint("planter-", i),
+					Patch: &structpb.Struct{Fields: map[string]*structpb.Value{"soil_moisture": structpb.NewNumberValue(moisture)}}})
+				if err != nil {
+					return // killed
+				}
+				if writes.Add(1) == planters*cycles {
+					close(enough)
+				}
+			}
+		}()
+	}
+	select {
+	case <-enough:
+	case <-time.After(time.Minute):
+		t.Fatal("the load did not get under way within a minute")
+	}
+	d.kill(t)
+	wg.Wait()
+	conn.Close()
+
+	d = startDaemon(t, "--data", dir)
+	conn, err = grpc.NewClient(d.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	tc = twinv1.NewTwinServiceClient(conn)
+	cc := twinv1.NewCommandServiceClient(conn)
+	total := 0
+	for i := range planters {
+		id := fmt.Sprint("planter-", i)
+		cmds, err := cc.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: id, PageSize: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := tc.ListTwinHistory(ctx, &twinv1.ListTwinHistoryRequest{Id: id, PageSize: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pumpOn := 0
+		for _, ev := range h.Events {
+			if ev.Source == "rule:dry" && ev.Patch.GetFields()["pump"].GetStringValue() == "on" {
+				pumpOn++
+			}
+		}
+		if len(cmds.Commands) != pumpOn {
+			t.Errorf("%s: %d water commands but %d pump-on changes by the rule", id, len(cmds.Commands), pumpOn)
+		}
+		total += pumpOn
+	}
+	if total == 0 {
+		t.Error("no rule fired before the kill")
+	}
+	t.Logf("%d firings, each with both effects or neither", total)
+}
