@@ -131,6 +131,7 @@ func doc(t *testing.T, s string) twin.Document {
 //	advance d=DUR   move the clock and run timers
 //	restart         close the engine and open it again on the same store
 //	get id=X        print the twin's desired state and commands
+//	complete-commands id=X  report every command of X succeeded
 func TestRulesDataDriven(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		w := newWorld(t)
@@ -182,6 +183,21 @@ func TestRulesDataDriven(t *testing.T) {
 				w.e.Close()
 				w.open()
 				err = w.e.RunTimers(ctx)
+			case "complete-commands":
+				cmds, _, err := w.e.ListCommands(arg("id"), nil, 0, 100)
+				if err != nil {
+					return "error: " + err.Error()
+				}
+				var lines []string
+				for _, c := range cmds {
+					got, err := w.e.UpdateCommand(ctx, arg("id"), twin.CommandUpdate{ID: c.ID, State: twin.CommandSucceeded})
+					if err != nil {
+						lines = append(lines, c.ID+" "+err.Error())
+						continue
+					}
+					lines = append(lines, got.ID+" "+got.State.String())
+				}
+				return strings.Join(lines, "\n")
 			case "get":
 				tw, err := w.e.Get(arg("id"))
 				if err != nil {

@@ -6,7 +6,8 @@
 // concurrent use, so every shard evaluates the same programs. Expressions
 // see `twin` (the state after a change), `prev` (the state before it) and
 // `now`. A twin is a map with the keys id, type, labels, reported, desired,
-// delta, version, revision, presence (connected, since, last_seen),
+// delta, version, revision, desired_acked_version, presence (connected,
+// since, last_seen),
 // create_time and update_time; reading a field the twin does not have makes
 // the expression false rather than an error. `changed` lists the leaves the
 // change set, as "reported.temp_c" or "desired.pump".
@@ -132,7 +133,7 @@ func (f *Filter) Match(t *twin.Twin, now time.Time) bool {
 
 var emptyTwin = map[string]any{
 	"id": "", "type": "", "labels": map[string]string{}, "reported": map[string]any{},
-	"desired": map[string]any{}, "delta": map[string]any{}, "version": int64(0),
+	"desired": map[string]any{}, "delta": map[string]any{}, "version": int64(0), "desired_acked_version": int64(0),
 	"revision": int64(0), "presence": map[string]any{"connected": false},
 }
 
@@ -158,16 +159,18 @@ func Value(t *twin.Twin) map[string]any {
 		presence["last_seen"] = t.Presence.LastSeen
 	}
 	return map[string]any{
-		"id":          t.ID,
-		"type":        t.Type,
-		"labels":      labels,
-		"reported":    map[string]any(t.Reported),
-		"desired":     map[string]any(t.Desired),
-		"delta":       delta,
-		"version":     t.Version,
-		"revision":    t.Revision,
-		"presence":    presence,
-		"create_time": t.CreateTime,
-		"update_time": t.UpdateTime,
+		"id":       t.ID,
+		"type":     t.Type,
+		"labels":   labels,
+		"reported": map[string]any(t.Reported),
+		"desired":  map[string]any(t.Desired),
+		"delta":    delta,
+		"version":  t.Version,
+		"revision": t.Revision,
+
+		"desired_acked_version": t.DesiredAckedVersion,
+		"presence":              presence,
+		"create_time":           t.CreateTime,
+		"update_time":           t.UpdateTime,
 	}
 }

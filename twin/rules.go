@@ -156,6 +156,7 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 					continue
 				}
 				w.setWorking(c, next)
+				w.cmds[id] = c.cmds
 			}
 			if f.DesiredPatch != nil {
 				patch, _ = MergePatch(patch, f.DesiredPatch)
