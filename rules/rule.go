@@ -368,10 +368,12 @@ func (s *Status) Snapshot() StatusSnapshot {
 // activation presents a change to CEL. The twin maps are built once per
 // change, however many rules read them; `changed` only if a rule reads it.
 type activation struct {
-	twin, prev map[string]any
-	next       *twin.Twin
-	now        time.Time
-	changed    []string
+	twin     map[string]any
+	prev     map[string]any // built from prevTwin when first read
+	prevTwin *twin.Twin
+	next     *twin.Twin
+	now      time.Time
+	changed  []string
 }
 
 func (a *activation) ResolveName(name string) (any, bool) {
@@ -379,6 +381,9 @@ func (a *activation) ResolveName(name string) (any, bool) {
 	case "twin":
 		return a.twin, true
 	case "prev":
+		if a.prev == nil {
+			a.prev = Value(a.prevTwin)
+		}
 		return a.prev, true
 	case "now":
 		return a.now, true

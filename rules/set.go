@@ -76,7 +76,7 @@ func (s *Set) Evaluate(prev, next *twin.Twin, states map[string]twin.RuleState, 
 	if len(candidates) == 0 && len(s.all) == 0 {
 		return res
 	}
-	act := &activation{twin: Value(next), prev: Value(prev), next: next, now: now}
+	act := &activation{twin: Value(next), prevTwin: prev, next: next, now: now}
 	for _, group := range [2][]*Compiled{candidates, s.all} {
 		for _, r := range group {
 			st, ok := states[r.Def.ID]

@@ -38,6 +38,8 @@ func run(args []string) error {
 	fs.StringVar(&opts.Addr, "addr", envOr("TWIND_ADDR", "localhost:50051"), "address to serve gRPC on (env TWIND_ADDR)")
 	fs.StringVar(&opts.DataDir, "data", envOr("TWIND_DATA", "./twind-data"), "directory of the embedded store (env TWIND_DATA)")
 	logLevel := fs.String("log-level", envOr("TWIND_LOG_LEVEL", "info"), "log level: debug, info, warn or error (env TWIND_LOG_LEVEL)")
+	fs.IntVar(&opts.Engine.Workers, "workers", 0, "shard worker goroutines (0: twice the CPUs)")
+	fs.DurationVar(&opts.Engine.RuleTick, "rule-tick", 10*time.Second, "how often rules that read `now` are re-evaluated")
 	fs.IntVar(&opts.Engine.HistoryLimit, "history-limit", 100, "versions of each twin kept for ListTwinHistory")
 	fs.Int64Var(&opts.Engine.LogRetention, "log-retention", 1_000_000, "revisions kept in the watch log, for resuming watches")
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")
