@@ -4,36 +4,15 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"io"
-	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/twind-io/twind/server"
+	"github.com/twind-io/twind/clients/internal/testserver"
 )
 
-// startTwind runs a real twind in this process and returns its address.
-func startTwind(t *testing.T) string {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan net.Addr, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- server.Run(ctx, server.Options{Addr: "localhost:0", DataDir: t.TempDir(),
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(a net.Addr) { ready <- a }})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case a := <-ready:
-		return a.String()
-	case err := <-done:
-		t.Fatal(err)
-	}
-	return ""
-}
+func startTwind(t *testing.T) string { return testserver.Start(t, t.TempDir(), "").Addr }
 
 // run runs twinctl with args and returns what it printed and its error.
 func run(t *testing.T, addr string, stdin string, args ...string) (string, error) {

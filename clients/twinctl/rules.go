@@ -45,42 +45,38 @@ func ruleCmd(a *app) *cobra.Command {
 		return r, readMessage(cmd, file, "rule", r)
 	}
 
-	create := &cobra.Command{
-		Use: "create -f FILE", Short: "Create a rule from a YAML or JSON file", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := fromFile(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			resp, err := c.Rules.CreateRule(cmd.Context(), &twinv1.CreateRuleRequest{Rule: r})
-			if err != nil {
-				return err
-			}
-			return printRules(cmd.OutOrStdout(), resp.Rule)
-		},
+	// put creates or replaces the rule in the file.
+	put := func(use, short string, send func(cmd *cobra.Command, r *twinv1.Rule) (*twinv1.Rule, error)) *cobra.Command {
+		return &cobra.Command{
+			Use: use + " -f FILE", Short: short, Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				r, err := fromFile(cmd)
+				if err != nil {
+					return err
+				}
+				if r, err = send(cmd, r); err != nil {
+					return err
+				}
+				return printRules(cmd.OutOrStdout(), r)
+			},
+		}
 	}
-	update := &cobra.Command{
-		Use: "update -f FILE", Short: "Replace a rule (the file's id names it)", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := fromFile(cmd)
-			if err != nil {
-				return err
-			}
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			resp, err := c.Rules.UpdateRule(cmd.Context(), &twinv1.UpdateRuleRequest{Rule: r})
-			if err != nil {
-				return err
-			}
-			return printRules(cmd.OutOrStdout(), resp.Rule)
-		},
-	}
+	create := put("create", "Create a rule from a YAML or JSON file", func(cmd *cobra.Command, r *twinv1.Rule) (*twinv1.Rule, error) {
+		c, err := a.connect()
+		if err != nil {
+			return nil, err
+		}
+		resp, err := c.Rules.CreateRule(cmd.Context(), &twinv1.CreateRuleRequest{Rule: r})
+		return resp.GetRule(), err
+	})
+	update := put("update", "Replace a rule (the file's id names it)", func(cmd *cobra.Command, r *twinv1.Rule) (*twinv1.Rule, error) {
+		c, err := a.connect()
+		if err != nil {
+			return nil, err
+		}
+		resp, err := c.Rules.UpdateRule(cmd.Context(), &twinv1.UpdateRuleRequest{Rule: r})
+		return resp.GetRule(), err
+	})
 	validate := &cobra.Command{
 		Use: "validate -f FILE", Short: "Check a rule without saving it", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

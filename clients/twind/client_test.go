@@ -5,55 +5,24 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
-	"github.com/twind-io/twind/server"
 )
 
-// daemon runs a real twind in this process, as the twind command does.
-type daemon struct {
-	addr   string
-	cancel context.CancelFunc
-	done   chan error
-}
-
-func runDaemon(t *testing.T, dir, addr string) *daemon {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	d := &daemon{cancel: cancel, done: make(chan error, 1)}
-	ready := make(chan net.Addr, 1)
-	go func() {
-		d.done <- server.Run(ctx, server.Options{Addr: addr, DataDir: dir,
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(a net.Addr) { ready <- a }})
-	}()
-	select {
-	case a := <-ready:
-		d.addr = a.String()
-	case err := <-d.done:
-		t.Fatalf("twind: %v", err)
-	}
-	t.Cleanup(d.stop)
-	return d
-}
-
-func (d *daemon) stop() {
-	if d.cancel != nil {
-		d.cancel()
-		<-d.done
-		d.cancel = nil
-	}
+func runDaemon(t *testing.T, dir, addr string) *testserver.Server {
+	return testserver.Start(t, dir, addr)
 }
 
 func TestOperatorHelpers(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	d := runDaemon(t, dir, "localhost:0")
-	c, err := twind.Dial(d.addr)
+	c, err := twind.Dial(d.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,8 +80,8 @@ func TestOperatorHelpers(t *testing.T) {
 	if ev := next(); ev.Twin.Id != "car-1" || ev.Kind != twinv1.TwinEventKind_TWIN_EVENT_KIND_CREATED {
 		t.Fatalf("first event %v", ev)
 	}
-	addr := d.addr
-	d.stop()
+	addr := d.Addr
+	d.Stop()
 	d = runDaemon(t, dir, addr)
 	if _, err := c.ReportState(ctx, "car-1", map[string]any{"fuel": 0.3}); err != nil {
 		// The client may need a moment to reconnect.
@@ -133,7 +102,7 @@ func TestDeviceSession(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	d := runDaemon(t, dir, "localhost:0")
-	c, err := twind.Dial(d.addr)
+	c, err := twind.Dial(d.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,8 +176,8 @@ func TestDeviceSession(t *testing.T) {
 
 	// The server restarts: the session reconnects, resumes from the version
 	// it applied, and reports again.
-	addr := d.addr
-	d.stop()
+	addr := d.Addr
+	d.Stop()
 	d = runDaemon(t, dir, addr)
 	v2, err := dev.Report(ctx, map[string]any{"soil_moisture": 35})
 	for i := 0; err != nil && i < 100; i++ { // a report racing the break fails; the next goes through

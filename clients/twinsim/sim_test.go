@@ -4,35 +4,18 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"io"
-	"log/slog"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
-	"github.com/twind-io/twind/server"
 )
 
 func startTwind(t *testing.T) *twind.Client {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	ready := make(chan net.Addr, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- server.Run(ctx, server.Options{Addr: "localhost:0", DataDir: t.TempDir(),
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(a net.Addr) { ready <- a }})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	var addr net.Addr
-	select {
-	case addr = <-ready:
-	case err := <-done:
-		t.Fatal(err)
-	}
-	c, err := twind.Dial(addr.String())
+	c, err := twind.Dial(testserver.Start(t, t.TempDir(), "").Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,55 @@
+// Package testserver runs a real twind in a test's process, for the tests
+// of the clients, exactly as the twind command runs it.
+package testserver
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+
+	"github.com/twind-io/twind/server"
+)
+
+// Server is a twind run by a test.
+type Server struct {
+	Addr   string
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// Start runs twind on a loopback address (addr, or any free port if empty)
+// with its store in dir, and stops it when the test ends.
+func Start(t testing.TB, dir, addr string) *Server {
+	t.Helper()
+	if addr == "" {
+		addr = "localhost:0"
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{cancel: cancel, done: make(chan error, 1)}
+	ready := make(chan net.Addr, 1)
+	go func() {
+		s.done <- server.Run(ctx, server.Options{Addr: addr, DataDir: dir,
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(a net.Addr) { ready <- a }})
+	}()
+	select {
+	case a := <-ready:
+		s.Addr = a.String()
+	case err := <-s.done:
+		cancel()
+		t.Fatalf("twind: %v", err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Stop shuts the server down and waits for it. It may be called more than
+// once.
+func (s *Server) Stop() {
+	if s.cancel != nil {
+		s.cancel()
+		<-s.done
+		s.cancel = nil
+	}
+}
