@@ -13,9 +13,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"runtime"
+	"sync"
 	"time"
 
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -30,6 +37,9 @@ import (
 type Options struct {
 	// Addr is the address to listen on. Default "localhost:50051".
 	Addr string
+	// DebugAddr, if set, is an HTTP address on which Run serves /metrics
+	// (Prometheus) and /debug/pprof (Go's profiles).
+	DebugAddr string
 	// Listener, if set, is used instead of listening on Addr.
 	Listener net.Listener
 	// DataDir is the directory of the store. Default "./twind-data".
@@ -51,6 +61,11 @@ type Options struct {
 	// HelloTimeout bounds how long a new device stream may take to send its
 	// hello. Default 10s.
 	HelloTimeout time.Duration
+	// Metrics is where the server registers its Prometheus metrics (gRPC
+	// calls by method and code, and the engine's counts). Default: a
+	// registry of its own, with Go's runtime and process metrics, served
+	// by MetricsHandler.
+	Metrics *prometheus.Registry
 	// Ready, if set, is called with the address the server listens on once
 	// it accepts connections.
 	Ready func(addr net.Addr)
@@ -75,6 +90,10 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.DeviceSendQueue <= 0 {
 		o.DeviceSendQueue = 64
+	}
+	if o.Metrics == nil {
+		o.Metrics = prometheus.NewRegistry()
+		o.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	if o.HelloTimeout <= 0 {
 		o.HelloTimeout = 10 * time.Second
@@ -120,8 +139,11 @@ func New(opts Options) (*Server, error) {
 		health:     health.NewServer(),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(4<<20),
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor()),
 		// A fixed pool of stream workers saves a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
@@ -130,12 +152,26 @@ func New(opts Options) (*Server, error) {
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
+	grpcMetrics.InitializeMetrics(s.grpc)
+	if err := opts.Metrics.Register(grpcMetrics); err != nil {
+		e.Close()
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+	if err := opts.Metrics.Register(newEngineCollector(e)); err != nil {
+		e.Close()
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
 	reflection.Register(s.grpc)
 	for _, svc := range []string{"", twinv1.TwinService_ServiceDesc.ServiceName, twinv1.DeviceService_ServiceDesc.ServiceName,
 		twinv1.CommandService_ServiceDesc.ServiceName, twinv1.RuleService_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
 	}
 	return s, nil
+}
+
+// MetricsHandler serves the server's metrics in the Prometheus format.
+func (s *Server) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.opts.Metrics, promhttp.HandlerOpts{})
 }
 
 // Engine returns the server's twin engine.
@@ -213,6 +249,26 @@ func Run(ctx context.Context, opts Options) error {
 	s, err := New(opts)
 	if err != nil {
 		return err
+	}
+	if opts.DebugAddr != "" {
+		dl, err := net.Listen("tcp", opts.DebugAddr)
+		if err != nil {
+			s.Shutdown()
+			return fmt.Errorf("listen on the debug address %s: %w", opts.DebugAddr, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", s.MetricsHandler())
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { defer wg.Done(); hs.Serve(dl) }()
+		defer func() { hs.Close(); wg.Wait() }()
+		opts.Logger.Info("serving metrics and profiles", "addr", "http://"+dl.Addr().String()+"/metrics")
 	}
 	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -422,5 +423,41 @@ func TestRunRestart(t *testing.T) {
 		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 			t.Fatalf("Run returned %v", err)
 		}
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "m1"}}); err != nil {
+		t.Fatal(err)
+	}
+	s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "nope"})
+	rec := httptest.NewRecorder()
+	s.MetricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, want := range []string{
+		"twind_twins 1",
+		"twind_changes_total 1",
+		`grpc_server_handled_total{grpc_code="OK",grpc_method="CreateTwin",grpc_service="twin.v1.TwinService",grpc_type="unary"} 1`,
+		`grpc_server_handled_total{grpc_code="NotFound",grpc_method="GetTwin",grpc_service="twin.v1.TwinService",grpc_type="unary"} 1`,
+		"go_goroutines",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
+
+func TestRunDebugAddrInUse(t *testing.T) {
+	l, err := net.Listen("tcp", "localhost:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	err = Run(context.Background(), Options{Addr: "localhost:0", DebugAddr: l.Addr().String(), DataDir: t.TempDir(),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err == nil || !strings.Contains(err.Error(), "debug address") {
+		t.Errorf("Run with the debug address in use = %v", err)
 	}
 }

@@ -242,3 +242,28 @@ func TestCommandExpiryAndQueueLimit(t *testing.T) {
 		t.Errorf("GetCommand(garbage) = %v", err)
 	}
 }
+
+func TestStats(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	e.Create(ctx, CreateRequest{ID: "a"})
+	e.Create(ctx, CreateRequest{ID: "b"})
+	s1, s2, s3 := newRecSink(), newRecSink(), newRecSink()
+	e.Connect(ctx, "a", s1)
+	e.Connect(ctx, "a", s2) // replaces s1
+	e.Connect(ctx, "b", s3)
+	e.Disconnect(ctx, "a", s1) // stale: changes nothing
+	e.SendCommand(ctx, CommandRequest{DeviceID: "b", Name: "x"})
+	c, _ := e.SendCommand(ctx, CommandRequest{DeviceID: "a", Name: "y"})
+	e.CancelCommand(ctx, c.ID)
+	e.Delete(ctx, "b", 0) // closes s3
+	st := e.Stats()
+	if st.Twins != 1 || st.ConnectedDevices != 1 || st.CommandsSent != 2 || st.CommandsFinished != 1 || st.Changes < 4 || st.Commits == 0 {
+		t.Errorf("stats %+v", st)
+	}
+	e.Disconnect(ctx, "a", s2)
+	if st := e.Stats(); st.ConnectedDevices != 0 {
+		t.Errorf("connected after the last disconnect = %d", st.ConnectedDevices)
+	}
+}

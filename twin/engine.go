@@ -197,6 +197,8 @@ type Engine struct {
 	// oldest is the oldest revision still in the watch log.
 	oldest atomic.Int64
 
+	counters counters
+
 	// evaluator holds the rules in force.
 	evaluator atomic.Pointer[evaluatorBox]
 
@@ -210,6 +212,7 @@ type Engine struct {
 // them, or the error that kept them from committing.
 type group struct {
 	w       *worker
+	start   time.Time
 	batch   *pebble.Batch
 	err     error
 	changes []*change

@@ -136,7 +136,7 @@ func (w *worker) step(ops []*op) {
 			return
 		}
 	}
-	g := &group{w: w, batch: b, changes: changes}
+	g := &group{w: w, batch: b, changes: changes, start: time.Now()}
 	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
 		e.fail(fmt.Errorf("commit: %w", err))
 		b.Close()
@@ -361,6 +361,7 @@ func (w *worker) syncLoop() {
 			}
 			continue
 		}
+		e.count(g)
 		e.publish(g)
 	}
 }

@@ -13,9 +13,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	_ "net/http/pprof"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -45,7 +42,7 @@ func run(args []string) error {
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")
 	fs.IntVar(&opts.Engine.Limits.MaxDepth, "max-depth", 16, "maximum nesting depth of a document")
 	fs.IntVar(&opts.Engine.Limits.MaxKeyBytes, "max-key-bytes", 256, "maximum length of a document key")
-	debugAddr := fs.String("debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve Go's /debug/pprof profiles on this address (env TWIND_DEBUG_ADDR)")
+	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
@@ -66,16 +63,6 @@ func run(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if *debugAddr != "" {
-		l, err := net.Listen("tcp", *debugAddr)
-		if err != nil {
-			return fmt.Errorf("--debug-addr: %w", err)
-		}
-		srv := &http.Server{Handler: http.DefaultServeMux, ReadHeaderTimeout: 10 * time.Second}
-		go srv.Serve(l) // net/http/pprof registers on the default mux
-		defer srv.Close()
-		opts.Logger.Info("serving profiles", "addr", l.Addr().String()+"/debug/pprof/")
-	}
 	return server.Run(ctx, opts)
 }
 
