@@ -256,7 +256,7 @@ func ruleStatePrefix(vs uint16, id string) []byte {
 }
 
 // writeRuleStates adds a change's rule state writes to b.
-func writeRuleStates(b *pebble.Batch, vs uint16, id string, writes map[string]*RuleState) error {
+func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleState) error {
 	for r, s := range writes {
 		k := ruleStateKey(vs, id, r)
 		if s == nil {

@@ -33,7 +33,8 @@ type worker struct {
 	view    map[string]*Twin
 	cmdView map[string]*commandList
 
-	buf []byte // scratch space of the worker goroutine
+	buf    []byte // scratch space of the worker goroutine
+	staged staged // the step's writes, sorted before they reach the batch
 
 	// syncCh carries the worker's commits, in commit order, to its syncer.
 	syncCh chan *group
@@ -123,9 +124,10 @@ func (w *worker) step(ops []*op) {
 		return
 	}
 	b := e.db.NewBatch()
+	w.staged.reset(b)
 	var err error
 	for _, c := range changes {
-		if w.buf, err = w.write(b, c, w.buf); err != nil {
+		if w.buf, err = w.write(&w.staged, c, w.buf); err != nil {
 			// Encoding a validated document cannot fail; if it does, the
 			// working state is no longer what the store will hold.
 			e.fail(fmt.Errorf("encode change of %q: %w", c.op.id, err))
@@ -135,6 +137,14 @@ func (w *worker) step(ops []*op) {
 			}
 			return
 		}
+	}
+	if err := w.staged.flush(); err != nil {
+		e.fail(fmt.Errorf("write batch: %w", err))
+		b.Close()
+		for _, c := range changes {
+			c.op.done <- Result{Err: e.err()}
+		}
+		return
 	}
 	g := &group{w: w, batch: b, changes: changes, start: time.Now()}
 	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
@@ -272,7 +282,7 @@ func (w *worker) nextTimed() (time.Time, bool) {
 }
 
 // write adds a change's keys to b. buf is scratch space, returned for reuse.
-func (w *worker) write(b *pebble.Batch, c *change, buf []byte) ([]byte, error) {
+func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)
