@@ -37,6 +37,11 @@ import (
 type Options struct {
 	// Addr is the address to listen on. Default "localhost:50051".
 	Addr string
+	// APIToken, if set, is the bearer token that every call of the
+	// operator services (TwinService, CommandService, RuleService) must
+	// carry as 'authorization: Bearer <token>'. Devices use their own
+	// tokens. Default: none, and the operator API is open.
+	APIToken string
 	// DebugAddr, if set, is an HTTP address on which Run serves /metrics
 	// (Prometheus) and /debug/pprof (Go's profiles).
 	DebugAddr string
@@ -142,8 +147,8 @@ func New(opts Options) (*Server, error) {
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(4<<20),
-		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor()),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor()),
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.unary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.stream),
 		// A fixed pool of stream workers saves a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)
@@ -269,6 +274,9 @@ func Run(ctx context.Context, opts Options) error {
 		go func() { defer wg.Done(); hs.Serve(dl) }()
 		defer func() { hs.Close(); wg.Wait() }()
 		opts.Logger.Info("serving metrics and profiles", "addr", "http://"+dl.Addr().String()+"/metrics")
+	}
+	if opts.APIToken == "" {
+		opts.Logger.Warn("the operator API is open to anyone who can reach it; set --api-token to require a token")
 	}
 	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())

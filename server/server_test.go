@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/testing/protocmp"
@@ -459,5 +460,41 @@ func TestRunDebugAddrInUse(t *testing.T) {
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err == nil || !strings.Contains(err.Error(), "debug address") {
 		t.Errorf("Run with the debug address in use = %v", err)
+	}
+}
+
+func TestAPIToken(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, func(o *Options) { o.APIToken = "s3cret" })
+	_, err := s.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{})
+	if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "Bearer") {
+		t.Errorf("call without a token = %v; want UNAUTHENTICATED saying how", err)
+	}
+	bad := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer nope")
+	if _, err := s.twins.ListTwins(bad, &twinv1.ListTwinsRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("call with a wrong token = %v; want UNAUTHENTICATED", err)
+	}
+	good := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer s3cret")
+	if _, err := s.twins.CreateTwin(good, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "t1"}}); err != nil {
+		t.Errorf("call with the token: %v", err)
+	}
+	stream, err := s.twins.WatchTwins(ctx, &twinv1.WatchTwinsRequest{StartRevision: 1})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if status.Code(err) != codes.Unauthenticated {
+		t.Errorf("watch without a token = %v; want UNAUTHENTICATED", err)
+	}
+	if h, err := healthpb.NewHealthClient(s.conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil || h.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("health without a token = %v, %v; want SERVING", h, err)
+	}
+	// Devices authenticate with their own tokens, not the API token.
+	tok, err := s.twins.IssueDeviceToken(good, &twinv1.IssueDeviceTokenRequest{Id: "t1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := connect(t, s, &twinv1.Hello{DeviceId: "t1", Token: tok.Token}, true)
+	if w := d.next().GetWelcome(); w == nil {
+		t.Errorf("device without the API token got no welcome")
 	}
 }

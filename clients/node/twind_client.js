@@ -60,10 +60,13 @@ function fromStruct(s) {
   return out;
 }
 
+// metadata carries the API token, if the server requires one.
+const metadata = new grpc.Metadata();
+
 // call turns a unary method into a promise.
 function call(client, method, req) {
   return new Promise((resolve, reject) => {
-    client[method](req, { deadline: Date.now() + 10_000 }, (err, resp) => (err ? reject(err) : resolve(resp)));
+    client[method](req, metadata, { deadline: Date.now() + 10_000 }, (err, resp) => (err ? reject(err) : resolve(resp)));
   });
 }
 
@@ -146,8 +149,13 @@ async function run(addr) {
   for (const c of [twins, commands, devices]) c.close();
 }
 
-const i = process.argv.indexOf('--addr');
-const addr = i > 0 ? process.argv[i + 1] : (process.env.TWIND_ADDR || 'localhost:50051');
+function flag(name, env, def) {
+  const i = process.argv.indexOf(name);
+  return i > 0 ? process.argv[i + 1] : (process.env[env] || def);
+}
+const addr = flag('--addr', 'TWIND_ADDR', 'localhost:50051');
+const token = flag('--token', 'TWIND_TOKEN', '');
+if (token) metadata.set('authorization', `Bearer ${token}`);
 run(addr).then(
   () => console.log('1 passed, 0 failed'),
   (err) => {

@@ -25,7 +25,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 class Api:
     """Message classes and method stubs built from a descriptor set."""
 
-    def __init__(self, descriptor_path, channel):
+    def __init__(self, descriptor_path, channel, token=""):
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
         with open(descriptor_path, "rb") as f:
             fds = descriptor_pb2.FileDescriptorSet.FromString(f.read())
         self.pool = descriptor_pool.DescriptorPool()
@@ -60,7 +61,7 @@ class Api:
     def call(self, service, method, request, timeout=10):
         """Calls a unary method with a request given as a dict; returns a dict."""
         req = self.new(f"twin.v1.{method}Request", request)
-        resp = self.unary(service, method)(req, timeout=timeout)
+        resp = self.unary(service, method)(req, timeout=timeout, metadata=self.metadata)
         return json_format.MessageToDict(resp, preserving_proto_field_name=True)
 
     def connect(self, requests):
@@ -146,9 +147,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--addr", default="localhost:50051")
     p.add_argument("--descriptors", required=True, help="descriptor set written by buf build")
+    p.add_argument("--token", default="", help="API token, if the server requires one (twind --api-token)")
     args = p.parse_args()
     with grpc.insecure_channel(args.addr) as channel:
-        api = Api(args.descriptors, channel)
+        api = Api(args.descriptors, channel, args.token)
         try:
             run(api)
         except (AssertionError, grpc.RpcError) as e:

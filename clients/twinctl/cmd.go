@@ -25,13 +25,14 @@ import (
 // app holds the global flags and the connection.
 type app struct {
 	addr   string
+	token  string
 	output string
 	client *twind.Client
 }
 
 func (a *app) connect() (*twind.Client, error) {
 	if a.client == nil {
-		c, err := twind.Dial(a.addr)
+		c, err := twind.Dial(a.addr, twind.WithToken(a.token))
 		if err != nil {
 			return nil, err
 		}
@@ -50,7 +51,7 @@ func errorText(err error) string {
 }
 
 func newRoot() *cobra.Command {
-	a := &app{addr: os.Getenv("TWIND_ADDR")}
+	a := &app{addr: os.Getenv("TWIND_ADDR"), token: os.Getenv("TWIND_TOKEN")}
 	if a.addr == "" {
 		a.addr = "localhost:50051"
 	}
@@ -72,6 +73,7 @@ func newRoot() *cobra.Command {
 		},
 	}
 	root.PersistentFlags().StringVar(&a.addr, "addr", a.addr, "twind address (env TWIND_ADDR)")
+	root.PersistentFlags().StringVar(&a.token, "token", a.token, "API token, if the server requires one (env TWIND_TOKEN)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "table", "output: table or json")
 	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a))
 	return root

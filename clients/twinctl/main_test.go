@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/twind-io/twind/clients/internal/testserver"
+	"github.com/twind-io/twind/server"
 )
 
 func startTwind(t *testing.T) string { return testserver.Start(t, t.TempDir(), "").Addr }
@@ -123,4 +124,14 @@ actions:
 		t.Errorf("error text %q", got)
 	}
 	contains(must("", "completion", "bash"), "bash completion")
+}
+
+func TestTwinctlToken(t *testing.T) {
+	addr := testserver.StartWith(t, t.TempDir(), "", server.Options{APIToken: "s3cret"}).Addr
+	if out, err := run(t, addr, "", "twin", "list"); err == nil || !strings.Contains(errorText(err), "Unauthenticated") {
+		t.Errorf("without --token: %v\n%s", err, out)
+	}
+	if out, err := run(t, addr, "", "--token", "s3cret", "twin", "create", "x1"); err != nil {
+		t.Errorf("with --token: %v\n%s", errorText(err), out)
+	}
 }

@@ -38,8 +38,10 @@ func rootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
+	token := os.Getenv("TWIND_TOKEN")
 	root.PersistentFlags().StringVar(&addr, "addr", addr, "twind address (env TWIND_ADDR)")
-	dial := func() (*twind.Client, error) { return twind.Dial(addr) }
+	root.PersistentFlags().StringVar(&token, "token", token, "API token, if the server requires one (env TWIND_TOKEN)")
+	dial := func() (*twind.Client, error) { return twind.Dial(addr, twind.WithToken(token)) }
 
 	var ro runOptions
 	run := &cobra.Command{

@@ -21,7 +21,10 @@ type Server struct {
 
 // Start runs twind on a loopback address (addr, or any free port if empty)
 // with its store in dir, and stops it when the test ends.
-func Start(t testing.TB, dir, addr string) *Server {
+func Start(t testing.TB, dir, addr string) *Server { return StartWith(t, dir, addr, server.Options{}) }
+
+// StartWith is Start with more options.
+func StartWith(t testing.TB, dir, addr string, opts server.Options) *Server {
 	t.Helper()
 	if addr == "" {
 		addr = "localhost:0"
@@ -30,8 +33,10 @@ func Start(t testing.TB, dir, addr string) *Server {
 	s := &Server{cancel: cancel, done: make(chan error, 1)}
 	ready := make(chan net.Addr, 1)
 	go func() {
-		s.done <- server.Run(ctx, server.Options{Addr: addr, DataDir: dir,
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(a net.Addr) { ready <- a }})
+		opts.Addr, opts.DataDir = addr, dir
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+		opts.Ready = func(a net.Addr) { ready <- a }
+		s.done <- server.Run(ctx, opts)
 	}()
 	select {
 	case a := <-ready:
