@@ -155,6 +155,16 @@ func (c *Client) ListTwins(ctx context.Context, filter string) iter.Seq2[*twinv1
 // is done.
 func (c *Client) Watch(ctx context.Context, filter string, from int64) iter.Seq2[*twinv1.TwinEvent, error] {
 	return func(yield func(*twinv1.TwinEvent, error) bool) {
+		if from <= 0 {
+			// "From now on" is pinned to a revision, so that a resume
+			// after a break misses nothing either.
+			rev, err := c.currentRevision(ctx)
+			if err != nil {
+				yield(nil, err)
+				return
+			}
+			from = rev + 1
+		}
 		b := backoff{min: 100 * time.Millisecond, max: 5 * time.Second}
 		for {
 			stream, err := c.Twins.WatchTwins(ctx, &twinv1.WatchTwinsRequest{Filter: filter, StartRevision: from})
@@ -171,13 +181,6 @@ func (c *Client) Watch(ctx context.Context, filter string, from int64) iter.Seq2
 			if ctx.Err() != nil || !retryable(err) {
 				yield(nil, err)
 				return
-			}
-			if from == 0 {
-				// Resuming "from now" after a break could miss changes;
-				// from here on, resume exactly.
-				if rev, err := c.currentRevision(ctx); err == nil {
-					from = rev + 1
-				}
 			}
 			if !b.wait(ctx) {
 				yield(nil, ctx.Err())

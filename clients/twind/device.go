@@ -70,7 +70,8 @@ type DeviceSession struct {
 	seq       int64
 	pending   map[int64]chan reportResult
 	applied   int64           // last desired version applied
-	done      map[string]bool // commands answered in this session
+	done      map[string]bool // commands answered in this session, the last maxDone
+	doneOrder []string
 	sendMu    sync.Mutex      // serializes stream.Send
 }
 
@@ -290,6 +291,10 @@ func (s *DeviceSession) command(ctx context.Context, stream twinv1.DeviceService
 	if err := update(res.State, res.Result, res.Message); err == nil {
 		s.mu.Lock()
 		s.done[cmd.Id] = true
+		if s.doneOrder = append(s.doneOrder, cmd.Id); len(s.doneOrder) > maxDone {
+			delete(s.done, s.doneOrder[0])
+			s.doneOrder = s.doneOrder[1:]
+		}
 		s.mu.Unlock()
 	}
 }
@@ -306,6 +311,10 @@ func (s *DeviceSession) disconnected() {
 		delete(s.pending, seq)
 	}
 }
+
+// maxDone bounds how many answered command ids a session remembers to
+// skip redeliveries.
+const maxDone = 1024
 
 // ErrNotConnected is returned by Report when the stream breaks before the
 // report is acknowledged.
