@@ -72,7 +72,7 @@ type DeviceSession struct {
 	applied   int64           // last desired version applied
 	done      map[string]bool // commands answered in this session, the last maxDone
 	doneOrder []string
-	sendMu    sync.Mutex      // serializes stream.Send
+	sendMu    sync.Mutex // serializes stream.Send
 }
 
 type reportResult struct {
