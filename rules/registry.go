@@ -37,13 +37,15 @@ type Registry struct {
 	mu       sync.Mutex
 	rules    map[string]*Compiled
 	statuses map[string]*Status
+	flushed  map[string]StatusSnapshot // statuses as last stored
 }
 
 // NewRegistry loads the stored rules and installs them. A stored rule that
 // no longer compiles is logged and left out, so that one bad rule cannot keep
 // the server from starting.
 func NewRegistry(store Store, install func(*Set), clock func() time.Time, log *slog.Logger) (*Registry, error) {
-	r := &Registry{store: store, install: install, clock: clock, rules: map[string]*Compiled{}, statuses: map[string]*Status{}}
+	r := &Registry{store: store, install: install, clock: clock, rules: map[string]*Compiled{}, statuses: map[string]*Status{},
+		flushed: map[string]StatusSnapshot{}}
 	defs, err := store.Rules()
 	if err != nil {
 		return nil, fmt.Errorf("rules: load: %w", err)
@@ -59,8 +61,10 @@ func NewRegistry(store Store, install func(*Set), clock func() time.Time, log *s
 			log.Error("stored rule does not compile; skipping it", "rule", id, "err", err)
 			continue
 		}
+		c.status = statusFrom(def.Status)
 		r.rules[id] = c
 		r.statuses[id] = c.status
+		r.flushed[id] = c.status.Snapshot()
 	}
 	r.installLocked()
 	return r, nil
@@ -112,17 +116,44 @@ func (r *Registry) putLocked(def Definition, st *Status) (*Compiled, error) {
 		return nil, err
 	}
 	c.status = st
-	b, err := json.Marshal(c.Def)
-	if err != nil {
+	if err := r.storeLocked(c); err != nil {
 		return nil, err
-	}
-	if err := r.store.PutRule(def.ID, b); err != nil {
-		return nil, fmt.Errorf("rules: store %q: %w", def.ID, err)
 	}
 	r.rules[def.ID] = c
 	r.statuses[def.ID] = st
 	r.installLocked()
 	return c, nil
+}
+
+// storeLocked stores a rule with its current status.
+func (r *Registry) storeLocked(c *Compiled) error {
+	def := c.Def
+	snap := c.status.Snapshot()
+	def.Status = &snap
+	b, err := json.Marshal(def)
+	if err != nil {
+		return err
+	}
+	if err := r.store.PutRule(def.ID, b); err != nil {
+		return fmt.Errorf("rules: store %q: %w", def.ID, err)
+	}
+	r.flushed[def.ID] = snap
+	return nil
+}
+
+// Flush stores the status of every rule whose counts changed since they
+// were last stored. The server calls it periodically and when it stops, so
+// that the counts survive restarts (a crash loses at most one period).
+func (r *Registry) Flush() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var errs []error
+	for id, c := range r.rules {
+		if c.status.Snapshot() != r.flushed[id] {
+			errs = append(errs, r.storeLocked(c))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Delete deletes a rule; twins' states for it are dropped as they change.
@@ -137,6 +168,7 @@ func (r *Registry) Delete(id string) error {
 	}
 	delete(r.rules, id)
 	delete(r.statuses, id)
+	delete(r.flushed, id)
 	r.installLocked()
 	return nil
 }

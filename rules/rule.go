@@ -55,6 +55,9 @@ type Definition struct {
 	Gen        int64     `json:"gen"`
 	CreateTime time.Time `json:"create_time"`
 	UpdateTime time.Time `json:"update_time"`
+	// Status is the rule's status as last stored, so that its counts
+	// survive restarts. Compile ignores it.
+	Status *StatusSnapshot `json:"status,omitempty"`
 }
 
 // Action is one effect of a firing; exactly one field is set.
@@ -336,11 +339,18 @@ type Status struct {
 
 // StatusSnapshot is a copy of a Status.
 type StatusSnapshot struct {
-	Fires         int64
-	LastFire      time.Time
-	Errors        int64
-	LastError     string
-	LastErrorTime time.Time
+	Fires         int64     `json:"fires,omitempty"`
+	LastFire      time.Time `json:"last_fire,omitzero"`
+	Errors        int64     `json:"errors,omitempty"`
+	LastError     string    `json:"last_error,omitempty"`
+	LastErrorTime time.Time `json:"last_error_time,omitzero"`
+}
+
+func statusFrom(s *StatusSnapshot) *Status {
+	if s == nil {
+		return &Status{}
+	}
+	return &Status{fires: s.Fires, lastFire: s.LastFire, errs: s.Errors, lastErr: s.LastError, lastErrorTime: s.LastErrorTime}
 }
 
 func (s *Status) fired(now time.Time) {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -295,5 +296,30 @@ func TestExampleRules(t *testing.T) {
 	}
 	if got := commands("planter-1"); fmt.Sprint(got) != "[water from rule:planter-dry]" {
 		t.Errorf("planter commands %v", got)
+	}
+}
+
+// TestRuleStatusSurvivesRestart checks that a rule's counts are stored at
+// shutdown and loaded at start.
+func TestRuleStatusSurvivesRestart(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	s := startServer(t, fs, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "hot", Condition: "twin.reported.t > 5.0",
+		Trigger: twinv1.Trigger_TRIGGER_WHILE_TRUE}}); err != nil {
+		t.Fatal(err)
+	}
+	s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "x"}})
+	for i := range 3 {
+		s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "x", Patch: mustStruct(t, map[string]any{"t": 10 + i})})
+	}
+	if err := s.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	s = startServer(t, fs, nil)
+	r, err := twinv1.NewRuleServiceClient(s.conn).GetRule(ctx, &twinv1.GetRuleRequest{Id: "hot"})
+	if err != nil || r.Rule.Status.FireCount != 3 || r.Rule.Status.LastFireTime == nil {
+		t.Errorf("status after restart = %v, %v; want 3 firings", r.GetRule().GetStatus(), err)
 	}
 }

@@ -120,6 +120,11 @@ type Server struct {
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
 	stopping context.CancelFunc
+	// flusher stores rule statuses periodically until shutdown.
+	flusher sync.WaitGroup
+
+	shutdownOnce sync.Once
+	shutdownErr  error
 }
 
 // New opens the store and builds the server. The caller must Close it.
@@ -144,6 +149,8 @@ func New(opts Options) (*Server, error) {
 		health:     health.NewServer(),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.flusher.Add(1)
+	go s.flushRules()
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(4<<20),
@@ -193,9 +200,16 @@ func (s *Server) Serve(l net.Listener) error {
 
 // Shutdown stops accepting connections, ends streams with UNAVAILABLE,
 // waits up to the shutdown timeout for requests in flight, and closes the
-// store. Every acknowledged write is durable before Shutdown returns.
+// store. Every acknowledged write is durable before Shutdown returns. Calls
+// after the first return the first one's result.
 func (s *Server) Shutdown() error {
+	s.shutdownOnce.Do(func() { s.shutdownErr = s.shutdown() })
+	return s.shutdownErr
+}
+
+func (s *Server) shutdown() error {
 	s.stopping()
+	s.flusher.Wait()
 	s.health.Shutdown()
 	done := make(chan struct{})
 	go func() {
@@ -211,7 +225,27 @@ func (s *Server) Shutdown() error {
 		s.grpc.Stop()
 		<-done
 	}
+	if err := s.rules.Flush(); err != nil {
+		s.opts.Logger.Error("storing rule statuses failed", "err", err)
+	}
 	return s.engine.Close()
+}
+
+// flushRules stores rule statuses every 30 seconds until shutdown begins.
+func (s *Server) flushRules() {
+	defer s.flusher.Done()
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			if err := s.rules.Flush(); err != nil {
+				s.opts.Logger.Error("storing rule statuses failed", "err", err)
+			}
+		case <-s.stopCtx.Done():
+			return
+		}
+	}
 }
 
 // streamContext returns a context for a stream that is cancelled when the
