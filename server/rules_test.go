@@ -203,7 +203,7 @@ func TestExampleRules(t *testing.T) {
 	rc := twinv1.NewRuleServiceClient(s.conn)
 	cc := twinv1.NewCommandServiceClient(s.conn)
 	files, _ := filepath.Glob(filepath.Join("..", "rules", "examples", "*.json"))
-	if len(files) < 8 {
+	if len(files) < 10 {
 		t.Fatalf("found %d example rules", len(files))
 	}
 	for _, f := range files {
@@ -293,6 +293,16 @@ func TestExampleRules(t *testing.T) {
 	report("planter-1", `{"co2_ppm": 700, "light_lux": 50}`)
 	if got := desired("planter-1"); !strings.Contains(got, `"fan":"off"`) || !strings.Contains(got, `"lamp":"on"`) {
 		t.Errorf("fresh, dark planter desired %s; want fan off and lamp on", got)
+	}
+	// Too hot for a minute: the fan runs.
+	report("planter-1", `{"temp_c": 31}`)
+	clock.advance(61 * time.Second)
+	if err := s.Engine().RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := desired("planter-1"); !strings.Contains(got, `"fan":"on"`) {
+		r, _ := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: "planter-hot"})
+		t.Errorf("hot planter desired %s; want fan on (rule status %v)", got, r.GetRule().GetStatus())
 	}
 	if got := commands("planter-1"); fmt.Sprint(got) != "[water from rule:planter-dry]" {
 		t.Errorf("planter commands %v", got)

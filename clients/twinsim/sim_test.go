@@ -30,7 +30,7 @@ func TestRunFleet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(out.String(), "example rules: 9 created") || !strings.Contains(out.String(), "stopped after") {
+	if !strings.Contains(out.String(), "example rules: 10 created") || !strings.Contains(out.String(), "stopped after") {
 		t.Errorf("output:\n%s", out.String())
 	}
 	ctx := context.Background()
