@@ -165,6 +165,26 @@ func TestDeviceStream(t *testing.T) {
 	if !tw.Twin.Presence.Connected || tw.Twin.Presence.Since == nil {
 		t.Errorf("presence after connect = %v; want connected", tw.Twin.Presence)
 	}
+	// Watchers see the presence change.
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	watch, err := s.twins.WatchTwins(wctx, &twinv1.WatchTwinsRequest{StartRevision: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, err := watch.Recv()
+		if err != nil {
+			t.Fatalf("no presence event: %v", err)
+		}
+		if ev.Event.Kind == twinv1.TwinEventKind_TWIN_EVENT_KIND_PRESENCE {
+			if !ev.Event.Twin.Presence.Connected || ev.Event.Twin.Version != 2 {
+				t.Errorf("presence event %v; want connected at version 2", ev.Event)
+			}
+			break
+		}
+	}
+	wcancel()
 
 	// Reports are acknowledged in order; a bad one gets an error and the
 	// stream goes on.
