@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -37,6 +38,9 @@ import (
 type Options struct {
 	// Addr is the address to listen on. Default "localhost:50051".
 	Addr string
+	// TLSCertFile and TLSKeyFile, if set, make the server speak TLS with
+	// this certificate chain and key (PEM). Default: plaintext.
+	TLSCertFile, TLSKeyFile string
 	// APIToken, if set, is the bearer token that every call of the
 	// operator services (TwinService, CommandService, RuleService) must
 	// carry as 'authorization: Bearer <token>'. Devices use their own
@@ -152,13 +156,22 @@ func New(opts Options) (*Server, error) {
 	s.flusher.Add(1)
 	go s.flushRules()
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
-	s.grpc = grpc.NewServer(
+	var serverOpts []grpc.ServerOption
+	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
+		creds, err := credentials.NewServerTLSFromFile(opts.TLSCertFile, opts.TLSKeyFile)
+		if err != nil {
+			e.Close()
+			return nil, fmt.Errorf("TLS certificate: %w", err)
+		}
+		serverOpts = append(serverOpts, grpc.Creds(creds))
+	}
+	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.MaxRecvMsgSize(4<<20),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.unary),
 		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.stream),
 		// A fixed pool of stream workers saves a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-	)
+	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
 	twinv1.RegisterDeviceServiceServer(s.grpc, &deviceService{s: s})
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
@@ -312,7 +325,7 @@ func Run(ctx context.Context, opts Options) error {
 	if opts.APIToken == "" {
 		opts.Logger.Warn("the operator API is open to anyone who can reach it; set --api-token to require a token")
 	}
-	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "data", opts.DataDir,
+	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "tls", opts.TLSCertFile != "", "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())
 	if opts.Ready != nil {
 		opts.Ready(l.Addr())

@@ -377,6 +377,10 @@ func TestRunErrors(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "listen on") {
 		t.Errorf("Run on an address in use = %v; want a listen error", err)
 	}
+	err = Run(ctx, Options{Addr: "localhost:0", DataDir: t.TempDir(), Logger: quiet, TLSCertFile: "/no/cert.pem", TLSKeyFile: "/no/key.pem"})
+	if err == nil || !strings.Contains(err.Error(), "TLS certificate") {
+		t.Errorf("Run with missing TLS files = %v; want a TLS error", err)
+	}
 	err = Run(ctx, Options{Addr: "localhost:0", DataDir: "/proc/no-such-dir/x", Logger: quiet})
 	if err == nil || !strings.Contains(err.Error(), "open store") {
 		t.Errorf("Run on a data directory it cannot create = %v; want an open error", err)

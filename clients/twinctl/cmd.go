@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -26,13 +27,23 @@ import (
 type app struct {
 	addr   string
 	token  string
+	tls    bool
+	tlsCA  string
 	output string
 	client *twind.Client
 }
 
 func (a *app) connect() (*twind.Client, error) {
 	if a.client == nil {
-		c, err := twind.Dial(a.addr, twind.WithToken(a.token))
+		opts := []grpc.DialOption{twind.WithToken(a.token)}
+		if a.tls || a.tlsCA != "" {
+			o, err := twind.WithTLS(a.tlsCA)
+			if err != nil {
+				return nil, err
+			}
+			opts = append(opts, o)
+		}
+		c, err := twind.Dial(a.addr, opts...)
 		if err != nil {
 			return nil, err
 		}
@@ -51,7 +62,7 @@ func errorText(err error) string {
 }
 
 func newRoot() *cobra.Command {
-	a := &app{addr: os.Getenv("TWIND_ADDR"), token: os.Getenv("TWIND_TOKEN")}
+	a := &app{addr: os.Getenv("TWIND_ADDR"), token: os.Getenv("TWIND_TOKEN"), tlsCA: os.Getenv("TWIND_TLS_CA")}
 	if a.addr == "" {
 		a.addr = "localhost:50051"
 	}
@@ -74,6 +85,8 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&a.addr, "addr", a.addr, "twind address (env TWIND_ADDR)")
 	root.PersistentFlags().StringVar(&a.token, "token", a.token, "API token, if the server requires one (env TWIND_TOKEN)")
+	root.PersistentFlags().BoolVar(&a.tls, "tls", false, "connect with TLS, trusting the system's certificate authorities")
+	root.PersistentFlags().StringVar(&a.tlsCA, "tls-ca", a.tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "table", "output: table or json")
 	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a))
 	return root

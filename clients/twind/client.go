@@ -9,14 +9,18 @@ package twind
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"iter"
 	"math/rand/v2"
+	"os"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -56,6 +60,24 @@ func New(conn *grpc.ClientConn) *Client {
 		Rules:    twinv1.NewRuleServiceClient(conn),
 		Devices:  twinv1.NewDeviceServiceClient(conn),
 	}
+}
+
+// WithTLS makes the connection use TLS, trusting the certificate
+// authorities in the PEM file caFile, or the system's if caFile is empty.
+func WithTLS(caFile string) (grpc.DialOption, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("twind: no certificates in %s", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
 }
 
 // WithToken makes every call carry the server's API token (twind

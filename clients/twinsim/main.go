@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 
 	"github.com/twind-io/twind/clients/twind"
 )
@@ -41,7 +42,21 @@ func rootCmd() *cobra.Command {
 	token := os.Getenv("TWIND_TOKEN")
 	root.PersistentFlags().StringVar(&addr, "addr", addr, "twind address (env TWIND_ADDR)")
 	root.PersistentFlags().StringVar(&token, "token", token, "API token, if the server requires one (env TWIND_TOKEN)")
-	dial := func() (*twind.Client, error) { return twind.Dial(addr, twind.WithToken(token)) }
+	tlsCA := os.Getenv("TWIND_TLS_CA")
+	useTLS := false
+	root.PersistentFlags().BoolVar(&useTLS, "tls", false, "connect with TLS, trusting the system's certificate authorities")
+	root.PersistentFlags().StringVar(&tlsCA, "tls-ca", tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
+	dial := func() (*twind.Client, error) {
+		opts := []grpc.DialOption{twind.WithToken(token)}
+		if useTLS || tlsCA != "" {
+			o, err := twind.WithTLS(tlsCA)
+			if err != nil {
+				return nil, err
+			}
+			opts = append(opts, o)
+		}
+		return twind.Dial(addr, opts...)
+	}
 
 	var ro runOptions
 	run := &cobra.Command{

@@ -42,6 +42,8 @@ func run(args []string) error {
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")
 	fs.IntVar(&opts.Engine.Limits.MaxDepth, "max-depth", 16, "maximum nesting depth of a document")
 	fs.IntVar(&opts.Engine.Limits.MaxKeyBytes, "max-key-bytes", 256, "maximum length of a document key")
+	fs.StringVar(&opts.TLSCertFile, "tls-cert", envOr("TWIND_TLS_CERT", ""), "serve TLS with this certificate chain (PEM; env TWIND_TLS_CERT)")
+	fs.StringVar(&opts.TLSKeyFile, "tls-key", envOr("TWIND_TLS_KEY", ""), "the key of --tls-cert (PEM; env TWIND_TLS_KEY)")
 	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "if set, operator calls must carry 'authorization: Bearer <token>' (env TWIND_API_TOKEN)")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
