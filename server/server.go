@@ -153,8 +153,6 @@ func New(opts Options) (*Server, error) {
 		health:     health.NewServer(),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
-	s.flusher.Add(1)
-	go s.flushRules()
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	var serverOpts []grpc.ServerOption
 	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
@@ -191,6 +189,8 @@ func New(opts Options) (*Server, error) {
 		twinv1.CommandService_ServiceDesc.ServiceName, twinv1.RuleService_ServiceDesc.ServiceName} {
 		s.health.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
 	}
+	s.flusher.Add(1)
+	go s.flushRules()
 	return s, nil
 }
 
