@@ -232,12 +232,17 @@ func appendMeta(b []byte, key string, meta map[string]FieldMeta) []byte {
 			b = append(b, ',')
 		}
 		b = appendString(b, p)
-		b = append(b, `:{"t":`...)
-		b = appendTime(b, m.Time)
-		b = append(b, `,"v":`...)
-		b = strconv.AppendInt(b, m.Version, 10)
-		b = append(b, '}')
+		b = append(b, ':')
+		b = appendFieldMeta(b, m)
 	}
+	return append(b, '}')
+}
+
+func appendFieldMeta(b []byte, m FieldMeta) []byte {
+	b = append(b, `{"t":`...)
+	b = strconv.AppendInt(b, m.Time.UnixNano(), 10)
+	b = append(b, `,"v":`...)
+	b = strconv.AppendInt(b, m.Version, 10)
 	return append(b, '}')
 }
 
