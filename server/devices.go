@@ -27,8 +27,6 @@ type deviceService struct {
 // outItem is one message waiting in a session's send queue. It is converted
 // to protobuf by the stream's goroutine, not by the engine's.
 type outItem struct {
-	flushed chan struct{} // closed by the sender when it reaches this item
-	ack     *twinv1.ReportAck
 	welcome *twin.Twin
 	desired *twin.Twin
 	patch   twin.Document
@@ -91,39 +89,57 @@ func (ss *session) Close(err error) {
 	})
 }
 
+// pendingReport is a report handed to the engine whose ack is not sent yet.
+type pendingReport struct {
+	seq int64
+	p   twin.Pending
+}
+
+// maxPending bounds the reports of one stream waiting for their acks; a
+// device with more in flight waits, through gRPC's flow control.
+const maxPending = 1024
+
 // Connect serves one device stream. See the DeviceService documentation in
 // device.proto for the protocol.
+//
+// Two goroutines serve a stream besides this one: the reader applies what
+// the device sends (reports go to the engine without waiting), and the
+// writer sends, in order, the acks of those reports once they are durable
+// and what the engine queues for the device. The handler waits for either
+// to end; both end when the stream does.
 func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) error {
 	s := ds.s
 	ctx, cancel := s.streamContext(stream.Context())
 	defer cancel()
 
-	// The receiver ends when the stream does, which is when this handler
-	// returns or the client goes away.
-	in := make(chan *twinv1.ConnectRequest)
-	recvErr := make(chan error, 1)
+	hello := make(chan *twinv1.ConnectRequest, 1)
+	start := make(chan *session, 1) // the session once authenticated; closed otherwise
+	readErr := make(chan error, 1)  // why the reader stopped; io.EOF when the device closed its side
+	pending := make(chan pendingReport, maxPending)
 	go func() {
-		for {
-			m, err := stream.Recv()
-			if err != nil {
-				recvErr <- err
-				return
-			}
-			select {
-			case in <- m:
-			case <-ctx.Done():
-				recvErr <- ctx.Err()
-				return
-			}
+		m, err := stream.Recv()
+		if err != nil {
+			readErr <- err
+			return
+		}
+		hello <- m
+		if ss, ok := <-start; ok {
+			readErr <- ds.read(ctx, stream, ss.deviceID, pending)
+		}
+	}()
+	started := false
+	defer func() {
+		if !started {
+			close(start)
 		}
 	}()
 
-	hello, err := ds.awaitHello(ctx, in, recvErr)
+	h, err := ds.awaitHello(ctx, hello, readErr)
 	if err != nil {
 		return err
 	}
-	id := hello.GetDeviceId()
-	ss := newSession(id, hello.GetLastVersion(), s.opts.DeviceSendQueue)
+	id := h.GetDeviceId()
+	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendQueue)
 	if _, err := s.engine.Connect(ctx, id, ss); err != nil {
 		return s.streamStatus("Connect", ctx, err)
 	}
@@ -135,72 +151,116 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 			s.opts.Logger.Warn("recording a device's disconnection failed", "device", id, "err", err)
 		}
 	}()
+	started = true
+	start <- ss
+	writeErr := make(chan error, 1)
+	go func() { writeErr <- ds.write(ctx, stream, ss, pending) }()
 
-	// The sender owns stream.Send. It may block on a device that does not
-	// read; this goroutine then still notices the full queue and ends the
-	// stream, which unblocks the sender.
-	sendErr := make(chan error, 1)
-	go func() {
-		for {
-			select {
-			case it := <-ss.sendQ:
-				if it.flushed != nil {
-					close(it.flushed)
-					continue
-				}
-				if err := stream.Send(ds.message(ss, it)); err != nil {
-					sendErr <- err
-					return
-				}
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-
-	// pending holds the reports handed to the engine, in order, until they
-	// are durable and acknowledged.
-	type pendingReport struct {
-		seq int64
-		p   twin.Pending
-	}
-	var pending []pendingReport
-	const maxPending = 1024
-	eof := false        // the device closed its side
-	recvDone := recvErr // nil once the receiver has ended
 	for {
-		if eof && len(pending) == 0 {
-			// Answer everything the device sent before it closed, then
-			// end the stream cleanly.
-			flushed := make(chan struct{})
-			ss.push(outItem{flushed: flushed})
-			select {
-			case <-flushed:
-				return nil
-			case err := <-sendErr:
+		select {
+		case err := <-readErr:
+			if !errors.Is(err, io.EOF) {
+				return s.streamStatus("Connect", ctx, err)
+			}
+			readErr = nil // the device closed its side: the writer answers what is left
+		case err := <-writeErr:
+			if err != nil {
+				return s.streamStatus("Connect", ctx, err)
+			}
+			return nil // everything answered after the device closed its side
+		case <-ss.closed:
+			return ss.closeErr
+		case <-ctx.Done():
+			return s.streamStatus("Connect", ctx, ctx.Err())
+		}
+	}
+}
+
+// read applies the device's messages until the stream ends. Reports go to
+// the engine without waiting for them; their pending answers go to the
+// writer in order. It closes pending and returns io.EOF when the device
+// closes its side.
+func (ds *deviceService) read(ctx context.Context, stream twinv1.DeviceService_ConnectServer, id string, pending chan<- pendingReport) error {
+	s := ds.s
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				close(pending)
+			}
+			return err
+		}
+		switch msg := m.GetMsg().(type) {
+		case *twinv1.ConnectRequest_Report:
+			p, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: document(msg.Report.GetPatch()), Source: twin.SourceDevice})
+			if err != nil {
 				return err
-			case <-ss.closed:
-				return ss.closeErr
+			}
+			select {
+			case pending <- pendingReport{seq: msg.Report.GetSeq(), p: p}:
 			case <-ctx.Done():
-				return s.streamStatus("Connect", ctx, ctx.Err())
+				return ctx.Err()
+			}
+		case *twinv1.ConnectRequest_CommandUpdate:
+			u := msg.CommandUpdate
+			_, err := s.engine.UpdateCommand(ctx, id, twin.CommandUpdate{
+				ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
+			})
+			if err != nil {
+				// A late or repeated update is normal with at-least-once
+				// delivery; the device needs no answer.
+				s.opts.Logger.Debug("command update refused", "device", id, "command", u.GetCommandId(), "err", err)
+			}
+		case *twinv1.ConnectRequest_DesiredAck:
+			// Acknowledged implicitly: the twin shows desired_acked_version.
+			_, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: twin.Document{},
+				DesiredAckedVersion: msg.DesiredAck.GetVersion(), Source: twin.SourceDevice})
+			if err != nil {
+				return err
+			}
+		case *twinv1.ConnectRequest_Hello:
+			return status.Error(codes.InvalidArgument, "hello may only be the first message of a stream")
+		default:
+			return status.Error(codes.InvalidArgument, "empty message: set one of report, command_update or desired_ack")
+		}
+	}
+}
+
+// write sends the acks of the device's reports, in order, once each is
+// durable, and what the engine queued for the device. It returns nil once
+// the device has closed its side and everything is answered.
+func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_ConnectServer, ss *session, pending <-chan pendingReport) error {
+	var queue []pendingReport
+	in := pending
+	for {
+		if in == nil && len(queue) == 0 {
+			for {
+				select {
+				case it := <-ss.sendQ:
+					if err := stream.Send(ds.message(ss, it)); err != nil {
+						return err
+					}
+				default:
+					return nil
+				}
 			}
 		}
 		var head <-chan twin.Result
-		if len(pending) > 0 {
-			head = pending[0].p.Done()
-		}
-		inCh := in
-		if len(pending) >= maxPending {
-			inCh = nil // let the device wait for acks before reading more
+		if len(queue) > 0 {
+			head = queue[0].p.Done()
 		}
 		select {
-		case err := <-sendErr:
-			return err
+		case p, ok := <-in:
+			if !ok {
+				in = nil
+				continue
+			}
+			queue = append(queue, p)
 		case r := <-head:
-			ack := &twinv1.ReportAck{Seq: pending[0].seq}
-			pending = pending[1:]
+			ack := &twinv1.ReportAck{Seq: queue[0].seq}
+			queue = queue[1:]
 			if r.Err != nil {
-				st := status.Convert(s.status("Connect", r.Err))
+				st := status.Convert(ds.s.status("Connect", r.Err))
 				if st.Code() == codes.Unavailable || st.Code() == codes.Internal {
 					return st.Err()
 				}
@@ -208,47 +268,15 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 			} else {
 				ack.Version = r.Twin.Version
 			}
-			ss.push(outItem{ack: ack})
-		case m := <-inCh:
-			switch msg := m.GetMsg().(type) {
-			case *twinv1.ConnectRequest_Report:
-				p, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: document(msg.Report.GetPatch()), Source: twin.SourceDevice})
-				if err != nil {
-					return s.streamStatus("Connect", ctx, err)
-				}
-				pending = append(pending, pendingReport{seq: msg.Report.GetSeq(), p: p})
-			case *twinv1.ConnectRequest_CommandUpdate:
-				u := msg.CommandUpdate
-				_, err := s.engine.UpdateCommand(ctx, id, twin.CommandUpdate{
-					ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
-				})
-				if err != nil {
-					// A late or repeated update is normal with
-					// at-least-once delivery; the device needs no answer.
-					s.opts.Logger.Debug("command update refused", "device", id, "command", u.GetCommandId(), "err", err)
-				}
-			case *twinv1.ConnectRequest_DesiredAck:
-				p, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: twin.Document{},
-					DesiredAckedVersion: msg.DesiredAck.GetVersion(), Source: twin.SourceDevice})
-				if err != nil {
-					return s.streamStatus("Connect", ctx, err)
-				}
-				_ = p // acknowledged implicitly: the twin shows desired_acked_version
-			case *twinv1.ConnectRequest_Hello:
-				return status.Error(codes.InvalidArgument, "hello may only be the first message of a stream")
-			default:
-				return status.Error(codes.InvalidArgument, "empty message: set one of report, command_update or desired_ack")
+			if err := stream.Send(&twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_ReportAck{ReportAck: ack}}); err != nil {
+				return err
 			}
-		case <-ss.closed:
-			return ss.closeErr
-		case err := <-recvDone:
-			if errors.Is(err, io.EOF) {
-				eof, recvDone = true, nil
-				continue
+		case it := <-ss.sendQ:
+			if err := stream.Send(ds.message(ss, it)); err != nil {
+				return err
 			}
-			return s.streamStatus("Connect", ctx, err)
 		case <-ctx.Done():
-			return s.streamStatus("Connect", ctx, ctx.Err())
+			return ctx.Err()
 		}
 	}
 }
@@ -290,8 +318,6 @@ func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.Conne
 // message converts a queued item to the message a device receives.
 func (ds *deviceService) message(ss *session, it outItem) *twinv1.ConnectResponse {
 	switch {
-	case it.ack != nil:
-		return &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_ReportAck{ReportAck: it.ack}}
 	case it.welcome != nil:
 		t := it.welcome
 		return &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_Welcome{Welcome: &twinv1.Welcome{
