@@ -230,6 +230,13 @@ func (ds *deviceService) read(ctx context.Context, stream twinv1.DeviceService_C
 // durable, and what the engine queued for the device. It returns nil once
 // the device has closed its side and everything is answered.
 func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_ConnectServer, ss *session, pending <-chan pendingReport) error {
+	// The welcome and the device's queued commands were queued before the
+	// stream started: they go first, before any ack.
+	for queued := len(ss.sendQ); queued > 0; queued-- {
+		if err := stream.Send(ds.message(ss, <-ss.sendQ)); err != nil {
+			return err
+		}
+	}
 	var queue []pendingReport
 	in := pending
 	for {

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -74,6 +75,13 @@ func (d *device) next() *twinv1.ConnectResponse {
 	case m := <-d.msgs:
 		return m
 	case err := <-d.err:
+		// The pump queues every message before the end: take those first.
+		select {
+		case m := <-d.msgs:
+			d.err <- err
+			return m
+		default:
+		}
 		d.t.Fatalf("stream ended: %v", err)
 	case <-time.After(10 * time.Second):
 		d.t.Fatal("no message within 10s")
@@ -424,5 +432,39 @@ func TestDeviceShutdown(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Errorf("Shutdown: %v", err)
+	}
+}
+
+// TestWelcomeComesFirst sends a hello and reports at once, as grpcurl does,
+// and checks that the welcome and the queued commands still come before
+// any ack.
+func TestWelcomeComesFirst(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	tok := createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	if _, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		d := connect(t, s, &twinv1.Hello{DeviceId: "car-1", Token: tok}, true)
+		for seq := range 3 {
+			d.report(int64(seq), fmt.Sprintf(`{"n": %d}`, i))
+		}
+		d.stream.CloseSend()
+		if m := d.next(); m.GetWelcome() == nil {
+			t.Fatalf("round %d: first message %v; want the welcome", i, m)
+		}
+		if m := d.next(); m.GetCommand() == nil {
+			t.Fatalf("round %d: second message %v; want the queued command", i, m)
+		}
+		for seq := range 3 {
+			if ack := d.next().GetReportAck(); ack.GetSeq() != int64(seq) {
+				t.Fatalf("round %d: ack %v; want seq %d", i, ack, seq)
+			}
+		}
+		if err := d.end(); err != io.EOF {
+			t.Fatalf("round %d: stream ended with %v; want a clean end", i, err)
+		}
 	}
 }
