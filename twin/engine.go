@@ -9,14 +9,13 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"runtime"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/google/btree"
 )
 
 // Options configure an Engine. The zero value of every field is its default.
@@ -199,6 +198,11 @@ type Engine struct {
 
 	counters counters
 
+	// idxMu protects ids, the ordered set of committed twin ids that List
+	// pages through.
+	idxMu sync.RWMutex
+	ids   *btree.BTreeG[string]
+
 	// evaluator holds the rules in force.
 	evaluator atomic.Pointer[evaluatorBox]
 
@@ -244,6 +248,7 @@ func Open(opts Options) (*Engine, error) {
 		revWait: make(chan struct{}),
 		revDone: map[int64]struct{}{},
 		waiters: map[string][]chan *Command{},
+		ids:     btree.NewOrderedG[string](32),
 	}
 	if err := e.load(); err != nil {
 		db.Close()
@@ -332,6 +337,7 @@ func (e *Engine) loadShard(vs uint16) error {
 		}
 		w.twins[id] = r.Twin
 		w.view[id] = r.Twin
+		e.ids.ReplaceOrInsert(id)
 	}
 	if err := it.Error(); err != nil {
 		return err
@@ -623,27 +629,32 @@ func (e *Engine) Get(id string) (*Twin, error) {
 // change is reflected. more reports whether more matching twins follow.
 func (e *Engine) List(after string, limit int, match func(*Twin) bool) (twins []*Twin, rev int64, more bool) {
 	rev = e.Revision()
-	var all []*Twin
-	for _, w := range e.workers {
-		w.mu.RLock()
-		for id, t := range w.view {
-			if id > after {
-				all = append(all, t)
+	const batch = 256
+	ids := make([]string, 0, batch)
+	for {
+		// Take the next ids in order, then look them up without the lock.
+		ids = ids[:0]
+		e.idxMu.RLock()
+		e.ids.AscendGreaterOrEqual(after+"\x00", func(id string) bool {
+			ids = append(ids, id)
+			return len(ids) < batch
+		})
+		e.idxMu.RUnlock()
+		for _, id := range ids {
+			t, err := e.Get(id)
+			if err != nil || (match != nil && !match(t)) {
+				continue // deleted meanwhile, or not matching
 			}
+			if len(twins) == limit {
+				return twins, rev, true
+			}
+			twins = append(twins, t)
 		}
-		w.mu.RUnlock()
+		if len(ids) < batch {
+			return twins, rev, false
+		}
+		after = ids[len(ids)-1]
 	}
-	slices.SortFunc(all, func(a, b *Twin) int { return strings.Compare(a.ID, b.ID) })
-	for _, t := range all {
-		if match != nil && !match(t) {
-			continue
-		}
-		if len(twins) == limit {
-			return twins, rev, true
-		}
-		twins = append(twins, t)
-	}
-	return twins, rev, false
 }
 
 // History returns up to limit of a twin's retained events with versions

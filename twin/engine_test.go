@@ -219,6 +219,19 @@ func TestEngineModel(t *testing.T) {
 				}
 			}
 		}
+		listed, _, _ := e.List("", 100, nil)
+		var listedIDs, modelIDs []string
+		for _, tw := range listed {
+			listedIDs = append(listedIDs, tw.ID)
+		}
+		for _, id := range ids {
+			if _, ok := m.twins[id]; ok {
+				modelIDs = append(modelIDs, id)
+			}
+		}
+		if fmt.Sprint(listedIDs) != fmt.Sprint(modelIDs) {
+			t.Fatalf("op %d: List = %v; model %v", i, listedIDs, modelIDs)
+		}
 		for _, id := range ids {
 			got, err := e.Get(id)
 			want, ok := m.twins[id]
@@ -372,4 +385,42 @@ func (c *atomicCounter) next() int {
 	defer c.mu.Unlock()
 	c.n++
 	return c.n
+}
+
+func TestListPages(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	for i := range 700 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("t%04d", i), Type: []string{"a", "b"}[i%2]}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 700; i += 7 {
+		e.Delete(ctx, fmt.Sprintf("t%04d", i), 0)
+	}
+	var got []string
+	after := ""
+	for pages := 0; ; pages++ {
+		if pages > 100 {
+			t.Fatal("paging does not end")
+		}
+		page, _, more := e.List(after, 50, func(tw *Twin) bool { return tw.Type == "b" })
+		for _, tw := range page {
+			got = append(got, tw.ID)
+		}
+		if !more {
+			break
+		}
+		after = page[len(page)-1].ID
+	}
+	var want []string
+	for i := 1; i < 700; i += 2 {
+		if i%7 != 0 {
+			want = append(want, fmt.Sprintf("t%04d", i))
+		}
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("paged list has %d ids; want %d\n got %v\nwant %v", len(got), len(want), got, want)
+	}
 }

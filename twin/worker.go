@@ -396,6 +396,18 @@ func (e *Engine) publish(g *group) {
 	}
 	g.w.mu.Unlock()
 
+	e.idxMu.Lock()
+	for _, c := range g.changes {
+		switch {
+		case c.op.kind == opPoke:
+		case c.prev == nil && c.next != nil:
+			e.ids.ReplaceOrInsert(c.next.ID)
+		case c.next == nil && c.prev != nil:
+			e.ids.Delete(c.prev.ID)
+		}
+	}
+	e.idxMu.Unlock()
+
 	for _, c := range g.changes {
 		if c.replaced != nil {
 			c.replaced.Close(c.closeErr)
