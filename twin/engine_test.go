@@ -424,3 +424,41 @@ func TestListPages(t *testing.T) {
 		t.Errorf("paged list has %d ids; want %d\n got %v\nwant %v", len(got), len(want), got, want)
 	}
 }
+
+// BenchmarkOpen measures start-up: opening a store of 100,000 planters and
+// loading them all into their shards.
+func BenchmarkOpen(b *testing.B) {
+	ctx := context.Background()
+	dir := b.TempDir()
+	e, err := Open(Options{Dir: dir})
+	if err != nil {
+		b.Fatal(err)
+	}
+	const n = 100_000
+	var wg sync.WaitGroup
+	for w := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += 64 {
+				id := fmt.Sprint("planter-", i)
+				e.Create(ctx, CreateRequest{ID: id, Type: "planter", Labels: map[string]string{"site": "berlin"}})
+				e.Report(ctx, PatchRequest{ID: id, Patch: Document{"soil_moisture": 40.0, "co2_ppm": 600.0, "light_lux": 300.0, "humidity": 55.0, "temp_c": 21.0}})
+			}
+		}()
+	}
+	wg.Wait()
+	e.Close()
+	b.ResetTimer()
+	for b.Loop() {
+		e, err := Open(Options{Dir: dir})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if e.Len() != n {
+			b.Fatalf("loaded %d twins; want %d", e.Len(), n)
+		}
+		e.Close()
+	}
+	b.ReportMetric(float64(n), "twins")
+}
