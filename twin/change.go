@@ -69,6 +69,11 @@ type PatchRequest struct {
 	// state the device has applied.
 	DesiredAckedVersion int64
 	Source              Source
+	// Stream, if set, is the device stream the report came from: the
+	// report applies only while that stream is still the device's current
+	// one (ErrStreamClosed otherwise), so a stream replaced by a newer one,
+	// or whose token was revoked, cannot write.
+	Stream Sink
 }
 
 // UpdateRequest changes a twin's type and labels.

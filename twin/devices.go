@@ -30,6 +30,14 @@ type Sink interface {
 // device replaces it.
 var ErrReplaced = fmt.Errorf("twin: replaced by a newer stream of the same device")
 
+// ErrTokenRevoked is given to a Sink's Close when the device's token was
+// replaced (SetTokenHash): the stream authenticated with the old one.
+var ErrTokenRevoked = fmt.Errorf("twin: the device token this stream authenticated with was revoked")
+
+// ErrStreamClosed answers a report whose stream (PatchRequest.Stream) is no
+// longer the device's current stream.
+var ErrStreamClosed = fmt.Errorf("twin: the stream is no longer the device's current stream")
+
 // Connect registers sink as the device's stream, replacing (and closing) any
 // previous one, and marks the twin connected. The sink is welcomed once the
 // change is durable.

@@ -185,6 +185,9 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		kind, source = KindCreated, o.create.Source
 	case opReport, opDesired:
 		desired := o.kind == opDesired
+		if o.patch.Stream != nil && o.patch.Stream != c.sink {
+			return nil, fmt.Errorf("%w: device %q", ErrStreamClosed, o.id)
+		}
 		next, err = w.e.apply.patch(cur, o.patch, desired, now)
 		kind, patch, source = KindReported, o.patch.Patch, o.patch.Source
 		if desired {
@@ -218,6 +221,13 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	case opToken:
 		next = cur.clone()
 		next.TokenHash = o.token
+		if c.sink != nil {
+			// The stream authenticated with the old token: it ends, and
+			// its reports still in the inbox are refused.
+			c.replaced, c.closeErr = c.sink, ErrTokenRevoked
+			delete(w.sinks, o.id)
+			c.sink = nil
+		}
 	case opConnect, opDisconnect:
 		next = w.presence(c, cur, o, now)
 		kind, source, emit = KindPresence, SourceDevice, next != cur
