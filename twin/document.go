@@ -365,3 +365,38 @@ func lookup(doc Document, p string) (any, bool) {
 func underOrAt(p, q string) bool {
 	return p == q || (strings.HasPrefix(p, q) && p[len(q)] == '/')
 }
+
+// DiffPatch returns the smallest merge patch that turns from into to:
+// MergePatch(from, DiffPatch(from, to)) equals to. Keys of from that to
+// lacks are removed with nulls. It returns an empty patch when the two are
+// equal. Neither argument is modified, and the result may share values with
+// to.
+func DiffPatch(from, to Document) Document {
+	out := Document{}
+	for k := range from {
+		if _, ok := to[k]; !ok {
+			out[k] = nil
+		}
+	}
+	for k, tv := range to {
+		fv, ok := from[k]
+		if !ok {
+			out[k] = tv
+			continue
+		}
+		fo, fIsObj := fv.(map[string]any)
+		to, tIsObj := tv.(map[string]any)
+		if fIsObj && tIsObj {
+			if sub := DiffPatch(fo, to); len(sub) > 0 {
+				out[k] = sub
+			}
+			continue
+		}
+		if !jsonEqual(fv, tv) {
+			// A scalar or an array replaces; an object that replaces a
+			// scalar merges into nothing, so it arrives whole.
+			out[k] = tv
+		}
+	}
+	return out
+}

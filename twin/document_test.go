@@ -218,3 +218,35 @@ func TestStoredFormRoundTrip(t *testing.T) {
 		t.Errorf("deletion marker round trip = %+v, %v", del, err)
 	}
 }
+
+func TestDiffPatch(t *testing.T) {
+	docs := []Document{
+		{},
+		{"a": 1.0},
+		{"a": 2.0, "b": "x"},
+		{"a": map[string]any{"x": 1.0, "y": map[string]any{"z": true}}},
+		{"a": map[string]any{"x": 1.0}, "c": []any{1.0, 2.0}},
+		{"a": "scalar", "c": []any{1.0}},
+		{"pump": "on", "fan": "off"},
+		{"fan": "on"},
+	}
+	for _, from := range docs {
+		for _, to := range docs {
+			p := DiffPatch(from, to)
+			got, _ := MergePatch(from, p)
+			if got == nil {
+				got = Document{}
+			}
+			if !jsonEqual(map[string]any(got), map[string]any(to)) {
+				t.Errorf("MergePatch(%v, DiffPatch(%v, %v) = %v) = %v; want %v", from, from, to, p, got, to)
+			}
+			if jsonEqual(map[string]any(from), map[string]any(to)) && len(p) != 0 {
+				t.Errorf("DiffPatch(%v, %v) = %v; want {}", from, to, p)
+			}
+		}
+	}
+	// Removals are nulls.
+	if p := DiffPatch(Document{"pump": "on", "fan": "off"}, Document{"fan": "on"}); !jsonEqual(map[string]any(p), map[string]any{"pump": nil, "fan": "on"}) {
+		t.Errorf("DiffPatch removing pump = %v; want {pump: null, fan: on}", p)
+	}
+}
