@@ -160,6 +160,10 @@ type change struct {
 	// published once the change is durable.
 	ruleWrites map[string]*RuleState
 	firings    []Firing
+
+	// err, if not nil, is the op's failure: the change writes nothing and
+	// is answered with err once the changes before it are durable.
+	err error
 }
 
 // goneTwin is what a deleted twin leaves behind, so that a twin re-created

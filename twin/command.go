@@ -206,28 +206,66 @@ func validTransition(from, to CommandState) bool {
 	return false
 }
 
-// expiry is one entry of a worker's expiry heap: a device that has an open
-// command expiring at a time. Entries go stale when the command finishes;
-// the worker skips those.
+// expiry is one entry of a worker's expiry heap: an open command of a
+// device and when it expires.
 type expiry struct {
-	at     time.Time
+	at  time.Time
+	key expiryKey
+}
+
+type expiryKey struct {
 	device string
 	seq    int64
 }
 
-type expiryHeap []expiry
+// expiryHeap orders the open commands of a worker by expiry time. It holds
+// exactly one entry per open command: a command that finishes, or whose
+// device is deleted, leaves it at once, so the heap never outgrows the open
+// commands.
+type expiryHeap struct {
+	h   []expiry
+	pos map[expiryKey]int // the index in h of each command's entry
+}
 
-func (h expiryHeap) Len() int           { return len(h) }
-func (h expiryHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h expiryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *expiryHeap) Push(x any)        { *h = append(*h, x.(expiry)) }
+func (h *expiryHeap) Len() int           { return len(h.h) }
+func (h *expiryHeap) Less(i, j int) bool { return h.h[i].at.Before(h.h[j].at) }
+func (h *expiryHeap) Swap(i, j int) {
+	h.h[i], h.h[j] = h.h[j], h.h[i]
+	h.pos[h.h[i].key] = i
+	h.pos[h.h[j].key] = j
+}
+func (h *expiryHeap) Push(x any) {
+	e := x.(expiry)
+	h.pos[e.key] = len(h.h)
+	h.h = append(h.h, e)
+}
 func (h *expiryHeap) Pop() any {
-	old := *h
-	x := old[len(old)-1]
-	*h = old[:len(old)-1]
+	x := h.h[len(h.h)-1]
+	h.h = h.h[:len(h.h)-1]
+	delete(h.pos, x.key)
 	return x
 }
 
+// next returns the earliest entry; the heap must not be empty.
+func (h *expiryHeap) next() expiry { return h.h[0] }
+
+// add schedules an open command's expiry, or reschedules it.
 func (h *expiryHeap) add(c *Command) {
-	heap.Push(h, expiry{at: c.ExpireTime, device: c.DeviceID, seq: c.Seq})
+	if h.pos == nil {
+		h.pos = map[expiryKey]int{}
+	}
+	k := expiryKey{c.DeviceID, c.Seq}
+	if i, ok := h.pos[k]; ok {
+		h.h[i].at = c.ExpireTime
+		heap.Fix(h, i)
+		return
+	}
+	heap.Push(h, expiry{at: c.ExpireTime, key: k})
+}
+
+// remove drops a command's entry, if it has one.
+func (h *expiryHeap) remove(c *Command) {
+	if i, ok := h.pos[expiryKey{c.DeviceID, c.Seq}]; ok {
+		heap.Remove(h, i)
+	}
 }

@@ -73,18 +73,14 @@ func (w *worker) presence(c *change, cur *Twin, o *op, now time.Time) *Twin {
 	next := cur.clone()
 	next.Presence = Presence{Connected: true, Since: now, LastSeen: now}
 	// Everything unfinished goes (again) to the new stream, in order.
-	l := w.cmds[o.id]
-	for _, cmd := range l.open() {
+	for _, cmd := range w.cmds[o.id].open() {
 		if cmd.State == CommandQueued {
 			cmd = cmd.clone()
 			cmd.State, cmd.UpdateTime = CommandSent, now
-			l = l.with(cmd)
-			c.writeCmds = append(c.writeCmds, cmd)
+			w.putCommand(c, cmd, true)
+			continue
 		}
 		c.deliver = append(c.deliver, cmd)
-	}
-	if len(c.writeCmds) > 0 {
-		c.cmds = l
 	}
 	return next
 }
@@ -122,12 +118,8 @@ func (w *worker) sendCommand(c *change, cur *Twin, req *CommandRequest, now time
 	}
 	if c.sink != nil {
 		cmd.State = CommandSent
-		c.deliver = []*Command{cmd}
 	}
-	l = l.with(cmd)
-	c.cmds, c.dropCmds = l.prune(w.e.opts.CommandRetention)
-	c.writeCmds = []*Command{cmd}
-	c.cmd = cmd
+	w.putCommand(c, cmd, c.sink != nil)
 	w.expiries.add(cmd)
 	return next, nil
 }
@@ -154,7 +146,7 @@ func (w *worker) updateCommand(c *change, cur *Twin, u *CommandUpdate, now time.
 	}
 	cmd = cmd.clone()
 	cmd.State, cmd.Result, cmd.Message, cmd.UpdateTime = u.State, u.Result, u.Message, now
-	w.setCommand(c, cmd)
+	w.putCommand(c, cmd, false)
 	return nil
 }
 
@@ -171,14 +163,19 @@ func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg str
 	}
 	cmd = cmd.clone()
 	cmd.State, cmd.Message, cmd.UpdateTime = state, msg, now
-	w.setCommand(c, cmd)
-	if state == CommandCanceled && c.sink != nil {
-		c.deliver = []*Command{cmd} // the device may stop working on it
-	}
+	// A canceled command goes to the device, which may stop working on it.
+	w.putCommand(c, cmd, state == CommandCanceled && c.sink != nil)
 	return nil
 }
 
-func (w *worker) setCommand(c *change, cmd *Command) {
+// putCommand is the one place where a change adds or changes a command of
+// its device: it updates the device's working command list (pruning the
+// oldest finished commands beyond the retention) and records, in the
+// change, the command to store, the pruned ones to delete and, if deliver,
+// the command to send to the device's stream once durable. A change may
+// carry any number of commands: a connect's redelivered backlog, every
+// command of every rule that fired, an operator's command.
+func (w *worker) putCommand(c *change, cmd *Command, deliver bool) {
 	l := c.cmds
 	if l == nil {
 		l = w.cmds[cmd.DeviceID]
@@ -187,9 +184,16 @@ func (w *worker) setCommand(c *change, cmd *Command) {
 	var dropped []int64
 	l, dropped = l.prune(w.e.opts.CommandRetention)
 	c.cmds = l
+	w.cmds[cmd.DeviceID] = l
 	c.dropCmds = append(c.dropCmds, dropped...)
 	c.writeCmds = append(c.writeCmds, cmd)
+	if deliver {
+		c.deliver = append(c.deliver, cmd)
+	}
 	c.cmd = cmd
+	if cmd.State.Final() {
+		w.expiries.remove(cmd)
+	}
 }
 
 // expireDue expires the open commands whose ttl has passed, one change per
@@ -197,15 +201,15 @@ func (w *worker) setCommand(c *change, cmd *Command) {
 func (w *worker) expireDue(now time.Time) []*change {
 	var out []*change
 	byDevice := map[string]*change{}
-	for w.expiries.Len() > 0 && !w.expiries[0].at.After(now) {
-		x := heap.Pop(&w.expiries).(expiry)
+	for w.expiries.Len() > 0 && !w.expiries.next().at.After(now) {
+		x := heap.Pop(&w.expiries).(expiry).key
 		cur := w.twins[x.device]
 		if cur == nil {
 			continue
 		}
 		_, cmd := w.cmds[x.device].find(x.seq)
 		if cmd == nil || cmd.State.Final() || cmd.ExpireTime.After(now) {
-			continue // stale entry
+			continue // cannot happen: finished commands leave the heap
 		}
 		c := byDevice[x.device]
 		if c == nil {
@@ -215,7 +219,6 @@ func (w *worker) expireDue(now time.Time) []*change {
 			out = append(out, c)
 		}
 		w.finishCommand(c, x.seq, CommandExpired, fmt.Sprintf("ttl of %v passed before the command finished", cmd.TTL), now)
-		w.cmds[x.device] = c.cmds
 	}
 	return out
 }

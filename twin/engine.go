@@ -66,6 +66,12 @@ type Options struct {
 	// RuleTick is how often rules that read `now` are re-evaluated for
 	// every twin they select, without a change. Default 10s.
 	RuleTick time.Duration
+	// StepCostBudget is the CEL cost a worker step may spend on timed rule
+	// evaluations (wake-ups and ticks) before it leaves the rest to its
+	// next step, so that requests waiting in its inbox are not held up by
+	// a tick over many twins. Evaluations caused by requests always run.
+	// Default 2,000,000 (about twice the cost limit of one evaluation).
+	StepCostBudget uint64
 	// OnFirings, if set, is called with rule firings and errors once the
 	// changes they belong to are durable, in commit order per twin. It
 	// must not block.
@@ -128,6 +134,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.RuleTick <= 0 {
 		o.RuleTick = 10 * time.Second
+	}
+	if o.StepCostBudget == 0 {
+		o.StepCostBudget = 2_000_000
 	}
 	if o.PebbleCacheBytes <= 0 {
 		o.PebbleCacheBytes = 64 << 20
@@ -275,6 +284,7 @@ func (e *Engine) load() error {
 		e.workers[i] = &worker{
 			e:       e,
 			inbox:   make(chan *op, e.opts.InboxSize),
+			wake:    make(chan struct{}, 1),
 			twins:   map[string]*Twin{},
 			gone:    map[string]goneTwin{},
 			view:    map[string]*Twin{},
@@ -283,6 +293,7 @@ func (e *Engine) load() error {
 			cmdView: map[string]*commandList{},
 
 			ruleStates: map[string]map[string]RuleState{},
+			ruleWake:   map[string]time.Time{},
 			// A few commits in flight per worker overlap the next
 			// step's work with this one's fsync.
 			syncCh: make(chan *group, 4),
@@ -332,8 +343,7 @@ func (e *Engine) loadShard(vs uint16) error {
 		}
 		w := e.workerFor(id)
 		if r.Deleted {
-			w.gone[id] = goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}
-			continue
+			continue // read again only if the id is created again
 		}
 		w.twins[id] = r.Twin
 		w.view[id] = r.Twin
@@ -667,6 +677,9 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 	if _, err := e.Get(id); err != nil {
 		return nil, err
 	}
+	// The store holds changes whose commit is not yet durable: nothing
+	// after the durable revision may be shown.
+	durable := e.Revision()
 	vs := e.VShard(id)
 	lower := historyPrefix(vs, id)
 	upper := prefixEnd(lower)
@@ -688,6 +701,9 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 			return nil, fmt.Errorf("twin: corrupt history entry %q", it.Key())
 		}
 		rev := int64(binary.BigEndian.Uint64(it.Value()))
+		if rev > durable {
+			continue
+		}
 		v, closer, err := e.db.Get(logKey(rev))
 		if errors.Is(err, pebble.ErrNotFound) {
 			break // older entries have left the watch log

@@ -35,6 +35,11 @@ type Evaluation struct {
 	States  map[string]*RuleState
 	Firings []Firing
 	Wake    time.Time
+	// Cost is the CEL cost the evaluation spent. A worker step stops
+	// evaluating timed rules once its steps' costs pass a budget, and
+	// carries on with them in its next step, so that rules never stall the
+	// changes waiting behind them.
+	Cost uint64
 }
 
 // RuleState is a twin's state for one rule. It is stored with the twin, in
@@ -97,7 +102,18 @@ var ErrRuleLoop = fmt.Errorf("twin: rules changed desired state %d times in a ro
 
 // SetEvaluator installs the rules evaluated from now on. It takes effect
 // atomically: each worker step uses one evaluator throughout.
-func (e *Engine) SetEvaluator(ev Evaluator) { e.evaluator.Store(&evaluatorBox{ev}) }
+func (e *Engine) SetEvaluator(ev Evaluator) {
+	e.evaluator.Store(&evaluatorBox{ev})
+	// A worker asleep with no timed work must start ticking now, not at
+	// its next request: after a restart, an idle fleet is exactly when a
+	// rule such as "no report for 10 minutes" must fire.
+	for _, w := range e.workers {
+		select {
+		case w.wake <- struct{}{}:
+		default:
+		}
+	}
+}
 
 type evaluatorBox struct{ Evaluator }
 
@@ -111,6 +127,12 @@ func (e *Engine) currentEvaluator() Evaluator {
 // runRules evaluates the rules on a change and folds their effects into it:
 // state writes and commands in c, desired patches as further changes of the
 // same twin, which it returns.
+//
+// The set_desired patches of all the rules that fire on one change are
+// applied in rule order to the twin's desired state, as one change. When
+// that change makes rules fire again, they are evaluated on it in turn, at
+// most maxRuleDepth times: the round after the last one applies nothing, and
+// each of its firings is recorded as an ErrRuleLoop error of its rule.
 func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []*change {
 	var extra []*change
 	for depth := 0; ; depth++ {
@@ -120,6 +142,7 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 		id := c.next.ID
 		res := ev.Evaluate(c.prev, c.next, w.ruleStates[id], now, timer)
 		timer = false
+		w.stepCost += res.Cost
 		if len(res.States) > 0 {
 			st := maps.Clone(w.ruleStates[id])
 			if st == nil {
@@ -136,12 +159,27 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 				}
 				c.ruleWrites[r] = s
 			}
-			w.ruleStates[id] = st
+			if len(st) == 0 {
+				delete(w.ruleStates, id)
+			} else {
+				w.ruleStates[id] = st
+			}
 		}
 		if !res.Wake.IsZero() {
-			heap.Push(&w.ruleTimers, ruleTimer{at: res.Wake, id: id})
+			w.wakeRules(id, res.Wake)
 		}
-		var patch Document
+		if depth == maxRuleDepth {
+			// The rules keep changing desired state in response to their
+			// own changes: nothing of this round applies.
+			for _, f := range res.Firings {
+				if f.Err == nil {
+					f = Firing{RuleID: f.RuleID, Err: ErrRuleLoop}
+				}
+				c.firings = append(c.firings, f)
+			}
+			return extra
+		}
+		desired := c.next.Desired
 		var source Source
 		for _, f := range res.Firings {
 			c.firings = append(c.firings, f)
@@ -156,21 +194,22 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 					continue
 				}
 				w.setWorking(c, next)
-				w.cmds[id] = c.cmds
 			}
 			if f.DesiredPatch != nil {
-				patch, _ = MergePatch(patch, f.DesiredPatch)
+				// Applied in turn, so that one rule's null removes what
+				// another's patch or the twin has.
+				desired, _ = MergePatch(desired, f.DesiredPatch)
 				if source == "" {
 					source = RuleSource(f.RuleID)
 				}
 			}
 		}
-		if patch == nil {
+		if source == "" {
 			return extra
 		}
-		if depth == maxRuleDepth {
-			c.firings = append(c.firings, Firing{RuleID: string(source[len("rule:"):]), Err: ErrRuleLoop})
-			return extra
+		patch := DiffPatch(c.next.Desired, desired)
+		if len(patch) == 0 {
+			return extra // the patches changed nothing
 		}
 		o := &op{kind: opDesired, id: id, patch: &PatchRequest{ID: id, Patch: patch, Source: source}, done: make(chan Result, 1)}
 		nc, err := w.apply(o, now)
@@ -217,20 +256,38 @@ func (h *ruleTimerHeap) Pop() any {
 
 // timedRules evaluates the rules of the twins whose wake-up time has come,
 // and, on a periodic tick, of every twin whose type has time-dependent rules.
+// Once the step has spent its CEL budget, the twins left over are due again
+// at once and wait for the next step, behind the requests that arrived
+// meanwhile.
 func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
-	due := map[string]bool{}
+	var due []string
 	for w.ruleTimers.Len() > 0 && !w.ruleTimers[0].at.After(now) {
-		due[heap.Pop(&w.ruleTimers).(ruleTimer).id] = true
+		t := heap.Pop(&w.ruleTimers).(ruleTimer)
+		if at, ok := w.ruleWake[t.id]; !ok || !at.Equal(t.at) {
+			continue // superseded by an earlier wake-up, which ran
+		}
+		delete(w.ruleWake, t.id)
+		due = append(due, t.id)
 	}
 	if tick {
+		timed := make(map[string]bool, len(due))
+		for _, id := range due {
+			timed[id] = true
+		}
 		for id, t := range w.twins {
-			if ev.Ticks(t.Type) {
-				due[id] = true
+			if !timed[id] && ev.Ticks(t.Type) {
+				due = append(due, id)
 			}
 		}
 	}
 	var out []*change
-	for id := range due {
+	for i, id := range due {
+		if w.stepCost >= w.e.opts.StepCostBudget {
+			for _, id := range due[i:] {
+				w.wakeRules(id, now)
+			}
+			break
+		}
 		cur := w.twins[id]
 		if cur == nil {
 			continue
@@ -245,6 +302,17 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		out = append(out, extra...)
 	}
 	return out
+}
+
+// wakeRules asks for a twin's rules to be evaluated again at a time. A twin
+// has at most one wake-up pending, the earliest asked for: evaluating it
+// asks again for whatever is still due.
+func (w *worker) wakeRules(id string, at time.Time) {
+	if cur, ok := w.ruleWake[id]; ok && !at.Before(cur) {
+		return
+	}
+	w.ruleWake[id] = at
+	heap.Push(&w.ruleTimers, ruleTimer{at: at, id: id})
 }
 
 func ruleStateKey(vs uint16, id, ruleID string) []byte {
@@ -303,7 +371,7 @@ func (e *Engine) loadRuleStates(vs uint16) error {
 		if !s.PendingSince.IsZero() {
 			// Re-evaluate once loaded: hold_for may have run out while the
 			// server was down.
-			heap.Push(&w.ruleTimers, ruleTimer{at: s.PendingSince, id: id})
+			w.wakeRules(id, s.PendingSince)
 		}
 	}
 	return it.Error()

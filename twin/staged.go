@@ -18,7 +18,8 @@ type writer interface {
 // in key order. Pebble inserts a batch into its memtable in batch order and
 // remembers where the last insert went, so sorted keys turn most inserts
 // into short steps from the previous one instead of a descent from the top
-// of the skiplist. Range deletions go to the batch at once.
+// of the skiplist. Range deletions go to the batch at once, ahead of every
+// point write.
 type staged struct {
 	b     *pebble.Batch
 	ops   []stagedOp
@@ -50,7 +51,14 @@ func (s *staged) Delete(key []byte, _ *pebble.WriteOptions) error {
 	return nil
 }
 
+// DeleteRange deletes [start, end) at once. The batch applies it before
+// every staged point write, so the point writes staged before it, which it
+// must shadow, are dropped here; those staged after it (a twin deleted and
+// created again in one step) stay, and land after it.
 func (s *staged) DeleteRange(start, end []byte, _ *pebble.WriteOptions) error {
+	s.ops = slices.DeleteFunc(s.ops, func(op stagedOp) bool {
+		return bytes.Compare(op.key, start) >= 0 && bytes.Compare(op.key, end) < 0
+	})
 	return s.b.DeleteRange(start, end, nil)
 }
 

@@ -2,6 +2,7 @@ package twin
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -13,11 +14,14 @@ import (
 type worker struct {
 	e     *Engine
 	inbox chan *op
+	// wake makes the worker look at its timed work again: the rules
+	// changed, and with them what is due when.
+	wake chan struct{}
 
 	// twins and gone are the working state: every change applied, durable or
 	// not yet. Only the worker goroutine touches them.
 	twins    map[string]*Twin
-	gone     map[string]goneTwin     // what deleted twins left behind
+	gone     map[string]goneTwin     // twins deleted in this step (earlier ones are in the store)
 	sinks    map[string]Sink         // the streams of connected devices
 	cmds     map[string]*commandList // retained commands by device
 	expiries expiryHeap              // when open commands expire
@@ -25,7 +29,9 @@ type worker struct {
 	// ruleTimers when rules want a twin evaluated again.
 	ruleStates map[string]map[string]RuleState
 	ruleTimers ruleTimerHeap
+	ruleWake   map[string]time.Time // each twin's pending wake-up in ruleTimers
 	nextTick   time.Time
+	stepCost   uint64 // the CEL cost spent in the current step
 
 	// mu protects view and cmdView, the committed state that readers see.
 	// The syncer writes them after each commit; readers take the read lock.
@@ -64,6 +70,8 @@ func (w *worker) run() {
 		case <-timer.C:
 			w.step(nil)
 			continue
+		case <-w.wake:
+			continue
 		}
 		ops = append(ops[:0], o)
 	drain:
@@ -96,14 +104,9 @@ func (w *worker) step(ops []*op) {
 	}
 	now := e.opts.Clock().UTC()
 	ev := e.currentEvaluator()
+	w.stepCost = 0
+	clear(w.gone) // deletions of earlier steps are in the store now
 	changes := w.expireDue(now)
-	if ev != nil {
-		tick := !w.nextTick.IsZero() && !now.Before(w.nextTick)
-		if tick || w.nextTick.IsZero() {
-			w.nextTick = now.Add(e.opts.RuleTick)
-		}
-		changes = append(changes, w.timedRules(ev, now, tick)...)
-	}
 	for _, o := range ops {
 		if o.kind == opPoke {
 			// Answered once everything before it is durable.
@@ -112,13 +115,24 @@ func (w *worker) step(ops []*op) {
 		}
 		c, err := w.apply(o, now)
 		if err != nil {
-			o.done <- Result{Err: err}
+			// Answered, like a success, once everything before it is
+			// durable: the state that made it fail may not be yet.
+			changes = append(changes, &change{op: o, err: err})
 			continue
 		}
 		changes = append(changes, c)
 		if ev != nil && c.event != nil {
 			changes = append(changes, w.runRules(ev, c, now, false)...)
 		}
+	}
+	if ev != nil {
+		// After the requests, so that what they cost counts against the
+		// budget of the timed work.
+		tick := !w.nextTick.IsZero() && !now.Before(w.nextTick)
+		if tick || w.nextTick.IsZero() {
+			w.nextTick = now.Add(e.opts.RuleTick)
+		}
+		changes = append(changes, w.timedRules(ev, now, tick)...)
 	}
 	if len(changes) == 0 {
 		return
@@ -177,7 +191,10 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		if cur != nil {
 			return nil, fmt.Errorf("%w: twin %q already exists", ErrAlreadyExists, o.id)
 		}
-		gone := w.gone[o.id]
+		gone, err := w.lastLife(o.id)
+		if err != nil {
+			return nil, err
+		}
 		next, err = w.e.apply.create(o.create, gone.version, now)
 		if err == nil {
 			next.CommandSeq = gone.cmdSeq
@@ -211,6 +228,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			c.cmds = &commandList{}
 			for _, cmd := range l.cmds {
 				c.dropCmds = append(c.dropCmds, cmd.Seq)
+				w.expiries.remove(cmd)
 			}
 		}
 		if c.sink != nil {
@@ -273,12 +291,35 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	return c, nil
 }
 
+// lastLife returns what the last twin with this id left behind when it was
+// deleted: deletions of this step from memory, earlier ones from the store
+// (where their batches are applied, durable or not yet), so that no memory
+// is held for deleted twins.
+func (w *worker) lastLife(id string) (goneTwin, error) {
+	if g, ok := w.gone[id]; ok {
+		return g, nil
+	}
+	v, closer, err := w.e.db.Get(twinKey(w.e.VShard(id), id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return goneTwin{}, nil
+	}
+	if err != nil {
+		return goneTwin{}, fmt.Errorf("twin: read the record of deleted twin %q: %w", id, err)
+	}
+	defer closer.Close()
+	r, err := decodeRecord(v)
+	if err != nil {
+		return goneTwin{}, err
+	}
+	return goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}, nil
+}
+
 // nextTimed returns when the worker has timed work next: a command to
 // expire, a twin whose rules want evaluating, or the periodic rule tick.
 func (w *worker) nextTimed() (time.Time, bool) {
 	var at time.Time
 	if w.expiries.Len() > 0 {
-		at = w.expiries[0].at
+		at = w.expiries.next().at
 	}
 	if w.ruleTimers.Len() > 0 && (at.IsZero() || w.ruleTimers[0].at.Before(at)) {
 		at = w.ruleTimers[0].at
@@ -293,6 +334,9 @@ func (w *worker) nextTimed() (time.Time, bool) {
 
 // write adds a change's keys to b. buf is scratch space, returned for reuse.
 func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
+	if c.err != nil || c.op.kind == opPoke {
+		return buf, nil // nothing to write: answered in commit order
+	}
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)
@@ -391,7 +435,7 @@ func (w *worker) syncLoop() {
 func (e *Engine) publish(g *group) {
 	g.w.mu.Lock()
 	for _, c := range g.changes {
-		if c.op.kind == opPoke {
+		if c.op.kind == opPoke || c.err != nil {
 			continue
 		}
 		if c.next == nil {
@@ -409,7 +453,7 @@ func (e *Engine) publish(g *group) {
 	e.idxMu.Lock()
 	for _, c := range g.changes {
 		switch {
-		case c.op.kind == opPoke:
+		case c.op.kind == opPoke || c.err != nil:
 		case c.prev == nil && c.next != nil:
 			e.ids.ReplaceOrInsert(c.next.ID)
 		case c.next == nil && c.prev != nil:
@@ -473,6 +517,10 @@ func (e *Engine) publish(g *group) {
 	}
 	e.revMu.Unlock()
 	for _, c := range g.changes {
+		if c.err != nil {
+			c.op.done <- Result{Err: c.err}
+			continue
+		}
 		c.op.done <- Result{Twin: c.next, Command: c.cmd}
 	}
 }
