@@ -240,8 +240,8 @@ func (e *Engine) SendCommand(ctx context.Context, req CommandRequest) (*Command,
 	case req.TTL > e.opts.MaxCommandTTL:
 		return nil, fmt.Errorf("%w: ttl %v is over the maximum of %v", ErrInvalidArgument, req.TTL, e.opts.MaxCommandTTL)
 	}
-	if err := e.opts.Limits.checkPatch(req.Params); err != nil {
-		return nil, fmt.Errorf("params: %w", err)
+	if err := e.opts.Limits.checkCommandDoc(req.Params, "params"); err != nil {
+		return nil, err
 	}
 	if req.Source == "" {
 		req.Source = SourceAPI
@@ -256,8 +256,11 @@ func (e *Engine) UpdateCommand(ctx context.Context, deviceID string, u CommandUp
 	if u.State < CommandAccepted || u.State > CommandRejected {
 		return nil, fmt.Errorf("%w: a device may set a command ACCEPTED, SUCCEEDED, FAILED or REJECTED, not %s", ErrInvalidArgument, u.State)
 	}
-	if err := e.opts.Limits.checkPatch(u.Result); err != nil {
-		return nil, fmt.Errorf("result: %w", err)
+	if err := e.opts.Limits.checkCommandDoc(u.Result, "result"); err != nil {
+		return nil, err
+	}
+	if n := len(u.Message); n > e.opts.Limits.MaxMessageBytes {
+		return nil, fmt.Errorf("%w: message is %d bytes, over the limit of %d bytes", ErrLimit, n, e.opts.Limits.MaxMessageBytes)
 	}
 	o := &op{kind: opUpdateCommand, id: deviceID, cmdUpd: &u}
 	r, err := e.submit(ctx, o)

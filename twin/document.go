@@ -28,6 +28,12 @@ type Limits struct {
 	MaxDepth int
 	// MaxKeyBytes bounds the length of each key. Default 256.
 	MaxKeyBytes int
+	// MaxCommandBytes bounds the JSON encoding of a command's params, and
+	// of the result a device reports for it. Default 16 KiB.
+	MaxCommandBytes int
+	// MaxMessageBytes bounds the message a device reports with a
+	// command's state. Default 1 KiB.
+	MaxMessageBytes int
 }
 
 // EnsureDefaults fills the zero fields of l with their defaults.
@@ -41,6 +47,29 @@ func (l *Limits) EnsureDefaults() {
 	if l.MaxKeyBytes <= 0 {
 		l.MaxKeyBytes = 256
 	}
+	if l.MaxCommandBytes <= 0 {
+		l.MaxCommandBytes = 16 << 10
+	}
+	if l.MaxMessageBytes <= 0 {
+		l.MaxMessageBytes = 1 << 10
+	}
+}
+
+// checkCommandDoc checks a command's params or result: well formed, within
+// the depth and key limits and MaxCommandBytes.
+func (l *Limits) checkCommandDoc(d Document, name string) error {
+	if err := l.checkPatch(d); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	n, err := jsonSize(d)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrInvalidPatch, name, err)
+	}
+	if n > l.MaxCommandBytes {
+		return fmt.Errorf("%w: %s is %d bytes, over the command limit of %d bytes; send large data another way (a URL, or desired state)",
+			ErrLimit, name, n, l.MaxCommandBytes)
+	}
+	return nil
 }
 
 // checkPatch checks that a merge patch is well formed and within the depth

@@ -191,8 +191,8 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		if cur != nil {
 			return nil, fmt.Errorf("%w: twin %q already exists", ErrAlreadyExists, o.id)
 		}
-		gone, err := w.lastLife(o.id)
-		if err != nil {
+		var gone goneTwin
+		if gone, err = w.lastLife(o.id); err != nil {
 			return nil, err
 		}
 		next, err = w.e.apply.create(o.create, gone.version, now)

@@ -1,0 +1,517 @@
+package twin
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// funcEvaluator is an Evaluator made of a function, for tests that script
+// what rules do.
+type funcEvaluator struct {
+	eval  func(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation
+	ticks bool
+}
+
+func (f funcEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
+	return f.eval(prev, next, states, now, timer)
+}
+func (f funcEvaluator) Ticks(string) bool { return f.ticks }
+
+// gateFS holds every WAL sync while its gate is closed, so that a test can
+// look at the engine while a commit is applied but not yet durable.
+type gateFS struct {
+	vfs.FS
+	mu     sync.Mutex
+	closed bool
+	open   chan struct{} // closed when the gate opens
+	held   chan struct{} // signalled when a sync waits at the gate
+}
+
+func newGateFS(fs vfs.FS) *gateFS {
+	return &gateFS{FS: fs, open: make(chan struct{}), held: make(chan struct{}, 1)}
+}
+
+// close makes WAL syncs wait until reopen.
+func (g *gateFS) close() {
+	g.mu.Lock()
+	g.closed, g.open = true, make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *gateFS) reopen() {
+	g.mu.Lock()
+	if g.closed {
+		g.closed = false
+		close(g.open)
+	}
+	g.mu.Unlock()
+}
+
+func (g *gateFS) wait() {
+	g.mu.Lock()
+	closed, open := g.closed, g.open
+	g.mu.Unlock()
+	if closed {
+		select {
+		case g.held <- struct{}{}:
+		default:
+		}
+		<-open
+	}
+}
+
+func (g *gateFS) wrap(f vfs.File, name string, err error) (vfs.File, error) {
+	if err != nil || !strings.HasSuffix(name, ".log") {
+		return f, err
+	}
+	return &gateFile{File: f, g: g}, nil
+}
+
+func (g *gateFS) Create(name string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := g.FS.Create(name, c)
+	return g.wrap(f, name, err)
+}
+
+func (g *gateFS) ReuseForWrite(old, name string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := g.FS.ReuseForWrite(old, name, c)
+	return g.wrap(f, name, err)
+}
+
+type gateFile struct {
+	vfs.File
+	g *gateFS
+}
+
+func (f *gateFile) Sync() error     { f.g.wait(); return f.File.Sync() }
+func (f *gateFile) SyncData() error { f.g.wait(); return f.File.SyncData() }
+func (f *gateFile) SyncTo(n int64) (bool, error) {
+	f.g.wait()
+	return f.File.SyncTo(n)
+}
+
+// awaitHeld waits until a WAL sync waits at the closed gate.
+func (g *gateFS) awaitHeld(t *testing.T) {
+	t.Helper()
+	select {
+	case <-g.held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no WAL sync reached the gate")
+	}
+}
+
+// blockingEvaluator stalls the worker inside a step until released, so that
+// a test can queue several requests for the worker's next step.
+type blockingEvaluator struct {
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+	then    func(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation
+}
+
+func (b *blockingEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
+	if next.Labels["block"] == "yes" {
+		b.once.Do(func() {
+			close(b.entered)
+			<-b.release
+		})
+	}
+	if b.then != nil {
+		return b.then(prev, next, states, now, timer)
+	}
+	return Evaluation{}
+}
+func (b *blockingEvaluator) Ticks(string) bool { return false }
+
+// TestRuleCommandsAllKept: every command of every rule that fires on one
+// change is stored, delivered and survives a restart (item 2), and a command
+// fired by a connect's presence change joins the welcome's backlog.
+func TestRuleCommandsAllKept(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	ev := funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		var fs []Firing
+		if prev != nil && next.Reported["hot"] == true && prev.Reported["hot"] != true {
+			fs = append(fs,
+				Firing{RuleID: "r1", Commands: []RuleCommand{{Name: "a"}, {Name: "b"}}},
+				Firing{RuleID: "r2", Commands: []RuleCommand{{Name: "c"}}})
+		}
+		if prev != nil && next.Presence.Connected && !prev.Presence.Connected {
+			fs = append(fs, Firing{RuleID: "hello", Commands: []RuleCommand{{Name: "sync"}}})
+		}
+		return Evaluation{Firings: fs}
+	}}
+	e := openMem(t, fs, Options{})
+	e.SetEvaluator(ev)
+	if _, err := e.Create(ctx, CreateRequest{ID: "f1", Type: "fridge"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: "f1", Name: "queued"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "f1", Patch: Document{"hot": true}}); err != nil {
+		t.Fatal(err)
+	}
+	names := func(e *Engine) []string {
+		cmds, _, err := e.ListCommands("f1", nil, 0, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, c := range cmds {
+			out = append(out, c.Name+":"+c.State.String())
+		}
+		return out
+	}
+	want := []string{"queued:QUEUED", "a:QUEUED", "b:QUEUED", "c:QUEUED"}
+	if got := names(e); !slices.Equal(got, want) {
+		t.Errorf("commands = %v; want %v", got, want)
+	}
+	e.Close()
+	e = openMem(t, fs, Options{})
+	defer e.Close()
+	e.SetEvaluator(ev)
+	if got := names(e); !slices.Equal(got, want) {
+		t.Errorf("commands after restart = %v; want %v", got, want)
+	}
+	sink := newRecSink()
+	if _, err := e.Connect(ctx, "f1", sink); err != nil {
+		t.Fatal(err)
+	}
+	got := sink.wait(t, 1)[0]
+	wantWelcome := "welcome v2 f1~1:SENT f1~2:SENT f1~3:SENT f1~4:SENT f1~5:SENT"
+	if got != wantWelcome {
+		t.Errorf("welcome = %q; want %q (the backlog and the command of the connect's rule)", got, wantWelcome)
+	}
+}
+
+// TestDeleteInStepWithReports: a delete that shares a worker step with
+// reports before it and a re-creation after it leaves nothing of the old
+// twin behind: no history, no rule states, also after a restart (item 8).
+func TestDeleteInStepWithReports(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	b := &blockingEvaluator{entered: make(chan struct{}), release: make(chan struct{}),
+		then: func(prev, next *Twin, _ map[string]RuleState, now time.Time, _ bool) Evaluation {
+			return Evaluation{States: map[string]*RuleState{"r": {Gen: next.Version, Active: true}}}
+		}}
+	e := openMem(t, fs, Options{Workers: 1, VShards: 1})
+	e.SetEvaluator(b)
+	if _, err := e.Create(ctx, CreateRequest{ID: "p1", Type: "planter"}); err != nil {
+		t.Fatal(err)
+	}
+	// Stall the worker on another twin, queue reports, a delete and a
+	// re-creation of p1 behind it, then let them go as one step.
+	blocked := make(chan error, 1)
+	go func() {
+		_, err := e.Create(ctx, CreateRequest{ID: "blocker", Type: "planter", Labels: map[string]string{"block": "yes"}})
+		blocked <- err
+	}()
+	<-b.entered
+	var pend []Pending
+	for i := range 3 {
+		p, err := e.StartReport(ctx, PatchRequest{ID: "p1", Patch: Document{"n": float64(i)}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pend = append(pend, p)
+	}
+	del := make(chan error, 1)
+	go func() { del <- e.Delete(ctx, "p1", 0) }()
+	for len(e.workers[0].inbox) < 4 {
+		time.Sleep(time.Millisecond) // until the delete is queued behind the reports
+	}
+	rec := make(chan error, 1)
+	go func() {
+		_, err := e.Create(ctx, CreateRequest{ID: "p1", Type: "planter"})
+		rec <- err
+	}()
+	for len(e.workers[0].inbox) < 5 {
+		time.Sleep(time.Millisecond)
+	}
+	close(b.release)
+	for _, p := range pend {
+		if r := <-p.Done(); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+	}
+	if err := <-del; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-rec; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-blocked; err != nil {
+		t.Fatal(err)
+	}
+	check := func(e *Engine, when string) {
+		tw, err := e.Get("p1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		evs, err := e.History("p1", 0, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var vs []int64
+		for _, ev := range evs {
+			vs = append(vs, ev.Twin.Version)
+		}
+		if want := []int64{tw.Version}; !slices.Equal(vs, want) {
+			t.Errorf("%s: history of the re-created twin has versions %v; want %v", when, vs, want)
+		}
+		st := e.workers[0].ruleStates["p1"]
+		if s, ok := st["r"]; !ok || s.Gen != tw.Version {
+			t.Errorf("%s: rule state of the re-created twin = %+v; want generation %d (the old twin's states are gone)", when, st, tw.Version)
+		}
+	}
+	check(e, "before restart")
+	e.Close()
+	e = openMem(t, fs, Options{Workers: 1, VShards: 1})
+	defer e.Close()
+	check(e, "after restart")
+}
+
+// TestRulePatchesKeepNulls: a rule's null removes a desired key, also when
+// several rules patch desired on one change (item 15).
+func TestRulePatchesKeepNulls(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		if prev == nil || next.Reported["go"] != true || prev.Reported["go"] == true {
+			return Evaluation{}
+		}
+		return Evaluation{Firings: []Firing{
+			{RuleID: "a", DesiredPatch: Document{"pump": nil, "fan": "on"}},
+			{RuleID: "b", DesiredPatch: Document{"lamp": "on"}},
+			{RuleID: "c", DesiredPatch: Document{"lamp": nil, "mode": map[string]any{"x": nil, "y": 1.0}}},
+		}}
+	}})
+	if _, err := e.Create(ctx, CreateRequest{ID: "p", Type: "planter",
+		Desired: Document{"pump": "on", "mode": map[string]any{"x": 1.0}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "p", Patch: Document{"go": true}}); err != nil {
+		t.Fatal(err)
+	}
+	tw, _ := e.Get("p")
+	want := Document{"fan": "on", "mode": map[string]any{"y": 1.0}}
+	if !jsonEqual(map[string]any(tw.Desired), map[string]any(want)) {
+		t.Errorf("desired = %v; want %v", tw.Desired, want)
+	}
+}
+
+// TestFailuresAnsweredWhenDurable: an error computed from state that is not
+// yet durable is not answered before that state is (item 17), and history
+// shows no version that is not durable (item 16).
+func TestFailuresAnsweredWhenDurable(t *testing.T) {
+	ctx := context.Background()
+	g := newGateFS(vfs.NewMem())
+	e := openMem(t, g, Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "f", Type: "fridge"}); err != nil {
+		t.Fatal(err)
+	}
+	g.close()
+	defer g.reopen() // before Close, if the test fails early
+	report := make(chan error, 1)
+	go func() {
+		_, err := e.Report(ctx, PatchRequest{ID: "f", Patch: Document{"temp_c": 3.0}})
+		report <- err
+	}()
+	g.awaitHeld(t)
+
+	// Version 2 is in the store but not durable: history must not show it.
+	evs, err := e.History("f", 0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 1 || evs[0].Twin.Version != 1 {
+		var vs []int64
+		for _, ev := range evs {
+			vs = append(vs, ev.Twin.Version)
+		}
+		t.Errorf("history while version 2 is not durable = versions %v; want [1]", vs)
+	}
+
+	// A write expecting version 2 fails because of that report: the
+	// failure must wait for it to be durable.
+	answered := make(chan error, 1)
+	go func() {
+		_, err := e.UpdateDesired(ctx, PatchRequest{ID: "f", Patch: Document{"x": 1.0}, ExpectedVersion: 1})
+		answered <- err
+	}()
+	select {
+	case err := <-answered:
+		t.Fatalf("UpdateDesired answered %v while the report it conflicts with was not durable", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	g.reopen()
+	if err := <-report; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-answered; !errors.Is(err, ErrVersionMismatch) {
+		t.Errorf("UpdateDesired = %v; want ErrVersionMismatch", err)
+	}
+}
+
+// TestTimeRulesAfterRestart runs on the real clock: a rule that reads `now`
+// fires after a restart with no write at all (item 4).
+func TestTimeRulesAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{RuleTick: 20 * time.Millisecond})
+	if _, err := e.Create(ctx, CreateRequest{ID: "c", Type: "car"}); err != nil {
+		t.Fatal(err)
+	}
+	e.Close()
+
+	fired := make(chan FiringEvent, 16)
+	e = openMem(t, fs, Options{RuleTick: 20 * time.Millisecond, OnFirings: func(evs []FiringEvent) {
+		for _, ev := range evs {
+			select {
+			case fired <- ev:
+			default:
+			}
+		}
+	}})
+	defer e.Close()
+	// The workers go to sleep with nothing to do before the rules are
+	// installed, as in twind, which loads them after opening the store.
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	e.SetEvaluator(funcEvaluator{ticks: true, eval: func(prev, next *Twin, st map[string]RuleState, now time.Time, timer bool) Evaluation {
+		if !timer || st["idle"].Fired || now.Sub(start) < 50*time.Millisecond {
+			return Evaluation{}
+		}
+		return Evaluation{States: map[string]*RuleState{"idle": {Fired: true}},
+			Firings: []Firing{{RuleID: "idle", Emits: []Emit{{Message: "idle"}}}}}
+	}})
+	select {
+	case ev := <-fired:
+		if ev.RuleID != "idle" || ev.TwinID != "c" {
+			t.Errorf("firing = %s on %s; want idle on c", ev.RuleID, ev.TwinID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the time rule did not fire after the restart with no write")
+	}
+}
+
+// TestRuleLoopStops: rules that keep changing desired state stop after
+// maxRuleDepth applied changes; only applied firings count as firings, and
+// the stop is an error of the rule (item 11).
+func TestRuleLoopStops(t *testing.T) {
+	ctx := context.Background()
+	var mu sync.Mutex
+	var got []FiringEvent
+	e := openMem(t, vfs.NewMem(), Options{OnFirings: func(evs []FiringEvent) {
+		mu.Lock()
+		got = append(got, evs...)
+		mu.Unlock()
+	}})
+	defer e.Close()
+	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		n, _ := next.Desired["n"].(float64)
+		return Evaluation{Firings: []Firing{{RuleID: "count", DesiredPatch: Document{"n": n + 1}}}}
+	}})
+	if _, err := e.Create(ctx, CreateRequest{ID: "x", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.RunTimers(ctx); err != nil { // everything published
+		t.Fatal(err)
+	}
+	tw, _ := e.Get("x")
+	if n := tw.Desired["n"]; n != float64(maxRuleDepth) {
+		t.Errorf("desired n = %v; want %d", n, maxRuleDepth)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var applied, loops int
+	for _, f := range got {
+		switch {
+		case errors.Is(f.Err, ErrRuleLoop) && f.RuleID == "count":
+			loops++
+		case f.Err == nil:
+			applied++
+		default:
+			t.Errorf("unexpected firing %+v", f)
+		}
+	}
+	if applied != maxRuleDepth || loops != 1 {
+		t.Errorf("firings: %d applied, %d loop errors; want %d and 1", applied, loops, maxRuleDepth)
+	}
+}
+
+// TestTimedWorkBounded: finished commands leave the expiry heap, and a
+// twin has at most one pending rule wake-up however often it changes
+// (item 18).
+func TestTimedWorkBounded(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 1})
+	defer e.Close()
+	e.SetEvaluator(funcEvaluator{eval: func(_, next *Twin, _ map[string]RuleState, now time.Time, _ bool) Evaluation {
+		return Evaluation{Wake: now.Add(time.Hour)} // hold_for running
+	}})
+	if _, err := e.Create(ctx, CreateRequest{ID: "d", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: "d", Name: "go", TTL: 24 * time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.UpdateCommand(ctx, "d", CommandUpdate{ID: cmd.ID, State: CommandSucceeded}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{"i": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w := e.workers[0]
+	// The worker is idle: RunTimers returned after its step.
+	if n := w.expiries.Len(); n != 0 {
+		t.Errorf("expiry heap holds %d entries with no open command; want 0", n)
+	}
+	if n := w.ruleTimers.Len(); n > 1 {
+		t.Errorf("rule timer heap holds %d entries for one twin; want 1", n)
+	}
+}
+
+// TestCommandLimits: params, results and messages are bounded (item 5).
+func TestCommandLimits(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "d", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	big := Document{"blob": strings.Repeat("x", 17<<10)}
+	if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: "d", Name: "go", Params: big}); !errors.Is(err, ErrLimit) {
+		t.Errorf("SendCommand with 17 KiB of params = %v; want ErrLimit", err)
+	}
+	cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: "d", Name: "go", Params: Document{"ok": true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.UpdateCommand(ctx, "d", CommandUpdate{ID: cmd.ID, State: CommandSucceeded, Result: big}); !errors.Is(err, ErrLimit) {
+		t.Errorf("UpdateCommand with 17 KiB of result = %v; want ErrLimit", err)
+	}
+	if _, err := e.UpdateCommand(ctx, "d", CommandUpdate{ID: cmd.ID, State: CommandFailed, Message: strings.Repeat("m", 2000)}); !errors.Is(err, ErrLimit) {
+		t.Errorf("UpdateCommand with a 2000-byte message = %v; want ErrLimit", err)
+	}
+	if got, _ := e.GetCommand(cmd.ID); got.State != CommandQueued {
+		t.Errorf("command after refused updates is %s; want QUEUED", got.State)
+	}
+}
