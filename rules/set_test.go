@@ -35,13 +35,13 @@ func TestEvaluateDropsVoidStates(t *testing.T) {
 	})
 	fired := now.Add(-time.Hour)
 	states := map[string]twin.RuleState{
-		"deleted": {Gen: 1, Active: true, Fired: true, LastFired: fired},    // the rule is gone
-		"changed": {Gen: 1, Active: true, Fired: true, LastFired: fired},    // gen 2 now, and false
-		"retyped": {Gen: 1, Active: true, Fired: true, LastFired: fired},    // watches cars now
-		"cars":    {Gen: 1, Active: true, Fired: true, LastFired: fired},    // the twin was a car
-		"warm":    {Gen: 1, Active: true, Fired: true, LastFired: fired},    // still holds: unchanged
-		"cold":    {Gen: 1, LastFired: fired},                               // false, remembers its cooldown
-		"off":     {Gen: 1, Active: true, Fired: true, LastFired: fired},    // disabled: kept for when it is on
+		"deleted": {Gen: 1, Active: true, Fired: true, LastFired: fired}, // the rule is gone
+		"changed": {Gen: 1, Active: true, Fired: true, LastFired: fired}, // gen 2 now, and false
+		"retyped": {Gen: 1, Active: true, Fired: true, LastFired: fired}, // watches cars now
+		"cars":    {Gen: 1, Active: true, Fired: true, LastFired: fired}, // the twin was a car
+		"warm":    {Gen: 1, Active: true, Fired: true, LastFired: fired}, // still holds: unchanged
+		"cold":    {Gen: 1, LastFired: fired},                            // false, remembers its cooldown
+		"off":     {Gen: 1, Active: true, Fired: true, LastFired: fired}, // disabled: kept for when it is on
 	}
 	fridge := &twin.Twin{ID: "f-1", Type: "fridge", Version: 2, Reported: twin.Document{"temp_c": 9.0}, Desired: twin.Document{}}
 	res := set.Evaluate(fridge, fridge, states, now, false)
