@@ -144,7 +144,7 @@ type Compiled struct {
 	// a stored rule that was loaded anyway; nil otherwise.
 	Problems error
 
-	cond        cel.Program
+	cond        *program
 	actions     []compiledAction
 	usesNow     bool
 	usesChanged bool
@@ -155,7 +155,7 @@ type compiledAction struct {
 	kind     string // "command", "set_desired" or "emit"
 	name     string
 	severity int
-	prg      cel.Program // nil for a command without params
+	prg      *program // nil for a command without params
 }
 
 // Compile checks a rule and compiles its expressions, for twins within
@@ -215,7 +215,7 @@ func compileRule(def Definition, hints sizeHints, strict bool) (*Compiled, error
 	var late []Issue
 	cond, prgIssues := compileProgram("condition", def.Condition, cel.BoolType, hints)
 	issues = append(issues, prgIssues...)
-	c.cond, c.CostEstimate, c.usesNow, c.usesChanged = cond.prg, cond.estimate, cond.usesNow, cond.usesChanged
+	c.cond, c.CostEstimate, c.usesNow, c.usesChanged = &cond, cond.estimate, cond.usesNow, cond.usesChanged
 	late = append(late, cond.late...)
 	for i, a := range def.Actions {
 		field := fmt.Sprintf("actions[%d]", i)
@@ -258,7 +258,7 @@ func compileRule(def Definition, hints sizeHints, strict bool) (*Compiled, error
 		if strings.TrimSpace(src) != "" {
 			p, prgIssues := compileProgram(field, src, want, hints)
 			issues = append(issues, prgIssues...)
-			ca.prg = p.prg
+			ca.prg = &p
 			c.usesNow = c.usesNow || p.usesNow
 			c.usesChanged = c.usesChanged || p.usesChanged
 			late = append(late, p.late...)
@@ -278,12 +278,22 @@ func compileRule(def Definition, hints sizeHints, strict bool) (*Compiled, error
 	return c, nil
 }
 
+// untrackedCost is the cost estimate up to which an expression runs
+// without a runtime limit, and without tracking the cost it spends, which
+// costs more than the expression: it is counted at its estimate. An
+// expression that loops over twin data, or calls a function on a string
+// from it, is always above.
+const untrackedCost = 1_000
+
 // program is a compiled expression of a rule.
 type program struct {
 	prg cel.Program
 	// estimate is CEL's worst-case cost of one evaluation on twins within
 	// the document limits; unbounded if CEL cannot bound it.
-	estimate    uint64
+	estimate uint64
+	// tracked says the program runs under RuleCostLimit, tracking what
+	// each evaluation spends; one that is not costs its estimate.
+	tracked     bool
 	usesNow     bool
 	usesChanged bool
 	// late lists the problems that only new rules are refused for.
@@ -321,10 +331,13 @@ func compileProgram(field, src string, want *cel.Type, hints sizeHints) (p progr
 	if est > RuleCostLimit && est != unbounded {
 		p.late = append(p.late, Issue{Field: field, Message: costMessage(est, hints)})
 	}
-	// Every program runs under the runtime limit, which also tracks the
-	// cost each evaluation spends: the estimate is for the worst case, and
-	// CEL cannot bound some expressions at all.
-	prg, err := env.Program(a, cel.EvalOptions(cel.OptOptimize), cel.CostLimit(RuleCostLimit))
+	// A program runs under the runtime limit, which also tracks the cost
+	// each evaluation spends, unless its worst case is small.
+	opts := []cel.ProgramOption{cel.EvalOptions(cel.OptOptimize)}
+	if p.tracked = est > untrackedCost; p.tracked {
+		opts = append(opts, cel.CostLimit(RuleCostLimit))
+	}
+	prg, err := env.Program(a, opts...)
 	if err != nil {
 		return p, []Issue{{Field: field, Message: err.Error()}}
 	}
@@ -423,9 +436,11 @@ type activation struct {
 }
 
 // eval evaluates a program on the change, adding the cost it spent.
-func (a *activation) eval(prg cel.Program) (ref.Val, error) {
-	out, det, err := prg.Eval(a)
-	if c := det.ActualCost(); c != nil {
+func (a *activation) eval(p *program) (ref.Val, error) {
+	out, det, err := p.prg.Eval(a)
+	if !p.tracked {
+		a.cost += p.estimate
+	} else if c := det.ActualCost(); c != nil {
 		a.cost += *c
 	}
 	if err != nil {
@@ -487,8 +502,8 @@ func missingField(err error) bool {
 }
 
 // evalMap evaluates an expression to a document.
-func evalMap(prg cel.Program, act *activation) (twin.Document, error) {
-	out, err := act.eval(prg)
+func evalMap(p *program, act *activation) (twin.Document, error) {
+	out, err := act.eval(p)
 	if err != nil {
 		return nil, err
 	}
