@@ -167,7 +167,11 @@ func Compile(def Definition) (*Compiled, error) {
 
 // CompileWithLimits is Compile for twins whose documents are bounded by
 // limits (zero fields mean twin's defaults). An expression whose worst-case
-// cost on such twins, as CEL estimates it, exceeds RuleCostLimit is refused.
+// cost on such twins, as CEL estimates it, exceeds RuleCostLimit is refused,
+// as is arithmetic that mixes a number from a twin's documents (a double)
+// with an int, which CEL cannot evaluate; the issue says what to write
+// instead. An expression CEL cannot bound is accepted and runs under
+// RuleCostLimit.
 func CompileWithLimits(def Definition, limits twin.Limits) (*Compiled, error) {
 	return compileRule(def, newSizeHints(limits), true)
 }

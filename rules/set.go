@@ -59,6 +59,12 @@ func (s *Set) Ticks(typ string) bool { return s.tickAll || s.ticks[typ] }
 // twin when the rule is created, counts as one whose condition was false:
 // a condition already true when the rule is created fires on the twin's next
 // change (or tick, for rules that read `now`).
+//
+// States that are void are deleted (returned as nil): those of rules that
+// are gone, whose generation changed, or that do not watch the twin's type
+// (any more); a disabled rule's current state is kept for when it is
+// enabled again. Cost is the CEL cost spent, where an expression whose
+// worst case is at most 1,000 counts at its estimate, untracked.
 func (s *Set) Evaluate(prev, next *twin.Twin, states map[string]twin.RuleState, now time.Time, timer bool) twin.Evaluation {
 	var res twin.Evaluation
 	setState := func(id string, st *twin.RuleState) {
