@@ -365,6 +365,7 @@ func TestRuleRefusals(t *testing.T) {
 			wantSmall: "orValue(0.0) instead of orValue(0)"},
 		{name: "counter with doubles", condition: "true", patch: "{'n': twin.desired.?n.orValue(0.0) + 1.0}"},
 		{name: "README: changed", condition: "'reported.door' in changed", maxAllowed: 100_000},
+		{name: "README: presence", condition: "now - twin.presence.last_seen > duration('10m')", maxAllowed: 100},
 		{name: "README: planter-dry", condition: "twin.reported.soil_moisture < 30.0 && twin.desired.?pump.orValue('off') != 'on'", patch: "{'pump': 'on'}", maxAllowed: 100},
 		{name: "comprehension", condition: "twin.reported.exists(k, k.startsWith('temp_') && twin.reported[k] > 30.0)", maxAllowed: rules.RuleCostLimit},
 		{name: "matches", condition: "twin.reported.name.matches('^planter-[0-9]+$') && twin.labels.site.matches('^ber')", maxAllowed: 100_000},
