@@ -129,6 +129,8 @@ func doc(t *testing.T, s string) twin.Document {
 //
 //	rule            create a rule; input: its definition as JSON, durations as strings
 //	update-rule     replace a rule, likewise
+//	store-rule      store a rule definition as is, as an earlier version
+//	                may have; it loads at the next restart
 //	delete-rule id=X
 //	create id=X type=T
 //	report id=X     input: a merge patch
@@ -165,6 +167,18 @@ func TestRulesDataDriven(t *testing.T) {
 					_, err = w.reg.Update(def)
 				}
 				if err != nil {
+					return "error: " + err.Error()
+				}
+				return "ok"
+			case "store-rule":
+				// A rule as an earlier version stored it, unchecked.
+				def, err := parseDefinition(d.Input)
+				if err != nil {
+					return "error: " + err.Error()
+				}
+				def.Gen = 1
+				b, _ := json.Marshal(def)
+				if err := w.e.PutRule(def.ID, b); err != nil {
 					return "error: " + err.Error()
 				}
 				return "ok"
