@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -45,6 +46,7 @@ type world struct {
 	clock *fakeClock
 	e     *twin.Engine
 	reg   *rules.Registry
+	set   atomic.Pointer[rules.Set] // the rules in force, which count firings
 
 	mu      sync.Mutex
 	firings []twin.FiringEvent
@@ -61,6 +63,9 @@ func (w *world) open() {
 	e, err := twin.Open(twin.Options{Dir: "db", FS: w.fs, Clock: w.clock.Now, RuleTick: time.Minute,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		OnFirings: func(evs []twin.FiringEvent) {
+			if s := w.set.Load(); s != nil {
+				s.Record(evs)
+			}
 			w.mu.Lock()
 			w.firings = append(w.firings, evs...)
 			w.mu.Unlock()
@@ -68,7 +73,7 @@ func (w *world) open() {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	reg, err := rules.NewRegistry(e, func(s *rules.Set) { e.SetEvaluator(s) }, w.clock.Now, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	reg, err := rules.NewRegistry(e, func(s *rules.Set) { w.set.Store(s); e.SetEvaluator(s) }, w.clock.Now, slog.New(slog.NewTextHandler(io.Discard, nil)), twin.Limits{})
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -124,6 +129,8 @@ func doc(t *testing.T, s string) twin.Document {
 //
 //	rule            create a rule; input: its definition as JSON, durations as strings
 //	update-rule     replace a rule, likewise
+//	store-rule      store a rule definition as is, as an earlier version
+//	                may have; it loads at the next restart
 //	delete-rule id=X
 //	create id=X type=T
 //	report id=X     input: a merge patch
@@ -132,6 +139,8 @@ func doc(t *testing.T, s string) twin.Document {
 //	restart         close the engine and open it again on the same store
 //	get id=X        print the twin's desired state and commands
 //	complete-commands id=X  report every command of X succeeded
+//	status id=X     print a rule's status counts
+//	states id=X     print the rule states stored for twin X
 func TestRulesDataDriven(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		w := newWorld(t)
@@ -158,6 +167,18 @@ func TestRulesDataDriven(t *testing.T) {
 					_, err = w.reg.Update(def)
 				}
 				if err != nil {
+					return "error: " + err.Error()
+				}
+				return "ok"
+			case "store-rule":
+				// A rule as an earlier version stored it, unchecked.
+				def, err := parseDefinition(d.Input)
+				if err != nil {
+					return "error: " + err.Error()
+				}
+				def.Gen = 1
+				b, _ := json.Marshal(def)
+				if err := w.e.PutRule(def.ID, b); err != nil {
 					return "error: " + err.Error()
 				}
 				return "ok"
@@ -198,6 +219,13 @@ func TestRulesDataDriven(t *testing.T) {
 					lines = append(lines, got.ID+" "+got.State.String())
 				}
 				return strings.Join(lines, "\n")
+			case "status":
+				c, err := w.reg.Get(arg("id"))
+				if err != nil {
+					return "error: " + err.Error()
+				}
+				st := c.Status()
+				return fmt.Sprintf("fires %d errors %d last error %q", st.Fires, st.Errors, st.LastError)
 			case "get":
 				tw, err := w.e.Get(arg("id"))
 				if err != nil {

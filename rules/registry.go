@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/twind-io/twind/twin"
 )
 
 // Errors of the registry.
@@ -32,6 +34,7 @@ type Registry struct {
 	store   Store
 	install func(*Set)
 	clock   func() time.Time
+	hints   sizeHints
 
 	// mu serializes changes and protects rules and statuses.
 	mu       sync.Mutex
@@ -40,12 +43,18 @@ type Registry struct {
 	flushed  map[string]StatusSnapshot // statuses as last stored
 }
 
-// NewRegistry loads the stored rules and installs them. A stored rule that
-// no longer compiles is logged and left out, so that one bad rule cannot keep
-// the server from starting.
-func NewRegistry(store Store, install func(*Set), clock func() time.Time, log *slog.Logger) (*Registry, error) {
-	r := &Registry{store: store, install: install, clock: clock, rules: map[string]*Compiled{}, statuses: map[string]*Status{},
-		flushed: map[string]StatusSnapshot{}}
+// NewRegistry loads the stored rules and installs them. limits are the
+// document limits of the store's twins (zero fields mean twin's defaults):
+// rules are cost-checked for twins within them (see CompileWithLimits). A
+// stored rule that no longer compiles is logged and left out, so that one
+// bad rule cannot keep the server from starting; one that compiles but
+// would be refused today (see Compiled.Problems) is logged and keeps
+// running, under the runtime cost limit.
+//
+// Rule statuses count the firings passed to the installed Set's Record.
+func NewRegistry(store Store, install func(*Set), clock func() time.Time, log *slog.Logger, limits twin.Limits) (*Registry, error) {
+	r := &Registry{store: store, install: install, clock: clock, hints: newSizeHints(limits),
+		rules: map[string]*Compiled{}, statuses: map[string]*Status{}, flushed: map[string]StatusSnapshot{}}
 	defs, err := store.Rules()
 	if err != nil {
 		return nil, fmt.Errorf("rules: load: %w", err)
@@ -56,10 +65,13 @@ func NewRegistry(store Store, install func(*Set), clock func() time.Time, log *s
 			log.Error("stored rule is corrupt; skipping it", "rule", id, "err", err)
 			continue
 		}
-		c, err := Compile(def)
+		c, err := compileRule(def, r.hints, false)
 		if err != nil {
 			log.Error("stored rule does not compile; skipping it", "rule", id, "err", err)
 			continue
+		}
+		if c.Problems != nil {
+			log.Warn("stored rule would be refused today; it keeps running: update it", "rule", id, "err", c.Problems)
 		}
 		c.status = statusFrom(def.Status)
 		r.rules[id] = c
@@ -110,8 +122,14 @@ func (r *Registry) Update(def Definition) (*Compiled, error) {
 	return r.putLocked(def, r.statuses[def.ID])
 }
 
+// Compile checks and compiles a rule as Create and Update do, for the
+// registry's document limits, without storing it.
+func (r *Registry) Compile(def Definition) (*Compiled, error) {
+	return compileRule(def, r.hints, true)
+}
+
 func (r *Registry) putLocked(def Definition, st *Status) (*Compiled, error) {
-	c, err := Compile(def)
+	c, err := r.Compile(def)
 	if err != nil {
 		return nil, err
 	}

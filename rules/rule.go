@@ -11,7 +11,6 @@ import (
 
 	"cel.dev/cel-go/cel"
 	"cel.dev/cel-go/common/ast"
-	"cel.dev/cel-go/common/cost"
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/common/types/ref"
 	"cel.dev/cel-go/interpreter"
@@ -121,11 +120,9 @@ func (e IssuesError) Error() string {
 func (e IssuesError) Unwrap() error { return ErrInvalid }
 
 const (
-	// costBudget is the static cost estimate above which an expression is
-	// evaluated with a runtime cost limit.
-	costBudget = 10_000
-	// RuleCostLimit bounds the runtime cost of one evaluation of an
-	// expression whose estimate is over budget or unbounded.
+	// RuleCostLimit bounds the cost of one evaluation of one expression of
+	// a rule, at run time, and the worst-case cost CEL may estimate for it
+	// when the rule is created.
 	RuleCostLimit = 1_000_000
 	maxActions    = 16
 	maxTypes      = 32
@@ -142,8 +139,12 @@ var (
 type Compiled struct {
 	Def          Definition
 	CostEstimate uint64 // worst-case static cost of the condition
+	// Problems lists what a new rule would be refused for (a cost estimate
+	// over RuleCostLimit, arithmetic that mixes twin numbers with ints) in
+	// a stored rule that was loaded anyway; nil otherwise.
+	Problems error
 
-	cond        cel.Program
+	cond        *program
 	actions     []compiledAction
 	usesNow     bool
 	usesChanged bool
@@ -154,12 +155,32 @@ type compiledAction struct {
 	kind     string // "command", "set_desired" or "emit"
 	name     string
 	severity int
-	prg      cel.Program // nil for a command without params
+	prg      *program // nil for a command without params
 }
 
-// Compile checks a rule and compiles its expressions. Every problem is
-// reported at once, as an IssuesError.
+// Compile checks a rule and compiles its expressions, for twins within
+// twin's default document limits. Every problem is reported at once, as an
+// IssuesError.
 func Compile(def Definition) (*Compiled, error) {
+	return CompileWithLimits(def, twin.Limits{})
+}
+
+// CompileWithLimits is Compile for twins whose documents are bounded by
+// limits (zero fields mean twin's defaults). An expression whose worst-case
+// cost on such twins, as CEL estimates it, exceeds RuleCostLimit is refused,
+// as is arithmetic that mixes a number from a twin's documents (a double)
+// with an int, which CEL cannot evaluate; the issue says what to write
+// instead. An expression CEL cannot bound is accepted and runs under
+// RuleCostLimit.
+func CompileWithLimits(def Definition, limits twin.Limits) (*Compiled, error) {
+	return compileRule(def, newSizeHints(limits), true)
+}
+
+// compileRule compiles a rule. strict refuses what earlier versions
+// accepted: expressions whose bounded cost estimate exceeds RuleCostLimit
+// and arithmetic that mixes twin numbers with ints. A stored rule is loaded
+// without it, to keep running what was accepted before.
+func compileRule(def Definition, hints sizeHints, strict bool) (*Compiled, error) {
 	var issues []Issue
 	add := func(field, format string, args ...any) {
 		issues = append(issues, Issue{Field: field, Message: fmt.Sprintf(format, args...)})
@@ -194,9 +215,12 @@ func Compile(def Definition) (*Compiled, error) {
 		add("actions", "has %d actions, at most %d", len(def.Actions), maxActions)
 	}
 	c := &Compiled{Def: def, status: &Status{}}
-	var prgIssues []Issue
-	c.cond, c.CostEstimate, c.usesNow, c.usesChanged, prgIssues = compileProgram("condition", def.Condition, cel.BoolType)
+	// late lists the problems strict refuses.
+	var late []Issue
+	cond, prgIssues := compileProgram("condition", def.Condition, cel.BoolType, hints)
 	issues = append(issues, prgIssues...)
+	c.cond, c.CostEstimate, c.usesNow, c.usesChanged = &cond, cond.estimate, cond.usesNow, cond.usesChanged
+	late = append(late, cond.late...)
 	for i, a := range def.Actions {
 		field := fmt.Sprintf("actions[%d]", i)
 		var ca compiledAction
@@ -236,56 +260,92 @@ func Compile(def Definition) (*Compiled, error) {
 			continue
 		}
 		if strings.TrimSpace(src) != "" {
-			var now, changed bool
-			ca.prg, _, now, changed, prgIssues = compileProgram(field, src, want)
+			p, prgIssues := compileProgram(field, src, want, hints)
 			issues = append(issues, prgIssues...)
-			c.usesNow = c.usesNow || now
-			c.usesChanged = c.usesChanged || changed
+			ca.prg = &p
+			c.usesNow = c.usesNow || p.usesNow
+			c.usesChanged = c.usesChanged || p.usesChanged
+			late = append(late, p.late...)
 		}
 		c.actions = append(c.actions, ca)
 	}
+	if strict {
+		issues = append(issues, late...)
+	}
 	if len(issues) > 0 {
 		return nil, IssuesError(issues)
+	}
+	if len(late) > 0 {
+		c.Problems = IssuesError(late)
 	}
 	c.Def.Trigger = def.Trigger
 	return c, nil
 }
 
+// untrackedCost is the cost estimate up to which an expression runs
+// without a runtime limit, and without tracking the cost it spends, which
+// costs more than the expression: it is counted at its estimate. An
+// expression that loops over twin data, or calls a function on a string
+// from it, is always above.
+const untrackedCost = 1_000
+
+// program is a compiled expression of a rule.
+type program struct {
+	prg cel.Program
+	// estimate is CEL's worst-case cost of one evaluation on twins within
+	// the document limits; unbounded if CEL cannot bound it.
+	estimate uint64
+	// tracked says the program runs under RuleCostLimit, tracking what
+	// each evaluation spends; one that is not costs its estimate.
+	tracked     bool
+	usesNow     bool
+	usesChanged bool
+	// late lists the problems that only new rules are refused for.
+	late []Issue
+}
+
 // compileProgram compiles one expression of a rule.
-func compileProgram(field, src string, want *cel.Type) (prg cel.Program, estimate uint64, usesNow, usesChanged bool, issues []Issue) {
+func compileProgram(field, src string, want *cel.Type, hints sizeHints) (p program, issues []Issue) {
 	if strings.TrimSpace(src) == "" {
-		return nil, 0, false, false, []Issue{{Field: field, Message: "is required"}}
+		return p, []Issue{{Field: field, Message: "is required"}}
 	}
 	if len(src) > MaxExpressionBytes {
-		return nil, 0, false, false, []Issue{{Field: field, Message: fmt.Sprintf("is %d bytes, at most %d", len(src), MaxExpressionBytes)}}
+		return p, []Issue{{Field: field, Message: fmt.Sprintf("is %d bytes, at most %d", len(src), MaxExpressionBytes)}}
 	}
 	env, err := Env()
 	if err != nil {
-		return nil, 0, false, false, []Issue{{Field: field, Message: err.Error()}}
+		return p, []Issue{{Field: field, Message: err.Error()}}
 	}
 	a, iss := env.Compile(src)
 	if iss.Err() != nil {
 		for _, e := range iss.Errors() {
 			issues = append(issues, Issue{Field: field, Message: e.Message, Line: e.Location.Line(), Column: e.Location.Column() + 1})
 		}
-		return nil, 0, false, false, issues
+		return p, issues
 	}
 	if t := a.OutputType(); !t.IsAssignableType(want) && t != cel.DynType && !(t.Kind() == types.MapKind && want.Kind() == types.MapKind) {
-		return nil, 0, false, false, []Issue{{Field: field, Message: fmt.Sprintf("has type %s; want %s", t, want)}}
+		return p, []Issue{{Field: field, Message: fmt.Sprintf("has type %s; want %s", t, want)}}
 	}
-	est, err := env.EstimateCost(a, noEstimator{})
+	p.late = mixedNumbers(field, a)
+	est, err := estimateCost(env, a, hints)
 	if err != nil {
-		return nil, 0, false, false, []Issue{{Field: field, Message: "cost: " + err.Error()}}
+		return p, []Issue{{Field: field, Message: "cost: " + err.Error()}}
 	}
+	p.estimate = est
+	if est > RuleCostLimit && est != unbounded {
+		p.late = append(p.late, Issue{Field: field, Message: costMessage(est, hints)})
+	}
+	// A program runs under the runtime limit, which also tracks the cost
+	// each evaluation spends, unless its worst case is small.
 	opts := []cel.ProgramOption{cel.EvalOptions(cel.OptOptimize)}
-	if est.Max > costBudget {
+	if p.tracked = est > untrackedCost; p.tracked {
 		opts = append(opts, cel.CostLimit(RuleCostLimit))
 	}
-	prg, err = env.Program(a, opts...)
+	prg, err := env.Program(a, opts...)
 	if err != nil {
-		return nil, 0, false, false, []Issue{{Field: field, Message: err.Error()}}
+		return p, []Issue{{Field: field, Message: err.Error()}}
 	}
-	usesNow, usesChanged = references(a, "now"), references(a, "changed")
+	p.prg, p.usesNow, p.usesChanged = prg, references(a, "now"), references(a, "changed")
 	if a.OutputType() == cel.DynType {
 		// The twin's fields are dynamic, so the checker cannot always tell
 		// an expression's type. Evaluating it on an empty twin catches
@@ -294,11 +354,11 @@ func compileProgram(field, src string, want *cel.Type) (prg cel.Program, estimat
 			if got := out.Type().TypeName(); (want == cel.BoolType && got != "bool") ||
 				(want == cel.StringType && got != "string") ||
 				(want.Kind() == types.MapKind && got != "map") {
-				return nil, 0, false, false, []Issue{{Field: field, Message: fmt.Sprintf("evaluates to %s; want %s", got, want)}}
+				return p, []Issue{{Field: field, Message: fmt.Sprintf("evaluates to %s; want %s", got, want)}}
 			}
 		}
 	}
-	return prg, est.Max, usesNow, usesChanged, nil
+	return p, nil
 }
 
 var probeActivation = &activation{
@@ -316,14 +376,6 @@ func references(a *cel.Ast, name string) bool {
 		}
 	}))
 	return found
-}
-
-// noEstimator leaves every size and call cost to CEL's defaults.
-type noEstimator struct{}
-
-func (noEstimator) EstimateSize(cost.AstNode) *cost.SizeEstimate { return nil }
-func (noEstimator) EstimateCallCost(string, string, *cost.AstNode, []cost.AstNode) *cost.CallEstimate {
-	return nil
 }
 
 // Status counts how a rule is doing. It is shared by every compiled version
@@ -384,6 +436,24 @@ type activation struct {
 	next     *twin.Twin
 	now      time.Time
 	changed  []string
+	cost     uint64 // CEL cost spent on the change so far
+}
+
+// eval evaluates a program on the change, adding the cost it spent.
+func (a *activation) eval(p *program) (ref.Val, error) {
+	out, det, err := p.prg.Eval(a)
+	if !p.tracked {
+		a.cost += p.estimate
+	} else if c := det.ActualCost(); c != nil {
+		a.cost += *c
+	}
+	if err != nil {
+		if strings.Contains(err.Error(), "no such overload") {
+			err = fmt.Errorf("%w; if this is arithmetic on a twin's number: %s", err, numbersHint)
+		}
+		return nil, err
+	}
+	return out, nil
 }
 
 func (a *activation) ResolveName(name string) (any, bool) {
@@ -436,8 +506,8 @@ func missingField(err error) bool {
 }
 
 // evalMap evaluates an expression to a document.
-func evalMap(prg cel.Program, act *activation) (twin.Document, error) {
-	out, _, err := prg.Eval(act)
+func evalMap(p *program, act *activation) (twin.Document, error) {
+	out, err := act.eval(p)
 	if err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/twind-io/twind/twin"
@@ -58,6 +59,12 @@ func (s *Set) Ticks(typ string) bool { return s.tickAll || s.ticks[typ] }
 // twin when the rule is created, counts as one whose condition was false:
 // a condition already true when the rule is created fires on the twin's next
 // change (or tick, for rules that read `now`).
+//
+// States that are void are deleted (returned as nil): those of rules that
+// are gone, whose generation changed, or that do not watch the twin's type
+// (any more); a disabled rule's current state is kept for when it is
+// enabled again. Cost is the CEL cost spent, where an expression whose
+// worst case is at most 1,000 counts at its estimate, untracked.
 func (s *Set) Evaluate(prev, next *twin.Twin, states map[string]twin.RuleState, now time.Time, timer bool) twin.Evaluation {
 	var res twin.Evaluation
 	setState := func(id string, st *twin.RuleState) {
@@ -66,9 +73,11 @@ func (s *Set) Evaluate(prev, next *twin.Twin, states map[string]twin.RuleState, 
 		}
 		res.States[id] = st
 	}
-	// States of rules that are gone.
-	for id := range states {
-		if _, ok := s.rules[id]; !ok {
+	// States that are void: of rules that are gone, that changed, or that
+	// no longer watch the twin's type. Those of rules that run are replaced
+	// below.
+	for id, st := range states {
+		if r, ok := s.rules[id]; !ok || st.Gen != r.Def.Gen || !r.watches(next.Type) {
 			setState(id, nil)
 		}
 	}
@@ -102,7 +111,34 @@ func (s *Set) Evaluate(prev, next *twin.Twin, states map[string]twin.RuleState, 
 			}
 		}
 	}
+	res.Cost = act.cost
 	return res
+}
+
+// Record counts firings in the status of their rules: a firing with Err as
+// an error (twin.ErrRuleLoop included), any other as a firing. The engine's
+// OnFirings must pass every firing to Record once it is durable, and only
+// firings whose effects it applied; Evaluate counts nothing itself, so a
+// rule's fire_count is what happened, not what was attempted. Firings of
+// rules the set does not hold are ignored. It is safe for concurrent use.
+func (s *Set) Record(evs []twin.FiringEvent) {
+	for i := range evs {
+		ev := &evs[i]
+		r, ok := s.rules[ev.RuleID]
+		if !ok {
+			continue
+		}
+		if ev.Err != nil {
+			r.status.failed(ev.Err, ev.Time)
+		} else {
+			r.status.fired(ev.Time)
+		}
+	}
+}
+
+// watches reports whether the rule applies to twins of a type.
+func (r *Compiled) watches(typ string) bool {
+	return len(r.Def.Types) == 0 || slices.Contains(r.Def.Types, typ)
 }
 
 // step evaluates one rule for one change: whether it fires, its new state,
@@ -112,7 +148,6 @@ func (r *Compiled) step(act *activation, st twin.RuleState, timer bool) (*twin.F
 	st.Gen = r.Def.Gen
 	holds, err := r.condition(act)
 	if err != nil {
-		r.status.failed(err, now)
 		return &twin.Firing{RuleID: r.Def.ID, Err: fmt.Errorf("condition: %w", err)}, st, time.Time{}
 	}
 	if !holds {
@@ -154,17 +189,12 @@ func (r *Compiled) step(act *activation, st twin.RuleState, timer bool) (*twin.F
 		st.PendingSince = time.Time{} // nothing more to wait for in this period
 	}
 	f := r.fire(act)
-	if f.Err != nil {
-		r.status.failed(f.Err, now)
-	} else {
-		r.status.fired(now)
-	}
 	return &f, st, wake
 }
 
 // condition evaluates the rule's condition. A missing field makes it false.
 func (r *Compiled) condition(act *activation) (bool, error) {
-	out, _, err := r.cond.Eval(act)
+	out, err := act.eval(r.cond)
 	if err != nil {
 		if missingField(err) {
 			return false, nil
@@ -200,7 +230,7 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			}
 			f.DesiredPatch, _ = twin.MergePatch(f.DesiredPatch, p)
 		case "emit":
-			out, _, err := a.prg.Eval(act)
+			out, err := act.eval(a.prg)
 			if err != nil {
 				return twin.Firing{RuleID: r.Def.ID, Err: fmt.Errorf("actions[%d].emit.message: %w", i, err)}
 			}

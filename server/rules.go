@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -161,7 +162,7 @@ func (rs *ruleService) ValidateRule(ctx context.Context, req *twinv1.ValidateRul
 	if err != nil {
 		return nil, err
 	}
-	c, err := rules.Compile(def)
+	c, err := rs.s.rules.Compile(def)
 	var issues rules.IssuesError
 	switch {
 	case errors.As(err, &issues):
@@ -190,7 +191,7 @@ func (rs *ruleService) TestRule(ctx context.Context, req *twinv1.TestRuleRequest
 		if def.ID == "" {
 			def.ID = "test"
 		}
-		c, err = rules.Compile(def)
+		c, err = rs.s.rules.Compile(def)
 	}
 	if err != nil {
 		return nil, rs.s.status("TestRule", err)
@@ -265,10 +266,24 @@ func (rs *ruleService) WatchRuleEvents(req *twinv1.WatchRuleEventsRequest, strea
 	}
 }
 
+// newRuleRegistry loads the rules and installs them in the engine. The hub,
+// the engine's OnFirings, counts the firings in their rules' statuses with
+// the set in force, which it learns before the engine evaluates it.
+func newRuleRegistry(e *twin.Engine, hub *ruleHub, opts Options) (*rules.Registry, error) {
+	install := func(set *rules.Set) {
+		hub.rules.Store(set)
+		e.SetEvaluator(set)
+	}
+	return rules.NewRegistry(e, install, opts.Clock, opts.Logger, opts.Engine.Limits)
+}
+
 // ruleHub fans rule events out to watchers. Events are live only: a watcher
 // sees what happens while it watches. Publishing never blocks; a watcher
 // that falls behind is ended.
 type ruleHub struct {
+	// rules is the set in force, whose rules count the firings published.
+	rules atomic.Pointer[rules.Set]
+
 	mu   sync.Mutex // protects subs
 	subs map[*ruleSub]struct{}
 }
@@ -299,6 +314,9 @@ func (h *ruleHub) unsubscribe(s *ruleSub) {
 // publish is the engine's OnFirings: it runs after the firings' changes are
 // durable.
 func (h *ruleHub) publish(evs []twin.FiringEvent) {
+	if set := h.rules.Load(); set != nil {
+		set.Record(evs)
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if len(h.subs) == 0 {

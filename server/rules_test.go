@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/rules"
 )
 
 // testClock is a clock the test moves.
@@ -331,5 +332,144 @@ func TestRuleStatusSurvivesRestart(t *testing.T) {
 	r, err := twinv1.NewRuleServiceClient(s.conn).GetRule(ctx, &twinv1.GetRuleRequest{Id: "hot"})
 	if err != nil || r.Rule.Status.FireCount != 3 || r.Rule.Status.LastFireTime == nil {
 		t.Errorf("status after restart = %v, %v; want 3 firings", r.GetRule().GetStatus(), err)
+	}
+}
+
+// TestRuleRefusals checks that CreateRule, UpdateRule and ValidateRule
+// refuse, with INVALID_ARGUMENT and what to change, a rule whose worst case
+// on twins within the configured document limits is over the runtime cost
+// limit, and arithmetic that mixes a twin's numbers (doubles) with ints;
+// and that the README's rules stay accepted.
+func TestRuleRefusals(t *testing.T) {
+	ctx := context.Background()
+	def := startServer(t, nil, nil)
+	small := startServer(t, nil, func(o *Options) { o.Engine.Limits.MaxDocumentBytes = 4 << 10 })
+	const (
+		nested = "twin.reported.items.all(d, d.all(e, e > 0.0))"
+		filter = "twin.reported.items.filter(x, x > 2.0 && x < 5.0 && x != 3.0).size() > 0"
+	)
+	cases := []struct {
+		name       string
+		condition  string
+		patch      string
+		want       string // in the issue; "" for valid
+		wantSmall  string // the same with 4 KiB documents
+		maxAllowed uint64 // most the valid estimate may be; 0 for any
+	}{
+		{name: "nested loops over twin data", condition: nested,
+			want: "condition: may cost 21,475,164,164 per evaluation on a twin at the document limits (65536-byte documents", wantSmall: "over the limit of 1,000,000"},
+		{name: "bounded by the configured limits", condition: filter,
+			want: "over the limit of 1,000,000: a comprehension runs its body once per element"},
+		{name: "counter", condition: "true", patch: "{'n': twin.desired.?n.orValue(0) + 1}",
+			want:      "actions[0].set_desired.patch:1:34: + mixes a number from the twin, which is a double, with an int; CEL has no such overload, so this fails at run time: write orValue(0.0) instead of orValue(0) and 1.0 instead of 1",
+			wantSmall: "orValue(0.0) instead of orValue(0)"},
+		{name: "counter with doubles", condition: "true", patch: "{'n': twin.desired.?n.orValue(0.0) + 1.0}"},
+		{name: "README: changed", condition: "'reported.door' in changed", maxAllowed: 100_000},
+		{name: "README: presence", condition: "now - twin.presence.last_seen > duration('10m')", maxAllowed: 100},
+		{name: "README: planter-dry", condition: "twin.reported.soil_moisture < 30.0 && twin.desired.?pump.orValue('off') != 'on'", patch: "{'pump': 'on'}", maxAllowed: 100},
+		{name: "comprehension", condition: "twin.reported.exists(k, k.startsWith('temp_') && twin.reported[k] > 30.0)", maxAllowed: rules.RuleCostLimit},
+		{name: "matches", condition: "twin.reported.name.matches('^planter-[0-9]+$') && twin.labels.site.matches('^ber')", maxAllowed: 100_000},
+	}
+	for _, c := range cases {
+		for _, srv := range []struct {
+			name string
+			s    *testServer
+			want string
+		}{{"64 KiB", def, c.want}, {"4 KiB", small, c.wantSmall}} {
+			rc := twinv1.NewRuleServiceClient(srv.s.conn)
+			rule := &twinv1.Rule{Id: "r-" + strings.NewReplacer(" ", "-", ":", "").Replace(c.name), Condition: c.condition}
+			if c.patch != "" {
+				rule.Actions = []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: c.patch}}}}
+			}
+			v, err := rc.ValidateRule(ctx, &twinv1.ValidateRuleRequest{Rule: rule})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if srv.want == "" {
+				if !v.Valid || (c.maxAllowed > 0 && v.CostEstimate > c.maxAllowed) {
+					t.Errorf("%s, %s: ValidateRule = %v; want valid, estimate at most %d", c.name, srv.name, v, c.maxAllowed)
+				}
+				if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: rule}); err != nil {
+					t.Errorf("%s, %s: CreateRule = %v; want OK", c.name, srv.name, err)
+				}
+				continue
+			}
+			if v.Valid || len(v.Issues) != 1 || !strings.Contains(issueString(v.Issues[0]), srv.want) {
+				t.Errorf("%s, %s: ValidateRule = %v; want one issue containing %q", c.name, srv.name, v, srv.want)
+			}
+			_, err = rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: rule})
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), srv.want) {
+				t.Errorf("%s, %s: CreateRule = %v; want INVALID_ARGUMENT containing %q", c.name, srv.name, err, srv.want)
+			}
+			// An update is checked as a creation is.
+			ok := &twinv1.Rule{Id: rule.Id, Condition: "true"}
+			if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: ok}); err != nil {
+				t.Fatal(err)
+			}
+			_, err = rc.UpdateRule(ctx, &twinv1.UpdateRuleRequest{Rule: rule})
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), srv.want) {
+				t.Errorf("%s, %s: UpdateRule = %v; want INVALID_ARGUMENT containing %q", c.name, srv.name, err, srv.want)
+			}
+		}
+	}
+}
+
+// issueString formats an issue as CreateRule's error does.
+func issueString(is *twinv1.RuleIssue) string {
+	if is.Line > 0 {
+		return fmt.Sprintf("%s:%d:%d: %s", is.Field, is.Line, is.Column, is.Message)
+	}
+	return is.Field + ": " + is.Message
+}
+
+// TestRuleStatusRecordsLoopsAndErrors checks that a rule's status counts
+// the firings that were applied, and records a chain of rule changes that
+// was stopped and an evaluation error with the advice it carries.
+func TestRuleStatusRecordsLoopsAndErrors(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	for _, r := range []*twinv1.Rule{
+		// Re-fires on its own changes for ever.
+		{Id: "runaway", Types: []string{"counter"}, Condition: "true", Trigger: twinv1.Trigger_TRIGGER_WHILE_TRUE,
+			Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "{'n': twin.desired.?n.orValue(0.0) + 1.0}"}}}}},
+		// Mixes numbers where the checker cannot see it.
+		{Id: "plus-one", Types: []string{"list"}, Condition: "true",
+			Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: "{'items': twin.reported.items.map(x, x + 1)}"}}}}},
+	} {
+		if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: r}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "c-1", Type: "counter"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "l-1", Type: "list", Reported: jsonStruct(t, `{"items": [1, 2]}`)}}); err != nil {
+		t.Fatal(err)
+	}
+	g, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "c-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied := g.Twin.Desired.Fields["n"].GetNumberValue()
+	for _, c := range []struct {
+		id            string
+		fires, errors int64
+		lastError     string
+	}{
+		{"runaway", int64(applied), 1, "rules changed desired state 8 times in a row for one change; stopped"},
+		{"plus-one", 0, 1, "no such overload; if this is arithmetic on a twin's number: numbers in twin documents are doubles, and CEL does not mix them with ints: write 1.0 instead of 1"},
+	} {
+		r, err := rc.GetRule(ctx, &twinv1.GetRuleRequest{Id: c.id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := r.Rule.Status
+		if st.FireCount != c.fires || st.ErrorCount != c.errors || !strings.Contains(st.LastError, c.lastError) || st.LastErrorTime == nil {
+			t.Errorf("GetRule(%s).status = %v; want %d firings, %d errors, the last containing %q", c.id, st, c.fires, c.errors, c.lastError)
+		}
+	}
+	if applied != 8 {
+		t.Errorf("desired n = %v; want 8 rule-made changes", applied)
 	}
 }

@@ -140,7 +140,7 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	reg, err := rules.NewRegistry(e, func(set *rules.Set) { e.SetEvaluator(set) }, opts.Clock, opts.Logger)
+	reg, err := newRuleRegistry(e, hub, opts)
 	if err != nil {
 		e.Close()
 		return nil, err
