@@ -515,3 +515,71 @@ func TestCommandLimits(t *testing.T) {
 		t.Errorf("command after refused updates is %s; want QUEUED", got.State)
 	}
 }
+
+// TestPresenceAfterRestart: a device connected when the process stopped is
+// marked disconnected after the grace period unless it came back, and rules
+// watching presence see it go (item 3).
+func TestPresenceAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{})
+	for _, id := range []string{"gone", "back"} {
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "car"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Connect(ctx, id, newRecSink()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.Close() // as a crash would: no disconnects recorded
+
+	offline := make(chan string, 4)
+	e = openMem(t, fs, Options{PresenceGrace: 100 * time.Millisecond, OnFirings: func(evs []FiringEvent) {
+		for _, ev := range evs {
+			offline <- ev.TwinID
+		}
+	}})
+	defer e.Close()
+	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		if prev != nil && prev.Presence.Connected && !next.Presence.Connected {
+			return Evaluation{Firings: []Firing{{RuleID: "offline"}}}
+		}
+		return Evaluation{}
+	}})
+	if _, err := e.Connect(ctx, "back", newRecSink()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case id := <-offline:
+		if id != "gone" {
+			t.Errorf("offline rule fired for %q; want gone", id)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the offline rule did not fire for the device that did not come back")
+	}
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]bool{"gone": false, "back": true} {
+		tw, _ := e.Get(id)
+		if tw.Presence.Connected != want {
+			t.Errorf("%s: connected = %v; want %v", id, tw.Presence.Connected, want)
+		}
+	}
+	select {
+	case id := <-offline:
+		t.Errorf("offline rule fired again, for %q", id)
+	default:
+	}
+	// A clean restart now finds only "back" connected.
+	e.Close()
+	e2 := openMem(t, fs, Options{})
+	defer e2.Close()
+	n := 0
+	for _, w := range e2.workers {
+		n += len(w.lost)
+	}
+	if n != 1 {
+		t.Errorf("after a restart %d devices are presumed lost; want 1", n)
+	}
+}

@@ -62,12 +62,18 @@ func (w *worker) presence(c *change, cur *Twin, o *op, now time.Time) *Twin {
 		delete(w.sinks, o.id)
 		c.sink = nil
 		next := cur.clone()
-		next.Presence = Presence{Connected: false, Since: now, LastSeen: now}
+		lastSeen := now
+		if o.sink == nil {
+			// Lost in a restart: last seen before it.
+			lastSeen = cur.Presence.LastSeen
+		}
+		next.Presence = Presence{Connected: false, Since: now, LastSeen: lastSeen}
 		return next
 	}
 	if c.sink != nil {
 		c.replaced, c.closeErr = c.sink, ErrReplaced
 	}
+	delete(w.lost, o.id) // back after a restart
 	w.sinks[o.id] = o.sink
 	c.sink, c.welcome = o.sink, true
 	next := cur.clone()
@@ -359,4 +365,31 @@ func (e *Engine) notifyCommand(cmd *Command) {
 		default:
 		}
 	}
+}
+
+// lostDevices marks disconnected the devices that were connected when the
+// process last stopped and have not connected again within the grace
+// period, each as a presence change of its own, so that rules watching
+// presence see them go. It returns those changes.
+func (w *worker) lostDevices(ev Evaluator, now time.Time) []*change {
+	if len(w.lost) == 0 || now.Before(w.lostAt) {
+		return nil
+	}
+	var out []*change
+	for id := range w.lost {
+		delete(w.lost, id)
+		cur := w.twins[id]
+		if cur == nil || !cur.Presence.Connected || w.sinks[id] != nil {
+			continue
+		}
+		c, err := w.apply(&op{kind: opDisconnect, id: id, done: make(chan Result, 1)}, now)
+		if err != nil {
+			continue // cannot happen: the twin exists
+		}
+		out = append(out, c)
+		if ev != nil && c.event != nil {
+			out = append(out, w.runRules(ev, c, now, false)...)
+		}
+	}
+	return out
 }

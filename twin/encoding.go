@@ -48,6 +48,13 @@ func twinKey(vs uint16, id string) []byte {
 	return append(shardPrefix(vs, 't'), id...)
 }
 
+// presenceKey marks a twin whose device is connected. The marks are the
+// only presence a restart must look at: a device marked connected when the
+// process stopped is no longer, whatever its twin says.
+func presenceKey(vs uint16, id string) []byte {
+	return append(shardPrefix(vs, 'p'), id...)
+}
+
 func historyPrefix(vs uint16, id string) []byte {
 	return append(append(shardPrefix(vs, 'h'), id...), 0)
 }

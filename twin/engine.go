@@ -66,6 +66,12 @@ type Options struct {
 	// RuleTick is how often rules that read `now` are re-evaluated for
 	// every twin they select, without a change. Default 10s.
 	RuleTick time.Duration
+	// PresenceGrace is how long, after a restart, a device that was
+	// connected when the process stopped has to connect again before its
+	// twin is marked disconnected (and rules watching presence see it go).
+	// It spares a fleet that reconnects at once a storm of offline and
+	// online changes. Default 10s.
+	PresenceGrace time.Duration
 	// StepCostBudget is the CEL cost a worker step may spend on timed rule
 	// evaluations (wake-ups and ticks) before it leaves the rest to its
 	// next step, so that requests waiting in its inbox are not held up by
@@ -134,6 +140,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.RuleTick <= 0 {
 		o.RuleTick = 10 * time.Second
+	}
+	if o.PresenceGrace <= 0 {
+		o.PresenceGrace = 10 * time.Second
 	}
 	if o.StepCostBudget == 0 {
 		o.StepCostBudget = 2_000_000
@@ -355,7 +364,31 @@ func (e *Engine) loadShard(vs uint16) error {
 	if err := e.loadCommands(vs); err != nil {
 		return err
 	}
+	if err := e.loadPresence(vs); err != nil {
+		return err
+	}
 	return e.loadRuleStates(vs)
+}
+
+// loadPresence finds the devices of one virtual shard that were connected
+// when the process last stopped: none of them is now.
+func (e *Engine) loadPresence(vs uint16) error {
+	lower := shardPrefix(vs, 'p')
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		id := string(it.Key()[len(lower):])
+		w := e.workerFor(id)
+		if w.lost == nil {
+			w.lost = map[string]bool{}
+			w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+		}
+		w.lost[id] = true
+	}
+	return it.Error()
 }
 
 // loadCommands loads the retained commands of one virtual shard.

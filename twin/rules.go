@@ -181,7 +181,11 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 		}
 		desired := c.next.Desired
 		var source Source
+		var patched []int // the firings in c.firings whose patch is in desired
 		for _, f := range res.Firings {
+			if f.Err == nil && f.DesiredPatch != nil {
+				patched = append(patched, len(c.firings))
+			}
 			c.firings = append(c.firings, f)
 			if f.Err != nil {
 				continue
@@ -214,7 +218,11 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 		o := &op{kind: opDesired, id: id, patch: &PatchRequest{ID: id, Patch: patch, Source: source}, done: make(chan Result, 1)}
 		nc, err := w.apply(o, now)
 		if err != nil {
-			c.firings = append(c.firings, Firing{RuleID: string(source[len("rule:"):]), Err: fmt.Errorf("set_desired: %w", err)})
+			// The patches did not apply (over a limit, say): each firing
+			// that made one is an error of its rule, not a firing.
+			for _, i := range patched {
+				c.firings[i] = Firing{RuleID: c.firings[i].RuleID, Err: fmt.Errorf("set_desired: %w", err)}
+			}
 			return extra
 		}
 		if nc.next == nc.prev {

@@ -32,6 +32,11 @@ type worker struct {
 	ruleWake   map[string]time.Time // each twin's pending wake-up in ruleTimers
 	nextTick   time.Time
 	stepCost   uint64 // the CEL cost spent in the current step
+	// lost are the devices that were connected when the process last
+	// stopped; those that have not connected again by lostAt are marked
+	// disconnected then.
+	lost   map[string]bool
+	lostAt time.Time
 
 	// mu protects view and cmdView, the committed state that readers see.
 	// The syncer writes them after each commit; readers take the read lock.
@@ -107,6 +112,7 @@ func (w *worker) step(ops []*op) {
 	w.stepCost = 0
 	clear(w.gone) // deletions of earlier steps are in the store now
 	changes := w.expireDue(now)
+	changes = append(changes, w.lostDevices(ev, now)...)
 	for _, o := range ops {
 		if o.kind == opPoke {
 			// Answered once everything before it is durable.
@@ -321,6 +327,9 @@ func (w *worker) nextTimed() (time.Time, bool) {
 	if w.expiries.Len() > 0 {
 		at = w.expiries.next().at
 	}
+	if len(w.lost) > 0 && (at.IsZero() || w.lostAt.Before(at)) {
+		at = w.lostAt
+	}
 	if w.ruleTimers.Len() > 0 && (at.IsZero() || w.ruleTimers[0].at.Before(at)) {
 		at = w.ruleTimers[0].at
 	}
@@ -354,6 +363,15 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	for _, seq := range c.dropCmds {
 		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
+			return buf, err
+		}
+	}
+	if was, is := c.prev != nil && c.prev.Presence.Connected, c.next != nil && c.next.Presence.Connected; was != is {
+		if is {
+			if err := b.Set(presenceKey(vs, id), nil, nil); err != nil {
+				return buf, err
+			}
+		} else if err := b.Delete(presenceKey(vs, id), nil); err != nil {
 			return buf, err
 		}
 	}
