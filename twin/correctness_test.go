@@ -583,3 +583,40 @@ func TestPresenceAfterRestart(t *testing.T) {
 		t.Errorf("after a restart %d devices are presumed lost; want 1", n)
 	}
 }
+
+// TestHistoryLimitLowered: after the history limit is lowered, a twin's next
+// change trims its history to the new limit (item 18).
+func TestHistoryLimitLowered(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{HistoryLimit: 10})
+	if _, err := e.Create(ctx, CreateRequest{ID: "h", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if _, err := e.Report(ctx, PatchRequest{ID: "h", Patch: Document{"i": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.Close()
+	for _, limit := range []int{3, 3, 10} { // lowered, the same again, raised
+		e = openMem(t, fs, Options{HistoryLimit: limit})
+		if _, err := e.Report(ctx, PatchRequest{ID: "h", Patch: Document{"limit": float64(limit)}}); err != nil {
+			t.Fatal(err)
+		}
+		keys := 0
+		vs := e.VShard("h")
+		it, _ := e.db.NewIter(nil)
+		lower := historyPrefix(vs, "h")
+		for it.SeekGE(lower); it.Valid() && strings.HasPrefix(string(it.Key()), string(lower)); it.Next() {
+			keys++
+		}
+		it.Close()
+		if want := min(limit, 3); limit == 3 && keys != want {
+			t.Errorf("history limit %d: %d history keys; want %d", limit, keys, want)
+		} else if limit == 10 && keys != 4 {
+			t.Errorf("history limit raised to 10: %d history keys; want 4 (3 kept, 1 new)", keys)
+		}
+		e.Close()
+	}
+}

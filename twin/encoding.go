@@ -33,6 +33,10 @@ const formatVersion = 1
 type storeFormat struct {
 	VShards int `json:"vshards"`
 	Format  int `json:"format"`
+	// MaxHistoryLimit is the largest history limit the store was ever
+	// opened with (0 when not recorded). While the limit is lower, twins
+	// may hold older history entries, which their next change trims.
+	MaxHistoryLimit int `json:"max_history_limit,omitempty"`
 }
 
 func appendUint64(b []byte, v uint64) []byte { return binary.BigEndian.AppendUint64(b, v) }

@@ -211,6 +211,9 @@ type Engine struct {
 	rev     int64              // every revision <= rev is durable or never will be
 	revWait chan struct{}      // closed and replaced when rev advances
 	revDone map[int64]struct{} // durable revisions above rev
+	// trimHistory says that the history limit was lowered since the store
+	// was created: every new history entry also trims what is beyond it.
+	trimHistory bool
 	// oldest is the oldest revision still in the watch log.
 	oldest atomic.Int64
 
@@ -288,6 +291,18 @@ func (e *Engine) load() error {
 		return err
 	}
 	e.vshards = f.VShards
+	if f.MaxHistoryLimit != e.opts.HistoryLimit {
+		// Lowered (or not recorded): twins may hold entries beyond the
+		// limit, which no point deletion would reach.
+		e.trimHistory = f.MaxHistoryLimit == 0 || f.MaxHistoryLimit > e.opts.HistoryLimit
+		if f.MaxHistoryLimit < e.opts.HistoryLimit {
+			f.MaxHistoryLimit = e.opts.HistoryLimit
+			b, _ := json.Marshal(f)
+			if err := e.db.Set(keyFormat, b, pebble.Sync); err != nil {
+				return fmt.Errorf("twin: record the history limit: %w", err)
+			}
+		}
+	}
 	e.workers = make([]*worker, min(e.opts.Workers, e.vshards))
 	for i := range e.workers {
 		e.workers[i] = &worker{
@@ -422,7 +437,7 @@ func (e *Engine) loadCommands(vs uint16) error {
 func (e *Engine) readFormat() (storeFormat, error) {
 	v, closer, err := e.db.Get(keyFormat)
 	if errors.Is(err, pebble.ErrNotFound) {
-		f := storeFormat{VShards: e.opts.VShards, Format: formatVersion}
+		f := storeFormat{VShards: e.opts.VShards, Format: formatVersion, MaxHistoryLimit: e.opts.HistoryLimit}
 		b, _ := json.Marshal(f)
 		if err := e.db.Set(keyFormat, b, pebble.Sync); err != nil {
 			return f, fmt.Errorf("twin: initialize store: %w", err)

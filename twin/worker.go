@@ -416,6 +416,9 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		return buf, err
 	}
 	if old := v - int64(e.opts.HistoryLimit); old > 0 {
+		if e.trimHistory {
+			return buf, b.DeleteRange(historyKey(vs, id, 0), historyKey(vs, id, old+1), nil)
+		}
 		return buf, b.Delete(historyKey(vs, id, old), nil)
 	}
 	return buf, nil
