@@ -351,87 +351,82 @@ func (e *Engine) load() error {
 	return nil
 }
 
-// loadShard loads the twins of one virtual shard.
+// loadShard loads the twins of one virtual shard, their commands, presence
+// marks and rule states.
 func (e *Engine) loadShard(vs uint16) error {
-	lower := shardPrefix(vs, 't')
-	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
-	if err != nil {
-		return err
-	}
-	defer it.Close()
-	for it.First(); it.Valid(); it.Next() {
-		id := string(it.Key()[len(lower):])
-		r, err := decodeRecord(it.Value())
+	for _, load := range []struct {
+		section byte
+		fn      func(key, value []byte) error
+	}{
+		{'t', e.loadTwin},
+		{'c', e.loadCommand},
+		{'p', e.loadPresence},
+		{'x', e.loadRuleState},
+	} {
+		lower := shardPrefix(vs, load.section)
+		it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
 		if err != nil {
-			return fmt.Errorf("%w (key %q)", err, it.Key())
+			return err
 		}
-		w := e.workerFor(id)
-		if r.Deleted {
-			continue // read again only if the id is created again
+		for it.First(); it.Valid(); it.Next() {
+			if err := load.fn(it.Key()[len(lower):], it.Value()); err != nil {
+				it.Close()
+				return fmt.Errorf("%w (key %q)", err, it.Key())
+			}
 		}
-		w.twins[id] = r.Twin
-		w.view[id] = r.Twin
-		e.ids.ReplaceOrInsert(id)
+		if err := errors.Join(it.Error(), it.Close()); err != nil {
+			return err
+		}
 	}
-	if err := it.Error(); err != nil {
-		return err
-	}
-	if err := e.loadCommands(vs); err != nil {
-		return err
-	}
-	if err := e.loadPresence(vs); err != nil {
-		return err
-	}
-	return e.loadRuleStates(vs)
+	return nil
 }
 
-// loadPresence finds the devices of one virtual shard that were connected
-// when the process last stopped: none of them is now.
-func (e *Engine) loadPresence(vs uint16) error {
-	lower := shardPrefix(vs, 'p')
-	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+// loadTwin loads a twin record, keyed by the twin's id.
+func (e *Engine) loadTwin(id, value []byte) error {
+	r, err := decodeRecord(value)
 	if err != nil {
 		return err
 	}
-	defer it.Close()
-	for it.First(); it.Valid(); it.Next() {
-		id := string(it.Key()[len(lower):])
-		w := e.workerFor(id)
-		if w.lost == nil {
-			w.lost = map[string]bool{}
-			w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
-		}
-		w.lost[id] = true
+	if r.Deleted {
+		return nil // read again only if the id is created again
 	}
-	return it.Error()
+	w := e.workerFor(string(id))
+	w.twins[r.Twin.ID] = r.Twin
+	w.view[r.Twin.ID] = r.Twin
+	e.ids.ReplaceOrInsert(r.Twin.ID)
+	return nil
 }
 
-// loadCommands loads the retained commands of one virtual shard.
-func (e *Engine) loadCommands(vs uint16) error {
-	lower := shardPrefix(vs, 'c')
-	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+// loadPresence notes a device that was connected when the process last
+// stopped: it is not now.
+func (e *Engine) loadPresence(id, _ []byte) error {
+	w := e.workerFor(string(id))
+	if w.lost == nil {
+		w.lost = map[string]bool{}
+		w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+	}
+	w.lost[string(id)] = true
+	return nil
+}
+
+// loadCommand loads a retained command.
+func (e *Engine) loadCommand(_, value []byte) error {
+	cmd, err := decodeCommand(value)
 	if err != nil {
 		return err
 	}
-	defer it.Close()
-	for it.First(); it.Valid(); it.Next() {
-		cmd, err := decodeCommand(it.Value())
-		if err != nil {
-			return fmt.Errorf("%w (key %q)", err, it.Key())
-		}
-		w := e.workerFor(cmd.DeviceID)
-		l := w.cmds[cmd.DeviceID]
-		if l == nil {
-			l = &commandList{}
-		}
-		l.cmds = append(l.cmds, cmd) // keys, and so commands, are in sequence order
-		w.cmds[cmd.DeviceID] = l
-		w.cmdView[cmd.DeviceID] = l
-		if !cmd.State.Final() {
-			w.expiries.add(cmd)
-		}
+	w := e.workerFor(cmd.DeviceID)
+	l := w.cmds[cmd.DeviceID]
+	if l == nil {
+		l = &commandList{}
 	}
-	return it.Error()
+	l.cmds = append(l.cmds, cmd) // keys, and so commands, are in sequence order
+	w.cmds[cmd.DeviceID] = l
+	w.cmdView[cmd.DeviceID] = l
+	if !cmd.State.Final() {
+		w.expiries.add(cmd)
+	}
+	return nil
 }
 
 func (e *Engine) readFormat() (storeFormat, error) {

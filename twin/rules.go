@@ -352,37 +352,29 @@ func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleStat
 	return nil
 }
 
-// loadRuleStates loads the rule states of one virtual shard.
-func (e *Engine) loadRuleStates(vs uint16) error {
-	lower := shardPrefix(vs, 'x')
-	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
-	if err != nil {
-		return err
+// loadRuleState loads a twin's state for a rule, keyed by the twin's id, a
+// zero byte and the rule's id.
+func (e *Engine) loadRuleState(k, value []byte) error {
+	i := bytes.IndexByte(k, 0)
+	if i < 0 {
+		return fmt.Errorf("twin: corrupt rule state key")
 	}
-	defer it.Close()
-	for it.First(); it.Valid(); it.Next() {
-		k := it.Key()[len(lower):]
-		i := bytes.IndexByte(k, 0)
-		if i < 0 {
-			return fmt.Errorf("twin: corrupt rule state key %q", it.Key())
-		}
-		id, ruleID := string(k[:i]), string(k[i+1:])
-		var s RuleState
-		if err := json.Unmarshal(it.Value(), &s); err != nil {
-			return fmt.Errorf("twin: corrupt rule state %q: %w", it.Key(), err)
-		}
-		w := e.workerFor(id)
-		if w.ruleStates[id] == nil {
-			w.ruleStates[id] = map[string]RuleState{}
-		}
-		w.ruleStates[id][ruleID] = s
-		if !s.PendingSince.IsZero() {
-			// Re-evaluate once loaded: hold_for may have run out while the
-			// server was down.
-			w.wakeRules(id, s.PendingSince)
-		}
+	id, ruleID := string(k[:i]), string(k[i+1:])
+	var s RuleState
+	if err := json.Unmarshal(value, &s); err != nil {
+		return fmt.Errorf("twin: corrupt rule state: %w", err)
 	}
-	return it.Error()
+	w := e.workerFor(id)
+	if w.ruleStates[id] == nil {
+		w.ruleStates[id] = map[string]RuleState{}
+	}
+	w.ruleStates[id][ruleID] = s
+	if !s.PendingSince.IsZero() {
+		// Re-evaluate once loaded: hold_for may have run out while the
+		// server was down.
+		w.wakeRules(id, s.PendingSince)
+	}
+	return nil
 }
 
 // Rule definitions are stored as opaque blobs under r/<id>; the rules
