@@ -3,6 +3,7 @@ package twin
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -618,5 +619,40 @@ func TestHistoryLimitLowered(t *testing.T) {
 			t.Errorf("history limit raised to 10: %d history keys; want 4 (3 kept, 1 new)", keys)
 		}
 		e.Close()
+	}
+}
+
+// TestStepCostBudget: a tick over many twins stops once the step has spent
+// its CEL budget and leaves the rest due at once, for the next step (item
+// 10's per-step budget).
+func TestStepCostBudget(t *testing.T) {
+	e := openMem(t, vfs.NewMem(), Options{StepCostBudget: 2_500_000})
+	defer e.Close()
+	// A worker of its own, not running, so that the test can step it.
+	w := &worker{e: e, twins: map[string]*Twin{}, sinks: map[string]Sink{}, cmds: map[string]*commandList{},
+		ruleStates: map[string]map[string]RuleState{}, ruleWake: map[string]time.Time{}}
+	for i := range 10 {
+		id := fmt.Sprintf("t%d", i)
+		w.twins[id] = &Twin{ID: id, Type: "t", Version: 1}
+	}
+	evals := 0
+	ev := funcEvaluator{ticks: true, eval: func(_, _ *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		evals++
+		return Evaluation{Cost: 1_000_000}
+	}}
+	now := time.Now()
+	w.timedRules(ev, now, true)
+	if evals != 3 {
+		t.Errorf("a tick with a budget of 2.5M evaluated %d twins at 1M each; want 3", evals)
+	}
+	if len(w.ruleWake) != 7 {
+		t.Errorf("%d twins left due for the next step; want 7", len(w.ruleWake))
+	}
+	for step := 0; len(w.ruleWake) > 0 && step < 10; step++ {
+		w.stepCost = 0
+		w.timedRules(ev, now, false)
+	}
+	if evals != 10 || len(w.ruleWake) != 0 {
+		t.Errorf("after more steps: %d evaluations, %d twins due; want 10 and 0", evals, len(w.ruleWake))
 	}
 }
