@@ -100,6 +100,10 @@ type CommandUpdate struct {
 	State   CommandState
 	Result  Document
 	Message string
+	// Stream, if set, is the device stream the update came from: it
+	// applies only while that stream is the device's current one, as
+	// PatchRequest.Stream.
+	Stream Sink
 }
 
 // commandList is the immutable list of a device's retained commands, by

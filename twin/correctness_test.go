@@ -656,3 +656,48 @@ func TestStepCostBudget(t *testing.T) {
 		t.Errorf("after more steps: %d evaluations, %d twins due; want 10 and 0", evals, len(w.ruleWake))
 	}
 }
+
+// TestRevokedStreamCannotWrite: once a device's token is replaced, the
+// stream that authenticated with the old one is closed and its reports and
+// command updates are refused (item 6).
+func TestRevokedStreamCannotWrite(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "d", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.SetTokenHash(ctx, "d", []byte("old")); err != nil {
+		t.Fatal(err)
+	}
+	old := newRecSink()
+	if _, err := e.Connect(ctx, "d", old); err != nil {
+		t.Fatal(err)
+	}
+	cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: "d", Name: "go"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{"a": 1.0}, Stream: old}); err != nil {
+		t.Fatalf("report on the current stream: %v", err)
+	}
+	if err := e.SetTokenHash(ctx, "d", []byte("new")); err != nil {
+		t.Fatal(err)
+	}
+	old.wait(t, 3) // welcome, command, closed
+	old.mu.Lock()
+	closed := old.closed
+	old.mu.Unlock()
+	if !errors.Is(closed, ErrTokenRevoked) {
+		t.Errorf("old stream closed with %v; want ErrTokenRevoked", closed)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{"a": 2.0}, Stream: old}); !errors.Is(err, ErrStreamClosed) {
+		t.Errorf("report on the revoked stream = %v; want ErrStreamClosed", err)
+	}
+	if _, err := e.UpdateCommand(ctx, "d", CommandUpdate{ID: cmd.ID, State: CommandSucceeded, Stream: old}); !errors.Is(err, ErrStreamClosed) {
+		t.Errorf("command update on the revoked stream = %v; want ErrStreamClosed", err)
+	}
+	if tw, _ := e.Get("d"); tw.Reported["a"] != 1.0 {
+		t.Errorf("reported a = %v; want 1 (the revoked stream's report refused)", tw.Reported["a"])
+	}
+}

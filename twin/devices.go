@@ -136,6 +136,9 @@ func (w *worker) updateCommand(c *change, cur *Twin, u *CommandUpdate, now time.
 	if err != nil {
 		return err
 	}
+	if u.Stream != nil && u.Stream != c.sink {
+		return fmt.Errorf("%w: device %q", ErrStreamClosed, cur.ID)
+	}
 	if dev != cur.ID {
 		return fmt.Errorf("%w: command %q is not one of device %q", ErrInvalidArgument, u.ID, cur.ID)
 	}
