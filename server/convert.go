@@ -109,9 +109,8 @@ func value(v *structpb.Value) any {
 
 // checkFinite refuses a Struct from a client that holds NaN or ±Infinity,
 // with INVALID_ARGUMENT naming the number's path under field (the request
-// field the Struct came from, e.g. "patch"). Clients that speak JSON can
-// send them as the strings "NaN" and "Infinity", which protobuf's JSON
-// mapping accepts for any number.
+// field the Struct came from, e.g. "patch"). A client's protobuf library
+// sends them as they are, Python's float("nan") in a Struct for example.
 func checkFinite(field string, s *structpb.Struct) error {
 	if path, f, ok := nonFinite(field, structpb.NewStructValue(s)); ok {
 		return invalid("%s is %v, which JSON cannot hold: send a finite number, or null to delete the key", path, f)
