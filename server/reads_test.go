@@ -320,7 +320,7 @@ func TestListTwinsFilterErrors(t *testing.T) {
 	}{
 		// Fails on every twin: INVALID_ARGUMENT naming the first.
 		{filter: `twin.id > 5`, code: codes.InvalidArgument, msg: []string{`"a-0"`, "no such overload"}},
-		{filter: `twin.id`, code: codes.InvalidArgument, msg: []string{`"a-0"`, "not a bool"}},
+		{filter: `twin.id`, code: codes.InvalidArgument, msg: []string{`"a-0"`, "type string, not bool"}},
 		{filter: `lists.range(1000).all(i, lists.range(1000).all(j, i + j >= 0))`, code: codes.InvalidArgument,
 			msg: []string{`"a-0"`, "cost limit"}},
 		// Fails on some: listed with a count and the first error.

@@ -237,13 +237,26 @@ func (ts *twinService) match(ctx context.Context, f *filter, t *twin.Twin, now t
 		if missing(err) {
 			return false, nil
 		}
-		return false, err
+		return false, explainEval(err)
 	}
 	b, ok := out.Value().(bool)
 	if !ok {
-		return false, fmt.Errorf("the filter's result is %v of type %s, not a bool", out.Value(), out.Type().TypeName())
+		return false, fmt.Errorf("the filter's result has type %s, not bool", out.Type().TypeName())
 	}
 	return b, nil
+}
+
+// explainEval adds what to do to CEL's terse evaluation errors.
+func explainEval(err error) error {
+	msg := err.Error()
+	switch {
+	case strings.HasPrefix(msg, "no such overload"):
+		return fmt.Errorf("%w (an operator or function got types it does not take, such as a string compared "+
+			"with a number, or a number from a document, a double, added to an int: write 1.0, not 1)", err)
+	case strings.Contains(msg, "cost limit exceeded"):
+		return fmt.Errorf("%w (the filter costs more than %d per twin)", err, rules.FilterCostLimit)
+	}
+	return err
 }
 
 // missing reports whether a CEL evaluation error is about a field, key or

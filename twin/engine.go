@@ -679,7 +679,7 @@ func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (r
 	const batch = 256
 	ids := make([]string, 0, batch)
 	for {
-		if err := e.watchStopped(ctx); err != nil {
+		if err := e.readStopped(ctx); err != nil {
 			return rev, err
 		}
 		// Take the next ids in order, then look them up without the lock.
@@ -695,7 +695,7 @@ func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (r
 			if err != nil {
 				continue // deleted meanwhile
 			}
-			if err := e.watchStopped(ctx); err != nil {
+			if err := e.readStopped(ctx); err != nil {
 				return rev, err
 			}
 			if !fn(t) {

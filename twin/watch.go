@@ -43,7 +43,7 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 		upto, wait := e.rev, e.revWait
 		e.revMu.Unlock()
 		for next <= upto {
-			if err := e.watchStopped(ctx); err != nil {
+			if err := e.readStopped(ctx); err != nil {
 				return err
 			}
 			var err error
@@ -52,7 +52,7 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 				return err
 			}
 			for i, ev := range evs {
-				if err := e.watchStopped(ctx); err != nil {
+				if err := e.readStopped(ctx); err != nil {
 					return err
 				}
 				evs[i] = nil // let the event go once delivered
@@ -71,9 +71,9 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 	}
 }
 
-// watchStopped returns the error that ends a watch: ctx's error, or
-// ErrClosed once the engine closes.
-func (e *Engine) watchStopped(ctx context.Context) error {
+// readStopped returns the error that ends a long read (a watch or a list):
+// ctx's error, or ErrClosed once the engine closes.
+func (e *Engine) readStopped(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
