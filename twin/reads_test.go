@@ -224,3 +224,24 @@ func TestWatchStuckDoesNotPinClose(t *testing.T) {
 		t.Errorf("Watch after Close = %v; want ErrClosed", err)
 	}
 }
+
+// BenchmarkWatchReplay replays 10,000 logged events through Watch.
+func BenchmarkWatchReplay(b *testing.B) {
+	const n = 10_000
+	e := openMem(b, vfs.NewMem(), Options{})
+	defer e.Close()
+	createN(b, e, n, Document{"temp_c": 4.5, "door": "closed"})
+	last := e.Revision()
+	b.ResetTimer()
+	for range b.N {
+		ctx, cancel := context.WithCancel(context.Background())
+		e.Watch(ctx, 1, func(ev *Event) error {
+			if ev.Revision == last {
+				cancel()
+			}
+			return nil
+		})
+		cancel()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/event")
+}
