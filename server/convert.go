@@ -2,7 +2,10 @@ package server
 
 import (
 	"fmt"
+	"math"
+	"strconv"
 	"time"
+	"unicode"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -64,12 +67,93 @@ func timeProto(t time.Time) *timestamppb.Timestamp {
 }
 
 // document converts a Struct from a client to a document. nil is an empty
-// document.
+// document. Unlike structpb's AsMap, which turns NaN and ±Infinity into the
+// strings "NaN" and "Infinity", it keeps them as numbers, so that the engine
+// refuses them (JSON has no such numbers) rather than store a string the
+// client never sent. Handlers that can name the field call checkFinite
+// first, for a clearer message.
 func document(s *structpb.Struct) twin.Document {
 	if s == nil {
 		return twin.Document{}
 	}
-	return s.AsMap()
+	return structMap(s)
+}
+
+func structMap(s *structpb.Struct) map[string]any {
+	m := make(map[string]any, len(s.GetFields()))
+	for k, v := range s.GetFields() {
+		m[k] = value(v)
+	}
+	return m
+}
+
+func value(v *structpb.Value) any {
+	switch k := v.GetKind().(type) {
+	case *structpb.Value_NumberValue:
+		return k.NumberValue
+	case *structpb.Value_StringValue:
+		return k.StringValue
+	case *structpb.Value_BoolValue:
+		return k.BoolValue
+	case *structpb.Value_StructValue:
+		return structMap(k.StructValue)
+	case *structpb.Value_ListValue:
+		l := make([]any, len(k.ListValue.GetValues()))
+		for i, e := range k.ListValue.GetValues() {
+			l[i] = value(e)
+		}
+		return l
+	}
+	return nil // null, or no kind set
+}
+
+// checkFinite refuses a Struct from a client that holds NaN or ±Infinity,
+// with INVALID_ARGUMENT naming the number's path under field (the request
+// field the Struct came from, e.g. "patch"). A client's protobuf library
+// sends them as they are, Python's float("nan") in a Struct for example.
+func checkFinite(field string, s *structpb.Struct) error {
+	if path, f, ok := nonFinite(field, structpb.NewStructValue(s)); ok {
+		return invalid("%s is %v, which JSON cannot hold: send a finite number, or null to delete the key", path, f)
+	}
+	return nil
+}
+
+// nonFinite returns the path and value of the first NaN or infinite number
+// in v.
+func nonFinite(path string, v *structpb.Value) (string, float64, bool) {
+	switch k := v.GetKind().(type) {
+	case *structpb.Value_NumberValue:
+		if math.IsNaN(k.NumberValue) || math.IsInf(k.NumberValue, 0) {
+			return path, k.NumberValue, true
+		}
+	case *structpb.Value_StructValue:
+		for key, e := range k.StructValue.GetFields() {
+			if p, f, ok := nonFinite(path+pathKey(key), e); ok {
+				return p, f, true
+			}
+		}
+	case *structpb.Value_ListValue:
+		for i, e := range k.ListValue.GetValues() {
+			if p, f, ok := nonFinite(path+"["+strconv.Itoa(i)+"]", e); ok {
+				return p, f, true
+			}
+		}
+	}
+	return "", 0, false
+}
+
+// pathKey spells a key in a path: .key, or ["key"] if it is not a plain
+// identifier.
+func pathKey(k string) string {
+	for i, r := range k {
+		if !(r == '_' || unicode.IsLetter(r) || (i > 0 && unicode.IsDigit(r))) {
+			return "[" + strconv.Quote(k) + "]"
+		}
+	}
+	if k == "" {
+		return `[""]`
+	}
+	return "." + k
 }
 
 var eventKinds = map[twin.EventKind]twinv1.TwinEventKind{

@@ -17,6 +17,10 @@ var (
 	errBadPageToken = errors.New("server: invalid page token")
 	errUnauthorized = errors.New("server: unauthenticated")
 	errShutdown     = errors.New("server: shutting down")
+	// errFutureRevision: a watch asked to start beyond the next revision.
+	errFutureRevision = errors.New("server: revision not reached yet")
+	// errSlowReader: a stream's client did not take a message in time.
+	errSlowReader = errors.New("server: the client is not reading")
 )
 
 // toStatus translates an error of any layer into the gRPC status the client
@@ -44,9 +48,9 @@ func toStatus(log *slog.Logger, method string, err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, twin.ErrLimit):
 		code = codes.InvalidArgument
-	case errors.Is(err, twin.ErrCompacted):
+	case errors.Is(err, twin.ErrCompacted), errors.Is(err, errFutureRevision):
 		code = codes.OutOfRange
-	case errors.Is(err, twin.ErrOverloaded):
+	case errors.Is(err, twin.ErrOverloaded), errors.Is(err, errSlowReader):
 		code = codes.ResourceExhausted
 	case errors.Is(err, twin.ErrClosed), errors.Is(err, errShutdown):
 		code = codes.Unavailable

@@ -6,8 +6,17 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"hash/fnv"
 	"strings"
+	"sync/atomic"
+	"time"
+
+	"cel.dev/cel-go/cel"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/rules"
@@ -19,12 +28,26 @@ import (
 type twinService struct {
 	twinv1.UnimplementedTwinServiceServer
 	s *Server
+	// sendTimeout bounds how long a WatchTwins message may wait for its
+	// client to read it. Default 30s.
+	sendTimeout time.Duration
+	// filterEvals counts evaluations of ListTwins and WatchTwins filters.
+	filterEvals atomic.Int64
 }
+
+// defaultSendTimeout is the default of twinService.sendTimeout.
+const defaultSendTimeout = 30 * time.Second
 
 func (ts *twinService) CreateTwin(ctx context.Context, req *twinv1.CreateTwinRequest) (*twinv1.CreateTwinResponse, error) {
 	t := req.GetTwin()
 	if t == nil {
 		return nil, invalid("twin is required")
+	}
+	if err := checkFinite("twin.reported", t.GetReported()); err != nil {
+		return nil, err
+	}
+	if err := checkFinite("twin.desired", t.GetDesired()); err != nil {
+		return nil, err
 	}
 	out, err := ts.s.engine.Create(ctx, twin.CreateRequest{
 		ID:       t.GetId(),
@@ -50,6 +73,9 @@ func (ts *twinService) GetTwin(ctx context.Context, req *twinv1.GetTwinRequest) 
 const (
 	defaultPageSize = 100
 	maxPageSize     = 1000
+	// maxPageBytes bounds the encoded twins or events of one page, well
+	// under gRPC's default 4 MiB message limit.
+	maxPageBytes = 3 << 20
 )
 
 func pageSize(n int32) (int, error) {
@@ -89,24 +115,156 @@ func (ts *twinService) ListTwins(ctx context.Context, req *twinv1.ListTwinsReque
 	if err != nil {
 		return nil, err
 	}
-	f, err := rules.CompileFilter(req.GetFilter())
+	f, err := compileFilter(req.GetFilter())
 	if err != nil {
 		return nil, ts.s.status("ListTwins", err)
 	}
-	after, err := decodePageToken("twins:"+req.GetFilter(), req.GetPageToken())
+	query := "twins:" + req.GetFilter()
+	after, err := decodePageToken(query, req.GetPageToken())
 	if err != nil {
 		return nil, err
 	}
+	// The scan ends when the client gives up or the server shuts down.
+	ctx, cancel := ts.s.streamContext(ctx)
+	defer cancel()
 	now := ts.s.opts.Clock()
-	twins, rev, more := ts.s.engine.List(after, size, func(t *twin.Twin) bool { return f.Match(t, now) })
-	resp := &twinv1.ListTwinsResponse{Revision: rev, Twins: make([]*twinv1.Twin, len(twins))}
-	for i, t := range twins {
-		resp.Twins[i] = twinProto(t)
+	resp := &twinv1.ListTwinsResponse{}
+	var (
+		evaluated, bytes int
+		more             bool
+		last             string
+	)
+	rev, err := ts.s.engine.List(ctx, after, func(t *twin.Twin) bool {
+		ok, err := ts.match(ctx, f, t, now)
+		if ctx.Err() != nil {
+			return false
+		}
+		evaluated++
+		if err != nil {
+			if resp.FilterErrorCount == 0 {
+				resp.FirstFilterError = fmt.Sprintf("twin %q: %v", t.ID, err)
+			}
+			resp.FilterErrorCount++
+			return true
+		}
+		if !ok {
+			return true
+		}
+		if len(resp.Twins) == size {
+			more = true
+			return false
+		}
+		p := twinProto(t)
+		n := protowire.SizeBytes(proto.Size(p)) + 1 // the field's tag and length
+		if len(resp.Twins) > 0 && bytes+n > maxPageBytes {
+			more = true
+			return false
+		}
+		bytes += n
+		resp.Twins = append(resp.Twins, p)
+		last = t.ID
+		return true
+	})
+	if err == nil {
+		err = ctx.Err() // a filter evaluation noticed first
 	}
+	if err != nil {
+		return nil, ts.s.streamStatus("ListTwins", ctx, err)
+	}
+	if resp.FilterErrorCount > 0 && int(resp.FilterErrorCount) == evaluated {
+		return nil, invalid("the filter failed on every twin it was evaluated on (%d), first on %s; "+
+			"fix the filter (a field a twin lacks is no error: the twin just does not match)",
+			evaluated, resp.FirstFilterError)
+	}
+	resp.Revision = rev
 	if more {
-		resp.NextPageToken = encodePageToken("twins:"+req.GetFilter(), twins[len(twins)-1].ID)
+		resp.NextPageToken = encodePageToken(query, last)
 	}
 	return resp, nil
+}
+
+// filter is a compiled ListTwins or WatchTwins filter. It is safe for
+// concurrent use.
+type filter struct {
+	prg cel.Program // nil matches every twin
+}
+
+// filterInterruptCheck is how many comprehension iterations a filter runs
+// between checks of its context.
+const filterInterruptCheck = 100
+
+// compileFilter compiles a filter; an empty one matches every twin. The
+// rules package checks it and words its errors; the program is built here
+// so that an evaluation reports its error and stops when its context ends.
+func compileFilter(expr string) (*filter, error) {
+	if _, err := rules.CompileFilter(expr); err != nil {
+		return nil, err
+	}
+	if strings.TrimSpace(expr) == "" {
+		return &filter{}, nil
+	}
+	env, err := rules.Env()
+	if err != nil {
+		return nil, err
+	}
+	ast, iss := env.Compile(expr)
+	if iss.Err() != nil {
+		return nil, fmt.Errorf("%w: %v", rules.ErrInvalid, iss.Err())
+	}
+	prg, err := env.Program(ast,
+		cel.EvalOptions(cel.OptOptimize),
+		cel.CostLimit(rules.FilterCostLimit),
+		cel.InterruptCheckFrequency(filterInterruptCheck),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", rules.ErrInvalid, err)
+	}
+	return &filter{prg: prg}, nil
+}
+
+// match reports whether f holds for t. Reading a field or key that t does
+// not have, or an index its list does not have, makes f false with no error:
+// the twin has not reported it. Any other failure is returned: a type error
+// such as comparing a string with a number, a result that is not a bool,
+// exceeding the cost limit, or ctx ending.
+func (ts *twinService) match(ctx context.Context, f *filter, t *twin.Twin, now time.Time) (bool, error) {
+	if f.prg == nil {
+		return true, nil
+	}
+	ts.filterEvals.Add(1)
+	out, _, err := f.prg.ContextEval(ctx, map[string]any{"twin": rules.Value(t), "prev": rules.Value(nil), "now": now})
+	if err != nil {
+		if missing(err) {
+			return false, nil
+		}
+		return false, explainEval(err)
+	}
+	b, ok := out.Value().(bool)
+	if !ok {
+		return false, fmt.Errorf("the filter's result has type %s, not bool", out.Type().TypeName())
+	}
+	return b, nil
+}
+
+// explainEval adds what to do to CEL's terse evaluation errors.
+func explainEval(err error) error {
+	msg := err.Error()
+	switch {
+	case strings.HasPrefix(msg, "no such overload"):
+		return fmt.Errorf("%w (an operator or function got types it does not take, such as a string compared "+
+			"with a number, or a number from a document, a double, added to an int: write 1.0, not 1)", err)
+	case strings.Contains(msg, "cost limit exceeded"):
+		return fmt.Errorf("%w (the filter costs more than %d per twin)", err, rules.FilterCostLimit)
+	}
+	return err
+}
+
+// missing reports whether a CEL evaluation error is about a field, key or
+// index that the twin does not have.
+func missing(err error) bool {
+	msg := err.Error()
+	return strings.HasPrefix(msg, "no such key") || strings.HasPrefix(msg, "no such attribute") ||
+		strings.HasPrefix(msg, "index out of bounds")
 }
 
 func (ts *twinService) UpdateTwin(ctx context.Context, req *twinv1.UpdateTwinRequest) (*twinv1.UpdateTwinResponse, error) {
@@ -131,6 +289,9 @@ func (ts *twinService) UpdateDesired(ctx context.Context, req *twinv1.UpdateDesi
 	if req.GetPatch() == nil {
 		return nil, invalid("patch is required: a JSON object to merge into desired")
 	}
+	if err := checkFinite("patch", req.GetPatch()); err != nil {
+		return nil, err
+	}
 	t, err := ts.s.engine.UpdateDesired(ctx, twin.PatchRequest{
 		ID:              req.GetId(),
 		Patch:           document(req.GetPatch()),
@@ -146,6 +307,9 @@ func (ts *twinService) UpdateDesired(ctx context.Context, req *twinv1.UpdateDesi
 func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateRequest) (*twinv1.ReportStateResponse, error) {
 	if req.GetPatch() == nil && req.GetDesiredAckedVersion() == 0 {
 		return nil, invalid("patch is required: a JSON object to merge into reported")
+	}
+	if err := checkFinite("patch", req.GetPatch()); err != nil {
+		return nil, err
 	}
 	t, err := ts.s.engine.Report(ctx, twin.PatchRequest{
 		ID:                  req.GetId(),
@@ -168,23 +332,97 @@ func (ts *twinService) DeleteTwin(ctx context.Context, req *twinv1.DeleteTwinReq
 }
 
 func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.TwinService_WatchTwinsServer) error {
-	if req.GetStartRevision() < 0 {
-		return invalid("start_revision is %d; give 0 for changes from now on, or a revision to resume from", req.GetStartRevision())
+	start := req.GetStartRevision()
+	if start < 0 {
+		return invalid("start_revision is %d; give 0 for changes from now on, or a revision to resume from", start)
 	}
-	f, err := rules.CompileFilter(req.GetFilter())
+	f, err := compileFilter(req.GetFilter())
 	if err != nil {
 		return ts.s.status("WatchTwins", err)
 	}
+	// The revision only grows, so a start that is not too far ahead now
+	// never becomes so.
+	if rev := ts.s.engine.Revision(); start > rev+1 {
+		return ts.s.status("WatchTwins", fmt.Errorf("%w: start_revision %d is beyond the current revision %d; "+
+			"give at most %d, or 0 for changes from now on", errFutureRevision, start, rev, rev+1))
+	}
 	ctx, cancel := ts.s.streamContext(stream.Context())
 	defer cancel()
-	err = ts.s.engine.Watch(ctx, req.GetStartRevision(), func(ev *twin.Event) error {
-		if !f.Match(ev.Twin, ev.Time) {
-			return nil
+	timeout := ts.sendTimeout
+	if timeout <= 0 {
+		timeout = defaultSendTimeout
+	}
+	send := newSender(stream, timeout)
+	defer send.close()
+	err = ts.s.engine.Watch(ctx, start, func(ev *twin.Event) error {
+		if ok, _ := ts.match(ctx, f, ev.Twin, ev.Time); !ok {
+			return nil // a filter that fails on an event skips it, as in ListTwins
 		}
-		return stream.Send(&twinv1.WatchTwinsResponse{Event: eventProto(ev)})
+		if err := send.send(ctx, &twinv1.WatchTwinsResponse{Event: eventProto(ev)}); err != nil {
+			if errors.Is(err, errSlowReader) {
+				return fmt.Errorf("%w: the watch did not read for %v and is ended; watch again with start_revision %d",
+					errSlowReader, timeout, ev.Revision)
+			}
+			return err
+		}
+		return nil
 	})
 	return ts.s.streamStatus("WatchTwins", ctx, err)
 }
+
+// sender sends the messages of a server stream from a goroutine of its own,
+// so that a client that does not read ends its stream after a timeout
+// instead of blocking its handler for good. A send blocked in flow control
+// ends when the handler returns: grpc-go then resets the stream and cancels
+// its context, which unblocks the send (grpc-go issue 1229).
+type sender struct {
+	stream  grpc.ServerStream
+	timeout time.Duration
+	timer   *time.Timer
+	msgs    chan any   // to the goroutine; taken only when it is idle
+	errs    chan error // from the goroutine: the result of each send
+}
+
+func newSender(stream grpc.ServerStream, timeout time.Duration) *sender {
+	s := &sender{
+		stream:  stream,
+		timeout: timeout,
+		timer:   time.NewTimer(timeout),
+		msgs:    make(chan any),
+		errs:    make(chan error, 1), // so that a send that outlives the handler ends
+	}
+	s.timer.Stop()
+	go func() {
+		for m := range s.msgs {
+			s.errs <- s.stream.SendMsg(m)
+		}
+	}()
+	return s
+}
+
+// send sends m. It returns errSlowReader if the client did not take it
+// within the timeout, and ctx's error if ctx ends first; after an error,
+// the caller must return from the handler without sending again.
+func (s *sender) send(ctx context.Context, m any) error {
+	select {
+	case s.msgs <- m:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.timer.Reset(s.timeout)
+	defer s.timer.Stop()
+	select {
+	case err := <-s.errs:
+		return err
+	case <-s.timer.C:
+		return errSlowReader
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// close stops the goroutine once its send, if any, has ended.
+func (s *sender) close() { close(s.msgs) }
 
 func (ts *twinService) ListTwinHistory(ctx context.Context, req *twinv1.ListTwinHistoryRequest) (*twinv1.ListTwinHistoryResponse, error) {
 	size, err := pageSize(req.GetPageSize())
@@ -205,13 +443,17 @@ func (ts *twinService) ListTwinHistory(ctx context.Context, req *twinv1.ListTwin
 		return nil, ts.s.status("ListTwinHistory", err)
 	}
 	resp := &twinv1.ListTwinHistoryResponse{}
+	bytes := 0
 	for i, ev := range evs {
-		if i == size {
-			next := binary.BigEndian.AppendUint64(nil, uint64(evs[size-1].Twin.Version))
+		p := eventProto(ev)
+		n := protowire.SizeBytes(proto.Size(p)) + 1 // the field's tag and length
+		if i == size || (i > 0 && bytes+n > maxPageBytes) {
+			next := binary.BigEndian.AppendUint64(nil, uint64(evs[i-1].Twin.Version))
 			resp.NextPageToken = encodePageToken(query, string(next))
 			break
 		}
-		resp.Events = append(resp.Events, eventProto(ev))
+		bytes += n
+		resp.Events = append(resp.Events, p)
 	}
 	return resp, nil
 }

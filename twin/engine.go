@@ -677,14 +677,21 @@ func (e *Engine) Get(id string) (*Twin, error) {
 	return t, nil
 }
 
-// List returns up to limit twins with ids after `after`, in id order, for
-// which match (if not nil) returns true, and the revision up to which every
-// change is reflected. more reports whether more matching twins follow.
-func (e *Engine) List(after string, limit int, match func(*Twin) bool) (twins []*Twin, rev int64, more bool) {
+// List calls fn with the committed twins whose ids sort after `after`, in
+// id order, until fn returns false, ctx is done or the engine closes. It
+// returns the revision up to which every change is reflected in the twins
+// it passed to fn, and ctx's error if ctx ended the scan, ErrClosed if Close
+// did, and otherwise nil. fn runs on the caller's goroutine with no lock
+// held; it must not modify the twin. A twin deleted during the scan may be
+// skipped.
+func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (rev int64, err error) {
 	rev = e.Revision()
 	const batch = 256
 	ids := make([]string, 0, batch)
 	for {
+		if err := e.readStopped(ctx); err != nil {
+			return rev, err
+		}
 		// Take the next ids in order, then look them up without the lock.
 		ids = ids[:0]
 		e.idxMu.RLock()
@@ -695,16 +702,18 @@ func (e *Engine) List(after string, limit int, match func(*Twin) bool) (twins []
 		e.idxMu.RUnlock()
 		for _, id := range ids {
 			t, err := e.Get(id)
-			if err != nil || (match != nil && !match(t)) {
-				continue // deleted meanwhile, or not matching
+			if err != nil {
+				continue // deleted meanwhile
 			}
-			if len(twins) == limit {
-				return twins, rev, true
+			if err := e.readStopped(ctx); err != nil {
+				return rev, err
 			}
-			twins = append(twins, t)
+			if !fn(t) {
+				return rev, nil
+			}
 		}
 		if len(ids) < batch {
-			return twins, rev, false
+			return rev, nil
 		}
 		after = ids[len(ids)-1]
 	}

@@ -219,7 +219,7 @@ func TestEngineModel(t *testing.T) {
 				}
 			}
 		}
-		listed, _, _ := e.List("", 100, nil)
+		listed, _ := listPage(t, e, "", 100, nil)
 		var listedIDs, modelIDs []string
 		for _, tw := range listed {
 			listedIDs = append(listedIDs, tw.ID)
@@ -405,7 +405,7 @@ func TestListPages(t *testing.T) {
 		if pages > 100 {
 			t.Fatal("paging does not end")
 		}
-		page, _, more := e.List(after, 50, func(tw *Twin) bool { return tw.Type == "b" })
+		page, more := listPage(t, e, after, 50, func(tw *Twin) bool { return tw.Type == "b" })
 		for _, tw := range page {
 			got = append(got, tw.ID)
 		}

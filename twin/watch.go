@@ -2,42 +2,64 @@ package twin
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
 )
 
+// A watcher reads the log in batches of at most this many events or bytes
+// (at least one event), with an iterator it closes before it delivers them,
+// so that no iterator stays open while fn blocks.
+const (
+	watchBatchEvents = 256
+	watchBatchBytes  = 1 << 20
+)
+
 // Watch calls fn, in revision order, with every committed event from
 // revision from (inclusive) on, then with every later event as it commits,
 // until ctx is done, the engine closes, or fn returns an error. from 0 means
-// "from the next revision". Watch returns ErrCompacted if from is older than
-// the watch log retains, ErrClosed when the engine closes, and otherwise the
+// "from the next revision"; a from beyond the current revision + 1 waits
+// for that revision. Watch returns ErrCompacted if from is older than the
+// watch log retains, ErrClosed when the engine closes, and otherwise the
 // error of ctx or fn.
 //
-// A watcher reads the durable watch log, so a slow watcher slows only
-// itself; it fails with ErrCompacted if it falls behind by more than the
-// log's retention.
+// A watcher reads the durable watch log in bounded batches and holds no
+// iterator while fn runs, so a slow watcher slows only itself: it pins
+// neither the store nor Close, and fails with ErrCompacted if it falls behind
+// by more than the log's retention. Watch checks ctx and Close before every
+// event it delivers and between batches, also while it replays events that
+// fn skips, so a replay stops as soon as its caller gives up.
 func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) error {
-	if !e.startReader() {
-		return ErrClosed
-	}
-	defer e.readerWG.Done()
 	e.revMu.Lock()
 	if from <= 0 {
 		from = e.rev + 1
 	}
 	e.revMu.Unlock()
 	next := from
+	var evs []*Event
 	for {
 		e.revMu.Lock()
 		upto, wait := e.rev, e.revWait
 		e.revMu.Unlock()
-		if next <= upto {
-			n, err := e.readLog(next, upto, fn)
+		for next <= upto {
+			if err := e.readStopped(ctx); err != nil {
+				return err
+			}
+			var err error
+			evs, next, err = e.readLog(evs[:0], next, upto)
 			if err != nil {
 				return err
 			}
-			next = n
+			for i, ev := range evs {
+				if err := e.readStopped(ctx); err != nil {
+					return err
+				}
+				evs[i] = nil // let the event go once delivered
+				if err := fn(ev); err != nil {
+					return err
+				}
+			}
 		}
 		select {
 		case <-wait:
@@ -49,36 +71,59 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 	}
 }
 
-// readLog calls fn with the logged events in [from, upto] and returns the
-// revision to read next.
-func (e *Engine) readLog(from, upto int64, fn func(*Event) error) (int64, error) {
+// readStopped returns the error that ends a long read (a watch or a list):
+// ctx's error, or ErrClosed once the engine closes.
+func (e *Engine) readStopped(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-e.done:
+		return ErrClosed
+	default:
+		return nil
+	}
+}
+
+// readLog appends to evs the logged events from revision from on, up to
+// upto and at most one batch of them, and returns the revision to read
+// next. It closes its iterator before it returns.
+func (e *Engine) readLog(evs []*Event, from, upto int64) (_ []*Event, next int64, err error) {
+	if !e.startReader() {
+		return evs, 0, ErrClosed
+	}
+	defer e.readerWG.Done()
 	if oldest := e.oldest.Load(); from < oldest {
-		return 0, fmt.Errorf("%w: revision %d is no longer retained; the oldest retained revision is %d",
+		return evs, 0, fmt.Errorf("%w: revision %d is no longer retained; the oldest retained revision is %d",
 			ErrCompacted, from, oldest)
 	}
 	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: logKey(from), UpperBound: logKey(upto + 1)})
 	if err != nil {
-		return 0, err
+		return evs, 0, err
 	}
 	defer it.Close()
+	next, size, n := upto+1, 0, 0
 	for it.First(); it.Valid(); it.Next() {
+		if n == watchBatchEvents || (n > 0 && size+len(it.Value()) > watchBatchBytes) {
+			next = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
+			break
+		}
 		ev, err := decodeEvent(it.Value())
 		if err != nil {
-			return 0, err
+			return evs, 0, err
 		}
-		if err := fn(ev); err != nil {
-			return 0, err
-		}
+		size += len(it.Value())
+		n++
+		evs = append(evs, ev)
 	}
 	if err := it.Error(); err != nil {
-		return 0, err
+		return evs, 0, err
 	}
 	// The log may have been pruned under the iterator.
 	if oldest := e.oldest.Load(); from < oldest {
-		return 0, fmt.Errorf("%w: the watcher fell behind past revision %d, the oldest retained",
+		return evs, 0, fmt.Errorf("%w: the watcher fell behind past revision %d, the oldest retained",
 			ErrCompacted, oldest)
 	}
-	return upto + 1, nil
+	return evs, next, nil
 }
 
 // OldestRevision returns the oldest revision the watch log still holds.

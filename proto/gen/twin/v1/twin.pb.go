@@ -617,8 +617,16 @@ type ListTwinsRequest struct {
 	// desired, delta, version, presence), e.g.
 	// `twin.type == "fridge" && twin.reported.temp_c > 8.0`. A twin for which
 	// the expression reads a missing field does not match. Empty matches all.
+	// A twin on which the expression fails otherwise (for example comparing a
+	// string with a number, a result that is not a bool, or exceeding the
+	// cost limit) does not match either, and is counted in
+	// ListTwinsResponse.filter_error_count; if it fails so on every twin it is
+	// evaluated on, the call fails with INVALID_ARGUMENT naming the error and
+	// the first twin.
 	Filter string `protobuf:"bytes,1,opt,name=filter,proto3" json:"filter,omitempty"`
-	// Maximum number of twins to return: default 100, at most 1000.
+	// Maximum number of twins to return: default 100, at most 1000. A page
+	// also stops before its encoding would exceed 3 MiB, well under gRPC's
+	// default 4 MiB message limit; next_page_token then continues it.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The next_page_token of a previous call with the same filter.
 	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
@@ -688,9 +696,16 @@ type ListTwinsResponse struct {
 	// ones may be too). To follow changes without a gap, watch from
 	// revision + 1 and ignore events whose twin version is not newer than the
 	// one listed.
-	Revision      int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Revision int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// How many twins evaluated for this page the filter failed on with an
+	// error other than reading a field the twin does not have; those twins
+	// are not listed. Counts only this page's scan.
+	FilterErrorCount int64 `protobuf:"varint,4,opt,name=filter_error_count,json=filterErrorCount,proto3" json:"filter_error_count,omitempty"`
+	// The first of those errors, naming its twin, e.g.
+	// `twin "fridge-7": no such overload`; empty if filter_error_count is 0.
+	FirstFilterError string `protobuf:"bytes,5,opt,name=first_filter_error,json=firstFilterError,proto3" json:"first_filter_error,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ListTwinsResponse) Reset() {
@@ -742,6 +757,20 @@ func (x *ListTwinsResponse) GetRevision() int64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *ListTwinsResponse) GetFilterErrorCount() int64 {
+	if x != nil {
+		return x.FilterErrorCount
+	}
+	return 0
+}
+
+func (x *ListTwinsResponse) GetFirstFilterError() string {
+	if x != nil {
+		return x.FirstFilterError
+	}
+	return ""
 }
 
 // UpdateTwinRequest is the request of TwinService.UpdateTwin.
@@ -1218,7 +1247,9 @@ type WatchTwinsRequest struct {
 	Filter string `protobuf:"bytes,1,opt,name=filter,proto3" json:"filter,omitempty"`
 	// 0 to watch changes from now on; otherwise replay every retained change
 	// from this revision (inclusive), then follow live. A revision older than
-	// retention fails with OUT_OF_RANGE naming the oldest retained revision.
+	// retention fails with OUT_OF_RANGE naming the oldest retained revision;
+	// one beyond the current revision + 1 fails with OUT_OF_RANGE naming the
+	// current revision.
 	StartRevision int64 `protobuf:"varint,2,opt,name=start_revision,json=startRevision,proto3" json:"start_revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1410,7 +1441,9 @@ type ListTwinHistoryRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Id of the twin.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	// Maximum number of entries to return: default 100, at most 1000.
+	// Maximum number of entries to return: default 100, at most 1000. A page
+	// also stops before its encoding would exceed 3 MiB; next_page_token then
+	// continues it.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The next_page_token of a previous call.
 	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
@@ -1671,11 +1704,13 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x06filter\x18\x01 \x01(\tR\x06filter\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x03 \x01(\tR\tpageToken\"|\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\xd8\x01\n" +
 	"\x11ListTwinsResponse\x12#\n" +
 	"\x05twins\x18\x01 \x03(\v2\r.twin.v1.TwinR\x05twins\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1a\n" +
-	"\brevision\x18\x03 \x01(\x03R\brevision\"\xa3\x02\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x12,\n" +
+	"\x12filter_error_count\x18\x04 \x01(\x03R\x10filterErrorCount\x12,\n" +
+	"\x12first_filter_error\x18\x05 \x01(\tR\x10firstFilterError\"\xa3\x02\n" +
 	"\x11UpdateTwinRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1f\n" +

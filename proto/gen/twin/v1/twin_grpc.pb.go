@@ -68,6 +68,8 @@ type TwinServiceClient interface {
 	// WatchTwins streams committed changes in revision order, optionally
 	// filtered by a CEL expression over `twin`. With start_revision it first
 	// replays retained history from that revision, then follows live changes.
+	// A watcher that reads nothing for 30 seconds while a change waits for it
+	// is ended with RESOURCE_EXHAUSTED naming the revision to resume from.
 	WatchTwins(ctx context.Context, in *WatchTwinsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTwinsResponse], error)
 	// ListTwinHistory lists a twin's retained changes, newest first.
 	ListTwinHistory(ctx context.Context, in *ListTwinHistoryRequest, opts ...grpc.CallOption) (*ListTwinHistoryResponse, error)
@@ -231,6 +233,8 @@ type TwinServiceServer interface {
 	// WatchTwins streams committed changes in revision order, optionally
 	// filtered by a CEL expression over `twin`. With start_revision it first
 	// replays retained history from that revision, then follows live changes.
+	// A watcher that reads nothing for 30 seconds while a change waits for it
+	// is ended with RESOURCE_EXHAUSTED naming the revision to resume from.
 	WatchTwins(*WatchTwinsRequest, grpc.ServerStreamingServer[WatchTwinsResponse]) error
 	// ListTwinHistory lists a twin's retained changes, newest first.
 	ListTwinHistory(context.Context, *ListTwinHistoryRequest) (*ListTwinHistoryResponse, error)
