@@ -21,6 +21,9 @@ func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendComma
 	if err := req.GetWait().CheckValid(); req.Wait != nil && err != nil {
 		return nil, invalid("wait: %v", err)
 	}
+	if err := checkFinite("params", req.GetParams()); err != nil {
+		return nil, err
+	}
 	cmd, err := cs.s.engine.SendCommand(ctx, twin.CommandRequest{
 		DeviceID:  req.GetDeviceId(),
 		Name:      req.GetName(),

@@ -415,6 +415,10 @@ func TestNonFiniteNumbersRefused(t *testing.T) {
 				Reported: &structpb.Struct{Fields: map[string]*structpb.Value{"odd key": structpb.NewNumberValue(math.Inf(-1))}}}})
 			return err
 		}, `twin.reported["odd key"] is -Inf`},
+		{"SendCommand params NaN", func() error {
+			_, err := twinv1.NewCommandServiceClient(s.conn).SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "navigate", Params: nested(math.NaN())})
+			return err
+		}, "params.location.path[1] is NaN"},
 		{"CreateTwin desired NaN", func() error {
 			_, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "car-2", Desired: nested(math.NaN())}})
 			return err

@@ -252,11 +252,16 @@ func (rs *ruleService) WatchRuleEvents(req *twinv1.WatchRuleEventsRequest, strea
 	defer cancel()
 	sub := rs.s.ruleEvents.subscribe(req.GetRuleId(), req.GetTwinId())
 	defer rs.s.ruleEvents.unsubscribe(sub)
+	send := newSender(stream, rs.s.opts.WatchSendTimeout)
+	defer send.close()
 	for {
 		select {
 		case ev := <-sub.ch:
-			if err := stream.Send(&twinv1.WatchRuleEventsResponse{Event: ev}); err != nil {
-				return err
+			if err := send.send(ctx, &twinv1.WatchRuleEventsResponse{Event: ev}); err != nil {
+				if errors.Is(err, errSlowReader) {
+					return status.Errorf(codes.ResourceExhausted, "the watcher did not read for %v and is ended; watch again", rs.s.opts.WatchSendTimeout)
+				}
+				return rs.s.streamStatus("WatchRuleEvents", ctx, err)
 			}
 		case <-sub.lagged:
 			return status.Error(codes.ResourceExhausted, "the watcher fell behind the rule events and missed some; watch again")

@@ -70,6 +70,11 @@ type Options struct {
 	// HelloTimeout bounds how long a new device stream may take to send its
 	// hello. Default 10s.
 	HelloTimeout time.Duration
+	// WatchSendTimeout bounds how long a message of a WatchTwins or
+	// WatchRuleEvents stream may wait for its client to read it; a client
+	// that reads no more is ended with RESOURCE_EXHAUSTED and resumes from
+	// the revision the message names. Default 30s.
+	WatchSendTimeout time.Duration
 	// Metrics is where the server registers its Prometheus metrics (gRPC
 	// calls by method and code, and the engine's counts). Default: a
 	// registry of its own, with Go's runtime and process metrics, served
@@ -103,6 +108,9 @@ func (o *Options) EnsureDefaults() {
 	if o.Metrics == nil {
 		o.Metrics = prometheus.NewRegistry()
 		o.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	if o.WatchSendTimeout <= 0 {
+		o.WatchSendTimeout = 30 * time.Second
 	}
 	if o.HelloTimeout <= 0 {
 		o.HelloTimeout = 10 * time.Second
@@ -170,7 +178,7 @@ func New(opts Options) (*Server, error) {
 		// A fixed pool of stream workers saves a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
-	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s})
+	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
 	twinv1.RegisterDeviceServiceServer(s.grpc, &deviceService{s: s})
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
