@@ -275,7 +275,8 @@ func TestCommands(t *testing.T) {
 	if err != nil || c1.Command.State != twinv1.CommandState_COMMAND_STATE_QUEUED {
 		t.Fatalf("SendCommand = %v, %v; want QUEUED", c1, err)
 	}
-	again, _ := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "navigate", RequestId: "trip-1"})
+	again, _ := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "navigate",
+		Params: jsonStruct(t, `{"lat": 52.52, "lon": 13.40}`), RequestId: "trip-1"})
 	if again.GetCommand().GetId() != c1.Command.Id {
 		t.Errorf("repeated request_id made %v; want %s", again, c1.Command.Id)
 	}

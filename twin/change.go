@@ -193,6 +193,9 @@ type applier struct {
 // create computes the twin that a CreateRequest makes. lastVersion is the
 // last version of a deleted twin with the same id, or 0.
 func (a *applier) create(req *CreateRequest, lastVersion int64, now time.Time) (*Twin, error) {
+	if err := validateNewID(req.ID); err != nil {
+		return nil, err
+	}
 	if err := ValidateType(req.Type); err != nil {
 		return nil, err
 	}

@@ -701,3 +701,46 @@ func TestRevokedStreamCannotWrite(t *testing.T) {
 		t.Errorf("reported a = %v; want 1 (the revoked stream's report refused)", tw.Reported["a"])
 	}
 }
+
+// TestNewcomerAnswers: answers that say what happened (issue 13): a
+// request_id reused for another command, cancelling a finished command, an
+// id made of dots, a store held by another process.
+func TestNewcomerAnswers(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	e, err := Open(Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if _, err := Open(Options{Dir: dir}); err == nil || !strings.Contains(err.Error(), "in use by another process") {
+		t.Errorf("opening a store twice = %v; want an error saying another process holds it", err)
+	}
+	for _, id := range []string{".", "..", "..."} {
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "t"}); !errors.Is(err, ErrInvalidID) {
+			t.Errorf("Create(%q) = %v; want ErrInvalidID", id, err)
+		}
+	}
+	if _, err := e.Create(ctx, CreateRequest{ID: "a.b", Type: "t"}); err != nil {
+		t.Errorf("Create(a.b) = %v", err)
+	}
+	first, err := e.SendCommand(ctx, CommandRequest{DeviceID: "a.b", Name: "honk", RequestID: "r1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := e.SendCommand(ctx, CommandRequest{DeviceID: "a.b", Name: "honk", RequestID: "r1"}); err != nil || again.ID != first.ID {
+		t.Errorf("repeated request = %v, %v; want the first command %s", again, err, first.ID)
+	}
+	if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: "a.b", Name: "navigate", RequestID: "r1"}); !errors.Is(err, ErrAlreadyExists) {
+		t.Errorf("request_id reused for another command = %v; want ErrAlreadyExists", err)
+	}
+	if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: "a.b", Name: "honk", Params: Document{"n": 2.0}, RequestID: "r1"}); !errors.Is(err, ErrAlreadyExists) {
+		t.Errorf("request_id reused with other params = %v; want ErrAlreadyExists", err)
+	}
+	if _, err := e.CancelCommand(ctx, first.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.CancelCommand(ctx, first.ID); err == nil || !strings.Contains(err.Error(), "already finished") {
+		t.Errorf("cancelling a finished command = %v; want an error saying it already finished", err)
+	}
+}

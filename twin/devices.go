@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -96,10 +97,15 @@ func (w *worker) sendCommand(c *change, cur *Twin, req *CommandRequest, now time
 	l := w.cmds[cur.ID]
 	if req.RequestID != "" && l != nil {
 		for _, cmd := range l.cmds {
-			if cmd.RequestID == req.RequestID {
-				c.cmd = cmd
-				return cur, nil
+			if cmd.RequestID != req.RequestID {
+				continue
 			}
+			if cmd.Name != req.Name || !jsonEqual(map[string]any(cmd.Params), map[string]any(req.Params)) {
+				return nil, fmt.Errorf("%w: request_id %q was used for another command (%s, %s); use a new request_id for a different command",
+					ErrAlreadyExists, req.RequestID, cmd.ID, cmd.Name)
+			}
+			c.cmd = cmd
+			return cur, nil
 		}
 	}
 	if n := len(l.open()); n >= w.e.opts.CommandQueueLimit {
@@ -168,7 +174,8 @@ func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg str
 		return fmt.Errorf("%w: command %q does not exist", ErrNotFound, id)
 	}
 	if cmd.State.Final() {
-		return fmt.Errorf("%w: command %q is already %s", ErrVersionMismatch, id, cmd.State)
+		return fmt.Errorf("%w: command %q already finished (%s) and cannot be %s; only QUEUED, SENT or ACCEPTED commands can",
+			ErrVersionMismatch, id, cmd.State, strings.ToLower(state.String()))
 	}
 	cmd = cmd.clone()
 	cmd.State, cmd.Message, cmd.UpdateTime = state, msg, now

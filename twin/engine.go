@@ -9,8 +9,10 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -258,6 +260,12 @@ func Open(opts Options) (*Engine, error) {
 		Logger:       pebbleLogger{opts.Logger},
 		MemTableSize: opts.MemTableBytes,
 	})
+	// Another process holds the lock (EAGAIN), or this one does (Pebble
+	// says so in words).
+	if errors.Is(err, syscall.EWOULDBLOCK) || errors.Is(err, syscall.EAGAIN) ||
+		(err != nil && strings.Contains(err.Error(), "lock held by current process")) {
+		return nil, fmt.Errorf("twin: the store in %s is in use by another process (another twind?); stop it or use another directory: %w", opts.Dir, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("twin: open store in %s: %w", opts.Dir, err)
 	}

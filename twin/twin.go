@@ -111,6 +111,19 @@ func ValidateID(id string) error {
 	return nil
 }
 
+// validateNewID reports whether id may name a new twin: a valid id that is
+// not made only of dots ("." and ".." mean something else in a URL path).
+// Existing twins with such ids keep working.
+func validateNewID(id string) error {
+	if err := ValidateID(id); err != nil {
+		return err
+	}
+	if strings.Trim(id, ".") == "" {
+		return fmt.Errorf("%w: %q is made only of dots, which URLs cannot carry as a name; use another id", ErrInvalidID, id)
+	}
+	return nil
+}
+
 // ValidateType reports whether typ is a valid device type.
 func ValidateType(typ string) error {
 	if !typePattern.MatchString(typ) {
