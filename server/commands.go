@@ -21,6 +21,9 @@ func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendComma
 	if err := req.GetWait().CheckValid(); req.Wait != nil && err != nil {
 		return nil, invalid("wait: %v", err)
 	}
+	if req.GetWait().AsDuration() < 0 || req.GetTtl().AsDuration() < 0 {
+		return nil, invalid("wait and ttl must not be negative (wait %v, ttl %v); give 0s for none", req.GetWait().AsDuration(), req.GetTtl().AsDuration())
+	}
 	if err := checkFinite("params", req.GetParams()); err != nil {
 		return nil, err
 	}

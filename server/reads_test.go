@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -442,5 +443,23 @@ func TestNonFiniteNumbersRefused(t *testing.T) {
 	}
 	if v := document(nested(math.Inf(1)))["location"].(map[string]any)["path"].([]any)[1]; v != math.Inf(1) {
 		t.Errorf("document(+Inf) holds %#v; want the number +Inf", v)
+	}
+}
+
+// TestNegativeArgumentsRefused: a negative expected_version or wait is a
+// mistake of the caller, not a version mismatch or nothing (issue 13).
+func TestNegativeArgumentsRefused(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "car-1"}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.twins.UpdateDesired(ctx, &twinv1.UpdateDesiredRequest{Id: "car-1", Patch: &structpb.Struct{}, ExpectedVersion: -1})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("UpdateDesired expected_version -1 = %v; want INVALID_ARGUMENT", err)
+	}
+	_, err = twinv1.NewCommandServiceClient(s.conn).SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(-time.Second)})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("SendCommand wait -1s = %v; want INVALID_ARGUMENT", err)
 	}
 }

@@ -174,6 +174,9 @@ type goneTwin struct {
 }
 
 func checkVersion(t *Twin, expected int64) error {
+	if expected < 0 {
+		return fmt.Errorf("%w: expected_version is %d; give the twin's version, or 0 for any", ErrInvalidArgument, expected)
+	}
 	if expected != 0 && t.Version != expected {
 		return fmt.Errorf("%w: twin %q is at version %d, not the expected %d; read it again and retry",
 			ErrVersionMismatch, t.ID, t.Version, expected)
