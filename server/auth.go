@@ -3,11 +3,13 @@ package server
 import (
 	"context"
 	"crypto/subtle"
+	"log/slog"
 	"strings"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -17,6 +19,9 @@ import (
 // stay open.
 type apiAuth struct {
 	token []byte // empty: no check
+	// logger and failures log refused calls, sampled.
+	logger   *slog.Logger
+	failures *sampledLog
 }
 
 func (a apiAuth) needed(method string) bool {
@@ -47,6 +52,7 @@ func (a apiAuth) check(ctx context.Context) error {
 func (a apiAuth) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	if a.needed(info.FullMethod) {
 		if err := a.check(ctx); err != nil {
+			a.refused(ctx, info.FullMethod, err)
 			return nil, err
 		}
 	}
@@ -56,8 +62,22 @@ func (a apiAuth) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 func (a apiAuth) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	if a.needed(info.FullMethod) {
 		if err := a.check(ss.Context()); err != nil {
+			a.refused(ss.Context(), info.FullMethod, err)
 			return err
 		}
 	}
 	return handler(srv, ss)
+}
+
+// refused logs a call refused for its credentials, with where it came from.
+func (a apiAuth) refused(ctx context.Context, method string, err error) {
+	if a.logger == nil {
+		return
+	}
+	addr := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		addr = p.Addr.String()
+	}
+	a.failures.log(a.logger, slog.LevelWarn, "operator call refused: authentication failed",
+		"method", method, "peer", addr, "reason", status.Convert(err).Message())
 }

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -288,6 +289,9 @@ func newRuleRegistry(e *twin.Engine, hub *ruleHub, opts Options) (*rules.Registr
 type ruleHub struct {
 	// rules is the set in force, whose rules count the firings published.
 	rules atomic.Pointer[rules.Set]
+	// logger receives rule errors, sampled by errors.
+	logger *slog.Logger
+	errors *sampledLog
 
 	mu   sync.Mutex // protects subs
 	subs map[*ruleSub]struct{}
@@ -300,7 +304,7 @@ type ruleSub struct {
 	lagOnce        sync.Once
 }
 
-func newRuleHub() *ruleHub { return &ruleHub{subs: map[*ruleSub]struct{}{}} }
+func newRuleHub() *ruleHub { return &ruleHub{subs: map[*ruleSub]struct{}{}, errors: newSampledLog()} }
 
 func (h *ruleHub) subscribe(ruleID, twinID string) *ruleSub {
 	s := &ruleSub{ruleID: ruleID, twinID: twinID, ch: make(chan *twinv1.RuleEvent, 1024), lagged: make(chan struct{})}
@@ -321,6 +325,14 @@ func (h *ruleHub) unsubscribe(s *ruleSub) {
 func (h *ruleHub) publish(evs []twin.FiringEvent) {
 	if set := h.rules.Load(); set != nil {
 		set.Record(evs)
+	}
+	if h.logger != nil {
+		for _, fe := range evs {
+			if fe.Err != nil {
+				h.errors.log(h.logger, slog.LevelWarn, "rule error", "rule", fe.RuleID, "twin", fe.TwinID,
+					"twin_version", fe.TwinVersion, "err", fe.Err)
+			}
+		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -16,6 +16,8 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -137,12 +139,57 @@ type Server struct {
 
 	shutdownOnce sync.Once
 	shutdownErr  error
+
+	// inflight counts the calls being served, for the shutdown log.
+	inflight inflight
+}
+
+// inflight counts the calls in progress by method.
+type inflight struct {
+	mu    sync.Mutex
+	calls map[string]int // protected by mu
+}
+
+func (f *inflight) enter(method string) func() {
+	f.mu.Lock()
+	f.calls[method]++
+	f.mu.Unlock()
+	return func() {
+		f.mu.Lock()
+		if f.calls[method]--; f.calls[method] == 0 {
+			delete(f.calls, method)
+		}
+		f.mu.Unlock()
+	}
+}
+
+func (f *inflight) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	defer f.enter(info.FullMethod)()
+	return handler(ctx, req)
+}
+
+func (f *inflight) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	defer f.enter(info.FullMethod)()
+	return handler(srv, ss)
+}
+
+// String lists the calls in progress, e.g. "Connect×3, WatchTwins×1".
+func (f *inflight) String() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var parts []string
+	for m, n := range f.calls {
+		parts = append(parts, fmt.Sprintf("%s×%d", m[strings.LastIndexByte(m, '/')+1:], n))
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
 }
 
 // New opens the store and builds the server. The caller must Close it.
 func New(opts Options) (*Server, error) {
 	opts.EnsureDefaults()
 	hub := newRuleHub()
+	hub.logger = opts.Logger
 	opts.Engine.OnFirings = hub.publish
 	e, err := twin.Open(opts.Engine)
 	if err != nil {
@@ -161,6 +208,8 @@ func New(opts Options) (*Server, error) {
 		health:     health.NewServer(),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.inflight.calls = map[string]int{}
+	auth := apiAuth{token: []byte(opts.APIToken), logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	var serverOpts []grpc.ServerOption
 	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
@@ -173,8 +222,12 @@ func New(opts Options) (*Server, error) {
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.MaxRecvMsgSize(4<<20),
-		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), apiAuth{[]byte(opts.APIToken)}.stream),
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, auth.stream),
+		grpc.StatsHandler(rpcLog{logger: opts.Logger, decode: newSampledLog()}),
+		// Stop, after the shutdown timeout, waits for the handlers it
+		// cancels: the store closes under none of them.
+		grpc.WaitForHandlers(true),
 		// A fixed pool of stream workers saves a goroutine per call.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
@@ -242,9 +295,23 @@ func (s *Server) shutdown() error {
 	select {
 	case <-done:
 	case <-t.C:
-		s.opts.Logger.Warn("requests still in flight after the shutdown timeout; cancelling them", "timeout", s.opts.ShutdownTimeout)
-		s.grpc.Stop()
-		<-done
+		s.opts.Logger.Warn("calls still in flight after the shutdown timeout; cancelling them",
+			"timeout", s.opts.ShutdownTimeout, "waiting_for", s.inflight.String())
+		stopped := make(chan struct{})
+		go func() {
+			s.grpc.Stop() // waits for the handlers to return
+			close(stopped)
+		}()
+		t.Reset(s.opts.ShutdownTimeout)
+		select {
+		case <-stopped:
+		case <-t.C:
+			// A handler ignores its cancellation: a bug, but the store
+			// must still close, and every engine call after that fails
+			// with ErrClosed.
+			s.opts.Logger.Error("calls did not end after being cancelled; giving up on them and closing the store",
+				"waiting_for", s.inflight.String())
+		}
 	}
 	if err := s.rules.Flush(); err != nil {
 		s.opts.Logger.Error("storing rule statuses failed", "err", err)

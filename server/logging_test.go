@@ -1,0 +1,105 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+)
+
+// syncBuffer is a bytes.Buffer safe for the concurrent writes of a logger.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestOperatorLogs: refused calls and requests grpc-go cannot decode are
+// logged, sampled, with what an operator needs to act (issue 13).
+func TestOperatorLogs(t *testing.T) {
+	ctx := context.Background()
+	var logs syncBuffer
+	s := startServer(t, nil, func(o *Options) {
+		o.APIToken = "s3cret"
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	for range 50 {
+		if _, err := s.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{}); status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("ListTwins without a token = %v; want UNAUTHENTICATED", err)
+		}
+	}
+	out := logs.String()
+	if n := strings.Count(out, "authentication failed"); n == 0 || n > 10 {
+		t.Errorf("50 refused calls logged %d lines; want between 1 and 10 (sampled)\n%s", n, out)
+	}
+	if !strings.Contains(out, "method=/twin.v1.TwinService/ListTwins") {
+		t.Errorf("the refusal log does not name the method:\n%s", out)
+	}
+
+	// A patch nested deeper than protobuf's recursion limit.
+	deep := &structpb.Struct{}
+	for range 6000 {
+		deep = &structpb.Struct{Fields: map[string]*structpb.Value{"a": structpb.NewStructValue(deep)}}
+	}
+	_, err := s.twins.UpdateDesired(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer s3cret"), &twinv1.UpdateDesiredRequest{Id: "x", Patch: deep})
+	if status.Code(err) != codes.Internal {
+		t.Fatalf("a patch nested 6,000 deep = %v; want INTERNAL (grpc-go's answer)", err)
+	}
+	// The stats handler may log just after the client has its answer.
+	waitFor(t, func() bool {
+		out := logs.String()
+		return strings.Contains(out, "could not be decoded") && strings.Contains(out, "method=/twin.v1.TwinService/UpdateDesired")
+	})
+}
+
+// TestShutdownNamesWhatItWaitsFor: a shutdown that times out says which
+// calls it still waits for, then cancels them and waits for their handlers
+// before it closes the store (issue 13, and issue 8 item 21).
+func TestShutdownNamesWhatItWaitsFor(t *testing.T) {
+	ctx := context.Background()
+	var logs syncBuffer
+	s := startServer(t, nil, func(o *Options) {
+		o.ShutdownTimeout = 200 * time.Millisecond
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	waiting := make(chan error, 1)
+	go func() {
+		// The device is offline: this waits for the whole minute.
+		_, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Minute)})
+		waiting <- err
+	}()
+	waitFor(t, func() bool { return s.inflight.String() != "" })
+	if err := s.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waiting; err == nil {
+		t.Errorf("SendCommand waiting through shutdown succeeded; want an error")
+	}
+	if out := logs.String(); !strings.Contains(out, "waiting_for=SendCommand×1") {
+		t.Errorf("the shutdown log does not name the call it waits for:\n%s", out)
+	}
+}
