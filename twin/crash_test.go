@@ -205,6 +205,9 @@ func crashRound(t *testing.T, rng *rand.Rand, e *Engine, mem *vfs.MemFS, cfg cra
 	if err != nil {
 		t.Fatal(err)
 	}
+	st := e.Stats()
+	t.Logf("crash after %d acknowledged operations, keeping %d%% of unsynced data; %d changes in %d commits in all",
+		cfg.crashAfter, cfg.unsynced, st.Changes, st.Commits)
 	if err := e.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
