@@ -34,11 +34,14 @@ func (s *Server) watchStore() {
 		h := s.engine.Health()
 		if ok := h.Err() == nil; ok != serving {
 			serving = ok
-			if ok {
+			switch {
+			case ok:
 				s.opts.Logger.Info("the store is healthy again; serving")
 				s.setServing(healthpb.HealthCheckResponse_SERVING)
-			} else {
+			case h.Fatal == nil:
 				s.opts.Logger.Error("the store is failing; health is NOT_SERVING until it recovers", "err", h.Err().Error())
+				s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)
+			default:
 				s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)
 			}
 		}
