@@ -31,11 +31,12 @@ import (
 
 // crashRules is the evaluator of the crash tests, a pair of planter rules:
 // "dry" fires when a twin reports soil_moisture < 30 while desired pump is
-// not "on": it sends a `water` command, sets desired pump "on", and counts
-// its firings in its rule state (Gen); "wet" sets pump "off" when moisture
-// is over 55 while the pump is on. Neither condition can hold in a durable
-// state, and each durable twin has exactly as many `water` commands as
-// pump-on changes by "dry" and as its "dry" state counts.
+// not "on": it sends a `water` and a `lamp` command, sets desired pump "on",
+// and counts its firings in its rule state (Gen); "wet" sets pump "off" when
+// moisture is over 55 while the pump is on. Neither condition can hold in a
+// durable state, and each durable twin has exactly as many `water` and as
+// many `lamp` commands as pump-on changes by "dry" and as its "dry" state
+// counts.
 type crashRules struct{}
 
 func crashMoisture(t *Twin) (float64, bool) {
@@ -61,7 +62,8 @@ func (crashRules) Evaluate(prev, next *Twin, states map[string]RuleState, now ti
 		n := states["dry"].Gen + 1
 		ev.States = map[string]*RuleState{"dry": {Gen: n, LastFired: now}}
 		ev.Firings = append(ev.Firings, Firing{RuleID: "dry",
-			Commands:     []RuleCommand{{Name: "water", Params: Document{"firing": float64(n)}}},
+			Commands: []RuleCommand{{Name: "water", Params: Document{"firing": float64(n)}},
+				{Name: "lamp", Params: Document{"firing": float64(n)}}},
 			DesiredPatch: Document{"pump": "on"}})
 	}
 	if crashWet(next) {
@@ -518,13 +520,15 @@ func checkCrashTwin(e *Engine, ct *crashTwin, final map[int64]logEntry, finalRev
 		return problems
 	}
 	gotCmds := map[string]CommandState{}
-	waters := int64(0)
+	waters, lamps := int64(0), int64(0)
 	for _, c := range cmds {
 		switch {
 		case c.Source == SourceAPI:
 			gotCmds[c.ID] = c.State
 		case c.Source == RuleSource("dry") && c.Name == "water":
 			waters++
+		case c.Source == RuleSource("dry") && c.Name == "lamp":
+			lamps++
 		}
 		if c.Seq > tw.CommandSeq {
 			report("command %s is beyond the twin's command sequence %d", c.ID, tw.CommandSeq)
@@ -579,8 +583,8 @@ func checkCrashTwin(e *Engine, ct *crashTwin, final map[int64]logEntry, finalRev
 	if s, ok := e.workerFor(ct.id).ruleStates[ct.id]; ok {
 		state = s["dry"]
 	}
-	if waters != pumpOn || state.Gen != pumpOn {
-		report("rule dry: %d water commands, %d pump-on changes, state counts %d firings", waters, pumpOn, state.Gen)
+	if waters != pumpOn || lamps != pumpOn || state.Gen != pumpOn {
+		report("rule dry: %d water and %d lamp commands, %d pump-on changes, state counts %d firings", waters, lamps, pumpOn, state.Gen)
 	}
 	return problems
 }
