@@ -146,6 +146,8 @@ type healthLogger struct {
 }
 
 func (l healthLogger) Fatalf(format string, args ...any) {
-	l.h.setFatal(fmt.Errorf(format, args...))
+	err := fmt.Errorf(format, args...)
+	l.h.setFatal(err)
+	l.l.Error("the store failed and cannot go on; stopping the process: a restart recovers from what is durable", "err", err.Error())
 	l.pebbleLogger.Fatalf(format, args...)
 }

@@ -465,7 +465,7 @@ func TestStoreFailureExits(t *testing.T) {
 		logs        string // what the log says about the failure
 	}{
 		{"WAL", ".log", "a restart recovers"},
-		{"MANIFEST", "MANIFEST-", "MANIFEST"},
+		{"MANIFEST", "MANIFEST-", "a restart recovers"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
