@@ -47,7 +47,7 @@ func TestCrashRuleEffects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, err := rules.NewRegistry(e, func(s *rules.Set) { e.SetEvaluator(s) }, time.Now, quiet)
+	reg, err := rules.NewRegistry(e, func(s *rules.Set) { e.SetEvaluator(s) }, time.Now, quiet, twin.Limits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestCrashRuleEffects(t *testing.T) {
 		if e, err = twin.Open(opts(mem)); err != nil {
 			t.Fatalf("seed %d round %d: the crashed store does not open: %v", seed, round, err)
 		}
-		if reg, err = rules.NewRegistry(e, func(s *rules.Set) { e.SetEvaluator(s) }, time.Now, quiet); err != nil {
+		if reg, err = rules.NewRegistry(e, func(s *rules.Set) { e.SetEvaluator(s) }, time.Now, quiet, twin.Limits{}); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := reg.Get("dry"); err != nil {
