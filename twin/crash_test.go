@@ -779,7 +779,11 @@ func TestCrashCheckerCatchesMissingSync(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, 0))
 	for round := range 3 {
 		mem := vfs.NewCrashableMem()
-		e, err := Open(crashOpts(noSyncFS{mem}))
+		opts := crashOpts(noSyncFS{mem})
+		// No flush may make the acknowledged writes durable behind the
+		// WAL's back: memtables far larger than the test writes.
+		opts.MemTableBytes = 64 << 20
+		e, err := Open(opts)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -788,11 +792,12 @@ func TestCrashCheckerCatchesMissingSync(t *testing.T) {
 		if e2 != nil {
 			e2.Close()
 		}
-		if len(problems) == 0 {
-			t.Errorf("seed %d round %d: WAL syncs were no-ops and %d operations were acknowledged before the crash, but the checker found no loss",
-				seed, round, cfg.crashAfter)
+		lost := slices.IndexFunc(problems, func(p string) bool { return strings.Contains(p, "is lost") })
+		if lost < 0 {
+			t.Errorf("seed %d round %d: WAL syncs were no-ops and %d operations were acknowledged before the crash, but the checker found no loss: %q",
+				seed, round, cfg.crashAfter, problems)
 		} else {
-			t.Logf("round %d: the checker found %d problems, first: %s", round, len(problems), problems[0])
+			t.Logf("round %d: the checker found %d problems, such as: %s", round, len(problems), problems[lost])
 		}
 	}
 }
