@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -579,9 +580,13 @@ func checkCrashTwin(e *Engine, ct *crashTwin, final map[int64]logEntry, finalRev
 			pumpOn++
 		}
 	}
+	// The rule state as stored (the worker's copy is its own).
 	var state RuleState
-	if s, ok := e.workerFor(ct.id).ruleStates[ct.id]; ok {
-		state = s["dry"]
+	if v, closer, err := e.db.Get(ruleStateKey(e.VShard(ct.id), ct.id, "dry")); err == nil {
+		if err := json.Unmarshal(v, &state); err != nil {
+			report("rule state of dry: %v", err)
+		}
+		closer.Close()
 	}
 	if waters != pumpOn || lamps != pumpOn || state.Gen != pumpOn {
 		report("rule dry: %d water and %d lamp commands, %d pump-on changes, state counts %d firings", waters, lamps, pumpOn, state.Gen)
