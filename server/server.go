@@ -136,6 +136,10 @@ type Server struct {
 	stopping context.CancelFunc
 	// flusher stores rule statuses periodically until shutdown.
 	flusher sync.WaitGroup
+	// healthWG is watchStore, which keeps health in step with the store
+	// and closes storeFailed when the store fails fatally.
+	healthWG    sync.WaitGroup
+	storeFailed chan struct{}
 
 	shutdownOnce sync.Once
 	shutdownErr  error
@@ -201,11 +205,12 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{
-		opts:       opts,
-		engine:     e,
-		rules:      reg,
-		ruleEvents: hub,
-		health:     health.NewServer(),
+		opts:        opts,
+		engine:      e,
+		rules:       reg,
+		ruleEvents:  hub,
+		health:      health.NewServer(),
+		storeFailed: make(chan struct{}),
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.inflight.calls = map[string]int{}
@@ -245,11 +250,14 @@ func New(opts Options) (*Server, error) {
 		e.Close()
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
-	reflection.Register(s.grpc)
-	for _, svc := range []string{"", twinv1.TwinService_ServiceDesc.ServiceName, twinv1.DeviceService_ServiceDesc.ServiceName,
-		twinv1.CommandService_ServiceDesc.ServiceName, twinv1.RuleService_ServiceDesc.ServiceName} {
-		s.health.SetServingStatus(svc, healthpb.HealthCheckResponse_SERVING)
+	if err := opts.Metrics.Register(newStoreCollector(e)); err != nil {
+		e.Close()
+		return nil, fmt.Errorf("register metrics: %w", err)
 	}
+	reflection.Register(s.grpc)
+	s.setServing(healthpb.HealthCheckResponse_SERVING)
+	s.healthWG.Add(1)
+	go s.watchStore()
 	s.flusher.Add(1)
 	go s.flushRules()
 	return s, nil
@@ -284,6 +292,7 @@ func (s *Server) Shutdown() error {
 func (s *Server) shutdown() error {
 	s.stopping()
 	s.flusher.Wait()
+	s.healthWG.Wait()
 	s.health.Shutdown()
 	done := make(chan struct{})
 	go func() {
@@ -313,8 +322,10 @@ func (s *Server) shutdown() error {
 				"waiting_for", s.inflight.String())
 		}
 	}
-	if err := s.rules.Flush(); err != nil {
-		s.opts.Logger.Error("storing rule statuses failed", "err", err)
+	if s.engine.Health().Fatal == nil { // a failed store takes no more writes
+		if err := s.rules.Flush(); err != nil {
+			s.opts.Logger.Error("storing rule statuses failed", "err", err)
+		}
 	}
 	return s.engine.Close()
 }
@@ -327,6 +338,9 @@ func (s *Server) flushRules() {
 	for {
 		select {
 		case <-t.C:
+			if s.engine.Health().Fatal != nil {
+				continue // a failed store takes no more writes
+			}
 			if err := s.rules.Flush(); err != nil {
 				s.opts.Logger.Error("storing rule statuses failed", "err", err)
 			}
@@ -414,6 +428,9 @@ func Run(ctx context.Context, opts Options) error {
 	case err = <-serveErr:
 		served = true
 		opts.Logger.Error("serving failed; shutting down", "err", err)
+	case <-s.storeFailed:
+		err = s.engine.Health().Fatal
+		opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
 	}
 	if cerr := s.Shutdown(); cerr != nil && !errors.Is(cerr, twin.ErrClosed) {
 		err = errors.Join(err, cerr)

@@ -207,6 +207,8 @@ type Engine struct {
 	nextRev atomic.Int64
 	// failed holds the error that stopped the engine, if any.
 	failed atomic.Pointer[error]
+	// health tracks the store's failures (see Health).
+	health *storeHealth
 
 	// revMu protects the durable revision watermark and its broadcast.
 	revMu   sync.Mutex
@@ -254,11 +256,13 @@ func Open(opts Options) (*Engine, error) {
 	}
 	cache := pebble.NewCache(opts.PebbleCacheBytes)
 	defer cache.Unref()
+	health := newStoreHealth(opts.Logger)
 	db, err := pebble.Open(opts.Dir, &pebble.Options{
-		FS:           opts.FS,
-		Cache:        cache,
-		Logger:       pebbleLogger{opts.Logger},
-		MemTableSize: opts.MemTableBytes,
+		FS:            opts.FS,
+		Cache:         cache,
+		Logger:        healthLogger{pebbleLogger{opts.Logger}, health},
+		EventListener: health.listener(),
+		MemTableSize:  opts.MemTableBytes,
 	})
 	// Another process holds the lock (EAGAIN), or this one does (Pebble
 	// says so in words).
@@ -272,6 +276,7 @@ func Open(opts Options) (*Engine, error) {
 	e := &Engine{
 		opts:    opts,
 		db:      db,
+		health:  health,
 		apply:   applier{limits: opts.Limits},
 		done:    make(chan struct{}),
 		revWait: make(chan struct{}),
@@ -524,6 +529,7 @@ func (e *Engine) err() error {
 func (e *Engine) fail(err error) {
 	if e.failed.CompareAndSwap(nil, &err) {
 		e.opts.Logger.Error("store commit failed; refusing all further changes", "err", err)
+		e.health.setFatal(err)
 	}
 }
 
