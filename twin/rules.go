@@ -383,11 +383,17 @@ var prefixRules = []byte("r/")
 
 // PutRule durably stores a rule definition.
 func (e *Engine) PutRule(id string, def []byte) error {
+	if err := e.err(); err != nil {
+		return err
+	}
 	return e.db.Set(append(append([]byte(nil), prefixRules...), id...), def, pebble.Sync)
 }
 
 // DeleteRule durably deletes a rule definition.
 func (e *Engine) DeleteRule(id string) error {
+	if err := e.err(); err != nil {
+		return err
+	}
 	return e.db.Delete(append(append([]byte(nil), prefixRules...), id...), pebble.Sync)
 }
 

@@ -552,7 +552,7 @@ func (e *Engine) pruneLog() {
 	const pruneStep = 1024
 	keep := e.rev - e.opts.LogRetention + 1
 	from := e.oldest.Load()
-	if keep-from < pruneStep {
+	if keep-from < pruneStep || e.err() != nil {
 		return
 	}
 	// Watchers learn of the pruning before it happens, so none reads a
