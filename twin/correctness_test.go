@@ -744,3 +744,44 @@ func TestNewcomerAnswers(t *testing.T) {
 		t.Errorf("cancelling a finished command = %v; want an error saying it already finished", err)
 	}
 }
+
+// TestDeletedTwinsHoldNoMemory: what a deleted twin leaves behind (its last
+// version and command sequence, so that a re-created twin reuses neither)
+// lives in the store, not in memory (item 18).
+func TestDeletedTwinsHoldNoMemory(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{Workers: 1, VShards: 1})
+	for i := range 100 {
+		id := fmt.Sprint("d", i)
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "t"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: id, Name: "go"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Delete(ctx, id, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.RunTimers(ctx); err != nil { // a step after the last delete
+		t.Fatal(err)
+	}
+	if n := len(e.workers[0].gone); n != 0 {
+		t.Errorf("worker remembers %d deleted twins; want 0", n)
+	}
+	e.Close()
+	e = openMem(t, fs, Options{Workers: 1, VShards: 1})
+	defer e.Close()
+	tw, err := e.Create(ctx, CreateRequest{ID: "d7", Type: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: "d7", Name: "go"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Version != 2 || cmd.ID != "d7~2" {
+		t.Errorf("re-created twin at version %d with command %s; want version 2 and d7~2 (nothing reused)", tw.Version, cmd.ID)
+	}
+}
