@@ -5,7 +5,9 @@ import (
 	"crypto/subtle"
 	"errors"
 	"io"
+	"reflect"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -22,91 +24,204 @@ import (
 type deviceService struct {
 	twinv1.UnimplementedDeviceServiceServer
 	s *Server
+	// readers counts the streams' readers, which may outlive their
+	// handlers by a moment; Shutdown waits for them.
+	readers sync.WaitGroup
+	// reportStarted, if set (by tests), is called each time a stream hands
+	// a report to the engine, with the stream's reports then in flight.
+	reportStarted func(deviceID string, inFlight int)
 }
 
-// outItem is one message waiting in a session's send queue. It is converted
-// to protobuf by the stream's goroutine, not by the engine's.
+// session is a device's stream as the engine sees it: a twin.Sink with an
+// outbox that the stream's writer empties. The engine never waits on it.
+//
+// The outbox holds what the device has not been sent yet: the welcome, the
+// commands in order, and at most one desired update. Commands need no bound
+// of their own: the engine bounds each device's unfinished commands
+// (twin.Options.CommandQueueLimit), and each goes to a stream at most twice
+// (sent, then canceled), so a device always gets its whole backlog. A
+// desired update waiting to be sent absorbs every later desired change: a
+// device needs only the latest desired state, so a device that reads, however
+// slowly, never falls behind. A device that does not read at all is cut off
+// when a send has waited for it longer than the send timeout; its commands
+// stay queued for its next stream.
+type session struct {
+	deviceID    string
+	lastVer     int64
+	sendTimeout time.Duration
+	created     time.Time // the origin of sendStart
+
+	wake   chan struct{} // holds a token when the outbox has something new
+	closed chan struct{} // closed once closeErr is set
+
+	// mu protects welcome, out, desiredAt and closeErr.
+	mu        sync.Mutex
+	welcome   *twin.Twin
+	out       []outItem // commands and the pending desired update, in commit order
+	desiredAt int       // the index in out of the pending desired update; -1 if none
+	closeErr  error     // why the stream ends; set once
+
+	// sendStart is when the writer's Send in progress began, as nanoseconds
+	// since created plus one; 0 while no Send is in progress. sendTimer
+	// checks it.
+	sendStart atomic.Int64
+	sendTimer *time.Timer
+}
+
+// outItem is a command or the pending desired update.
 type outItem struct {
-	welcome *twin.Twin
+	cmd *twin.Command
+	// desired is the twin after the latest desired change the update
+	// carries; changes counts those changes, and patch is the change while
+	// it is the only one.
 	desired *twin.Twin
 	patch   twin.Document
-	cmd     *twin.Command
+	changes int
 }
 
-// session is a device's stream as the engine sees it: a twin.Sink with a
-// bounded send queue. The engine never waits on it: a device whose queue is
-// full is disconnected, and its commands stay queued for its next stream.
-type session struct {
-	deviceID   string
-	lastVer    int64
-	sendQ      chan outItem
-	closedOnce sync.Once
-	closed     chan struct{}
-	closeErr   error // set before closed is closed
+func newSession(deviceID string, lastVer int64, sendTimeout time.Duration) *session {
+	ss := &session{
+		deviceID: deviceID, lastVer: lastVer, sendTimeout: sendTimeout, created: time.Now(),
+		wake: make(chan struct{}, 1), closed: make(chan struct{}), desiredAt: -1,
+	}
+	ss.sendTimer = time.AfterFunc(time.Hour, ss.checkSend)
+	ss.sendTimer.Stop()
+	return ss
 }
 
-func newSession(deviceID string, lastVer int64, queue int) *session {
-	return &session{deviceID: deviceID, lastVer: lastVer, sendQ: make(chan outItem, queue), closed: make(chan struct{})}
-}
-
-func (ss *session) push(it outItem) {
+// notify wakes the writer.
+func (ss *session) notify() {
 	select {
-	case ss.sendQ <- it:
+	case ss.wake <- struct{}{}:
 	default:
-		ss.Close(status.Errorf(codes.ResourceExhausted,
-			"device %q fell behind: %d messages waiting to be sent; its commands stay queued, reconnect to receive them",
-			ss.deviceID, cap(ss.sendQ)))
 	}
 }
 
 func (ss *session) Welcome(t *twin.Twin, cmds []*twin.Command) {
-	ss.push(outItem{welcome: t})
-	for _, c := range cmds {
-		ss.push(outItem{cmd: c})
+	ss.mu.Lock()
+	if ss.closeErr == nil {
+		ss.welcome = t
+		for _, c := range cmds {
+			ss.out = append(ss.out, outItem{cmd: c})
+		}
 	}
+	ss.mu.Unlock()
+	ss.notify()
 }
 
 func (ss *session) DesiredChanged(t *twin.Twin, patch twin.Document) {
-	ss.push(outItem{desired: t, patch: patch})
+	ss.mu.Lock()
+	switch {
+	case ss.closeErr != nil:
+	case ss.desiredAt >= 0:
+		// The update waiting to be sent now carries this change too. It
+		// keeps its place, so that a command is never sent before a desired
+		// change committed before it.
+		it := &ss.out[ss.desiredAt]
+		it.desired, it.patch = t, nil
+		it.changes++
+	default:
+		ss.desiredAt = len(ss.out)
+		ss.out = append(ss.out, outItem{desired: t, patch: patch, changes: 1})
+	}
+	ss.mu.Unlock()
+	ss.notify()
 }
 
 func (ss *session) Commands(cmds []*twin.Command) {
-	for _, c := range cmds {
-		ss.push(outItem{cmd: c})
-	}
-}
-
-func (ss *session) Close(err error) {
-	ss.closedOnce.Do(func() {
-		switch {
-		case errors.Is(err, twin.ErrReplaced):
-			err = status.Errorf(codes.Aborted, "a newer stream of device %q replaced this one", ss.deviceID)
-		case errors.Is(err, twin.ErrNotFound):
-			err = status.Errorf(codes.NotFound, "%v", err)
+	ss.mu.Lock()
+	if ss.closeErr == nil {
+		for _, c := range cmds {
+			ss.out = append(ss.out, outItem{cmd: c})
 		}
-		ss.closeErr = err
-		close(ss.closed)
-	})
+	}
+	ss.mu.Unlock()
+	ss.notify()
 }
 
-// pendingReport is a report handed to the engine whose ack is not sent yet.
+// Close ends the stream with err, translated to the status the device gets.
+func (ss *session) Close(err error) { ss.end(err) }
+
+// end closes the session with err unless it is closed already, and reports
+// whether it did.
+func (ss *session) end(err error) bool {
+	switch {
+	case err == nil:
+		err = status.Error(codes.Aborted, "the stream ended")
+	case errors.Is(err, twin.ErrReplaced):
+		err = status.Errorf(codes.Aborted, "a newer stream of device %q replaced this one", ss.deviceID)
+	case errors.Is(err, twin.ErrTokenRevoked):
+		err = status.Errorf(codes.Unauthenticated, "the device token was revoked; reconnect with the new token")
+	case errors.Is(err, twin.ErrNotFound):
+		err = status.Errorf(codes.NotFound, "%v", err)
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.closeErr != nil {
+		return false
+	}
+	ss.closeErr = err
+	ss.welcome, ss.out, ss.desiredAt = nil, nil, -1
+	close(ss.closed)
+	return true
+}
+
+// err returns why the session was closed; nil while it is open.
+func (ss *session) err() error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.closeErr
+}
+
+// take empties the outbox into buf and returns the welcome, if it has not
+// been taken yet, and the items in order.
+func (ss *session) take(buf []outItem) (*twin.Twin, []outItem) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	w, items := ss.welcome, ss.out
+	ss.welcome, ss.out, ss.desiredAt = nil, buf[:0], -1
+	return w, items
+}
+
+// checkSend runs when the send timer fires: it cuts off the device if the
+// Send in progress has waited for it longer than the send timeout.
+func (ss *session) checkSend() {
+	start := ss.sendStart.Load()
+	if start == 0 || time.Since(ss.created)-time.Duration(start-1) < ss.sendTimeout {
+		return // that Send returned; a later one rearmed the timer
+	}
+	ss.end(status.Errorf(codes.ResourceExhausted,
+		"device %q fell behind: it read nothing for %v; its commands stay queued, reconnect to receive them",
+		ss.deviceID, ss.sendTimeout))
+}
+
+// pendingReport is a report (or a desired ack) handed to the engine whose
+// answer the writer has not taken yet. Each holds one of its stream's
+// report slots.
 type pendingReport struct {
-	seq int64
-	p   twin.Pending
+	seq    int64
+	p      twin.Pending
+	silent bool // a desired ack: the device gets no answer
 }
 
-// maxPending bounds the reports of one stream waiting for their acks; a
-// device with more in flight waits, through gRPC's flow control.
-const maxPending = 1024
+// errStreamGone says that the engine refused a report because the stream
+// is no longer the device's current one (twin.ErrStreamClosed).
+var errStreamGone = errors.New("server: the stream is no longer the device's current stream")
+
+// errStreamEnded stops a reader whose handler has returned.
+var errStreamEnded = errors.New("server: the stream ended")
 
 // Connect serves one device stream. See the DeviceService documentation in
 // device.proto for the protocol.
 //
 // Two goroutines serve a stream besides this one: the reader applies what
-// the device sends (reports go to the engine without waiting), and the
-// writer sends, in order, the acks of those reports once they are durable
-// and what the engine queues for the device. The handler waits for either
-// to end; both end when the stream does.
+// the device sends (reports go to the engine without waiting, at most
+// Options.DeviceReportWindow at a time), and the writer sends, in order, the
+// acks of those reports once they are durable and what the engine queues
+// for the device. The handler returns only after the writer has returned
+// (gRPC forbids a Send after it) and the reader has stopped acting: a reader
+// waiting in Recv can only be woken by the handler's return, and then does
+// nothing but end; Shutdown waits for it.
 func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) error {
 	s := ds.s
 	ctx, cancel := s.streamContext(stream.Context())
@@ -115,8 +230,13 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	hello := make(chan *twinv1.ConnectRequest, 1)
 	start := make(chan *session, 1) // the session once authenticated; closed otherwise
 	readErr := make(chan error, 1)  // why the reader stopped; io.EOF when the device closed its side
-	pending := make(chan pendingReport, maxPending)
+	window := s.opts.DeviceReportWindow
+	slots := make(chan struct{}, window)        // a token per report in the engine
+	pending := make(chan pendingReport, window) // never full: each holds a slot
+	gate := &readGate{}
+	ds.readers.Add(1)
 	go func() {
+		defer ds.readers.Done()
 		m, err := stream.Recv()
 		if err != nil {
 			readErr <- err
@@ -124,7 +244,7 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 		}
 		hello <- m
 		if ss, ok := <-start; ok {
-			readErr <- ds.read(ctx, stream, ss.deviceID, pending)
+			readErr <- ds.read(ctx, stream, ss, gate, pending, slots)
 		}
 	}()
 	started := false
@@ -139,118 +259,203 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 		return err
 	}
 	id := h.GetDeviceId()
-	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendQueue)
+	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendTimeout)
+	defer ss.sendTimer.Stop()
 	if _, err := s.engine.Connect(ctx, id, ss); err != nil {
 		return s.streamStatus("Connect", ctx, err)
 	}
-	defer func() {
-		// Mark the device offline even when the stream's context is gone.
-		dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer dcancel()
-		if err := s.engine.Disconnect(dctx, id, ss); err != nil && !errors.Is(err, twin.ErrClosed) && !errors.Is(err, twin.ErrNotFound) {
-			s.opts.Logger.Warn("recording a device's disconnection failed", "device", id, "err", err)
-		}
-	}()
 	started = true
 	start <- ss
 	writeErr := make(chan error, 1)
-	go func() { writeErr <- ds.write(ctx, stream, ss, pending) }()
+	go func() { writeErr <- ds.write(ctx, stream, ss, pending, slots) }()
 
+	wrote := false
+	err = nil
+wait:
 	for {
 		select {
-		case err := <-readErr:
-			if !errors.Is(err, io.EOF) {
-				return s.streamStatus("Connect", ctx, err)
+		case rerr := <-readErr:
+			if errors.Is(rerr, io.EOF) {
+				readErr = nil // the device closed its side: the writer answers what is left
+				continue
 			}
-			readErr = nil // the device closed its side: the writer answers what is left
-		case err := <-writeErr:
-			if err != nil {
-				return s.streamStatus("Connect", ctx, err)
+			err = s.streamStatus("Connect", ctx, rerr)
+		case werr := <-writeErr:
+			wrote = true
+			if werr != nil {
+				err = ds.writeStatus(ctx, ss, werr)
 			}
-			return nil // everything answered after the device closed its side
 		case <-ss.closed:
-			return ss.closeErr
 		case <-ctx.Done():
-			return s.streamStatus("Connect", ctx, ctx.Err())
+			err = s.streamStatus("Connect", ctx, ctx.Err())
 		}
+		break wait
 	}
+	if !ss.end(err) {
+		err = ss.err() // the engine or the send timeout ended it first
+	}
+	cancel() // ends what the reader and the writer wait for, except a Send
+	// Mark the device offline even when the stream's context is gone.
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if derr := s.engine.Disconnect(dctx, id, ss); derr != nil && !errors.Is(derr, twin.ErrClosed) && !errors.Is(derr, twin.ErrNotFound) {
+		s.opts.Logger.Warn("recording a device's disconnection failed", "device", id, "err", derr)
+	}
+	dcancel()
+	if !wrote {
+		// A Send to a device that does not read returns when the device
+		// reads, goes away, or the server stops.
+		<-writeErr
+	}
+	gate.close()
+	return err
+}
+
+// writeStatus translates the error that ended a stream's writer.
+func (ds *deviceService) writeStatus(ctx context.Context, ss *session, err error) error {
+	if !errors.Is(err, errStreamGone) {
+		return ds.s.streamStatus("Connect", ctx, err)
+	}
+	// The engine closes the stream that it no longer counts as current
+	// once the change that replaced it is durable: give the device that
+	// reason (a newer stream, a revoked token) rather than a vaguer one.
+	t := time.NewTimer(5 * time.Second)
+	defer t.Stop()
+	select {
+	case <-ss.closed:
+		return ss.err()
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	return status.Error(codes.Aborted, "this stream is no longer the device's current stream: a newer stream replaced it or its token was revoked")
+}
+
+// readGate keeps a stream's reader from acting once the handler has
+// returned: the reader holds it while it applies a message.
+type readGate struct {
+	mu     sync.Mutex
+	closed bool // protected by mu
+}
+
+// enter reports whether the reader may apply a message; if so, it must
+// call leave after.
+func (g *readGate) enter() bool {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return false
+	}
+	return true
+}
+
+func (g *readGate) leave() { g.mu.Unlock() }
+
+// close waits for the message being applied, if any, and stops the reader
+// from applying more.
+func (g *readGate) close() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
 }
 
 // read applies the device's messages until the stream ends. Reports go to
-// the engine without waiting for them; their pending answers go to the
-// writer in order. It closes pending and returns io.EOF when the device
-// closes its side.
-func (ds *deviceService) read(ctx context.Context, stream twinv1.DeviceService_ConnectServer, id string, pending chan<- pendingReport) error {
-	s := ds.s
+// the engine without waiting for them, each taking one of the stream's
+// report slots (a device with all of them in use waits, through gRPC's flow
+// control); their pending answers go to the writer in order. It closes
+// pending and returns io.EOF when the device closes its side.
+func (ds *deviceService) read(ctx context.Context, stream twinv1.DeviceService_ConnectServer, ss *session, gate *readGate,
+	pending chan<- pendingReport, slots chan struct{}) error {
 	for {
 		m, err := stream.Recv()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				close(pending)
-			}
-			return err
+		if !gate.enter() {
+			return errStreamEnded // the handler has returned
 		}
-		switch msg := m.GetMsg().(type) {
-		case *twinv1.ConnectRequest_Report:
-			p, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: document(msg.Report.GetPatch()), Source: twin.SourceDevice})
-			if err != nil {
-				return err
-			}
-			select {
-			case pending <- pendingReport{seq: msg.Report.GetSeq(), p: p}:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		case *twinv1.ConnectRequest_CommandUpdate:
-			u := msg.CommandUpdate
-			_, err := s.engine.UpdateCommand(ctx, id, twin.CommandUpdate{
-				ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
-			})
-			if err != nil {
-				// A late or repeated update is normal with at-least-once
-				// delivery; the device needs no answer.
-				s.opts.Logger.Debug("command update refused", "device", id, "command", u.GetCommandId(), "err", err)
-			}
-		case *twinv1.ConnectRequest_DesiredAck:
-			// Acknowledged implicitly: the twin shows desired_acked_version.
-			_, err := s.engine.StartReport(ctx, twin.PatchRequest{ID: id, Patch: twin.Document{},
-				DesiredAckedVersion: msg.DesiredAck.GetVersion(), Source: twin.SourceDevice})
-			if err != nil {
-				return err
-			}
-		case *twinv1.ConnectRequest_Hello:
-			return status.Error(codes.InvalidArgument, "hello may only be the first message of a stream")
-		default:
-			return status.Error(codes.InvalidArgument, "empty message: set one of report, command_update or desired_ack")
+		if err == nil {
+			err = ds.apply(ctx, ss, m, pending, slots)
+		} else if errors.Is(err, io.EOF) {
+			close(pending)
+		}
+		gate.leave()
+		if err != nil {
+			return err
 		}
 	}
 }
 
+// apply applies one message of a device.
+func (ds *deviceService) apply(ctx context.Context, ss *session, m *twinv1.ConnectRequest, pending chan<- pendingReport, slots chan struct{}) error {
+	s := ds.s
+	id := ss.deviceID
+	switch msg := m.GetMsg().(type) {
+	case *twinv1.ConnectRequest_Report:
+		return ds.startReport(ctx, ss, pending, slots, pendingReport{seq: msg.Report.GetSeq()},
+			twin.PatchRequest{ID: id, Patch: document(msg.Report.GetPatch()), Source: twin.SourceDevice, Stream: ss})
+	case *twinv1.ConnectRequest_CommandUpdate:
+		u := msg.CommandUpdate
+		_, err := s.engine.UpdateCommand(ctx, id, twin.CommandUpdate{
+			ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
+		})
+		if err != nil && ctx.Err() == nil {
+			// A late or repeated update is normal with at-least-once
+			// delivery; the device needs no answer.
+			s.opts.Logger.Debug("command update refused", "device", id, "command", u.GetCommandId(), "err", err)
+		}
+		return nil
+	case *twinv1.ConnectRequest_DesiredAck:
+		// Acknowledged implicitly: the twin shows desired_acked_version.
+		return ds.startReport(ctx, ss, pending, slots, pendingReport{silent: true},
+			twin.PatchRequest{ID: id, Patch: twin.Document{}, DesiredAckedVersion: msg.DesiredAck.GetVersion(), Source: twin.SourceDevice, Stream: ss})
+	case *twinv1.ConnectRequest_Hello:
+		return status.Error(codes.InvalidArgument, "hello may only be the first message of a stream")
+	default:
+		return status.Error(codes.InvalidArgument, "empty message: set one of report, command_update or desired_ack")
+	}
+}
+
+// startReport hands a report to the engine once the stream has a free
+// report slot, and its pending answer to the writer.
+func (ds *deviceService) startReport(ctx context.Context, ss *session, pending chan<- pendingReport, slots chan struct{}, pr pendingReport, req twin.PatchRequest) error {
+	select {
+	case slots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if ds.reportStarted != nil {
+		ds.reportStarted(ss.deviceID, len(slots))
+	}
+	p, err := ds.s.engine.StartReport(ctx, req)
+	if err != nil {
+		<-slots
+		return err
+	}
+	pr.p = p
+	pending <- pr // never blocks: pending holds at most one report per slot
+	return nil
+}
+
 // write sends the acks of the device's reports, in order, once each is
-// durable, and what the engine queued for the device. It returns nil once
-// the device has closed its side and everything is answered.
-func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_ConnectServer, ss *session, pending <-chan pendingReport) error {
-	// The welcome and the device's queued commands were queued before the
-	// stream started: they go first, before any ack.
-	for queued := len(ss.sendQ); queued > 0; queued-- {
-		if err := stream.Send(ds.message(ss, <-ss.sendQ)); err != nil {
-			return err
+// durable, and what the engine queued for the device, the welcome first. It
+// returns nil once the device has closed its side and everything is
+// answered, or once the session is closed.
+func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_ConnectServer, ss *session, pending <-chan pendingReport, slots chan struct{}) error {
+	w := &writer{ds: ds, stream: stream, ss: ss}
+	// The welcome and the device's queued commands go first, before any ack.
+	for !w.welcomed {
+		select {
+		case <-ss.wake:
+			if err := w.flush(); err != nil {
+				return err
+			}
+		case <-ss.closed:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	}
 	var queue []pendingReport
 	in := pending
 	for {
 		if in == nil && len(queue) == 0 {
-			for {
-				select {
-				case it := <-ss.sendQ:
-					if err := stream.Send(ds.message(ss, it)); err != nil {
-						return err
-					}
-				default:
-					return nil
-				}
-			}
+			return w.flush() // the device closed its side and has every answer
 		}
 		var head <-chan twin.Result
 		if len(queue) > 0 {
@@ -264,8 +469,17 @@ func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_
 			}
 			queue = append(queue, p)
 		case r := <-head:
-			ack := &twinv1.ReportAck{Seq: queue[0].seq}
+			pr := queue[0]
+			queue[0] = pendingReport{}
 			queue = queue[1:]
+			<-slots
+			if errors.Is(r.Err, twin.ErrStreamClosed) {
+				return errStreamGone
+			}
+			if pr.silent {
+				continue
+			}
+			ack := &twinv1.ReportAck{Seq: pr.seq}
 			if r.Err != nil {
 				st := status.Convert(ds.s.status("Connect", r.Err))
 				if st.Code() == codes.Unavailable || st.Code() == codes.Internal {
@@ -275,17 +489,130 @@ func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_
 			} else {
 				ack.Version = r.Twin.Version
 			}
-			if err := stream.Send(&twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_ReportAck{ReportAck: ack}}); err != nil {
+			if err := w.send(&twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_ReportAck{ReportAck: ack}}); err != nil {
 				return err
 			}
-		case it := <-ss.sendQ:
-			if err := stream.Send(ds.message(ss, it)); err != nil {
+		case <-ss.wake:
+			if err := w.flush(); err != nil {
 				return err
 			}
+		case <-ss.closed:
+			return nil
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
+}
+
+// writer is the state of a stream's writer.
+type writer struct {
+	ds       *deviceService
+	stream   twinv1.DeviceService_ConnectServer
+	ss       *session
+	welcomed bool
+	// base is the desired state the device has been sent: the welcome's,
+	// then each desired update's.
+	base twin.Document
+	buf  []outItem // the outbox's spare buffer
+}
+
+// flush sends everything in the session's outbox, in order.
+func (w *writer) flush() error {
+	ss := w.ss
+	welcome, items := ss.take(w.buf)
+	defer func() {
+		clear(items)
+		w.buf = items[:0]
+	}()
+	if welcome != nil {
+		w.welcomed = true
+		w.base = welcome.Desired
+		err := w.send(&twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_Welcome{Welcome: &twinv1.Welcome{
+			Version:        welcome.Version,
+			Desired:        structProto(welcome.Desired),
+			Delta:          structProto(welcome.Delta),
+			DesiredChanged: desiredVersion(welcome) > ss.lastVer,
+			ConnectTime:    timestamppb.New(welcome.Presence.Since),
+		}}})
+		if err != nil {
+			return err
+		}
+	}
+	for _, it := range items {
+		var m *twinv1.ConnectResponse
+		if it.cmd != nil {
+			m = &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_Command{Command: commandProto(it.cmd)}}
+		} else {
+			patch := it.patch
+			if it.changes > 1 {
+				patch = diffPatch(w.base, it.desired.Desired)
+			}
+			w.base = it.desired.Desired
+			m = &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_DesiredUpdate{DesiredUpdate: &twinv1.DesiredUpdate{
+				Version: it.desired.Version,
+				Patch:   structProto(patch),
+				Delta:   structProto(it.desired.Delta),
+			}}}
+		}
+		if err := w.send(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// send sends one message, under the session's send timeout.
+func (w *writer) send(m *twinv1.ConnectResponse) error {
+	ss := w.ss
+	select {
+	case <-ss.closed:
+		return nil // the writer ends at its next wait
+	default:
+	}
+	ss.sendStart.Store(int64(time.Since(ss.created)) + 1)
+	ss.sendTimer.Reset(ss.sendTimeout)
+	err := w.stream.Send(m)
+	ss.sendTimer.Stop()
+	ss.sendStart.Store(0)
+	return err
+}
+
+// diffPatch returns a merge patch that turns a into b (RFC 7396): keys of a
+// missing from b become null, objects present in both are diffed, and
+// everything else that differs is b's value. It never modifies a or b and
+// may share b's values. Subtrees that a and b share are skipped without
+// being walked.
+func diffPatch(a, b twin.Document) twin.Document {
+	out := twin.Document{}
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			out[k] = nil
+		}
+	}
+	for k, bv := range b {
+		av, had := a[k]
+		bm, bObj := bv.(map[string]any)
+		am, aObj := av.(map[string]any)
+		switch {
+		case !had:
+			out[k] = bv
+		case aObj && bObj:
+			if sameMap(am, bm) {
+				continue
+			}
+			if d := diffPatch(am, bm); len(d) > 0 {
+				out[k] = d
+			}
+		case aObj != bObj || !reflect.DeepEqual(av, bv):
+			out[k] = bv
+		}
+	}
+	return out
+}
+
+// sameMap reports whether a and b are the same map (not merely equal).
+func sameMap(a, b map[string]any) bool {
+	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
 
 // awaitHello reads the stream's first message and authenticates it.
@@ -320,29 +647,6 @@ func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.Conne
 		return nil, status.Errorf(codes.Unauthenticated, "device %.130q: unknown device or wrong token", h.GetDeviceId())
 	}
 	return h, nil
-}
-
-// message converts a queued item to the message a device receives.
-func (ds *deviceService) message(ss *session, it outItem) *twinv1.ConnectResponse {
-	switch {
-	case it.welcome != nil:
-		t := it.welcome
-		return &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_Welcome{Welcome: &twinv1.Welcome{
-			Version:        t.Version,
-			Desired:        structProto(t.Desired),
-			Delta:          structProto(t.Delta),
-			DesiredChanged: desiredVersion(t) > ss.lastVer,
-			ConnectTime:    timestamppb.New(t.Presence.Since),
-		}}}
-	case it.desired != nil:
-		return &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_DesiredUpdate{DesiredUpdate: &twinv1.DesiredUpdate{
-			Version: it.desired.Version,
-			Patch:   structProto(it.patch),
-			Delta:   structProto(it.desired.Delta),
-		}}}
-	default:
-		return &twinv1.ConnectResponse{Msg: &twinv1.ConnectResponse_Command{Command: commandProto(it.cmd)}}
-	}
 }
 
 // desiredVersion is the version of the twin's last desired change.

@@ -65,10 +65,18 @@ type Options struct {
 	// ShutdownTimeout bounds how long shutdown waits for requests in
 	// flight. Default 10s.
 	ShutdownTimeout time.Duration
-	// DeviceSendQueue bounds the messages waiting to be sent on each device
-	// stream; a device that falls further behind is disconnected. Default
-	// 64.
-	DeviceSendQueue int
+	// DeviceSendTimeout bounds how long a send on a device stream may wait
+	// for the device to read: a device that reads nothing for that long is
+	// disconnected with RESOURCE_EXHAUSTED, and its commands stay queued. A
+	// device that reads, however slowly, is never cut off: desired changes
+	// not yet sent to it are coalesced into one update, and its commands
+	// are bounded by Engine.CommandQueueLimit. Default 30s.
+	DeviceSendTimeout time.Duration
+	// DeviceReportWindow bounds the reports (and desired acks) of one device
+	// stream that the engine holds at once. A device that sends more
+	// without waiting for acks is held back by gRPC's flow control, so that
+	// it cannot fill its worker's inbox ahead of other devices. Default 32.
+	DeviceReportWindow int
 	// HelloTimeout bounds how long a new device stream may take to send its
 	// hello. Default 10s.
 	HelloTimeout time.Duration
@@ -104,8 +112,11 @@ func (o *Options) EnsureDefaults() {
 	if o.ShutdownTimeout <= 0 {
 		o.ShutdownTimeout = 10 * time.Second
 	}
-	if o.DeviceSendQueue <= 0 {
-		o.DeviceSendQueue = 64
+	if o.DeviceSendTimeout <= 0 {
+		o.DeviceSendTimeout = 30 * time.Second
+	}
+	if o.DeviceReportWindow <= 0 {
+		o.DeviceReportWindow = 32
 	}
 	if o.Metrics == nil {
 		o.Metrics = prometheus.NewRegistry()
@@ -128,6 +139,7 @@ type Server struct {
 	engine     *twin.Engine
 	rules      *rules.Registry
 	ruleEvents *ruleHub
+	devices    *deviceService
 	grpc       *grpc.Server
 	health     *health.Server
 
@@ -237,7 +249,8 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
-	twinv1.RegisterDeviceServiceServer(s.grpc, &deviceService{s: s})
+	s.devices = &deviceService{s: s}
+	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
@@ -301,8 +314,12 @@ func (s *Server) shutdown() error {
 	}()
 	t := time.NewTimer(s.opts.ShutdownTimeout)
 	defer t.Stop()
+	// Once every handler has returned, the reader of a device stream may
+	// still be ending (it does nothing more with the engine): wait for it
+	// too, so that nothing of the server runs after Shutdown.
 	select {
 	case <-done:
+		s.devices.readers.Wait()
 	case <-t.C:
 		s.opts.Logger.Warn("calls still in flight after the shutdown timeout; cancelling them",
 			"timeout", s.opts.ShutdownTimeout, "waiting_for", s.inflight.String())
@@ -314,6 +331,7 @@ func (s *Server) shutdown() error {
 		t.Reset(s.opts.ShutdownTimeout)
 		select {
 		case <-stopped:
+			s.devices.readers.Wait()
 		case <-t.C:
 			// A handler ignores its cancellation: a bug, but the store
 			// must still close, and every engine call after that fails
