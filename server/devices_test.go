@@ -859,13 +859,16 @@ func TestHandlerWaitsForSend(t *testing.T) {
 		tw, _ := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "fridge-1"})
 		return !tw.Twin.Presence.Connected
 	})
+	var err error
 	select {
-	case <-done:
+	case err = <-done:
 		t.Error("Connect returned while its writer was blocked in Send")
+		close(f.block)
 	default:
+		close(f.block)
+		err = <-done
 	}
-	close(f.block)
-	if err := <-done; status.Code(err) != codes.Unavailable {
+	if status.Code(err) != codes.Unavailable {
 		t.Errorf("Connect = %v; want UNAVAILABLE", err)
 	}
 	if <-inSendAtReturn {
