@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -195,5 +198,53 @@ func TestDeviceSession(t *testing.T) {
 	mu.Unlock()
 	if n != 2 {
 		t.Errorf("a reconnect with nothing new re-delivered desired state: %d changes", n)
+	}
+}
+
+// TestDeviceSessionRevoked rotates a connected device's token: the session
+// stops with UNAUTHENTICATED instead of reconnecting, and a report made
+// after that fails with the reason instead of waiting for a connection.
+func TestDeviceSessionRevoked(t *testing.T) {
+	ctx := context.Background()
+	d := runDaemon(t, t.TempDir(), "localhost:0")
+	c, err := twind.Dial(d.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.CreateTwin(ctx, "planter-1", "planter", nil); err != nil {
+		t.Fatal(err)
+	}
+	token, err := c.IssueDeviceToken(ctx, "planter-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := c.Device(twind.DeviceConfig{
+		DeviceID: "planter-1", Token: token, MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	runDone := make(chan error, 1)
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() { runDone <- dev.Run(runCtx) }()
+	if _, err := dev.Report(ctx, map[string]any{"soil_moisture": 40}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.IssueDeviceToken(ctx, "planter-1"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-runDone:
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("Run after the token was revoked = %v; want UNAUTHENTICATED", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run still reconnecting 20s after the token was revoked")
+	}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err = dev.Report(rctx, map[string]any{"soil_moisture": 41})
+	if !errors.Is(err, twind.ErrSessionStopped) || status.Code(err) != codes.Unauthenticated {
+		t.Errorf("Report after Run stopped = %v; want ErrSessionStopped with UNAUTHENTICATED", err)
 	}
 }

@@ -2,6 +2,7 @@ package twind
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -72,7 +73,9 @@ type DeviceSession struct {
 	applied   int64           // last desired version applied
 	done      map[string]bool // commands answered in this session, the last maxDone
 	doneOrder []string
-	sendMu    sync.Mutex // serializes stream.Send
+	stopped   chan struct{} // closed when Run has returned
+	stopErr   error         // why Run returned; set before stopped is closed
+	sendMu    sync.Mutex    // serializes stream.Send
 }
 
 type reportResult struct {
@@ -91,12 +94,26 @@ func (c *Client) Device(cfg DeviceConfig) *DeviceSession {
 	if cfg.MaxBackoff <= 0 {
 		cfg.MaxBackoff = 10 * time.Second
 	}
-	return &DeviceSession{c: c, cfg: cfg, connected: make(chan struct{}), pending: map[int64]chan reportResult{}, done: map[string]bool{}}
+	return &DeviceSession{c: c, cfg: cfg, connected: make(chan struct{}), pending: map[int64]chan reportResult{}, done: map[string]bool{},
+		stopped: make(chan struct{})}
 }
 
 // Run keeps the device connected until ctx is done, or until the server
-// refuses it for good (a wrong token, an unknown device), and returns why.
-func (s *DeviceSession) Run(ctx context.Context) error {
+// refuses it for good, and returns why. It reconnects after every break,
+// waiting between attempts with exponential backoff and jitter (MinBackoff
+// doubling up to MaxBackoff, reset once a stream has lasted a minute): also
+// after RESOURCE_EXHAUSTED, when the server cut off a device that did not
+// read. It stops on UNAUTHENTICATED (a wrong or revoked token: retrying
+// will not make it work; issue a new token), PERMISSION_DENIED, NOT_FOUND
+// (the twin was deleted) and INVALID_ARGUMENT. Once Run has returned,
+// Report fails with its error. Run may be called once.
+func (s *DeviceSession) Run(ctx context.Context) (err error) {
+	defer func() {
+		s.mu.Lock()
+		s.stopErr = err
+		close(s.stopped)
+		s.mu.Unlock()
+	}()
 	b := backoff{min: s.cfg.MinBackoff, max: s.cfg.MaxBackoff}
 	for {
 		connectedAt := time.Now()
@@ -106,6 +123,7 @@ func (s *DeviceSession) Run(ctx context.Context) error {
 		}
 		switch status.Code(err) {
 		case codes.Unauthenticated, codes.PermissionDenied, codes.NotFound, codes.InvalidArgument:
+			s.cfg.Logger.Error("device refused; not reconnecting", "device", s.cfg.DeviceID, "err", err)
 			return err
 		}
 		if time.Since(connectedAt) > time.Minute {
@@ -118,6 +136,10 @@ func (s *DeviceSession) Run(ctx context.Context) error {
 	}
 }
 
+// ErrSessionStopped is returned, wrapping Run's error, by Report once Run
+// has returned.
+var ErrSessionStopped = errors.New("twind: the device session has stopped")
+
 // Connected returns a channel that is closed while the session is
 // connected.
 func (s *DeviceSession) Connected() <-chan struct{} {
@@ -127,7 +149,9 @@ func (s *DeviceSession) Connected() <-chan struct{} {
 }
 
 // Report merges patch into the device's reported state and waits until it
-// is durable. It waits for a connection if there is none.
+// is durable. It waits for a connection if there is none. Once Run has
+// returned, it fails with ErrSessionStopped wrapping Run's error (whose
+// gRPC status, such as UNAUTHENTICATED, status.Code still finds).
 func (s *DeviceSession) Report(ctx context.Context, patch map[string]any) (version int64, err error) {
 	p, err := structpb.NewStruct(patch)
 	if err != nil {
@@ -135,6 +159,8 @@ func (s *DeviceSession) Report(ctx context.Context, patch map[string]any) (versi
 	}
 	select {
 	case <-s.Connected():
+	case <-s.stopped:
+		return 0, s.stoppedErr()
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}
@@ -160,6 +186,13 @@ func (s *DeviceSession) Report(ctx context.Context, patch map[string]any) (versi
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}
+}
+
+// stoppedErr is what Report answers once Run has returned.
+func (s *DeviceSession) stoppedErr() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fmt.Errorf("%w: %w", ErrSessionStopped, s.stopErr)
 }
 
 func (s *DeviceSession) send(stream twinv1.DeviceService_ConnectClient, m *twinv1.ConnectRequest) error {
