@@ -262,6 +262,10 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendTimeout)
 	defer ss.sendTimer.Stop()
 	if _, err := s.engine.Connect(ctx, id, ss); err != nil {
+		// The connection may commit after all (the context ended while it
+		// was queued): a disconnection queued behind it undoes it.
+		ss.end(err)
+		ds.disconnect(id, ss)
 		return s.streamStatus("Connect", ctx, err)
 	}
 	started = true
@@ -295,12 +299,7 @@ wait:
 		err = ss.err() // the engine or the send timeout ended it first
 	}
 	cancel() // ends what the reader and the writer wait for, except a Send
-	// Mark the device offline even when the stream's context is gone.
-	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
-	if derr := s.engine.Disconnect(dctx, id, ss); derr != nil && !errors.Is(derr, twin.ErrClosed) && !errors.Is(derr, twin.ErrNotFound) {
-		s.opts.Logger.Warn("recording a device's disconnection failed", "device", id, "err", derr)
-	}
-	dcancel()
+	ds.disconnect(id, ss)
 	if !wrote {
 		// A Send to a device that does not read returns when the device
 		// reads, goes away, or the server stops.
@@ -308,6 +307,16 @@ wait:
 	}
 	gate.close()
 	return err
+}
+
+// disconnect marks the device offline if ss is still its stream, even when
+// the stream's context is gone.
+func (ds *deviceService) disconnect(id string, ss *session) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := ds.s.engine.Disconnect(ctx, id, ss); err != nil && !errors.Is(err, twin.ErrClosed) && !errors.Is(err, twin.ErrNotFound) {
+		ds.s.opts.Logger.Warn("recording a device's disconnection failed", "device", id, "err", err)
+	}
 }
 
 // writeStatus translates the error that ended a stream's writer.
