@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"runtime"
 	"slices"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
 )
 
 // benchFleet is a real server on loopback TCP and an on-disk store, with n
@@ -190,5 +192,38 @@ func BenchmarkIdleDevices(b *testing.B) {
 				}
 			}
 		}
+	}
+}
+
+// BenchmarkSessionDesiredChanged measures what a desired change costs the
+// engine's goroutine for a connected device whose stream has not sent the
+// previous change yet: it is coalesced into the waiting update.
+func BenchmarkSessionDesiredChanged(b *testing.B) {
+	ss := newSession("planter-1", 0, time.Minute)
+	defer ss.sendTimer.Stop()
+	t := &twin.Twin{ID: "planter-1", Version: 1, Desired: twin.Document{"pump": "on"}}
+	ss.Welcome(t, nil)
+	patch := twin.Document{"pump": "on"}
+	b.ReportAllocs()
+	for b.Loop() {
+		ss.DesiredChanged(t, patch)
+	}
+}
+
+// BenchmarkDiffPatch measures the patch of a coalesced desired update: from
+// a 40-key desired state to one with two keys changed, one removed and a
+// shared subtree.
+func BenchmarkDiffPatch(b *testing.B) {
+	shared := twin.Document{"a": 1.0, "b": "x"}
+	from := twin.Document{"sub": shared}
+	for i := range 40 {
+		from[fmt.Sprint("k", i)] = float64(i)
+	}
+	to := maps.Clone(from)
+	to["k1"], to["k2"] = "on", 3.5
+	delete(to, "k3")
+	b.ReportAllocs()
+	for b.Loop() {
+		diffPatch(from, to)
 	}
 }

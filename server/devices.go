@@ -612,11 +612,31 @@ func diffPatch(a, b twin.Document) twin.Document {
 			if d := diffPatch(am, bm); len(d) > 0 {
 				out[k] = d
 			}
-		case aObj != bObj || !reflect.DeepEqual(av, bv):
+		case aObj != bObj || !equalValue(av, bv):
 			out[k] = bv
 		}
 	}
 	return out
+}
+
+// equalValue reports whether two JSON values that are not both objects are
+// equal; it may report false for equal numbers of different Go types,
+// which costs a redundant value in a patch, never a wrong one.
+func equalValue(a, b any) bool {
+	switch a := a.(type) {
+	case string:
+		b, ok := b.(string)
+		return ok && a == b
+	case float64:
+		b, ok := b.(float64)
+		return ok && a == b
+	case bool:
+		b, ok := b.(bool)
+		return ok && a == b
+	case nil:
+		return b == nil
+	}
+	return reflect.DeepEqual(a, b)
 }
 
 // sameMap reports whether a and b are the same map (not merely equal).
