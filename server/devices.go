@@ -402,6 +402,7 @@ func (ds *deviceService) apply(ctx context.Context, ss *session, m *twinv1.Conne
 		u := msg.CommandUpdate
 		_, err := s.engine.UpdateCommand(ctx, id, twin.CommandUpdate{
 			ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
+			Stream: ss,
 		})
 		if err != nil && ctx.Err() == nil {
 			// A late or repeated update is normal with at-least-once
@@ -695,5 +696,5 @@ func documentOrNil(s *structpb.Struct) twin.Document {
 	if s == nil {
 		return nil
 	}
-	return s.AsMap()
+	return document(s) // keeps NaN a number, which the engine refuses
 }

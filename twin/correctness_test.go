@@ -697,8 +697,16 @@ func TestRevokedStreamCannotWrite(t *testing.T) {
 	if _, err := e.UpdateCommand(ctx, "d", CommandUpdate{ID: cmd.ID, State: CommandSucceeded, Stream: old}); !errors.Is(err, ErrStreamClosed) {
 		t.Errorf("command update on the revoked stream = %v; want ErrStreamClosed", err)
 	}
-	if tw, _ := e.Get("d"); tw.Reported["a"] != 1.0 {
+	tw, _ := e.Get("d")
+	if tw.Reported["a"] != 1.0 {
 		t.Errorf("reported a = %v; want 1 (the revoked stream's report refused)", tw.Reported["a"])
+	}
+	if tw.Presence.Connected {
+		t.Errorf("the twin is connected after its only stream was revoked")
+	}
+	// The revoked stream's own disconnect changes nothing more.
+	if err := e.Disconnect(ctx, "d", old); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -246,11 +246,14 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		next = cur.clone()
 		next.TokenHash = o.token
 		if c.sink != nil {
-			// The stream authenticated with the old token: it ends, and
-			// its reports still in the inbox are refused.
+			// The stream authenticated with the old token: it ends, its
+			// reports still in the inbox are refused, and the device is
+			// offline until it connects with the new one.
 			c.replaced, c.closeErr = c.sink, ErrTokenRevoked
 			delete(w.sinks, o.id)
 			c.sink = nil
+			next.Presence = Presence{Connected: false, Since: now, LastSeen: cur.Presence.LastSeen}
+			kind, source, emit = KindPresence, SourceAPI, true
 		}
 	case opConnect, opDisconnect:
 		next = w.presence(c, cur, o, now)
