@@ -545,11 +545,15 @@ func (x *ReportAck) GetErrorCode() string {
 // DesiredUpdate tells the device that desired state changed.
 type DesiredUpdate struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The twin version of the change.
+	// The twin version of the latest desired change this update carries.
 	Version int64 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	// The merge patch that was applied to desired.
+	// A merge patch from the desired state the device was last sent (the
+	// welcome's, then each update's) to the desired state at version. Changes
+	// not yet sent when a newer one commits are coalesced into one update, so
+	// a device always gets the latest desired state, never a backlog of
+	// intermediate ones. Nulls remove keys.
 	Patch *structpb.Struct `protobuf:"bytes,2,opt,name=patch,proto3" json:"patch,omitempty"`
-	// The delta after the change.
+	// The delta at version.
 	Delta         *structpb.Struct `protobuf:"bytes,3,opt,name=delta,proto3" json:"delta,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

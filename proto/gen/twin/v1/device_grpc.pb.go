@@ -46,9 +46,11 @@ type DeviceServiceClient interface {
 	//
 	// The first message must be a Hello; a bad token or unknown device ends the
 	// stream with UNAUTHENTICATED. A new stream for the same device replaces
-	// the old one, which ends with ABORTED. A device that cannot keep up with
-	// what the server sends is disconnected with RESOURCE_EXHAUSTED; its
-	// commands stay queued. On shutdown streams end with UNAVAILABLE.
+	// the old one, which ends with ABORTED. A device that reads nothing for
+	// the server's send timeout (30s by default) is disconnected with
+	// RESOURCE_EXHAUSTED; its commands stay queued. Rotating the device's
+	// token (IssueDeviceToken) ends its stream with UNAUTHENTICATED. On
+	// shutdown streams end with UNAVAILABLE.
 	Connect(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConnectRequest, ConnectResponse], error)
 }
 
@@ -97,9 +99,11 @@ type DeviceServiceServer interface {
 	//
 	// The first message must be a Hello; a bad token or unknown device ends the
 	// stream with UNAUTHENTICATED. A new stream for the same device replaces
-	// the old one, which ends with ABORTED. A device that cannot keep up with
-	// what the server sends is disconnected with RESOURCE_EXHAUSTED; its
-	// commands stay queued. On shutdown streams end with UNAVAILABLE.
+	// the old one, which ends with ABORTED. A device that reads nothing for
+	// the server's send timeout (30s by default) is disconnected with
+	// RESOURCE_EXHAUSTED; its commands stay queued. Rotating the device's
+	// token (IssueDeviceToken) ends its stream with UNAUTHENTICATED. On
+	// shutdown streams end with UNAVAILABLE.
 	Connect(grpc.BidiStreamingServer[ConnectRequest, ConnectResponse]) error
 	mustEmbedUnimplementedDeviceServiceServer()
 }
