@@ -5,12 +5,14 @@ import (
 	"crypto/subtle"
 	"errors"
 	"io"
+	"log/slog"
 	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -30,6 +32,36 @@ type deviceService struct {
 	// reportStarted, if set (by tests), is called each time a stream hands
 	// a report to the engine, with the stream's reports then in flight.
 	reportStarted func(deviceID string, inFlight int)
+
+	// refusals and ends log streams refused at hello and streams that
+	// ended, sampled so that a misbehaving fleet cannot flood the log.
+	refusals, ends *sampledLog
+}
+
+// logEnd logs why a device's stream ended: at info level when the device
+// or the server ended it in the normal way, at warn level when the device
+// was cut off (fell behind, token revoked, replaced).
+func (ds *deviceService) logEnd(id string, err error) {
+	st := status.Convert(err)
+	level := slog.LevelInfo
+	switch st.Code() {
+	case codes.ResourceExhausted, codes.Unauthenticated, codes.Aborted, codes.Internal, codes.InvalidArgument:
+		level = slog.LevelWarn
+	}
+	reason := "the device closed the stream"
+	if err != nil {
+		reason = st.Message()
+	}
+	ds.ends.log(ds.s.opts.Logger, level, "device disconnected", "device", id, "code", st.Code().String(), "reason", reason)
+}
+
+// logRefused logs a stream refused before it was accepted.
+func (ds *deviceService) logRefused(ctx context.Context, err error) {
+	addr := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		addr = p.Addr.String()
+	}
+	ds.refusals.log(ds.s.opts.Logger, slog.LevelWarn, "device stream refused", "peer", addr, "reason", status.Convert(err).Message())
 }
 
 // session is a device's stream as the engine sees it: a twin.Sink with an
@@ -256,6 +288,9 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 
 	h, err := ds.awaitHello(ctx, hello, readErr)
 	if err != nil {
+		if status.Code(err) == codes.Unauthenticated {
+			ds.logRefused(ctx, err)
+		}
 		return err
 	}
 	id := h.GetDeviceId()
@@ -306,6 +341,7 @@ wait:
 		<-writeErr
 	}
 	gate.close()
+	ds.logEnd(id, err)
 	return err
 }
 

@@ -103,3 +103,30 @@ func TestShutdownNamesWhatItWaitsFor(t *testing.T) {
 		t.Errorf("the shutdown log does not name the call it waits for:\n%s", out)
 	}
 }
+
+// TestDeviceLogs: a refused device stream and a device cut off are logged
+// with the device and the reason (issue 13).
+func TestDeviceLogs(t *testing.T) {
+	ctx := context.Background()
+	var logs syncBuffer
+	s := startServer(t, nil, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	tok := createDevice(t, s, "fridge-1", "fridge")
+	bad := connect(t, s, &twinv1.Hello{DeviceId: "fridge-1", Token: "wrong"}, true)
+	if err := bad.end(); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("wrong token: %v; want UNAUTHENTICATED", err)
+	}
+	waitFor(t, func() bool { return strings.Contains(logs.String(), "device stream refused") })
+
+	d := connect(t, s, &twinv1.Hello{DeviceId: "fridge-1", Token: tok}, true)
+	d.next() // the welcome
+	if _, err := s.twins.IssueDeviceToken(ctx, &twinv1.IssueDeviceTokenRequest{Id: "fridge-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.end(); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("stream after its token was revoked: %v; want UNAUTHENTICATED", err)
+	}
+	waitFor(t, func() bool {
+		out := logs.String()
+		return strings.Contains(out, `msg="device disconnected" device=fridge-1 code=Unauthenticated`) && strings.Contains(out, "revoked")
+	})
+}

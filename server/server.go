@@ -249,7 +249,7 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
-	s.devices = &deviceService{s: s}
+	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog()}
 	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
