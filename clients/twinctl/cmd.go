@@ -103,11 +103,12 @@ const (
 	outJSONL = "jsonl" // one compact JSON object per line: lists and streams
 )
 
-// marshal renders m as protojson with stable whitespace (protojson varies
-// its spacing on purpose, so its output is normalized): indented, or
-// compact on one line.
+// marshal renders m as protojson with the .proto's field names
+// (create_time, as the README and filters spell them) and stable whitespace
+// (protojson varies its spacing on purpose, so its output is normalized):
+// indented, or compact on one line.
 func marshal(m proto.Message, indent bool) ([]byte, error) {
-	b, err := protojson.Marshal(m)
+	b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
@@ -150,8 +151,9 @@ type listDoc struct {
 	// NextPageToken continues the listing (--page-token) when it stopped
 	// short of the end; absent when it is complete.
 	NextPageToken string `json:"next_page_token,omitempty"`
-	// Revision is ListTwins' revision: every change up to it is in the list.
-	Revision int64 `json:"revision,omitempty"`
+	// Revision is ListTwins' revision: every change up to it is in the
+	// list. A string, as protojson writes 64-bit integers.
+	Revision int64 `json:"revision,omitempty,string"`
 }
 
 // printList prints a list: one list object for -o json, one object per line

@@ -178,7 +178,7 @@ func TestTwinctlJSON(t *testing.T) {
 			Kind          string           `json:"kind"`
 			Items         []map[string]any `json:"items"`
 			NextPageToken *string          `json:"next_page_token"`
-			Revision      int64            `json:"revision"`
+			Revision      int64            `json:"revision,string"`
 		}
 		oneDocument(t, tc.args, out, &doc)
 		if doc.Kind != tc.kind || len(doc.Items) != tc.items || doc.Items == nil {
@@ -214,6 +214,10 @@ func TestTwinctlJSON(t *testing.T) {
 		}
 		var m map[string]any
 		oneDocument(t, args, out, &m)
+		// Field names as the .proto, the README and filters spell them.
+		if _, ok := m["update_time"]; !ok {
+			t.Errorf("twinctl %v lacks update_time:\n%s", args, out)
+		}
 	}
 
 	// -o jsonl: one compact object per line, for lists and single objects.
