@@ -107,7 +107,7 @@ actions:
 	// Commands.
 	contains(must("", "command", "send", "car-1", "navigate", "--params", `{"lat": 52.5, "lon": 13.4}`, "--request-id", "trip-1"),
 		"car-1~1", "QUEUED")
-	contains(must("", "command", "send", "car-1", "navigate", "--request-id", "trip-1"), "car-1~1")
+	contains(must("", "command", "send", "car-1", "navigate", "--params", `{"lat": 52.5, "lon": 13.4}`, "--request-id", "trip-1"), "car-1~1")
 	contains(must("", "command", "get", "car-1~1"), "navigate")
 	contains(must("", "command", "list", "car-1", "--state", "queued"), "car-1~1")
 	contains(must("", "command", "cancel", "car-1~1"), "CANCELED")
