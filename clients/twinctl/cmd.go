@@ -90,8 +90,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().BoolVar(&a.tls, "tls", false, "connect with TLS, trusting the system's certificate authorities")
 	root.PersistentFlags().StringVar(&a.tlsCA, "tls-ca", a.tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", outTable,
-		"output: table; json (one document: the object, or for a list an object with kind, items and next_page_token); "+
-			"jsonl (one compact object per line, for scripts reading big lists and streams; watch and events print lines for json too)")
+		"output: table, json (one document; a list is {kind, items, next_page_token}) or jsonl (one compact object per line)")
 	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a))
 	return root
 }
