@@ -290,7 +290,7 @@ func runBench(ctx context.Context, c *twind.Client, o benchOptions, out, progres
 }
 
 // setupBenchRules loads o.rules rules for the bench's type: one that fires
-// every 50th report with a command carrying the report's send time, and
+// every o.pingEvery-th report with a command carrying the report's send time, and
 // others that never fire but are evaluated on every report. It first
 // removes what an earlier bench of the same name left.
 func setupBenchRules(ctx context.Context, c *twind.Client, o benchOptions) error {
@@ -303,7 +303,7 @@ func setupBenchRules(ctx context.Context, c *twind.Client, o benchOptions) error
 			Description: ruleMark("bench", o.name) + "evaluated on every report, never fires",
 			Condition:   fmt.Sprintf("%s && twin.reported.soil_moisture > %d.5", own, 1000+i)}
 		if i == 0 {
-			r.Description = ruleMark("bench", o.name) + "a command on every 50th report"
+			r.Description = ruleMark("bench", o.name) + fmt.Sprintf("a command on every %dth report", o.pingEvery)
 			r.Condition = own + " && twin.reported.ping == true"
 			r.Actions = []*twinv1.Action{{Action: &twinv1.Action_Command{Command: &twinv1.CommandAction{
 				Name: "ping", Params: "{'sent_ns': twin.reported.sent_ns}"}}}}
