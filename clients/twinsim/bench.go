@@ -128,16 +128,25 @@ func runBench(ctx context.Context, c *twind.Client, o benchOptions, out, progres
 	if err != nil {
 		return nil, err
 	}
+	// The setup calls that started run to their end even when one fails
+	// (no errgroup context), so that every twin created is there to be
+	// removed by the deferred cleanup.
 	tokens := make([]string, o.devices)
-	g, gctx := errgroup.WithContext(ctx)
+	var g errgroup.Group
+	var failed atomic.Bool
 	g.SetLimit(32)
 	for i := range ids {
 		g.Go(func() error {
-			if err := claim(gctx, c, ids[i], benchType, o.name); err != nil {
-				return err
+			if failed.Load() {
+				return nil
 			}
-			tok, err := c.IssueDeviceToken(gctx, ids[i])
-			tokens[i] = tok
+			err := claim(ctx, c, ids[i], benchType, o.name)
+			if err == nil {
+				tokens[i], err = c.IssueDeviceToken(ctx, ids[i])
+			}
+			if err != nil {
+				failed.Store(true)
+			}
 			return err
 		})
 	}
