@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -72,10 +73,11 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			if a.output != "table" && a.output != "json" {
-				return fmt.Errorf("-o must be table or json, not %q", a.output)
+			switch a.output {
+			case outTable, outJSON, outJSONL:
+				return nil
 			}
-			return nil
+			return fmt.Errorf("-o must be table, json or jsonl, not %q", a.output)
 		},
 		PersistentPostRun: func(*cobra.Command, []string) {
 			if a.client != nil {
@@ -87,21 +89,114 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.token, "token", a.token, "API token, if the server requires one (env TWIND_TOKEN)")
 	root.PersistentFlags().BoolVar(&a.tls, "tls", false, "connect with TLS, trusting the system's certificate authorities")
 	root.PersistentFlags().StringVar(&a.tlsCA, "tls-ca", a.tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
-	root.PersistentFlags().StringVarP(&a.output, "output", "o", "table", "output: table or json")
+	root.PersistentFlags().StringVarP(&a.output, "output", "o", outTable,
+		"output: table, json (one document; a list is {kind, items, next_page_token}) or jsonl (one compact object per line)")
 	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a))
 	return root
 }
 
-// printJSON writes messages as protojson, one per line for streams.
-func printJSON(w io.Writer, msgs ...proto.Message) error {
-	for _, m := range msgs {
-		b, err := protojson.MarshalOptions{Multiline: len(msgs) == 1, Indent: "  "}.Marshal(m)
+// Output formats (-o).
+const (
+	outTable = "table" // aligned columns, for people
+	outJSON  = "json"  // one JSON document: the object, or a list object
+	outJSONL = "jsonl" // one compact JSON object per line: lists and streams
+)
+
+// marshal renders m as protojson with the .proto's field names
+// (create_time, as the README and filters spell them) and stable whitespace
+// (protojson varies its spacing on purpose, so its output is normalized):
+// indented, or compact on one line.
+func marshal(m proto.Message, indent bool) ([]byte, error) {
+	b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	if indent {
+		err = json.Indent(&buf, b, "", "  ")
+	} else {
+		err = json.Compact(&buf, b)
+	}
+	return buf.Bytes(), err
+}
+
+// printMessage prints one message: indented for -o json, on one line for
+// -o jsonl.
+func (a *app) printMessage(w io.Writer, m proto.Message) error {
+	b, err := marshal(m, a.output != outJSONL)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+// printLine prints one message of a stream on one line, for -o json and
+// -o jsonl alike: a stream has no end, so it cannot be one document.
+func printLine(w io.Writer, m proto.Message) error {
+	b, err := marshal(m, false)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+// listDoc is what -o json prints for a list, as kubectl does: one object
+// holding the items, and where the listing stopped if it stopped short.
+type listDoc struct {
+	Kind  string            `json:"kind"`
+	Items []json.RawMessage `json:"items"`
+	// NextPageToken continues the listing (--page-token) when it stopped
+	// short of the end; absent when it is complete.
+	NextPageToken string `json:"next_page_token,omitempty"`
+	// Revision is ListTwins' revision: every change up to it is in the
+	// list. A string, as protojson writes 64-bit integers.
+	Revision int64 `json:"revision,omitempty,string"`
+}
+
+// printList prints a list: one list object for -o json, one object per line
+// for -o jsonl. Table output is the caller's.
+func (a *app) printList(w io.Writer, doc listDoc, items []proto.Message) error {
+	if a.output == outJSONL {
+		for _, m := range items {
+			if err := printLine(w, m); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	doc.Items = make([]json.RawMessage, len(items))
+	for i, m := range items {
+		b, err := marshal(m, false)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintln(w, string(b))
+		doc.Items[i] = b
 	}
-	return nil
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	return enc.Encode(doc)
+}
+
+// more tells a person, on standard error, that a list stopped short of the
+// end (-o json says so in next_page_token instead).
+func (a *app) more(cmd *cobra.Command, shown int, what, next string) {
+	if next == "" || a.output == outJSON {
+		return
+	}
+	fmt.Fprintf(cmd.ErrOrStderr(), "twinctl: showing %d %s; there are more: raise --limit (0 for all) or go on with --page-token %s\n",
+		shown, what, next)
+}
+
+// messages converts a slice of messages of one type to proto.Message.
+func messages[M proto.Message](ms []M) []proto.Message {
+	out := make([]proto.Message, len(ms))
+	for i, m := range ms {
+		out[i] = m
+	}
+	return out
 }
 
 // table prints rows under a header, aligned.

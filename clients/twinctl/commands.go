@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 )
@@ -15,14 +14,7 @@ import (
 func commandCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "command", Short: "Send commands to devices and follow them"}
 
-	printCommands := func(w io.Writer, cmds ...*twinv1.Command) error {
-		if a.output == "json" {
-			msgs := make([]proto.Message, len(cmds))
-			for i, c := range cmds {
-				msgs[i] = c
-			}
-			return printJSON(w, msgs...)
-		}
+	printCommands := func(w io.Writer, cmds ...*twinv1.Command) {
 		var rows [][]string
 		for _, c := range cmds {
 			msg := c.Message
@@ -33,6 +25,12 @@ func commandCmd(a *app) *cobra.Command {
 				compact(c.Params), compact(c.Result), msg, ts(c.UpdateTime)})
 		}
 		table(w, []string{"ID", "NAME", "STATE", "SOURCE", "PARAMS", "RESULT", "MESSAGE", "UPDATED"}, rows)
+	}
+	printCommand := func(w io.Writer, c *twinv1.Command) error {
+		if a.output != outTable {
+			return a.printMessage(w, c)
+		}
+		printCommands(w, c)
 		return nil
 	}
 
@@ -56,7 +54,7 @@ func commandCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printCommands(cmd.OutOrStdout(), resp.Command)
+			return printCommand(cmd.OutOrStdout(), resp.Command)
 		},
 	}
 	send.Flags().StringVar(&params, "params", "", "parameters (JSON object)")
@@ -75,7 +73,7 @@ func commandCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printCommands(cmd.OutOrStdout(), resp.Command)
+			return printCommand(cmd.OutOrStdout(), resp.Command)
 		},
 	}
 
@@ -106,7 +104,11 @@ func commandCmd(a *app) *cobra.Command {
 					break
 				}
 			}
-			return printCommands(cmd.OutOrStdout(), all...)
+			if a.output != outTable {
+				return a.printList(cmd.OutOrStdout(), listDoc{Kind: "CommandList"}, messages(all))
+			}
+			printCommands(cmd.OutOrStdout(), all...)
+			return nil
 		},
 	}
 	list.Flags().StringSliceVar(&states, "state", nil, "only commands in these states (repeatable or comma-separated)")
@@ -122,7 +124,7 @@ func commandCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printCommands(cmd.OutOrStdout(), resp.Command)
+			return printCommand(cmd.OutOrStdout(), resp.Command)
 		},
 	}
 	cmd.AddCommand(send, get, list, cancel)

@@ -7,8 +7,13 @@
 //	twinctl rule create -f rules/examples/fridge-warm.json
 //	twinctl command send car-1 honk --wait 5s
 //
-// Output is a readable table by default and JSON with -o json. The server is
-// --addr, or TWIND_ADDR, or localhost:50051.
+// Output is a readable table by default. -o json prints one JSON document:
+// the object, or for a list a list object (kind, items, and next_page_token
+// when the list stopped short, as at --limit). -o jsonl prints one compact
+// object per line, for big lists and for the streams (twin watch, rule
+// events), which print lines for -o json too. Whitespace is stable, so
+// scripts may compare output. The server is --addr, or TWIND_ADDR, or
+// localhost:50051.
 package main
 
 import (

@@ -18,14 +18,22 @@ func startTwind(t *testing.T) string { return testserver.Start(t, t.TempDir(), "
 // run runs twinctl with args and returns what it printed and its error.
 func run(t *testing.T, addr string, stdin string, args ...string) (string, error) {
 	t.Helper()
+	out, errOut, err := run2(t, addr, stdin, args...)
+	return out + errOut, err
+}
+
+// run2 runs twinctl with args and returns what it printed on standard
+// output and on standard error, and its error.
+func run2(t *testing.T, addr string, stdin string, args ...string) (string, string, error) {
+	t.Helper()
 	root := newRoot()
-	var out bytes.Buffer
+	var out, errOut bytes.Buffer
 	root.SetOut(&out)
-	root.SetErr(&out)
+	root.SetErr(&errOut)
 	root.SetIn(strings.NewReader(stdin))
 	root.SetArgs(append([]string{"--addr", addr}, args...))
 	err := root.ExecuteContext(context.Background())
-	return out.String(), err
+	return out.String(), errOut.String(), err
 }
 
 func TestTwinctl(t *testing.T) {
@@ -99,7 +107,7 @@ actions:
 	// Commands.
 	contains(must("", "command", "send", "car-1", "navigate", "--params", `{"lat": 52.5, "lon": 13.4}`, "--request-id", "trip-1"),
 		"car-1~1", "QUEUED")
-	contains(must("", "command", "send", "car-1", "navigate", "--request-id", "trip-1"), "car-1~1")
+	contains(must("", "command", "send", "car-1", "navigate", "--params", `{"lat": 52.5, "lon": 13.4}`, "--request-id", "trip-1"), "car-1~1")
 	contains(must("", "command", "get", "car-1~1"), "navigate")
 	contains(must("", "command", "list", "car-1", "--state", "queued"), "car-1~1")
 	contains(must("", "command", "cancel", "car-1~1"), "CANCELED")

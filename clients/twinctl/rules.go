@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 )
@@ -15,14 +14,7 @@ import (
 func ruleCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "rule", Short: "Manage rules (written in YAML or JSON files)"}
 
-	printRules := func(w io.Writer, rules ...*twinv1.Rule) error {
-		if a.output == "json" {
-			msgs := make([]proto.Message, len(rules))
-			for i, r := range rules {
-				msgs[i] = r
-			}
-			return printJSON(w, msgs...)
-		}
+	printRules := func(w io.Writer, rules ...*twinv1.Rule) {
 		var rows [][]string
 		for _, r := range rules {
 			types := strings.Join(r.Types, ",")
@@ -34,6 +26,12 @@ func ruleCmd(a *app) *cobra.Command {
 				strconv.FormatInt(r.Status.GetErrorCount(), 10), r.Condition})
 		}
 		table(w, []string{"ID", "TYPES", "TRIGGER", "ENABLED", "FIRED", "ERRORS", "CONDITION"}, rows)
+	}
+	printRule := func(w io.Writer, r *twinv1.Rule) error {
+		if a.output != outTable {
+			return a.printMessage(w, r)
+		}
+		printRules(w, r)
 		return nil
 	}
 	var file string
@@ -57,7 +55,7 @@ func ruleCmd(a *app) *cobra.Command {
 				if r, err = send(cmd, r); err != nil {
 					return err
 				}
-				return printRules(cmd.OutOrStdout(), r)
+				return printRule(cmd.OutOrStdout(), r)
 			},
 		}
 	}
@@ -92,8 +90,10 @@ func ruleCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				printJSON(cmd.OutOrStdout(), resp)
+			if a.output != outTable {
+				if err := a.printMessage(cmd.OutOrStdout(), resp); err != nil {
+					return err
+				}
 			} else if resp.Valid {
 				fmt.Fprintf(cmd.OutOrStdout(), "valid; condition cost estimate %d\n", resp.CostEstimate)
 			} else {
@@ -126,7 +126,7 @@ func ruleCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printRules(cmd.OutOrStdout(), resp.Rule)
+			return printRule(cmd.OutOrStdout(), resp.Rule)
 		},
 	}
 	list := &cobra.Command{
@@ -148,7 +148,11 @@ func ruleCmd(a *app) *cobra.Command {
 					break
 				}
 			}
-			return printRules(cmd.OutOrStdout(), all...)
+			if a.output != outTable {
+				return a.printList(cmd.OutOrStdout(), listDoc{Kind: "RuleList"}, messages(all))
+			}
+			printRules(cmd.OutOrStdout(), all...)
+			return nil
 		},
 	}
 	del := &cobra.Command{
@@ -202,8 +206,8 @@ func ruleCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return printJSON(cmd.OutOrStdout(), resp)
+			if a.output != outTable {
+				return a.printMessage(cmd.OutOrStdout(), resp)
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "fired: %v (condition before %v, after %v)\n", resp.Fired, resp.PreviousCondition, resp.Condition)
@@ -248,8 +252,10 @@ func ruleCmd(a *app) *cobra.Command {
 					return err
 				}
 				ev := m.Event
-				if a.output == "json" {
-					printJSON(cmd.OutOrStdout(), ev)
+				if a.output != outTable {
+					if err := printLine(cmd.OutOrStdout(), ev); err != nil {
+						return err
+					}
 					continue
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "%s\t%s\t%s\tv%d\t%s\t%s\n", ts(ev.Time), strings.TrimPrefix(ev.Kind.String(), "RULE_EVENT_KIND_"),

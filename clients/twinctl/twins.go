@@ -6,7 +6,6 @@ import (
 	"strconv"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/protobuf/proto"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 )
@@ -14,24 +13,12 @@ import (
 func twinCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{Use: "twin", Short: "Create, read, change, watch and delete twins"}
 
-	printTwins := func(w io.Writer, twins ...*twinv1.Twin) error {
-		if a.output == "json" {
-			msgs := make([]proto.Message, len(twins))
-			for i, t := range twins {
-				msgs[i] = t
-			}
-			return printJSON(w, msgs...)
+	// printTwin prints one twin; printTwins a list of them.
+	printTwin := func(w io.Writer, t *twinv1.Twin) error {
+		if a.output != outTable {
+			return a.printMessage(w, t)
 		}
-		var rows [][]string
-		for _, t := range twins {
-			conn := "offline"
-			if t.GetPresence().GetConnected() {
-				conn = "online"
-			}
-			rows = append(rows, []string{t.Id, t.Type, strconv.FormatInt(t.Version, 10), conn,
-				sortedLabels(t.Labels), compact(t.Reported), compact(t.Desired), compact(t.Delta)})
-		}
-		table(w, []string{"ID", "TYPE", "VERSION", "PRESENCE", "LABELS", "REPORTED", "DESIRED", "DELTA"}, rows)
+		twinTable(w, t)
 		return nil
 	}
 
@@ -63,7 +50,7 @@ func twinCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printTwins(cmd.OutOrStdout(), resp.Twin)
+			return printTwin(cmd.OutOrStdout(), resp.Twin)
 		},
 	}
 	create.Flags().StringVar(&typ, "type", "", "device type, e.g. fridge")
@@ -82,36 +69,55 @@ func twinCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printTwins(cmd.OutOrStdout(), t)
+			return printTwin(cmd.OutOrStdout(), t)
 		},
 	}
 
-	var filter string
-	var limit int
+	var listFilter, listPage string
+	var listLimit int
 	list := &cobra.Command{
-		Use: "list", Short: "List twins, optionally filtered by a CEL expression over twin", Args: cobra.NoArgs,
+		Use: "list", Short: "List twins by id, optionally filtered by a CEL expression over twin", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if listLimit < 0 {
+				return fmt.Errorf("--limit %d: give 0 for all, or how many to show", listLimit)
+			}
 			c, err := a.connect()
 			if err != nil {
 				return err
 			}
+			req := &twinv1.ListTwinsRequest{Filter: listFilter, PageToken: listPage}
 			var twins []*twinv1.Twin
-			for t, err := range c.ListTwins(cmd.Context(), filter) {
+			var rev int64
+			for first := true; ; first = false {
+				req.PageSize = pageSize(listLimit, len(twins))
+				resp, err := c.Twins.ListTwins(cmd.Context(), req)
 				if err != nil {
 					return err
 				}
-				if twins = append(twins, t); limit > 0 && len(twins) == limit {
+				if first {
+					rev = resp.Revision // the lowest of the pages'
+				}
+				twins = append(twins, resp.Twins...)
+				if req.PageToken = resp.NextPageToken; req.PageToken == "" || listLimit > 0 && len(twins) >= listLimit {
 					break
 				}
 			}
-			return printTwins(cmd.OutOrStdout(), twins...)
+			w := cmd.OutOrStdout()
+			if a.output == outTable {
+				twinTable(w, twins...)
+			} else if err := a.printList(w, listDoc{Kind: "TwinList", NextPageToken: req.PageToken, Revision: rev}, messages(twins)); err != nil {
+				return err
+			}
+			a.more(cmd, len(twins), "twins", req.PageToken)
+			return nil
 		},
 	}
-	list.Flags().StringVar(&filter, "filter", "", `CEL filter, e.g. 'twin.type == "fridge" && twin.reported.temp_c > 8.0'`)
-	list.Flags().IntVar(&limit, "limit", 0, "show at most this many (0: all)")
+	list.Flags().StringVar(&listFilter, "filter", "", `CEL filter, e.g. 'twin.type == "fridge" && twin.reported.temp_c > 8.0'`)
+	list.Flags().IntVar(&listLimit, "limit", 0, "show at most this many (0: all)")
+	list.Flags().StringVar(&listPage, "page-token", "", "go on where a list stopped short (its next_page_token; same --filter)")
 
-	var expect int64
 	patchCmd := func(use, short string, desired bool) *cobra.Command {
+		var expect int64
 		c := &cobra.Command{
 			Use: use + " ID PATCH", Short: short, Args: cobra.ExactArgs(2),
 			RunE: func(cmd *cobra.Command, args []string) error {
@@ -137,13 +143,14 @@ func twinCmd(a *app) *cobra.Command {
 					}
 					t = resp.Twin
 				}
-				return printTwins(cmd.OutOrStdout(), t)
+				return printTwin(cmd.OutOrStdout(), t)
 			},
 		}
 		c.Flags().Int64Var(&expect, "expect-version", 0, "fail unless the twin is at this version")
 		return c
 	}
 
+	var delExpect int64
 	del := &cobra.Command{
 		Use: "delete ID", Short: "Delete a twin", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -151,15 +158,16 @@ func twinCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if _, err := c.Twins.DeleteTwin(cmd.Context(), &twinv1.DeleteTwinRequest{Id: args[0], ExpectedVersion: expect}); err != nil {
+			if _, err := c.Twins.DeleteTwin(cmd.Context(), &twinv1.DeleteTwinRequest{Id: args[0], ExpectedVersion: delExpect}); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "deleted %s\n", args[0])
 			return nil
 		},
 	}
-	del.Flags().Int64Var(&expect, "expect-version", 0, "fail unless the twin is at this version")
+	del.Flags().Int64Var(&delExpect, "expect-version", 0, "fail unless the twin is at this version")
 
+	var watchFilter string
 	var from int64
 	watch := &cobra.Command{
 		Use: "watch", Short: "Stream changes as they commit (resuming across breaks)", Args: cobra.NoArgs,
@@ -169,15 +177,17 @@ func twinCmd(a *app) *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			for ev, err := range c.Watch(cmd.Context(), filter, from) {
+			for ev, err := range c.Watch(cmd.Context(), watchFilter, from) {
 				if err != nil {
 					if cmd.Context().Err() != nil {
 						return nil
 					}
 					return err
 				}
-				if a.output == "json" {
-					printJSON(w, ev)
+				if a.output != outTable {
+					if err := printLine(w, ev); err != nil {
+						return err
+					}
 					continue
 				}
 				fmt.Fprintf(w, "%d\t%s\t%s\tv%d\t%s\t%s\n", ev.Revision, ts(ev.Time), ev.Twin.Id, ev.Twin.Version,
@@ -186,33 +196,53 @@ func twinCmd(a *app) *cobra.Command {
 			return nil
 		},
 	}
-	watch.Flags().StringVar(&filter, "filter", "", "CEL filter over twin")
+	watch.Flags().StringVar(&watchFilter, "filter", "", "CEL filter over twin")
 	watch.Flags().Int64Var(&from, "from", 0, "replay from this revision (0: only new changes)")
 
+	var histLimit int
+	var histPage string
 	history := &cobra.Command{
 		Use: "history ID", Short: "Show a twin's retained changes, newest first", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if histLimit < 0 {
+				return fmt.Errorf("--limit %d: give 0 for all, or how many to show", histLimit)
+			}
 			c, err := a.connect()
 			if err != nil {
 				return err
 			}
-			resp, err := c.Twins.ListTwinHistory(cmd.Context(), &twinv1.ListTwinHistoryRequest{Id: args[0], PageSize: int32(max(limit, 0))})
-			if err != nil {
-				return err
+			req := &twinv1.ListTwinHistoryRequest{Id: args[0], PageToken: histPage}
+			var evs []*twinv1.TwinEvent
+			for {
+				req.PageSize = pageSize(histLimit, len(evs))
+				resp, err := c.Twins.ListTwinHistory(cmd.Context(), req)
+				if err != nil {
+					return err
+				}
+				evs = append(evs, resp.Events...)
+				if req.PageToken = resp.NextPageToken; req.PageToken == "" || histLimit > 0 && len(evs) >= histLimit {
+					break
+				}
 			}
-			if a.output == "json" {
-				return printJSON(cmd.OutOrStdout(), resp)
+			w := cmd.OutOrStdout()
+			if a.output != outTable {
+				if err := a.printList(w, listDoc{Kind: "TwinEventList", NextPageToken: req.PageToken}, messages(evs)); err != nil {
+					return err
+				}
+			} else {
+				var rows [][]string
+				for _, ev := range evs {
+					rows = append(rows, []string{strconv.FormatInt(ev.Twin.Version, 10), strconv.FormatInt(ev.Revision, 10),
+						ts(ev.Time), shortKind(ev.Kind), ev.Source, compact(ev.Patch)})
+				}
+				table(w, []string{"VERSION", "REVISION", "TIME", "KIND", "SOURCE", "PATCH"}, rows)
 			}
-			var rows [][]string
-			for _, ev := range resp.Events {
-				rows = append(rows, []string{strconv.FormatInt(ev.Twin.Version, 10), strconv.FormatInt(ev.Revision, 10),
-					ts(ev.Time), shortKind(ev.Kind), ev.Source, compact(ev.Patch)})
-			}
-			table(cmd.OutOrStdout(), []string{"VERSION", "REVISION", "TIME", "KIND", "SOURCE", "PATCH"}, rows)
+			a.more(cmd, len(evs), "changes", req.PageToken)
 			return nil
 		},
 	}
-	history.Flags().IntVar(&limit, "limit", 20, "entries to show")
+	history.Flags().IntVar(&histLimit, "limit", 20, "show at most this many, newest first (0: all retained)")
+	history.Flags().StringVar(&histPage, "page-token", "", "go on where a history stopped short (its next_page_token)")
 
 	token := &cobra.Command{
 		Use: "token ID", Short: "Issue a device token (shown once; revokes the previous one)", Args: cobra.ExactArgs(1),
@@ -225,8 +255,8 @@ func twinCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return printJSON(cmd.OutOrStdout(), resp)
+			if a.output != outTable {
+				return a.printMessage(cmd.OutOrStdout(), resp)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), resp.Token)
 			return nil
@@ -245,4 +275,29 @@ func shortKind(k twinv1.TwinEventKind) string {
 		return s[len(p):]
 	}
 	return s
+}
+
+// twinTable prints twins as a table.
+func twinTable(w io.Writer, twins ...*twinv1.Twin) {
+	var rows [][]string
+	for _, t := range twins {
+		conn := "offline"
+		if t.GetPresence().GetConnected() {
+			conn = "online"
+		}
+		rows = append(rows, []string{t.Id, t.Type, strconv.FormatInt(t.Version, 10), conn,
+			sortedLabels(t.Labels), compact(t.Reported), compact(t.Desired), compact(t.Delta)})
+	}
+	table(w, []string{"ID", "TYPE", "VERSION", "PRESENCE", "LABELS", "REPORTED", "DESIRED", "DELTA"}, rows)
+}
+
+// pageSize is the page to ask for when limit items are wanted (0: all) and
+// have items already: never more than the limit, so that a listing that
+// stops there can go on from the server's page token.
+func pageSize(limit, have int) int32 {
+	const most = 1000 // the servers' maximum page
+	if limit <= 0 {
+		return most
+	}
+	return int32(min(most, limit-have))
 }

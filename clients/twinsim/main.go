@@ -2,7 +2,12 @@
 // against a twind server, and doubles as its load generator.
 //
 //	twinsim run --fridges 10 --cars 5 --planters 20
+//	twinsim clean
 //	twinsim bench --devices 1000 --duration 10s --rules 10
+//
+// It touches only what it made: its twins carry the label twinsim=<name>
+// (--name; "sim" for run, "bench" for bench) and ids with its prefix, and
+// a twin of such an id that lacks the label is an error, never taken over.
 package main
 
 import (
@@ -61,7 +66,7 @@ func rootCmd() *cobra.Command {
 	var ro runOptions
 	run := &cobra.Command{
 		Use:   "run",
-		Short: "Run a simulated fleet: creates its twins and the example rules, then reports, obeys desired state and runs commands",
+		Short: "Run a simulated fleet: creates its own twins and copies of the example rules, then reports, obeys desired state and runs commands",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := dial()
@@ -77,8 +82,32 @@ func rootCmd() *cobra.Command {
 	run.Flags().IntVar(&ro.planters, "planters", 5, "number of indoor planters")
 	run.Flags().DurationVar(&ro.tick, "tick", time.Second, "how often each device reports")
 	run.Flags().DurationVar(&ro.duration, "duration", 0, "stop after this long (0: run until interrupted)")
-	run.Flags().StringVar(&ro.prefix, "prefix", "", "prefix of the twin ids, to run several fleets side by side")
-	run.Flags().BoolVar(&ro.noRules, "no-rules", false, "do not create the example rules")
+	run.Flags().StringVar(&ro.name, "name", "sim", "the run's name: its twins are labelled twinsim=NAME, and only those are driven")
+	run.Flags().StringVar(&ro.prefix, "prefix", "", "prefix of the twin and rule ids (default NAME-)")
+	run.Flags().BoolVar(&ro.noRules, "no-rules", false, "do not create the run's copies of the example rules")
+
+	var cleanName string
+	var cleanAll bool
+	cleanCmd := &cobra.Command{
+		Use:   "clean",
+		Short: "Remove the twins and rules a run or bench made (those labelled twinsim=NAME)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cleanAll {
+				cleanName = ""
+			} else if err := checkName(cleanName); err != nil {
+				return err
+			}
+			c, err := dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			return clean(cmd.Context(), c, cleanName, cmd.OutOrStdout())
+		},
+	}
+	cleanCmd.Flags().StringVar(&cleanName, "name", "sim", "the run's name (twinsim bench's is bench)")
+	cleanCmd.Flags().BoolVar(&cleanAll, "all", false, "remove what every run and bench made")
 
 	var bo benchOptions
 	bench := &cobra.Command{
@@ -101,11 +130,13 @@ func rootCmd() *cobra.Command {
 	bench.Flags().IntVar(&bo.devices, "devices", 1000, "concurrent device streams")
 	bench.Flags().DurationVar(&bo.duration, "duration", 10*time.Second, "how long to drive the load")
 	bench.Flags().Float64Var(&bo.rate, "rate", 0, "target reports per second across all devices (0: as fast as acks allow)")
-	bench.Flags().IntVar(&bo.rules, "rules", 10, "rules loaded for the devices' type (one of them fires on every 50th report)")
+	bench.Flags().IntVar(&bo.rules, "rules", 10, "rules loaded for the devices' type, "+benchType+" (one of them fires on every 50th report)")
 	bench.Flags().IntVar(&bo.window, "window", 4, "reports in flight per stream")
-	bench.Flags().StringVar(&bo.prefix, "prefix", "", "prefix of the twin and rule ids")
+	bench.Flags().StringVar(&bo.name, "name", "bench", "the bench's name: its twins are labelled twinsim=NAME")
+	bench.Flags().StringVar(&bo.prefix, "prefix", "", "prefix of the twin and rule ids (default NAME-)")
+	bench.Flags().BoolVar(&bo.keep, "keep", false, "keep the twins when the bench ends ('twinsim clean --name NAME' removes them)")
 	bench.Flags().StringVarP(&bo.output, "output", "o", "text", "output format: text or json")
 
-	root.AddCommand(run, bench)
+	root.AddCommand(run, cleanCmd, bench)
 	return root
 }

@@ -226,8 +226,19 @@ func round(v float64, digits int) float64 {
 type runOptions struct {
 	fridges, cars, planters int
 	tick, duration          time.Duration
-	prefix                  string
+	name                    string // the run's name, the value of its twins' label twinsim; default "sim"
+	prefix                  string // of its twin and rule ids; default name + "-"
 	noRules                 bool
+}
+
+func (o *runOptions) ensureDefaults() error {
+	if o.name == "" {
+		o.name = "sim"
+	}
+	if o.prefix == "" {
+		o.prefix = o.name + "-"
+	}
+	return checkName(o.name)
 }
 
 // simStats counts what the fleet did.
@@ -235,15 +246,14 @@ type simStats struct {
 	reports, desired, commands, ruleEvents, errors atomic.Int64
 }
 
-// runFleet creates the twins and the example rules that do not exist yet,
-// and runs the fleet, printing a summary line every few seconds.
+// runFleet creates the run's twins and its copies of the example rules that
+// do not exist yet, and runs the fleet, printing a summary line every few
+// seconds. It drives only twins it created for the run (labelled
+// twinsim=<name>): a twin of the same id that is not the run's is an error,
+// and is left alone, token and commands included.
 func runFleet(ctx context.Context, c *twind.Client, o runOptions, out io.Writer) error {
-	if !o.noRules {
-		n, err := loadExampleRules(ctx, c)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(out, "example rules: %d created, the others already there\n", n)
+	if err := o.ensureDefaults(); err != nil {
+		return err
 	}
 	type spec struct {
 		id  string
@@ -263,14 +273,34 @@ func runFleet(ctx context.Context, c *twind.Client, o runOptions, out io.Writer)
 	if len(fleet) == 0 {
 		return fmt.Errorf("no devices: give --fridges, --cars or --planters")
 	}
+	// Every twin is the run's before any token is issued.
+	ours := map[string]bool{}
+	for _, s := range fleet {
+		if err := claim(ctx, c, s.id, s.app.typ(), o.name); err != nil {
+			return err
+		}
+		ours[s.id] = true
+	}
+	if !o.noRules {
+		n, err := loadExampleRules(ctx, c, o)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "example rules, for this run's twins only (%s*): %d created, the others already there\n", o.prefix, n)
+	}
 	if o.duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.duration)
 		defer cancel()
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
 	var st simStats
-	// Count rule events for the summary.
+	// Count the rule firings on the run's twins for the summary.
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		stream, err := c.Rules.WatchRuleEvents(ctx, &twinv1.WatchRuleEventsRequest{})
 		if err != nil {
 			return
@@ -280,16 +310,12 @@ func runFleet(ctx context.Context, c *twind.Client, o runOptions, out io.Writer)
 			if err != nil {
 				return
 			}
-			if ev.Event.Kind == twinv1.RuleEventKind_RULE_EVENT_KIND_FIRED {
+			if ev.Event.Kind == twinv1.RuleEventKind_RULE_EVENT_KIND_FIRED && ours[ev.Event.TwinId] {
 				st.ruleEvents.Add(1)
 			}
 		}
 	}()
-	var wg sync.WaitGroup
 	for i, s := range fleet {
-		if _, err := c.CreateTwin(ctx, s.id, s.app.typ(), map[string]string{"sim": "twinsim"}); err != nil && !twind.IsAlreadyExists(err) {
-			return fmt.Errorf("create %s: %w", s.id, err)
-		}
 		tok, err := c.IssueDeviceToken(ctx, s.id)
 		if err != nil {
 			return fmt.Errorf("token for %s: %w", s.id, err)
@@ -300,8 +326,8 @@ func runFleet(ctx context.Context, c *twind.Client, o runOptions, out io.Writer)
 			runDevice(ctx, c, s.id, tok, s.app, o.tick, uint64(i), &st)
 		}()
 	}
-	fmt.Fprintf(out, "running %d devices (%d fridges, %d cars, %d planters), a report every %v each; Ctrl-C to stop\n",
-		len(fleet), o.fridges, o.cars, o.planters, o.tick)
+	fmt.Fprintf(out, "running %d devices (%d fridges, %d cars, %d planters) as run %q, a report every %v each; Ctrl-C to stop\n",
+		len(fleet), o.fridges, o.cars, o.planters, o.name, o.tick)
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	start := time.Now()
@@ -311,6 +337,7 @@ func runFleet(ctx context.Context, c *twind.Client, o runOptions, out io.Writer)
 			wg.Wait()
 			fmt.Fprintf(out, "stopped after %v: %d reports, %d desired changes applied, %d commands run, %d rule firings, %d errors\n",
 				time.Since(start).Round(time.Second), st.reports.Load(), st.desired.Load(), st.commands.Load(), st.ruleEvents.Load(), st.errors.Load())
+			fmt.Fprintf(out, "the run's twins and rules stay; 'twinsim clean --name %s' removes them\n", o.name)
 			return nil
 		case <-t.C:
 			fmt.Fprintf(out, "%6s  reports %-8d desired %-6d commands %-6d rule firings %-6d errors %d\n",
@@ -343,7 +370,9 @@ func runDevice(ctx context.Context, c *twind.Client, id, token string, app appli
 			return app.command(cmd.Name, cmd.GetParams().AsMap())
 		},
 	})
-	go dev.Run(ctx)
+	running := make(chan struct{})
+	go func() { defer close(running); dev.Run(ctx) }()
+	defer func() { <-running }()
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	for {
@@ -365,9 +394,12 @@ func runDevice(ctx context.Context, c *twind.Client, id, token string, app appli
 	}
 }
 
-// loadExampleRules creates the example rules that do not exist yet and
-// returns how many it created.
-func loadExampleRules(ctx context.Context, c *twind.Client) (int, error) {
+// loadExampleRules creates the run's copies of the example rules that do
+// not exist yet and returns how many it created. A copy has the run's id
+// prefix, a description that marks it as the run's, and a condition that
+// holds only for the run's twins, so that it neither acts on other twins
+// nor takes the place of the examples an operator loaded.
+func loadExampleRules(ctx context.Context, c *twind.Client, o runOptions) (int, error) {
 	files, err := fs.Glob(examples.FS, "*.json")
 	if err != nil {
 		return 0, err
@@ -382,13 +414,24 @@ func loadExampleRules(ctx context.Context, c *twind.Client) (int, error) {
 		if err := protojson.Unmarshal(b, req); err != nil {
 			return n, fmt.Errorf("%s: %w", f, err)
 		}
+		r := req.Rule
+		r.Id = o.prefix + r.Id
+		r.Description = ruleMark("run", o.name) + r.Description
+		r.Condition = fmt.Sprintf("%s && (%s)", ownFilter(o.name), r.Condition)
 		_, err = c.Rules.CreateRule(ctx, req)
 		switch {
 		case err == nil:
 			n++
 		case twind.IsAlreadyExists(err):
+			got, err := c.Rules.GetRule(ctx, &twinv1.GetRuleRequest{Id: r.Id})
+			if err != nil {
+				return n, err
+			}
+			if !ownsRule(got.Rule, o.name) {
+				return n, fmt.Errorf("rule %s exists and is not run %s's: choose another --prefix, or give --no-rules", r.Id, o.name)
+			}
 		default:
-			return n, fmt.Errorf("rule %s: %w", req.Rule.GetId(), err)
+			return n, fmt.Errorf("rule %s: %w", r.Id, err)
 		}
 	}
 	return n, nil
