@@ -694,8 +694,9 @@ type ListTwinsResponse struct {
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	// Every change up to this store revision is reflected in the list (later
 	// ones may be too). To follow changes without a gap, watch from
-	// revision + 1 and ignore events whose twin version is not newer than the
-	// one listed.
+	// revision + 1 and ignore an event whose revision is not newer than its
+	// twin's revision in the list (compare revisions, not versions: presence
+	// changes get a revision but keep the version).
 	Revision int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
 	// How many twins evaluated for this page the filter failed on with an
 	// error other than reading a field the twin does not have; those twins
