@@ -15,4 +15,12 @@
 // commits it with a synced WAL; requests are answered, and readers and
 // watchers see the changes, only once the batch is durable. The key layout
 // is described in encoding.go.
+//
+// The files follow a change through the engine: options.go configures it,
+// open.go opens the store and loads the shards, requests.go hands requests
+// to workers, worker.go runs a worker's steps, apply.go computes what each
+// kind of request changes (with change.go's model and devices.go's and
+// rules.go's commands, presence and rule effects), staged.go and commit.go
+// write a step's batch, wait for its sync and publish it, and reads.go and
+// watch.go serve reads and watches of what is durable.
 package twin

@@ -1,0 +1,131 @@
+package twin
+
+import (
+	"fmt"
+	"time"
+)
+
+// apply computes the change an op makes and applies it to the working
+// state. A change with no event changes nothing durable about the twin but
+// must still wait for the commit of the changes before it.
+func (w *worker) apply(o *op, now time.Time) (*change, error) {
+	cur := w.twins[o.id]
+	if cur == nil && o.kind != opCreate {
+		return nil, notFound(o.id)
+	}
+	c := &change{op: o, prev: cur, sink: w.sinks[o.id]}
+	var (
+		next   *Twin
+		err    error
+		kind   EventKind
+		patch  Document
+		source Source
+		emit   bool // an event even without a version bump
+	)
+	switch o.kind {
+	case opCreate:
+		if cur != nil {
+			return nil, fmt.Errorf("%w: twin %q already exists", ErrAlreadyExists, o.id)
+		}
+		var gone goneTwin
+		if gone, err = w.lastLife(o.id); err != nil {
+			return nil, err
+		}
+		next, err = w.e.apply.create(o.create, gone.version, now)
+		if err == nil {
+			next.CommandSeq = gone.cmdSeq
+		}
+		kind, source = KindCreated, o.create.Source
+	case opReport, opDesired:
+		desired := o.kind == opDesired
+		if o.patch.Stream != nil && o.patch.Stream != c.sink {
+			return nil, fmt.Errorf("%w: device %q", ErrStreamClosed, o.id)
+		}
+		next, err = w.e.apply.patch(cur, o.patch, desired, now)
+		kind, patch, source = KindReported, o.patch.Patch, o.patch.Source
+		if desired {
+			kind = KindDesired
+		} else if err == nil && o.patch.Source == SourceDevice {
+			if next == cur {
+				next = cur.clone()
+			}
+			next.Presence.LastSeen = now
+		}
+	case opUpdate:
+		next, err = w.e.apply.update(cur, o.update, now)
+		kind, source = KindUpdated, o.update.Source
+	case opDelete:
+		if err := checkVersion(cur, o.expect); err != nil {
+			return nil, err
+		}
+		c.gone = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
+		kind, source = KindDeleted, SourceAPI
+		if l := w.cmds[o.id]; l != nil {
+			c.cmds = &commandList{}
+			for _, cmd := range l.cmds {
+				c.dropCmds = append(c.dropCmds, cmd.Seq)
+				w.expiries.remove(cmd)
+			}
+		}
+		if c.sink != nil {
+			c.replaced, c.closeErr = c.sink, fmt.Errorf("%w: twin %q was deleted", ErrNotFound, o.id)
+			delete(w.sinks, o.id)
+			c.sink = nil
+		}
+	case opToken:
+		next = cur.clone()
+		next.TokenHash = o.token
+		if c.sink != nil {
+			// The stream authenticated with the old token: it ends, its
+			// reports still in the inbox are refused, and the device is
+			// offline until it connects with the new one.
+			c.replaced, c.closeErr = c.sink, ErrTokenRevoked
+			delete(w.sinks, o.id)
+			c.sink = nil
+			next.Presence = Presence{Connected: false, Since: now, LastSeen: cur.Presence.LastSeen}
+			kind, source, emit = KindPresence, SourceAPI, true
+		}
+	case opConnect, opDisconnect:
+		next = w.presence(c, cur, o, now)
+		kind, source, emit = KindPresence, SourceDevice, next != cur
+	case opSendCommand:
+		next, err = w.sendCommand(c, cur, o.cmdReq, now)
+	case opUpdateCommand:
+		err = w.updateCommand(c, cur, o.cmdUpd, now)
+		next = cur
+	case opCancelCommand:
+		err = w.finishCommand(c, o.seq, CommandCanceled, "canceled by an operator", now)
+		next = cur
+	default:
+		return nil, fmt.Errorf("twin: unknown op %d", o.kind)
+	}
+	if err != nil {
+		return nil, err
+	}
+
+	bumped := next == nil || cur == nil || next.Version != cur.Version
+	if bumped || emit {
+		rev := w.e.nextRev.Add(1)
+		evTwin := next
+		if next == nil {
+			evTwin = cur
+		} else {
+			next.Revision = rev
+		}
+		c.event = &Event{Revision: rev, Kind: kind, Twin: evTwin, Patch: patch, Time: now, Source: source}
+	}
+	c.next = next
+	if next == nil {
+		delete(w.twins, o.id)
+		delete(w.cmds, o.id)
+		delete(w.ruleStates, o.id)
+		w.gone[o.id] = c.gone
+	} else {
+		w.twins[o.id] = next
+		delete(w.gone, o.id)
+	}
+	if c.cmds != nil && next != nil {
+		w.cmds[o.id] = c.cmds
+	}
+	return c, nil
+}

@@ -1,0 +1,241 @@
+package twin
+
+import (
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// group is one worker step's worth of changes, with the batch that commits
+// them, or the error that kept them from committing.
+type group struct {
+	w       *worker
+	start   time.Time
+	batch   *pebble.Batch
+	err     error
+	changes []*change
+}
+
+// write adds a change's keys to b. buf is scratch space, returned for reuse.
+func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
+	if c.err != nil || c.op.kind == opPoke {
+		return buf, nil // nothing to write: answered in commit order
+	}
+	e := w.e
+	id := c.op.id
+	vs := e.VShard(id)
+	for _, cmd := range c.writeCmds {
+		v, err := encodeCommand(cmd)
+		if err != nil {
+			return buf, err
+		}
+		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
+			return buf, err
+		}
+	}
+	if err := writeRuleStates(b, vs, id, c.ruleWrites); err != nil {
+		return buf, err
+	}
+	for _, seq := range c.dropCmds {
+		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
+			return buf, err
+		}
+	}
+	if was, is := c.prev != nil && c.prev.Presence.Connected, c.next != nil && c.next.Presence.Connected; was != is {
+		if is {
+			if err := b.Set(presenceKey(vs, id), nil, nil); err != nil {
+				return buf, err
+			}
+		} else if err := b.Delete(presenceKey(vs, id), nil); err != nil {
+			return buf, err
+		}
+	}
+	var tw []byte // the encoded twin of the event
+	if c.next != c.prev {
+		rec := record{Twin: c.next}
+		if c.next == nil {
+			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}
+		}
+		v := encodeRecord(rec)
+		if err := b.Set(twinKey(vs, id), v, nil); err != nil {
+			return buf, err
+		}
+		tw = v
+	}
+	if c.event == nil {
+		return buf, nil
+	}
+	if c.next == nil {
+		tw = appendTwin(nil, c.prev)
+	}
+	buf = appendEvent(buf[:0], c.event, tw)
+	if err := b.Set(logKey(c.event.Revision), buf, nil); err != nil {
+		return buf, err
+	}
+	if c.next == nil {
+		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
+			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
+				return buf, err
+			}
+		}
+		return buf, nil
+	}
+	if c.prev != nil && c.next.Version == c.prev.Version {
+		return buf, nil // a presence change: no new version for the history
+	}
+	// The history entry points into the watch log.
+	v := c.next.Version
+	var rev [8]byte
+	binary.BigEndian.PutUint64(rev[:], uint64(c.event.Revision))
+	if err := b.Set(historyKey(vs, id, v), rev[:], nil); err != nil {
+		return buf, err
+	}
+	if old := v - int64(e.opts.HistoryLimit); old > 0 {
+		if e.trimHistory {
+			return buf, b.DeleteRange(historyKey(vs, id, 0), historyKey(vs, id, old+1), nil)
+		}
+		return buf, b.Delete(historyKey(vs, id, old), nil)
+	}
+	return buf, nil
+}
+
+// syncLoop waits for the WAL sync of each of the worker's commits, in
+// order, then publishes its changes to readers and watchers and answers its
+// requests. It runs beside the worker so that the worker applies and commits
+// its next step while this one's fsync is under way.
+func (w *worker) syncLoop() {
+	defer w.e.syncWG.Done()
+	e := w.e
+	for g := range w.syncCh {
+		err := g.err
+		if g.batch != nil {
+			err = g.batch.SyncWait()
+			g.batch.Close()
+			if err != nil {
+				e.fail(fmt.Errorf("sync: %w", err))
+			}
+		}
+		if err != nil {
+			for _, c := range g.changes {
+				c.op.done <- Result{Err: e.err()}
+			}
+			continue
+		}
+		e.count(g)
+		e.publish(g)
+	}
+}
+
+// publish makes a durable group visible, tells connected devices and
+// command waiters, and answers the group's requests.
+func (e *Engine) publish(g *group) {
+	g.w.mu.Lock()
+	for _, c := range g.changes {
+		if c.op.kind == opPoke || c.err != nil {
+			continue
+		}
+		if c.next == nil {
+			delete(g.w.view, c.op.id)
+			delete(g.w.cmdView, c.op.id)
+			continue
+		}
+		g.w.view[c.op.id] = c.next
+		if c.cmds != nil {
+			g.w.cmdView[c.op.id] = c.cmds
+		}
+	}
+	g.w.mu.Unlock()
+
+	e.idxMu.Lock()
+	for _, c := range g.changes {
+		switch {
+		case c.op.kind == opPoke || c.err != nil:
+		case c.prev == nil && c.next != nil:
+			e.ids.ReplaceOrInsert(c.next.ID)
+		case c.next == nil && c.prev != nil:
+			e.ids.Delete(c.prev.ID)
+		}
+	}
+	e.idxMu.Unlock()
+
+	for _, c := range g.changes {
+		if c.replaced != nil {
+			c.replaced.Close(c.closeErr)
+		}
+		if c.sink != nil {
+			switch {
+			case c.welcome:
+				c.sink.Welcome(c.next, c.deliver)
+			case len(c.deliver) > 0:
+				c.sink.Commands(c.deliver)
+			}
+			if c.event != nil && c.event.Kind == KindDesired {
+				c.sink.DesiredChanged(c.next, c.event.Patch)
+			}
+		}
+		for _, cmd := range c.writeCmds {
+			if cmd.State.Final() {
+				e.notifyCommand(cmd)
+			}
+		}
+		if len(c.firings) > 0 && e.opts.OnFirings != nil {
+			t := c.next
+			if t == nil {
+				t = c.prev
+			}
+			evs := make([]FiringEvent, len(c.firings))
+			for i, f := range c.firings {
+				evs[i] = FiringEvent{Firing: f, TwinID: t.ID, TwinVersion: t.Version, Time: e.opts.Clock()}
+			}
+			e.opts.OnFirings(evs)
+		}
+	}
+
+	e.revMu.Lock()
+	for _, c := range g.changes {
+		if c.event != nil {
+			e.revDone[c.event.Revision] = struct{}{}
+		}
+	}
+	advanced := false
+	for {
+		if _, ok := e.revDone[e.rev+1]; !ok {
+			break
+		}
+		delete(e.revDone, e.rev+1)
+		e.rev++
+		advanced = true
+	}
+	if advanced {
+		close(e.revWait)
+		e.revWait = make(chan struct{})
+		e.pruneLog()
+	}
+	e.revMu.Unlock()
+	for _, c := range g.changes {
+		if c.err != nil {
+			c.op.done <- Result{Err: c.err}
+			continue
+		}
+		c.op.done <- Result{Twin: c.next, Command: c.cmd}
+	}
+}
+
+// pruneLog drops the watch log's revisions older than the retention, in
+// steps, so that one range deletion covers many revisions. e.revMu is held.
+func (e *Engine) pruneLog() {
+	const pruneStep = 1024
+	keep := e.rev - e.opts.LogRetention + 1
+	from := e.oldest.Load()
+	if keep-from < pruneStep || e.err() != nil {
+		return
+	}
+	// Watchers learn of the pruning before it happens, so none reads a
+	// partly pruned range and takes it for complete.
+	e.oldest.Store(keep)
+	if err := e.db.DeleteRange(logKey(from), logKey(keep), pebble.NoSync); err != nil {
+		e.opts.Logger.Error("pruning the watch log failed", "err", err)
+	}
+}
