@@ -1,0 +1,488 @@
+package twin
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"slices"
+	"strconv"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// Violation is one broken invariant of a store, as Check finds it.
+type Violation struct {
+	// Key is the key at fault.
+	Key []byte
+	// Problem says what is wrong with it.
+	Problem string
+}
+
+// String names the key in a readable form (see encoding.go for the layout)
+// and says what is wrong with it.
+func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem }
+
+// Check reads the whole store in opts.Dir on opts.FS and returns every
+// violation of the store's invariants that it finds, each naming its key:
+//
+//   - no twin's revision is ahead of the watch log's last revision, and the
+//     log entry of a twin's revision, while retained, is that twin at its
+//     version;
+//   - each history entry is of a twin that exists, at a version no newer
+//     than the twin's and no older than opts.HistoryLimit versions, and
+//     points at a revision of the watch log that is that twin at that
+//     version (or that the log has pruned); a twin's history has no gaps, has
+//     its current version, and holds nothing from before the twin was last
+//     created;
+//   - each command is of a twin that exists, under the twin's id and with a
+//     sequence no higher than the twin's last command sequence;
+//   - each rule state is of a twin that exists;
+//   - every key is one of the layout's, in the virtual shard of its twin,
+//     and its value decodes.
+//
+// Check opens the store read-only and needs it to itself: it fails while a
+// twind or an Engine has it open. It uses opts.Dir, opts.FS, opts.Logger
+// and opts.HistoryLimit (with their defaults), and changes nothing. The error
+// is for a store it cannot read at all; a store it can read is reported on
+// through the violations.
+func Check(opts Options) ([]Violation, error) {
+	opts.EnsureDefaults()
+	db, err := pebble.Open(opts.Dir, &pebble.Options{
+		FS:       opts.FS,
+		ReadOnly: true,
+		Logger:   pebbleLogger{opts.Logger},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("twin: open store in %s read-only (stop the twind using it first): %w", opts.Dir, err)
+	}
+	defer db.Close()
+	c := &checker{db: db, historyLimit: int64(opts.HistoryLimit)}
+	err = c.run()
+	slices.SortStableFunc(c.out, func(a, b Violation) int { return bytes.Compare(a.Key, b.Key) })
+	return c.out, err
+}
+
+// checker is the state of one Check.
+type checker struct {
+	db           pebble.Reader
+	historyLimit int64
+	vshards      int
+	// oldest and last are the watch log's first and last revisions.
+	oldest, last int64
+	out          []Violation
+
+	// The virtual shard being checked and its twins, by id.
+	vs    int
+	twins map[string]*checkedTwin
+}
+
+// checkedTwin is what the checker knows of one twin record.
+type checkedTwin struct {
+	key     []byte
+	deleted bool
+	version int64
+	cmdSeq  int64
+	// hist holds the versions of the twin's history entries, in order,
+	// with their keys; created is the version of the newest creation
+	// among them (0 if unknown).
+	hist    []int64
+	histKey [][]byte
+	created int64
+}
+
+// eventHead is the part of a stored Event that the checker reads.
+type eventHead struct {
+	Revision int64     `json:"r"`
+	Kind     EventKind `json:"k"`
+	Twin     struct {
+		ID      string `json:"id"`
+		Version int64  `json:"version"`
+	} `json:"tw"`
+}
+
+func (c *checker) add(key []byte, format string, args ...any) {
+	c.out = append(c.out, Violation{Key: append([]byte(nil), key...), Problem: fmt.Sprintf(format, args...)})
+}
+
+func (c *checker) run() error {
+	v, closer, err := c.db.Get(keyFormat)
+	if errors.Is(err, pebble.ErrNotFound) {
+		c.add(keyFormat, "the store format is missing; this is not a twind store, or it was never initialized")
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("twin: read store format: %w", err)
+	}
+	var f storeFormat
+	err = json.Unmarshal(v, &f)
+	closer.Close()
+	if err != nil || f.VShards <= 0 || f.VShards > 1<<16 || f.Format != formatVersion {
+		c.add(keyFormat, "store format %q is not valid (want format %d and 1 to 65536 vshards); nothing else can be checked", v, formatVersion)
+		return nil
+	}
+	c.vshards = f.VShards
+	if err := c.checkLog(); err != nil {
+		return err
+	}
+	return c.checkKeys()
+}
+
+// checkLog reads the watch log's bounds and checks its entries.
+func (c *checker) checkLog() error {
+	it, err := c.db.NewIter(&pebble.IterOptions{LowerBound: prefixLog, UpperBound: prefixEnd(prefixLog)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		if len(k) != len(prefixLog)+8 {
+			c.add(k, "a watch log key must be l/ and an 8-byte revision")
+			continue
+		}
+		rev := int64(binary.BigEndian.Uint64(k[len(prefixLog):]))
+		if c.oldest == 0 {
+			c.oldest = rev
+		}
+		c.last = rev
+		var ev eventHead
+		if err := json.Unmarshal(it.Value(), &ev); err != nil {
+			c.add(k, "the event does not decode: %v", err)
+			continue
+		}
+		if ev.Revision != rev {
+			c.add(k, "the event says revision %d", ev.Revision)
+		}
+	}
+	if c.oldest == 0 {
+		c.oldest = 1
+	}
+	return it.Error()
+}
+
+// checkKeys checks every key outside the watch log, in key order.
+func (c *checker) checkKeys() error {
+	it, err := c.db.NewIter(nil)
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	c.vs = -1
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		switch {
+		case bytes.Equal(k, keyFormat), bytes.HasPrefix(k, prefixLog), bytes.HasPrefix(k, prefixRules):
+			// The log is checked already; rule definitions are the rules
+			// package's.
+		case bytes.HasPrefix(k, []byte("m/")):
+			// Store metadata other than the format: kept for newer
+			// features; nothing to check.
+		case bytes.HasPrefix(k, prefixShards):
+			if err := c.checkShardKey(k, it.Value()); err != nil {
+				return err
+			}
+		default:
+			c.add(k, "unknown key: not part of the store's layout")
+		}
+	}
+	if err := it.Error(); err != nil {
+		return err
+	}
+	c.endShard()
+	return nil
+}
+
+// checkShardKey checks one key under s/.
+func (c *checker) checkShardKey(k, v []byte) error {
+	const head = len("s/") + 2 + len("/x/")
+	if len(k) < head || k[4] != '/' || k[6] != '/' {
+		c.add(k, "a shard key must be s/<vshard:2>/<section>/...")
+		return nil
+	}
+	vs := int(binary.BigEndian.Uint16(k[2:4]))
+	if vs >= c.vshards {
+		c.add(k, "virtual shard %d does not exist: the store has %d", vs, c.vshards)
+		return nil
+	}
+	if vs != c.vs {
+		c.endShard()
+		if err := c.loadTwins(vs); err != nil {
+			return err
+		}
+	}
+	rest := k[head:]
+	switch k[5] {
+	case 't':
+		// Checked by loadTwins.
+	case 'c':
+		c.checkCommand(k, rest, v)
+	case 'h':
+		c.checkHistory(k, rest, v)
+	case 'x':
+		c.checkRuleState(k, rest, v)
+	default:
+		c.add(k, "unknown section %q of a shard", k[5])
+	}
+	return nil
+}
+
+// loadTwins checks the twin records of virtual shard vs and keeps what the
+// other keys of the shard are checked against.
+func (c *checker) loadTwins(vs int) error {
+	c.vs = vs
+	c.twins = map[string]*checkedTwin{}
+	lower := shardPrefix(uint16(vs), 't')
+	it, err := c.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		id := string(k[len(lower):])
+		if !c.checkID(k, id) {
+			continue
+		}
+		r, err := decodeRecord(it.Value())
+		if err != nil {
+			c.add(k, "%v", err)
+			continue
+		}
+		ct := &checkedTwin{key: append([]byte(nil), k...), deleted: r.Deleted, version: r.LastVersion, cmdSeq: r.LastCommandSeq}
+		c.twins[id] = ct
+		if r.Deleted {
+			if r.LastVersion < 1 {
+				c.add(k, "the deleted twin's last version is %d", r.LastVersion)
+			}
+			continue
+		}
+		t := r.Twin
+		ct.version, ct.cmdSeq = t.Version, t.CommandSeq
+		switch {
+		case t.ID != id:
+			c.add(k, "the record is of twin %q", t.ID)
+		case t.Version < 1:
+			c.add(k, "the twin's version is %d", t.Version)
+		case t.Revision > c.last:
+			c.add(k, "the twin's revision %d is ahead of the watch log's last revision %d", t.Revision, c.last)
+		case t.Revision < c.oldest:
+			// Pruned from the log.
+		default:
+			c.checkEvent(k, "the twin's revision", t.Revision, id, t.Version)
+		}
+	}
+	return it.Error()
+}
+
+// checkID checks that id is valid and belongs to the shard being checked.
+func (c *checker) checkID(k []byte, id string) bool {
+	if err := ValidateID(id); err != nil {
+		c.add(k, "%v", err)
+		return false
+	}
+	if vs := vshardOf(id, c.vshards); vs != c.vs {
+		c.add(k, "twin %q belongs to virtual shard %d, not %d", id, vs, c.vs)
+		return false
+	}
+	return true
+}
+
+// checkEvent checks that the watch log's entry at rev, what the key k points
+// at, is version of twin id.
+func (c *checker) checkEvent(k []byte, what string, rev int64, id string, version int64) (ev eventHead, ok bool) {
+	v, closer, err := c.db.Get(logKey(rev))
+	if errors.Is(err, pebble.ErrNotFound) {
+		c.add(k, "%s %d is missing from the watch log (which holds %d to %d)", what, rev, c.oldest, c.last)
+		return ev, false
+	}
+	if err != nil {
+		c.add(k, "%s %d cannot be read: %v", what, rev, err)
+		return ev, false
+	}
+	err = json.Unmarshal(v, &ev)
+	closer.Close()
+	if err != nil {
+		return ev, false // reported by checkLog
+	}
+	if ev.Twin.ID != id || ev.Twin.Version != version {
+		c.add(k, "%s %d is version %d of twin %q in the watch log, not version %d of %q",
+			what, rev, ev.Twin.Version, ev.Twin.ID, version, id)
+		return ev, false
+	}
+	return ev, true
+}
+
+// splitSeqKey splits the rest of a command or history key into the twin id
+// and the number after it.
+func splitSeqKey(rest []byte) (string, int64, bool) {
+	i := bytes.IndexByte(rest, 0)
+	if i < 0 || len(rest)-i-1 != 8 {
+		return "", 0, false
+	}
+	return string(rest[:i]), int64(binary.BigEndian.Uint64(rest[i+1:])), true
+}
+
+// owner returns the live twin that owns a key of twin id, or reports the
+// key as an orphan.
+func (c *checker) owner(k []byte, what, id string) *checkedTwin {
+	if !c.checkID(k, id) {
+		return nil
+	}
+	t := c.twins[id]
+	switch {
+	case t == nil:
+		c.add(k, "%s of twin %q, which does not exist", what, id)
+		return nil
+	case t.deleted:
+		c.add(k, "%s of twin %q, which was deleted at version %d", what, id, t.version)
+		return nil
+	}
+	return t
+}
+
+func (c *checker) checkCommand(k, rest, v []byte) {
+	id, seq, ok := splitSeqKey(rest)
+	if !ok {
+		c.add(k, "a command key must be s/<vshard>/c/<id>, a zero byte and an 8-byte sequence")
+		return
+	}
+	t := c.owner(k, "command", id)
+	if t == nil {
+		return
+	}
+	if seq > t.cmdSeq {
+		c.add(k, "command sequence %d is above twin %q's last command sequence %d", seq, id, t.cmdSeq)
+	}
+	cmd, err := decodeCommand(v)
+	if err != nil {
+		c.add(k, "%v", err)
+		return
+	}
+	if cmd.DeviceID != id || cmd.Seq != seq || cmd.ID != CommandID(id, seq) {
+		c.add(k, "the command says id %q, device %q, sequence %d; its key says %q", cmd.ID, cmd.DeviceID, cmd.Seq, CommandID(id, seq))
+	}
+	if cmd.State < CommandQueued || cmd.State > CommandCanceled {
+		c.add(k, "command state %d is not valid", cmd.State)
+	}
+}
+
+func (c *checker) checkHistory(k, rest, v []byte) {
+	id, version, ok := splitSeqKey(rest)
+	if !ok {
+		c.add(k, "a history key must be s/<vshard>/h/<id>, a zero byte and an 8-byte version")
+		return
+	}
+	t := c.owner(k, "history entry", id)
+	if t == nil {
+		return
+	}
+	switch {
+	case version > t.version:
+		c.add(k, "history entry of version %d is ahead of twin %q's version %d", version, id, t.version)
+		return
+	case version <= t.version-c.historyLimit:
+		c.add(k, "history entry of version %d is older than the history limit of %d versions (twin %q is at version %d)",
+			version, c.historyLimit, id, t.version)
+	}
+	if len(v) != 8 {
+		c.add(k, "a history entry's value must be an 8-byte revision, not %d bytes", len(v))
+		return
+	}
+	t.hist = append(t.hist, version)
+	t.histKey = append(t.histKey, append([]byte(nil), k...))
+	rev := int64(binary.BigEndian.Uint64(v))
+	switch {
+	case rev > c.last:
+		c.add(k, "the history entry's revision %d is ahead of the watch log's last revision %d", rev, c.last)
+	case rev >= c.oldest:
+		if ev, ok := c.checkEvent(k, "the history entry's revision", rev, id, version); ok && ev.Kind == KindCreated {
+			t.created = version
+		}
+	}
+}
+
+func (c *checker) checkRuleState(k, rest, v []byte) {
+	i := bytes.IndexByte(rest, 0)
+	if i < 0 {
+		c.add(k, "a rule state key must be s/<vshard>/x/<id>, a zero byte and the rule id")
+		return
+	}
+	if c.owner(k, "rule state", string(rest[:i])) == nil {
+		return
+	}
+	var s RuleState
+	if err := json.Unmarshal(v, &s); err != nil {
+		c.add(k, "the rule state does not decode: %v", err)
+	}
+}
+
+// endShard checks the history of each twin of the shard just checked as a
+// whole.
+func (c *checker) endShard() {
+	for id, t := range c.twins {
+		if t.deleted {
+			continue
+		}
+		var prev int64
+		for i, v := range t.hist {
+			switch {
+			case v < t.created:
+				c.add(t.histKey[i], "history entry of version %d is from before twin %q was created at version %d (left over from a deleted twin)", v, id, t.created)
+			case prev != 0 && v != prev+1:
+				c.add(t.histKey[i], "history of twin %q jumps from version %d to %d", id, prev, v)
+			}
+			if v >= t.created {
+				prev = v
+			}
+		}
+		if n := len(t.hist); n == 0 || t.hist[n-1] != t.version {
+			c.add(t.key, "twin %q has no history entry for its version %d", id, t.version)
+		}
+	}
+	c.twins = nil
+}
+
+// vshardOf returns the virtual shard of a twin id in a store of n shards,
+// as Engine.VShard does.
+func vshardOf(id string, n int) int {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return int(h.Sum32() % uint32(n))
+}
+
+// keyString formats a key of the store's layout readably: numbers in
+// decimal, the zero byte after an id as '/'.
+func keyString(k []byte) string {
+	switch {
+	case bytes.HasPrefix(k, prefixLog) && len(k) == len(prefixLog)+8:
+		return "l/" + strconv.FormatUint(binary.BigEndian.Uint64(k[len(prefixLog):]), 10)
+	case bytes.HasPrefix(k, prefixShards) && len(k) >= 7 && k[4] == '/' && k[6] == '/':
+		head := fmt.Sprintf("s/%d/%c/", binary.BigEndian.Uint16(k[2:4]), k[5])
+		rest := k[7:]
+		switch k[5] {
+		case 't':
+			return head + readable(string(rest))
+		case 'c', 'h':
+			if id, n, ok := splitSeqKey(rest); ok {
+				return head + readable(id) + "/" + strconv.FormatInt(n, 10)
+			}
+		case 'x':
+			if i := bytes.IndexByte(rest, 0); i >= 0 {
+				return head + readable(string(rest[:i])) + "/" + readable(string(rest[i+1:]))
+			}
+		}
+		return head + strconv.Quote(string(rest))
+	}
+	return strconv.Quote(string(k))
+}
+
+// readable returns s as it is if it is a valid id, and quoted otherwise.
+func readable(s string) string {
+	if ValidateID(s) == nil {
+		return s
+	}
+	return strconv.Quote(s)
+}
