@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"io/fs"
 	"slices"
 	"strconv"
 
@@ -50,13 +51,19 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 // through the violations.
 func Check(opts Options) ([]Violation, error) {
 	opts.EnsureDefaults()
+	if _, err := opts.FS.Stat(opts.Dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("twin: no store in %s: the directory does not exist", opts.Dir)
+	}
 	db, err := pebble.Open(opts.Dir, &pebble.Options{
 		FS:       opts.FS,
 		ReadOnly: true,
 		Logger:   pebbleLogger{opts.Logger},
 	})
+	if errors.Is(err, pebble.ErrDBDoesNotExist) {
+		return nil, fmt.Errorf("twin: no store in %s", opts.Dir)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("twin: open store in %s read-only (stop the twind using it first): %w", opts.Dir, err)
+		return nil, fmt.Errorf("twin: open store in %s read-only (if a twind is using it, stop it first): %w", opts.Dir, err)
 	}
 	defer db.Close()
 	c := &checker{db: db, historyLimit: int64(opts.HistoryLimit)}

@@ -308,10 +308,10 @@ func TestCheckNeedsTheStoreToItself(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer e.Close()
-	if _, err := twin.Check(twin.Options{Dir: "db", FS: fs}); err == nil || !strings.Contains(err.Error(), "stop the twind using it first") {
+	if _, err := twin.Check(twin.Options{Dir: "db", FS: fs}); err == nil || !strings.Contains(err.Error(), "stop it first") {
 		t.Errorf("Check(a store in use) = %v; want an error saying to stop twind", err)
 	}
-	if _, err := twin.Check(twin.Options{Dir: "nothing-here", FS: fs}); err == nil {
+	if _, err := twin.Check(twin.Options{Dir: "nothing-here", FS: fs}); err == nil || !strings.Contains(err.Error(), "no store in nothing-here") {
 		t.Errorf("Check(a directory with no store) = nil; want an error")
 	}
 }

@@ -2,6 +2,10 @@
 // devices, with its store embedded.
 //
 //	twind [--addr localhost:50051] [--data ./twind-data]
+//	twind check [--data ./twind-data] [--history-limit 100]
+//
+// `twind check` checks a stopped twind's store offline: it prints each key
+// that breaks an invariant of the store, and exits 1 if there is any.
 //
 // Every flag can also be set in the environment: --addr as TWIND_ADDR,
 // --data as TWIND_DATA. Flags win over the environment.
@@ -12,6 +16,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -20,6 +25,7 @@ import (
 	"time"
 
 	"github.com/twind-io/twind/server"
+	"github.com/twind-io/twind/twin"
 )
 
 func main() {
@@ -30,6 +36,9 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == "check" {
+		return check(args[1:], os.Stdout)
+	}
 	fs := flag.NewFlagSet("twind", flag.ContinueOnError)
 	var opts server.Options
 	fs.StringVar(&opts.Addr, "addr", envOr("TWIND_ADDR", "localhost:50051"), "address to serve gRPC on (env TWIND_ADDR)")
@@ -67,6 +76,36 @@ func run(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return server.Run(ctx, opts)
+}
+
+// check runs `twind check`: it checks the store offline, prints each
+// violation to stdout, and fails if there is any.
+func check(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("twind check", flag.ContinueOnError)
+	var opts twin.Options
+	fs.StringVar(&opts.Dir, "data", envOr("TWIND_DATA", "./twind-data"), "directory of the store to check; twind must not be running on it (env TWIND_DATA)")
+	fs.IntVar(&opts.HistoryLimit, "history-limit", 100, "the --history-limit twind runs with: older history entries are violations")
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q; see twind check --help", fs.Args())
+	}
+	opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	vs, err := twin.Check(opts)
+	if err != nil {
+		return err
+	}
+	for _, v := range vs {
+		fmt.Fprintln(stdout, v)
+	}
+	if len(vs) > 0 {
+		return fmt.Errorf("check: %d violations in %s", len(vs), opts.Dir)
+	}
+	fmt.Fprintf(stdout, "%s: no violations\n", opts.Dir)
+	return nil
 }
 
 func envOr(key, def string) string {
