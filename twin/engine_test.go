@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
@@ -126,131 +125,6 @@ func TestEngineLifecycle(t *testing.T) {
 	}
 	if tw.Revision != 6 {
 		t.Errorf("revision after restart = %d; want 6", tw.Revision)
-	}
-}
-
-// model is the simple in-memory model of the store that TestEngineModel
-// compares the engine with.
-type model struct {
-	twins map[string]Document // reported only; desired mirrors it
-	vers  map[string]int64
-	last  map[string]int64 // last version of deleted twins
-}
-
-func TestEngineModel(t *testing.T) {
-	seed := time.Now().UnixNano()
-	t.Logf("seed %d", seed)
-	rng := rand.New(rand.NewPCG(uint64(seed), 0))
-	ctx := context.Background()
-	fs := vfs.NewMem()
-	e := openMem(t, fs, Options{Workers: 3, VShards: 16, HistoryLimit: 5})
-	defer func() { e.Close() }()
-	m := model{twins: map[string]Document{}, vers: map[string]int64{}, last: map[string]int64{}}
-	ids := []string{"a", "b", "c", "d", "e", "f"}
-	keys := []string{"x", "y", "z"}
-	randPatch := func() Document {
-		p := Document{}
-		for range 1 + rng.IntN(3) {
-			k := keys[rng.IntN(len(keys))]
-			switch rng.IntN(4) {
-			case 0:
-				p[k] = nil
-			case 1:
-				p[k] = map[string]any{keys[rng.IntN(3)]: float64(rng.IntN(3))}
-			default:
-				p[k] = float64(rng.IntN(3))
-			}
-		}
-		return p
-	}
-	for i := range 2000 {
-		id := ids[rng.IntN(len(ids))]
-		_, exists := m.twins[id]
-		switch r := rng.IntN(10); {
-		case r == 0:
-			_, err := e.Create(ctx, CreateRequest{ID: id})
-			if exists != errors.Is(err, ErrAlreadyExists) || (!exists && err != nil) {
-				t.Fatalf("op %d: Create(%s) = %v; exists %v", i, id, err, exists)
-			}
-			if !exists {
-				m.twins[id] = Document{}
-				m.vers[id] = m.last[id] + 1
-			}
-		case r == 1:
-			err := e.Delete(ctx, id, 0)
-			if exists != (err == nil) {
-				t.Fatalf("op %d: Delete(%s) = %v; exists %v", i, id, err, exists)
-			}
-			if exists {
-				m.last[id] = m.vers[id]
-				delete(m.twins, id)
-				delete(m.vers, id)
-			}
-		case r == 2:
-			e.Close()
-			e = openMem(t, fs, Options{Workers: 1 + rng.IntN(4), HistoryLimit: 5})
-		default:
-			p := randPatch()
-			expect := int64(0)
-			if rng.IntN(4) == 0 {
-				expect = m.vers[id] + int64(rng.IntN(2))
-			}
-			tw, err := e.Report(ctx, PatchRequest{ID: id, Patch: p, ExpectedVersion: expect})
-			switch {
-			case !exists:
-				if !errors.Is(err, ErrNotFound) {
-					t.Fatalf("op %d: Report(%s) on missing twin = %v", i, id, err)
-				}
-			case expect != 0 && expect != m.vers[id]:
-				if !errors.Is(err, ErrVersionMismatch) {
-					t.Fatalf("op %d: Report(%s) with stale version = %v", i, id, err)
-				}
-			default:
-				if err != nil {
-					t.Fatalf("op %d: Report(%s, %v) = %v", i, id, p, err)
-				}
-				next, changed := MergePatch(m.twins[id], p)
-				if changed {
-					m.vers[id]++
-					m.twins[id] = next
-				}
-				if tw.Version != m.vers[id] {
-					t.Fatalf("op %d: Report(%s) version %d; model %d", i, id, tw.Version, m.vers[id])
-				}
-			}
-		}
-		listed, _ := listPage(t, e, "", 100, nil)
-		var listedIDs, modelIDs []string
-		for _, tw := range listed {
-			listedIDs = append(listedIDs, tw.ID)
-		}
-		for _, id := range ids {
-			if _, ok := m.twins[id]; ok {
-				modelIDs = append(modelIDs, id)
-			}
-		}
-		if fmt.Sprint(listedIDs) != fmt.Sprint(modelIDs) {
-			t.Fatalf("op %d: List = %v; model %v", i, listedIDs, modelIDs)
-		}
-		for _, id := range ids {
-			got, err := e.Get(id)
-			want, ok := m.twins[id]
-			if !ok {
-				if !errors.Is(err, ErrNotFound) {
-					t.Fatalf("op %d: Get(%s) = %v; want not found", i, id, err)
-				}
-				continue
-			}
-			if err != nil {
-				t.Fatalf("op %d: Get(%s): %v", i, id, err)
-			}
-			if len(want) == 0 {
-				want = Document{}
-			}
-			if diff := cmp.Diff(want, got.Reported); diff != "" || got.Version != m.vers[id] {
-				t.Fatalf("op %d: twin %s version %d (model %d) reported (-model +engine):\n%s", i, id, got.Version, m.vers[id], diff)
-			}
-		}
 	}
 }
 
