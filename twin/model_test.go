@@ -68,10 +68,10 @@ func TestEngineModel(t *testing.T) {
 		seed = uint64(time.Now().UnixNano())
 	}
 	t.Logf("seed %d (replay with -model.seed=%d or TWIND_MODEL_SEED=%d)", seed, seed, seed)
-	// Each round, every twin gets opsPerTwin ops: 16 x 60 x 4 = 3,840 ops
+	// Each round, every twin gets opsPerTwin ops: 16 x 60 x 6 = 5,760 ops
 	// by default.
 	const nIDs, opsPerTwin = 16, 60
-	rounds := 4
+	rounds := 6
 	if s := os.Getenv("TWIND_MODEL_OPS"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n <= 0 {
@@ -219,7 +219,7 @@ type mTwin struct {
 	hist    []mVersion
 	sink    *mSink // the connected stream
 	sinks   []*mSink
-	nextRID int
+	trace   []string // the ops and their answers
 }
 
 type mCmd struct {
@@ -246,6 +246,12 @@ type mSink struct {
 	got       map[string]bool // ids of the commands delivered
 	closedErr error
 	closes    int
+	// desired is the desired state as the device knows it: the welcome's,
+	// with every desired update's patch applied; version is the twin
+	// version it last heard of.
+	desired Document
+	version int64
+	errs    []string
 
 	// The model's expectations; only the twin's goroutine uses them.
 	wantWelcome bool
@@ -261,9 +267,24 @@ func (s *mSink) Welcome(t *Twin, cmds []*Command) {
 	for _, c := range cmds {
 		s.got[c.ID] = true
 	}
+	s.desired, s.version = t.Desired, t.Version
 }
 
-func (s *mSink) DesiredChanged(*Twin, Document) {}
+func (s *mSink) DesiredChanged(t *Twin, patch Document) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.welcomes == 0 {
+		s.errs = append(s.errs, fmt.Sprintf("desired update at version %d before the welcome", t.Version))
+	}
+	if t.Version < s.version {
+		s.errs = append(s.errs, fmt.Sprintf("desired update at version %d after version %d", t.Version, s.version))
+	}
+	s.version = t.Version
+	s.desired, _ = MergePatch(s.desired, patch)
+	if !cmp.Equal(s.desired, t.Desired, cmpopts.EquateEmpty()) {
+		s.errs = append(s.errs, fmt.Sprintf("desired updates add up to %v at version %d; the twin has %v", s.desired, t.Version, t.Desired))
+	}
+}
 
 func (s *mSink) Commands(cmds []*Command) {
 	s.mu.Lock()
@@ -280,11 +301,15 @@ func (s *mSink) Close(err error) {
 	s.closes++
 }
 
-// check compares what the sink was told with the model.
-func (s *mSink) check() error {
+// check compares what the sink was told with the model. desired is the
+// twin's desired state if the sink is the device's current stream.
+func (s *mSink) check(desired Document, current bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var errs []string
+	errs := slices.Clone(s.errs)
+	if current && !cmp.Equal(s.desired, desired, cmpopts.EquateEmpty()) {
+		errs = append(errs, fmt.Sprintf("knows desired %v; the model has %v", s.desired, desired))
+	}
 	if want := map[bool]int{false: 0, true: 1}[s.wantWelcome]; s.welcomes != want {
 		errs = append(errs, fmt.Sprintf("welcomed %d times; want %d", s.welcomes, want))
 	}
@@ -330,14 +355,35 @@ func (mt *mTwin) run(ctx context.Context, e *Engine, rng *rand.Rand, n int) erro
 				return fmt.Errorf("twin %s: start %s: %v", mt.id, describe(o), err)
 			}
 		}
+		mt.trace = append(mt.trace, fmt.Sprintf("-- burst of %d", len(ops)))
 		for i, o := range ops {
 			r := <-o.done
+			mt.trace = append(mt.trace, fmt.Sprintf("%s: %s", describe(o), answer(r)))
 			if err := checkAnswer(r, wants[i]); err != nil {
-				return fmt.Errorf("twin %s: %s: %v", mt.id, describe(o), err)
+				return fmt.Errorf("twin %s: %s: %v\n%s", mt.id, describe(o), err, mt.lastTrace())
 			}
 		}
 	}
 	return nil
+}
+
+// lastTrace returns the last ops of the twin and their answers.
+func (mt *mTwin) lastTrace() string {
+	const n = 40
+	tr := mt.trace[max(len(mt.trace)-n, 0):]
+	return "  last ops of " + mt.id + ":\n    " + strings.Join(tr, "\n    ")
+}
+
+func answer(r Result) string {
+	switch {
+	case r.Err != nil:
+		return r.Err.Error()
+	case r.Command != nil:
+		return r.Command.ID + " " + r.Command.State.String()
+	case r.Twin != nil:
+		return fmt.Sprintf("v%d rep %v des %v cmdseq %d", r.Twin.Version, r.Twin.Reported, r.Twin.Desired, r.Twin.CommandSeq)
+	}
+	return "ok"
 }
 
 func checkAnswer(r Result, w want) error {
@@ -366,7 +412,11 @@ func describe(o *op) string {
 	case opCreate:
 		return fmt.Sprintf("create %v %v", o.create.Reported, o.create.Desired)
 	case opReport:
-		return fmt.Sprintf("report %v expect %d ack %d", o.patch.Patch, o.patch.ExpectedVersion, o.patch.DesiredAckedVersion)
+		stream := ""
+		if o.patch.Stream != nil {
+			stream = " from " + o.patch.Stream.(*mSink).name
+		}
+		return fmt.Sprintf("report %v expect %d ack %d%s", o.patch.Patch, o.patch.ExpectedVersion, o.patch.DesiredAckedVersion, stream)
 	case opDesired:
 		return fmt.Sprintf("desired %v expect %d", o.patch.Patch, o.patch.ExpectedVersion)
 	case opUpdate:
@@ -443,6 +493,14 @@ func (mt *mTwin) randomOp(rng *rand.Rand) *op {
 		if rng.IntN(4) == 0 {
 			o.patch.DesiredAckedVersion = mt.version
 		}
+		if rng.IntN(3) == 0 && len(mt.sinks) > 0 {
+			// From a stream: the current one, mostly.
+			if s := mt.current(); s != nil && rng.IntN(4) != 0 {
+				o.patch.Stream = s
+			} else {
+				o.patch.Stream = mt.sinks[rng.IntN(len(mt.sinks))]
+			}
+		}
 	case r < 52:
 		o.kind = opDesired
 		o.patch = &PatchRequest{ID: id, Patch: patch("y", "z", "w"), ExpectedVersion: expect(), Source: SourceAPI}
@@ -517,6 +575,9 @@ func (mt *mTwin) apply(o *op) want {
 		return w
 	case opReport, opDesired:
 		p := o.patch
+		if p.Stream != nil && p.Stream != mt.current() {
+			return want{err: ErrStreamClosed}
+		}
 		if p.ExpectedVersion != 0 && p.ExpectedVersion != mt.version {
 			return want{err: ErrVersionMismatch}
 		}
@@ -577,7 +638,14 @@ func (mt *mTwin) apply(o *op) want {
 		}
 		return want{}
 	case opToken:
+		// The stream that authenticated with the old token ends: the
+		// device is no longer connected.
 		mt.token = o.token
+		if mt.sink != nil {
+			mt.sink.wantClosed = ErrTokenRevoked
+			mt.sink = nil
+			mt.runRules(true)
+		}
 		return want{version: mt.version}
 	case opConnect:
 		s := o.sink.(*mSink)
@@ -765,6 +833,14 @@ func (mt *mTwin) addHistory(kind EventKind) {
 	}
 }
 
+// current returns the device's current stream, if any.
+func (mt *mTwin) current() Sink {
+	if mt.sink == nil {
+		return nil
+	}
+	return mt.sink
+}
+
 // ruleStates returns the ids of the rules with a state for the twin.
 func (mt *mTwin) ruleStates() []string {
 	if mt.r1 {
@@ -799,19 +875,39 @@ func (mt *mTwin) restart() {
 
 // compareEngine compares what the engine answers with the model.
 func compareEngine(e *Engine, m []*mTwin) error {
-	var errs []error
+	var all []error
 	opt := cmpopts.EquateEmpty()
 	for _, mt := range m {
+		var errs []error
+		for _, s := range mt.sinks {
+			if !s.detached {
+				if err := s.check(mt.des, s == mt.sink); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+		errs = append(errs, compareTwin(e, mt, opt)...)
+		if len(errs) > 0 {
+			all = append(all, fmt.Errorf("%w\n%s", errors.Join(errs...), mt.lastTrace()))
+		}
+	}
+	return errors.Join(all...)
+}
+
+// compareTwin compares one twin of the engine with the model.
+func compareTwin(e *Engine, mt *mTwin, opt cmp.Option) []error {
+	var errs []error
+	{
 		tw, err := e.Get(mt.id)
 		if !mt.exists {
 			if !errors.Is(err, ErrNotFound) {
 				errs = append(errs, fmt.Errorf("twin %s: Get = %v; the model has it deleted", mt.id, err))
 			}
-			continue
+			return errs
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("twin %s: Get: %v", mt.id, err))
-			continue
+			return errs
 		}
 		type view struct {
 			Version             int64
@@ -872,16 +968,7 @@ func compareEngine(e *Engine, m []*mTwin) error {
 			errs = append(errs, fmt.Errorf("twin %s: commands (-model +engine):\n%s", mt.id, diff))
 		}
 	}
-	for _, mt := range m {
-		for _, s := range mt.sinks {
-			if !s.detached {
-				if err := s.check(); err != nil {
-					errs = append(errs, err)
-				}
-			}
-		}
-	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // quietSlog logs only warnings and errors.
