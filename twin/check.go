@@ -438,12 +438,13 @@ func (c *checker) endShard() {
 			switch {
 			case v < t.created:
 				c.add(t.histKey[i], "history entry of version %d is from before twin %q was created at version %d (left over from a deleted twin)", v, id, t.created)
+				continue
+			case v <= t.version-c.historyLimit:
+				continue // beyond the limit: reported already
 			case prev != 0 && v != prev+1:
 				c.add(t.histKey[i], "history of twin %q jumps from version %d to %d", id, prev, v)
 			}
-			if v >= t.created {
-				prev = v
-			}
+			prev = v
 		}
 		if n := len(t.hist); n == 0 || t.hist[n-1] != t.version {
 			c.add(t.key, "twin %q has no history entry for its version %d", id, t.version)

@@ -345,3 +345,34 @@ func ExampleCheck() {
 	// 0 violations
 	// s/11/c/fridge-2/1: command of twin "fridge-2", which does not exist
 }
+
+// TestCheckAfterLoweringHistoryLimit lowers the history limit of a store
+// and writes to its twin: the twin's history is then within the new limit,
+// with nothing left behind under it.
+func TestCheckAfterLoweringHistoryLimit(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	for _, limit := range []int{10, 3} {
+		e, err := twin.Open(twin.Options{Dir: "db", FS: fs, HistoryLimit: limit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if limit == 10 {
+			if _, err := e.Create(ctx, twin.CreateRequest{ID: "planter-1"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := range 9 {
+			if _, err := e.Report(ctx, twin.PatchRequest{ID: "planter-1", Patch: twin.Document{"soil_moisture": float64(limit*10 + i)}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := twin.Check(twin.Options{Dir: "db", FS: fs, HistoryLimit: 3})
+	if err != nil || len(got) != 0 {
+		t.Errorf("Check(history limit lowered from 10 to 3, then 9 writes) = %q, %v; want no violations", got, err)
+	}
+}
