@@ -473,7 +473,11 @@ func (mt *mTwin) randomOp(rng *rand.Rand) *op {
 		}
 		return mt.cmds[rng.IntN(len(mt.cmds))].seq
 	}
-	switch r := rng.IntN(100); {
+	r := rng.IntN(100)
+	if !mt.exists && rng.IntN(2) == 0 {
+		r = 0 // mostly create a missing twin, rather than fail on it
+	}
+	switch {
 	case r < 10:
 		o.kind = opCreate
 		o.create = &CreateRequest{ID: id, Type: []string{"a", "b"}[rng.IntN(2)], Source: SourceAPI}
