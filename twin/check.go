@@ -84,6 +84,7 @@ type checker struct {
 	// The virtual shard being checked and its twins, by id.
 	vs    int
 	twins map[string]*checkedTwin
+	hist  historyRun
 }
 
 // checkedTwin is what the checker knows of one twin record.
@@ -92,12 +93,18 @@ type checkedTwin struct {
 	deleted bool
 	version int64
 	cmdSeq  int64
-	// hist holds the versions of the twin's history entries, in order,
-	// with their keys; created is the version of the newest creation
-	// among them (0 if unknown).
-	hist    []int64
-	histKey [][]byte
-	created int64
+	// lastHist is the version of the twin's newest history entry.
+	lastHist int64
+}
+
+// historyRun is the history entries of one twin, which are adjacent in key
+// order: the checker holds one twin's at a time.
+type historyRun struct {
+	id      string
+	t       *checkedTwin
+	vers    []int64
+	keys    [][]byte
+	created int64 // the version of the newest creation among them, or 0
 }
 
 // eventHead is the part of a stored Event that the checker reads.
@@ -221,6 +228,9 @@ func (c *checker) checkShardKey(k, v []byte) error {
 		}
 	}
 	rest := k[head:]
+	if k[5] != 'h' {
+		c.endHistory()
+	}
 	switch k[5] {
 	case 't':
 		// Checked by loadTwins.
@@ -382,6 +392,9 @@ func (c *checker) checkHistory(k, rest, v []byte) {
 		c.add(k, "a history key must be s/<vshard>/h/<id>, a zero byte and an 8-byte version")
 		return
 	}
+	if id != c.hist.id {
+		c.endHistory()
+	}
 	t := c.owner(k, "history entry", id)
 	if t == nil {
 		return
@@ -398,15 +411,16 @@ func (c *checker) checkHistory(k, rest, v []byte) {
 		c.add(k, "a history entry's value must be an 8-byte revision, not %d bytes", len(v))
 		return
 	}
-	t.hist = append(t.hist, version)
-	t.histKey = append(t.histKey, append([]byte(nil), k...))
+	c.hist.id, c.hist.t = id, t
+	c.hist.vers = append(c.hist.vers, version)
+	c.hist.keys = append(c.hist.keys, append([]byte(nil), k...))
 	rev := int64(binary.BigEndian.Uint64(v))
 	switch {
 	case rev > c.last:
 		c.add(k, "the history entry's revision %d is ahead of the watch log's last revision %d", rev, c.last)
 	case rev >= c.oldest:
 		if ev, ok := c.checkEvent(k, "the history entry's revision", rev, id, version); ok && ev.Kind == KindCreated {
-			t.created = version
+			c.hist.created = version
 		}
 	}
 }
@@ -426,27 +440,34 @@ func (c *checker) checkRuleState(k, rest, v []byte) {
 	}
 }
 
-// endShard checks the history of each twin of the shard just checked as a
-// whole.
-func (c *checker) endShard() {
-	for id, t := range c.twins {
-		if t.deleted {
-			continue
-		}
+// endHistory checks the history entries of one twin, all read, as a whole.
+func (c *checker) endHistory() {
+	h := &c.hist
+	if h.t != nil {
 		var prev int64
-		for i, v := range t.hist {
+		for i, v := range h.vers {
 			switch {
-			case v < t.created:
-				c.add(t.histKey[i], "history entry of version %d is from before twin %q was created at version %d (left over from a deleted twin)", v, id, t.created)
+			case v < h.created:
+				c.add(h.keys[i], "history entry of version %d is from before twin %q was created at version %d (left over from a deleted twin)", v, h.id, h.created)
 				continue
-			case v <= t.version-c.historyLimit:
+			case v <= h.t.version-c.historyLimit:
 				continue // beyond the limit: reported already
 			case prev != 0 && v != prev+1:
-				c.add(t.histKey[i], "history of twin %q jumps from version %d to %d", id, prev, v)
+				c.add(h.keys[i], "history of twin %q jumps from version %d to %d", h.id, prev, v)
 			}
 			prev = v
 		}
-		if n := len(t.hist); n == 0 || t.hist[n-1] != t.version {
+		h.t.lastHist = h.vers[len(h.vers)-1]
+	}
+	*h = historyRun{vers: h.vers[:0], keys: h.keys[:0]}
+}
+
+// endShard checks what is left to check of the shard's twins once all its
+// keys are read.
+func (c *checker) endShard() {
+	c.endHistory()
+	for id, t := range c.twins {
+		if !t.deleted && t.lastHist != t.version {
 			c.add(t.key, "twin %q has no history entry for its version %d", id, t.version)
 		}
 	}
