@@ -895,6 +895,19 @@ func compareEngine(e *Engine, m []*mTwin) error {
 			all = append(all, fmt.Errorf("%w\n%s", errors.Join(errs...), mt.lastTrace()))
 		}
 	}
+	listed, _, _ := e.List("", 1000, nil)
+	var gotIDs, wantIDs []string
+	for _, tw := range listed {
+		gotIDs = append(gotIDs, tw.ID)
+	}
+	for _, mt := range m {
+		if mt.exists {
+			wantIDs = append(wantIDs, mt.id)
+		}
+	}
+	if !slices.Equal(gotIDs, wantIDs) {
+		all = append(all, fmt.Errorf("List = %q; model %q", gotIDs, wantIDs))
+	}
 	return errors.Join(all...)
 }
 
