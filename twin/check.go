@@ -41,6 +41,7 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //   - each command is of a twin that exists, under the twin's id and with a
 //     sequence no higher than the twin's last command sequence;
 //   - each rule state is of a twin that exists;
+//   - a twin has a presence mark if and only if it is connected;
 //   - every key is one of the layout's, in the virtual shard of its twin,
 //     and its value decodes.
 //
@@ -95,6 +96,9 @@ type checkedTwin struct {
 	cmdSeq  int64
 	// lastHist is the version of the twin's newest history entry.
 	lastHist int64
+	// connected says the twin's device is connected; marked that its
+	// presence mark was found.
+	connected, marked bool
 }
 
 // historyRun is the history entries of one twin, which are adjacent in key
@@ -240,6 +244,13 @@ func (c *checker) checkShardKey(k, v []byte) error {
 		c.checkHistory(k, rest, v)
 	case 'x':
 		c.checkRuleState(k, rest, v)
+	case 'p':
+		if t := c.owner(k, "presence mark", string(rest)); t != nil {
+			t.marked = true
+			if !t.connected {
+				c.add(k, "twin %q has a presence mark but is not connected", rest)
+			}
+		}
 	default:
 		c.add(k, "unknown section %q of a shard", k[5])
 	}
@@ -277,7 +288,7 @@ func (c *checker) loadTwins(vs int) error {
 			continue
 		}
 		t := r.Twin
-		ct.version, ct.cmdSeq = t.Version, t.CommandSeq
+		ct.version, ct.cmdSeq, ct.connected = t.Version, t.CommandSeq, t.Presence.Connected
 		switch {
 		case t.ID != id:
 			c.add(k, "the record is of twin %q", t.ID)
@@ -467,8 +478,14 @@ func (c *checker) endHistory() {
 func (c *checker) endShard() {
 	c.endHistory()
 	for id, t := range c.twins {
-		if !t.deleted && t.lastHist != t.version {
+		if t.deleted {
+			continue
+		}
+		if t.lastHist != t.version {
 			c.add(t.key, "twin %q has no history entry for its version %d", id, t.version)
+		}
+		if t.connected && !t.marked {
+			c.add(t.key, "twin %q is connected but has no presence mark: a restart would not find it connected", id)
 		}
 	}
 	c.twins = nil
@@ -498,6 +515,8 @@ func keyString(k []byte) string {
 			if id, n, ok := splitSeqKey(rest); ok {
 				return head + readable(id) + "/" + strconv.FormatInt(n, 10)
 			}
+		case 'p':
+			return head + readable(string(rest))
 		case 'x':
 			if i := bytes.IndexByte(rest, 0); i >= 0 {
 				return head + readable(string(rest[:i])) + "/" + readable(string(rest[i+1:]))

@@ -24,8 +24,9 @@ type checkStore struct {
 }
 
 // newCheckStore makes a store with a live twin car-1 at version 3 with one
-// command, a deleted twin gone, and a twin re at version 3, re-created
-// after a delete at version 2. The engine is closed when it returns.
+// command, a deleted twin gone, a twin re at version 3, re-created after a
+// delete at version 2, and a twin dev-1 whose device is connected. The
+// engine is closed when it returns.
 func newCheckStore(t *testing.T) checkStore {
 	t.Helper()
 	ctx := context.Background()
@@ -64,6 +65,8 @@ func newCheckStore(t *testing.T) checkStore {
 		},
 		func() error { return e.Delete(ctx, "re", 0) },
 		func() error { _, err := e.Create(ctx, twin.CreateRequest{ID: "re"}); return err },
+		func() error { _, err := e.Create(ctx, twin.CreateRequest{ID: "dev-1"}); return err },
+		func() error { _, err := e.Connect(ctx, "dev-1", nopSink{}); return err },
 	}
 	for i, step := range steps {
 		if err := step(); err != nil {
@@ -237,6 +240,25 @@ func TestCheckNamesViolations(t *testing.T) {
 		wantKey:     "t/car-1",
 		wantProblem: `twin "car-1" belongs to virtual shard`,
 	}, {
+		name: "orphan presence mark",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("ghost"), 'p', "ghost"), []byte{}}}
+		},
+		wantKey:     "p/ghost",
+		wantProblem: `presence mark of twin "ghost", which does not exist`,
+	}, {
+		name: "presence mark of a disconnected twin",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("car-1"), 'p', "car-1"), []byte{}}}
+		},
+		wantKey:     "p/car-1",
+		wantProblem: `twin "car-1" has a presence mark but is not connected`,
+	}, {
+		name:        "connected twin without a presence mark",
+		edits:       func(s checkStore, db *pebble.DB) []edit { return []edit{{shardKey(s.vs("dev-1"), 'p', "dev-1"), nil}} },
+		wantKey:     "t/dev-1",
+		wantProblem: `twin "dev-1" is connected but has no presence mark`,
+	}, {
 		name: "corrupt log entry",
 		edits: func(s checkStore, db *pebble.DB) []edit {
 			return []edit{{[]byte("l/\x00\x00\x00\x00\x00\x00\x00\x02"), []byte("garbage")}}
@@ -284,6 +306,14 @@ func TestCheckNamesViolations(t *testing.T) {
 		})
 	}
 }
+
+// nopSink is a device stream that ignores what it is told.
+type nopSink struct{}
+
+func (nopSink) Welcome(*twin.Twin, []*twin.Command)      {}
+func (nopSink) DesiredChanged(*twin.Twin, twin.Document) {}
+func (nopSink) Commands([]*twin.Command)                 {}
+func (nopSink) Close(error)                              {}
 
 // rewriteTwin returns the stored twin at key k with one field set.
 func rewriteTwin(db *pebble.DB, k []byte, field string, value any) []byte {

@@ -72,6 +72,9 @@ func TestEngineModel(t *testing.T) {
 	// by default.
 	const nIDs, opsPerTwin = 16, 60
 	rounds := 6
+	if testing.Short() {
+		rounds = 2
+	}
 	if s := os.Getenv("TWIND_MODEL_OPS"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n <= 0 {
@@ -83,7 +86,10 @@ func TestEngineModel(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
 	opts := Options{Dir: "db", FS: fs, Workers: 2, VShards: 8, HistoryLimit: modelHistoryLimit,
-		CommandRetention: modelRetention, CommandQueueLimit: modelQueueLimit, Logger: quietSlog()}
+		CommandRetention: modelRetention, CommandQueueLimit: modelQueueLimit, Logger: quietSlog(),
+		// Devices connected when the engine closed are disconnected by
+		// the first step after a restart.
+		PresenceGrace: time.Nanosecond}
 	e, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -161,6 +167,9 @@ func TestEngineModel(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.SetEvaluator(modelRules{})
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
 		if err := compareEngine(e, m); err != nil {
 			t.Fatalf("seed %d round %d: after a restart, the engine differs from the model:\n%v", seed, round, err)
 		}
@@ -349,8 +358,10 @@ func (mt *mTwin) run(ctx context.Context, e *Engine, rng *rand.Rand, n int) erro
 		// The model applies each op in order when building the burst
 		// and when checking it alike, so build all first: the engine
 		// gets the whole burst before it answers any.
+		models := make([]string, size)
 		for i, o := range ops {
 			wants[i] = mt.apply(o)
+			models[i] = fmt.Sprintf("v%d cmdseq %d", mt.version, mt.cmdSeq)
 			if err := e.start(ctx, o); err != nil {
 				return fmt.Errorf("twin %s: start %s: %v", mt.id, describe(o), err)
 			}
@@ -358,7 +369,7 @@ func (mt *mTwin) run(ctx context.Context, e *Engine, rng *rand.Rand, n int) erro
 		mt.trace = append(mt.trace, fmt.Sprintf("-- burst of %d", len(ops)))
 		for i, o := range ops {
 			r := <-o.done
-			mt.trace = append(mt.trace, fmt.Sprintf("%s: %s", describe(o), answer(r)))
+			mt.trace = append(mt.trace, fmt.Sprintf("%s: %s (model after: %s)", describe(o), answer(r), models[i]))
 			if err := checkAnswer(r, wants[i]); err != nil {
 				return fmt.Errorf("twin %s: %s: %v\n%s", mt.id, describe(o), err, mt.lastTrace())
 			}
