@@ -85,7 +85,8 @@ func TestEngineModel(t *testing.T) {
 
 	ctx := context.Background()
 	fs := vfs.NewMem()
-	opts := Options{Dir: "db", FS: fs, Workers: 2, VShards: 8, HistoryLimit: modelHistoryLimit,
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Dir: "db", FS: fs, Clock: clock.Now, Workers: 2, VShards: 8, HistoryLimit: modelHistoryLimit,
 		CommandRetention: modelRetention, CommandQueueLimit: modelQueueLimit, Logger: quietSlog(),
 		// Devices connected when the engine closed are disconnected by
 		// the first step after a restart.
@@ -102,7 +103,7 @@ func TestEngineModel(t *testing.T) {
 	}()
 	m := make([]*mTwin, nIDs)
 	for i := range m {
-		m[i] = &mTwin{id: fmt.Sprintf("d%02d", i)}
+		m[i] = &mTwin{id: fmt.Sprintf("d%02d", i), clock: clock}
 	}
 	for round := range rounds {
 		var wg sync.WaitGroup
@@ -167,6 +168,14 @@ func TestEngineModel(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.SetEvaluator(modelRules{})
+		// A minute later: commands with a short ttl expire, and devices
+		// that were connected are disconnected.
+		clock.Advance(time.Minute)
+		expired := 0
+		for _, mt := range m {
+			expired += mt.expire(clock.Now())
+		}
+		t.Logf("round %d: restarted; %d commands expire", round, expired)
 		if err := e.RunTimers(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -174,6 +183,26 @@ func TestEngineModel(t *testing.T) {
 			t.Fatalf("seed %d round %d: after a restart, the engine differs from the model:\n%v", seed, round, err)
 		}
 	}
+}
+
+// modelClock is the engine's clock in the model test: it stands still
+// during a round, so that the model knows when each command expires, and
+// moves on between rounds.
+type modelClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *modelClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *modelClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
 }
 
 // modelRules is the Evaluator of the model test, three rules:
@@ -229,6 +258,7 @@ type mTwin struct {
 	sink    *mSink // the connected stream
 	sinks   []*mSink
 	trace   []string // the ops and their answers
+	clock   *modelClock
 }
 
 type mCmd struct {
@@ -237,6 +267,7 @@ type mCmd struct {
 	state     CommandState
 	source    Source
 	requestID string
+	expires   time.Time
 }
 
 type mVersion struct {
@@ -553,7 +584,8 @@ func (mt *mTwin) randomOp(rng *rand.Rand) *op {
 		}
 	case r < 88:
 		o.kind = opSendCommand
-		o.cmdReq = &CommandRequest{DeviceID: id, Name: fmt.Sprint("op", rng.IntN(3)), TTL: time.Hour, Source: SourceAPI}
+		ttl := []time.Duration{30 * time.Second, time.Hour}[rng.IntN(2)]
+		o.cmdReq = &CommandRequest{DeviceID: id, Name: fmt.Sprint("op", rng.IntN(3)), TTL: ttl, Source: SourceAPI}
 		if rng.IntN(3) == 0 {
 			o.cmdReq.RequestID = fmt.Sprint("req", rng.IntN(3))
 		}
@@ -688,7 +720,7 @@ func (mt *mTwin) apply(o *op) want {
 		mt.runRules(true)
 		return want{version: mt.version}
 	case opSendCommand:
-		c, err := mt.sendCommand(o.cmdReq.Name, o.cmdReq.RequestID, SourceAPI)
+		c, err := mt.sendCommand(o.cmdReq.Name, o.cmdReq.RequestID, SourceAPI, o.cmdReq.TTL)
 		if err != nil {
 			return want{err: err}
 		}
@@ -775,7 +807,7 @@ func (mt *mTwin) runRules(prevConnected bool) {
 			patch["w"] = "on"
 		}
 		for _, name := range cmds {
-			mt.sendCommand(name, "", "rule") // a full queue fails the firing, not the change
+			mt.sendCommand(name, "", "rule", time.Hour) // a full queue fails the firing, not the change
 		}
 		if patch == nil || depth == maxRuleDepth {
 			return
@@ -788,7 +820,7 @@ func (mt *mTwin) runRules(prevConnected bool) {
 	}
 }
 
-func (mt *mTwin) sendCommand(name, requestID string, source Source) (*mCmd, error) {
+func (mt *mTwin) sendCommand(name, requestID string, source Source, ttl time.Duration) (*mCmd, error) {
 	if requestID != "" {
 		for _, c := range mt.cmds {
 			if c.requestID == requestID {
@@ -806,7 +838,8 @@ func (mt *mTwin) sendCommand(name, requestID string, source Source) (*mCmd, erro
 		return nil, ErrOverloaded
 	}
 	mt.cmdSeq++
-	c := &mCmd{seq: mt.cmdSeq, name: name, state: CommandQueued, source: source, requestID: requestID}
+	c := &mCmd{seq: mt.cmdSeq, name: name, state: CommandQueued, source: source, requestID: requestID,
+		expires: mt.clock.Now().Add(ttl)}
 	if mt.sink != nil {
 		c.state = CommandSent
 		mt.sink.want[CommandID(mt.id, c.seq)] = true
@@ -878,6 +911,19 @@ func (mt *mTwin) delta() Document {
 		}
 	}
 	return d
+}
+
+// expire expires the open commands whose ttl has passed by now.
+func (mt *mTwin) expire(now time.Time) int {
+	n := 0
+	for _, c := range mt.cmds {
+		if !c.state.Final() && !c.expires.After(now) {
+			c.state = CommandExpired
+			n++
+		}
+	}
+	mt.pruneCmds()
+	return n
 }
 
 // restart is what a restart does to the model: no device is connected.
