@@ -823,7 +823,11 @@ func (mt *mTwin) runRules(prevConnected bool) {
 func (mt *mTwin) sendCommand(name, requestID string, source Source, ttl time.Duration) (*mCmd, error) {
 	if requestID != "" {
 		for _, c := range mt.cmds {
-			if c.requestID == requestID {
+			switch {
+			case c.requestID != requestID:
+			case c.name != name:
+				return nil, ErrAlreadyExists // another command's request id
+			default:
 				return c, nil
 			}
 		}
@@ -952,10 +956,12 @@ func compareEngine(e *Engine, m []*mTwin) error {
 			all = append(all, fmt.Errorf("%w\n%s", errors.Join(errs...), mt.lastTrace()))
 		}
 	}
-	listed, _, _ := e.List("", 1000, nil)
 	var gotIDs, wantIDs []string
-	for _, tw := range listed {
+	if _, err := e.List(context.Background(), "", func(tw *Twin) bool {
 		gotIDs = append(gotIDs, tw.ID)
+		return true
+	}); err != nil {
+		all = append(all, fmt.Errorf("List: %v", err))
 	}
 	for _, mt := range m {
 		if mt.exists {
