@@ -374,6 +374,8 @@ type want struct {
 	version  int64 // of the twin answered, if not 0
 	cmdID    string
 	cmdState CommandState
+	// connected is the presence of the twin answered, if one is
+	connected bool
 }
 
 // run issues n random ops for the twin, in bursts, and checks each answer.
@@ -392,6 +394,7 @@ func (mt *mTwin) run(ctx context.Context, e *Engine, rng *rand.Rand, n int) erro
 		models := make([]string, size)
 		for i, o := range ops {
 			wants[i] = mt.apply(o)
+			wants[i].connected = mt.sink != nil
 			models[i] = fmt.Sprintf("v%d cmdseq %d", mt.version, mt.cmdSeq)
 			if err := e.start(ctx, o); err != nil {
 				return fmt.Errorf("twin %s: start %s: %v", mt.id, describe(o), err)
@@ -443,6 +446,8 @@ func checkAnswer(r Result, w want) error {
 			v = r.Twin.Version
 		}
 		return fmt.Errorf("answered version %d; model %d", v, w.version)
+	case r.Twin != nil && r.Twin.Presence.Connected != w.connected:
+		return fmt.Errorf("answered a twin with connected %v; model %v", r.Twin.Presence.Connected, w.connected)
 	case w.cmdID != "" && (r.Command == nil || r.Command.ID != w.cmdID || r.Command.State != w.cmdState):
 		return fmt.Errorf("answered command %+v; model %s %s", r.Command, w.cmdID, w.cmdState)
 	}
