@@ -33,7 +33,7 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //     log entry of a twin's revision, while retained, is that twin at its
 //     version;
 //   - each history entry is of a twin that exists, at a version no newer
-//     than the twin's and no older than opts.HistoryLimit versions, and
+//     than the twin's and within the history limit (see below), and
 //     points at a revision of the watch log that is that twin at that
 //     version (or that the log has pruned); a twin's history has no gaps, has
 //     its current version, and holds nothing from before the twin was last
@@ -45,12 +45,18 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //   - every key is one of the layout's, in the virtual shard of its twin,
 //     and its value decodes.
 //
+// The history limit is opts.HistoryLimit if set. If not, it is the largest
+// history limit the store was ever opened with, as the store records it
+// (or the default, 100, for a store that does not): a twin keeps history
+// beyond a lowered limit until its next change.
+//
 // Check opens the store read-only and needs it to itself: it fails while a
 // twind or an Engine has it open. It uses opts.Dir, opts.FS, opts.Logger
 // and opts.HistoryLimit (with their defaults), and changes nothing. The error
 // is for a store it cannot read at all; a store it can read is reported on
 // through the violations.
 func Check(opts Options) ([]Violation, error) {
+	historyLimit := opts.HistoryLimit
 	opts.EnsureDefaults()
 	if _, err := opts.FS.Stat(opts.Dir); errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("twin: no store in %s: the directory does not exist", opts.Dir)
@@ -67,7 +73,7 @@ func Check(opts Options) ([]Violation, error) {
 		return nil, fmt.Errorf("twin: open store in %s read-only (if a twind is using it, stop it first): %w", opts.Dir, err)
 	}
 	defer db.Close()
-	c := &checker{db: db, historyLimit: int64(opts.HistoryLimit)}
+	c := &checker{db: db, historyLimit: int64(historyLimit), defaultHistoryLimit: int64(opts.HistoryLimit)}
 	err = c.run()
 	slices.SortStableFunc(c.out, func(a, b Violation) int { return bytes.Compare(a.Key, b.Key) })
 	return c.out, err
@@ -75,9 +81,11 @@ func Check(opts Options) ([]Violation, error) {
 
 // checker is the state of one Check.
 type checker struct {
-	db           pebble.Reader
-	historyLimit int64
-	vshards      int
+	db pebble.Reader
+	// historyLimit is the one to check; 0 until run reads it from the
+	// store, or defaultHistoryLimit if the store does not record it.
+	historyLimit, defaultHistoryLimit int64
+	vshards                           int
 	// oldest and last are the watch log's first and last revisions.
 	oldest, last int64
 	out          []Violation
@@ -142,6 +150,12 @@ func (c *checker) run() error {
 		return nil
 	}
 	c.vshards = f.VShards
+	if c.historyLimit <= 0 {
+		c.historyLimit = int64(f.MaxHistoryLimit)
+	}
+	if c.historyLimit <= 0 {
+		c.historyLimit = c.defaultHistoryLimit
+	}
 	if err := c.checkLog(); err != nil {
 		return err
 	}

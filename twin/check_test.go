@@ -406,3 +406,42 @@ func TestCheckAfterLoweringHistoryLimit(t *testing.T) {
 		t.Errorf("Check(history limit lowered from 10 to 3, then 9 writes) = %q, %v; want no violations", got, err)
 	}
 }
+
+// TestCheckUsesTheStoresHistoryLimit checks history against the largest
+// history limit the store was opened with, unless told another.
+func TestCheckUsesTheStoresHistoryLimit(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e, err := twin.Open(twin.Options{Dir: "db", FS: fs, HistoryLimit: 3, VShards: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	created, err := e.Create(ctx, twin.CreateRequest{ID: "car-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		if _, err := e.Report(ctx, twin.PatchRequest{ID: "car-1", Patch: twin.Document{"speed_kmh": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vs := e.VShard("car-1")
+	e.Close()
+	// Version 1's entry, pruned at version 4, comes back.
+	db := openRaw(fs, "db")
+	db.Set(seqKey(vs, 'h', "car-1", 1), revValue(created.Revision), pebble.Sync)
+	db.Close()
+	for _, tt := range []struct {
+		limit int
+		want  string
+	}{
+		{0, "older than the history limit of 3 versions"},
+		{3, "older than the history limit of 3 versions"},
+		{5, "jumps from version 1 to 3"}, // 2 was pruned, with a limit of 3
+	} {
+		got, err := twin.Check(twin.Options{Dir: "db", FS: fs, HistoryLimit: tt.limit})
+		if err != nil || len(got) != 1 || !strings.Contains(got[0].Problem, tt.want) {
+			t.Errorf("Check(HistoryLimit %d) = %q, %v; want one violation: ...%s", tt.limit, got, err, tt.want)
+		}
+	}
+}

@@ -172,7 +172,7 @@ func TestCheckAfterKill(t *testing.T) {
 		}
 	}
 	d.kill(t)
-	code, out, errOut := runTwind(t, "check", "--data", dir, "--history-limit", "4")
+	code, out, errOut := runTwind(t, "check", "--data", dir)
 	if code != 0 {
 		t.Errorf("twind check after SIGKILL = exit %d, stdout %q, stderr %q; want exit 0", code, out, errOut)
 	}

@@ -2,7 +2,7 @@
 // devices, with its store embedded.
 //
 //	twind [--addr localhost:50051] [--data ./twind-data]
-//	twind check [--data ./twind-data] [--history-limit 100]
+//	twind check [--data ./twind-data] [--history-limit 0]
 //
 // `twind check` checks a stopped twind's store offline: it prints each key
 // that breaks an invariant of the store, and exits 1 if there is any.
@@ -84,7 +84,7 @@ func check(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("twind check", flag.ContinueOnError)
 	var opts twin.Options
 	fs.StringVar(&opts.Dir, "data", envOr("TWIND_DATA", "./twind-data"), "directory of the store to check; twind must not be running on it (env TWIND_DATA)")
-	fs.IntVar(&opts.HistoryLimit, "history-limit", 100, "the --history-limit twind runs with: older history entries are violations")
+	fs.IntVar(&opts.HistoryLimit, "history-limit", 0, "history entries more than this many versions old are violations (0: the largest --history-limit the store was run with)")
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
