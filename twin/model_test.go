@@ -105,6 +105,7 @@ func TestEngineModel(t *testing.T) {
 	for i := range m {
 		m[i] = &mTwin{id: fmt.Sprintf("d%02d", i), clock: clock}
 	}
+	var watched int64 // the revision up to which the watch log was compared
 	for round := range rounds {
 		var wg sync.WaitGroup
 		errs := make([]error, nIDs)
@@ -125,6 +126,10 @@ func TestEngineModel(t *testing.T) {
 		if err := compareEngine(e, m); err != nil {
 			t.Fatalf("seed %d round %d: the engine differs from the model:\n%v", seed, round, err)
 		}
+		if err := compareWatch(e, m, watched); err != nil {
+			t.Fatalf("seed %d round %d: the watch log differs from the model:\n%v", seed, round, err)
+		}
+		watched = e.Revision()
 
 		// Restart: what is in the store is what the model says.
 		if err := e.Close(); err != nil {
@@ -259,6 +264,9 @@ type mTwin struct {
 	sinks   []*mSink
 	trace   []string // the ops and their answers
 	clock   *modelClock
+	// events are the watch events of the twin since the last round was
+	// compared, presence changes aside.
+	events []string
 }
 
 type mCmd struct {
@@ -683,6 +691,7 @@ func (mt *mTwin) apply(o *op) want {
 		if o.expect != 0 && o.expect != mt.version {
 			return want{err: ErrVersionMismatch}
 		}
+		mt.events = append(mt.events, fmt.Sprintf("v%d %s rep %v des %v", mt.version, KindDeleted, docOrEmpty(mt.rep), docOrEmpty(mt.des)))
 		mt.exists, mt.cmds, mt.r1, mt.hist = false, nil, false, nil
 		if mt.sink != nil {
 			mt.sink.wantClosed = ErrNotFound
@@ -884,6 +893,7 @@ func (mt *mTwin) pruneCmds() {
 }
 
 func (mt *mTwin) addHistory(kind EventKind) {
+	mt.events = append(mt.events, fmt.Sprintf("v%d %s rep %v des %v", mt.version, kind, docOrEmpty(mt.rep), docOrEmpty(mt.des)))
 	mt.hist = append(mt.hist, mVersion{version: mt.version, kind: kind, rep: mt.rep, des: mt.des})
 	if len(mt.hist) > modelHistoryLimit {
 		mt.hist = mt.hist[1:]
@@ -1054,6 +1064,44 @@ func compareTwin(e *Engine, mt *mTwin, opt cmp.Option) []error {
 		}
 	}
 	return errs
+}
+
+// compareWatch compares the watch log's events after revision from with
+// the events the model expects of each twin, presence changes aside, and
+// forgets those.
+func compareWatch(e *Engine, m []*mTwin, from int64) error {
+	upto := e.Revision()
+	got := map[string][]string{}
+	if upto > from {
+		errDone := errors.New("done")
+		err := e.Watch(context.Background(), from+1, func(ev *Event) error {
+			if ev.Kind != KindPresence {
+				got[ev.Twin.ID] = append(got[ev.Twin.ID], fmt.Sprintf("v%d %s rep %v des %v", ev.Twin.Version, ev.Kind, ev.Twin.Reported, ev.Twin.Desired))
+			}
+			if ev.Revision >= upto {
+				return errDone
+			}
+			return nil
+		})
+		if !errors.Is(err, errDone) {
+			return fmt.Errorf("Watch from %d: %v", from+1, err)
+		}
+	}
+	var errs []error
+	for _, mt := range m {
+		if diff := cmp.Diff(mt.events, got[mt.id], cmpopts.EquateEmpty()); diff != "" {
+			errs = append(errs, fmt.Errorf("twin %s: events after revision %d (-model +engine):\n%s\n%s", mt.id, from, diff, mt.lastTrace()))
+		}
+		mt.events = nil
+	}
+	return errors.Join(errs...)
+}
+
+func docOrEmpty(d Document) Document {
+	if d == nil {
+		return Document{}
+	}
+	return d
 }
 
 // quietSlog logs only warnings and errors.
