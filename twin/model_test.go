@@ -45,16 +45,17 @@ const (
 // a delete, a command after a connect). The goroutines of many ids run at
 // once on two workers, so that steps batch across twins too. As each id's
 // operations are ordered, the model knows each answer exactly, errors
-// included, and the state each twin must end in: twins, history, commands
-// (with those that rules send), rule states, presence and what each device
-// stream was told. After each round the engine is closed, the store is
-// checked with Check and compared with the model, and the engine is
-// reopened and compared again.
+// included, and the state each twin must end in: twins, history, the watch
+// log, commands (with those that rules send), rule states, presence and
+// what each device stream was told. After each round the engine is closed,
+// the store is checked with Check and compared with the model, and the
+// engine is reopened a minute later (commands with a short ttl expire,
+// devices that were connected are disconnected) and compared again.
 //
 // The test logs its seed; -model.seed=N or TWIND_MODEL_SEED=N replays it
 // (the answers and end states of a seed are the same on every run; only how
 // steps batch varies). TWIND_MODEL_OPS=N runs about N operations instead of
-// the default.
+// the default 5,760 (-short: 1,920).
 func TestEngineModel(t *testing.T) {
 	seed := *modelSeed
 	if s := os.Getenv("TWIND_MODEL_SEED"); s != "" && seed == 0 {
