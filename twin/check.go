@@ -86,8 +86,11 @@ type checker struct {
 	// store, or defaultHistoryLimit if the store does not record it.
 	historyLimit, defaultHistoryLimit int64
 	vshards                           int
-	// oldest and last are the watch log's first and last revisions.
+	// oldest and last are the watch log's first and last revisions;
+	// heads, if not empty, what the checker needs of each, by revision
+	// from oldest.
 	oldest, last int64
+	heads        []logHead
 	out          []Violation
 
 	// The virtual shard being checked and its twins, by id.
@@ -169,13 +172,26 @@ func (c *checker) checkLog() error {
 		return err
 	}
 	defer it.Close()
+	revOf := func(k []byte) (int64, bool) {
+		if len(k) != len(prefixLog)+8 {
+			return 0, false
+		}
+		return int64(binary.BigEndian.Uint64(k[len(prefixLog):])), true
+	}
+	if it.Last() {
+		if last, ok := revOf(it.Key()); ok && it.First() {
+			if first, ok := revOf(it.Key()); ok && last-first < maxCachedLog {
+				c.heads = make([]logHead, last-first+1)
+			}
+		}
+	}
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
-		if len(k) != len(prefixLog)+8 {
+		rev, ok := revOf(k)
+		if !ok {
 			c.add(k, "a watch log key must be l/ and an 8-byte revision")
 			continue
 		}
-		rev := int64(binary.BigEndian.Uint64(k[len(prefixLog):]))
 		if c.oldest == 0 {
 			c.oldest = rev
 		}
@@ -188,11 +204,48 @@ func (c *checker) checkLog() error {
 		if ev.Revision != rev {
 			c.add(k, "the event says revision %d", ev.Revision)
 		}
+		if i := rev - c.oldest; i < int64(len(c.heads)) {
+			c.heads[i] = logHead{id: ev.Twin.ID, version: ev.Twin.Version, kind: ev.Kind, ok: true}
+		}
 	}
 	if c.oldest == 0 {
 		c.oldest = 1
 	}
 	return it.Error()
+}
+
+// maxCachedLog bounds how many revisions of the watch log the checker keeps
+// what it needs of in memory (about 50 bytes each); a longer log is read
+// again for each history entry. Tests change it.
+var maxCachedLog int64 = 1 << 22
+
+// logHead is what the checker keeps of a watch log entry.
+type logHead struct {
+	id      string
+	version int64
+	kind    EventKind
+	ok      bool // the entry exists and decodes
+}
+
+// event returns the head of the watch log's entry at rev, or why it has
+// none.
+func (c *checker) event(rev int64) (logHead, error) {
+	if len(c.heads) > 0 {
+		if i := rev - c.oldest; i >= 0 && i < int64(len(c.heads)) && c.heads[i].ok {
+			return c.heads[i], nil
+		}
+		return logHead{}, pebble.ErrNotFound
+	}
+	v, closer, err := c.db.Get(logKey(rev))
+	if err != nil {
+		return logHead{}, err
+	}
+	defer closer.Close()
+	var ev eventHead
+	if err := json.Unmarshal(v, &ev); err != nil {
+		return logHead{}, pebble.ErrNotFound // reported by checkLog
+	}
+	return logHead{id: ev.Twin.ID, version: ev.Twin.Version, kind: ev.Kind, ok: true}, nil
 }
 
 // checkKeys checks every key outside the watch log, in key order.
@@ -334,8 +387,8 @@ func (c *checker) checkID(k []byte, id string) bool {
 
 // checkEvent checks that the watch log's entry at rev, what the key k points
 // at, is version of twin id.
-func (c *checker) checkEvent(k []byte, what string, rev int64, id string, version int64) (ev eventHead, ok bool) {
-	v, closer, err := c.db.Get(logKey(rev))
+func (c *checker) checkEvent(k []byte, what string, rev int64, id string, version int64) (ev logHead, ok bool) {
+	ev, err := c.event(rev)
 	if errors.Is(err, pebble.ErrNotFound) {
 		c.add(k, "%s %d is missing from the watch log (which holds %d to %d)", what, rev, c.oldest, c.last)
 		return ev, false
@@ -344,14 +397,9 @@ func (c *checker) checkEvent(k []byte, what string, rev int64, id string, versio
 		c.add(k, "%s %d cannot be read: %v", what, rev, err)
 		return ev, false
 	}
-	err = json.Unmarshal(v, &ev)
-	closer.Close()
-	if err != nil {
-		return ev, false // reported by checkLog
-	}
-	if ev.Twin.ID != id || ev.Twin.Version != version {
+	if ev.id != id || ev.version != version {
 		c.add(k, "%s %d is version %d of twin %q in the watch log, not version %d of %q",
-			what, rev, ev.Twin.Version, ev.Twin.ID, version, id)
+			what, rev, ev.version, ev.id, version, id)
 		return ev, false
 	}
 	return ev, true
@@ -444,7 +492,7 @@ func (c *checker) checkHistory(k, rest, v []byte) {
 	case rev > c.last:
 		c.add(k, "the history entry's revision %d is ahead of the watch log's last revision %d", rev, c.last)
 	case rev >= c.oldest:
-		if ev, ok := c.checkEvent(k, "the history entry's revision", rev, id, version); ok && ev.Kind == KindCreated {
+		if ev, ok := c.checkEvent(k, "the history entry's revision", rev, id, version); ok && ev.kind == KindCreated {
 			c.hist.created = version
 		}
 	}

@@ -151,6 +151,13 @@ func TestEngineModel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// The same without the checker's copy of the log.
+		maxCachedLog = 0
+		vs2, err := Check(opts)
+		maxCachedLog = 1 << 22
+		if err != nil || !slices.EqualFunc(vs, vs2, func(a, b Violation) bool { return a.String() == b.String() }) {
+			problems = append(problems, fmt.Sprintf("Check without its copy of the log = %q, %v; with it %q", vs2, err, vs))
+		}
 		for _, v := range vs {
 			problems = append(problems, "Check: "+v.String())
 		}
