@@ -256,12 +256,16 @@ func (c *checker) checkKeys() error {
 	}
 	defer it.Close()
 	c.vs = -1
-	for it.First(); it.Valid(); it.Next() {
+	for valid := it.First(); valid; valid = it.Next() {
 		k := it.Key()
 		switch {
-		case bytes.Equal(k, keyFormat), bytes.HasPrefix(k, prefixLog), bytes.HasPrefix(k, prefixRules):
-			// The log is checked already; rule definitions are the rules
-			// package's.
+		case bytes.HasPrefix(k, prefixLog):
+			// Checked already: skip it.
+			if !it.SeekLT(prefixEnd(prefixLog)) {
+				return it.Error()
+			}
+		case bytes.Equal(k, keyFormat), bytes.HasPrefix(k, prefixRules):
+			// Rule definitions are the rules package's.
 		case bytes.HasPrefix(k, []byte("m/")):
 			// Store metadata other than the format: kept for newer
 			// features; nothing to check.
