@@ -214,11 +214,21 @@ func crashRound(t *testing.T, rng *rand.Rand, e *Engine, mem *vfs.MemFS, cfg cra
 	if err := e.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
+	// The offline checker sees the crashed store first, as an operator's
+	// `twind check` would.
+	var problems []string
+	violations, err := Check(crashOpts(clone))
+	if err != nil {
+		problems = append(problems, fmt.Sprintf("Check of the crashed store: %v", err))
+	}
+	for _, v := range violations {
+		problems = append(problems, fmt.Sprintf("Check: %v", v))
+	}
 	e2, err := Open(crashOpts(clone))
 	if err != nil {
-		return nil, clone, []string{fmt.Sprintf("the crashed store does not open: %v", err)}
+		return nil, clone, append(problems, fmt.Sprintf("the crashed store does not open: %v", err))
 	}
-	return e2, clone, checkCrash(e2, final, twins)
+	return e2, clone, append(problems, checkCrash(e2, final, twins)...)
 }
 
 // crashOwner runs waves of operations on its twins until stop: each wave

@@ -13,13 +13,17 @@ import (
 // Key layout. Every key of a twin lives under its virtual shard's prefix, so
 // that a shard's keys and state can be moved as one range:
 //
-//	m/format                       store format: {"vshards": 256, "format": 1}
+//	m/format                       store format: {"vshards": 256, "format": 1, "max_history_limit": 100}
 //	l/<rev:8>                      watch log: the Event of each revision
 //	s/<vs:2>/t/<id>                the twin record (JSON), or a deletion marker
 //	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands (JSON), by sequence
 //	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
 //	                               whose Event is in the watch log
+//	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule (JSON)
+//	s/<vs:2>/p/<id>                presence mark: the device is connected (empty)
+//	r/<rule>                       rule definitions, owned by the rules package
 //
+// Check (check.go) verifies the invariants between these keys.
 // Numbers in keys are big-endian so that keys sort in numeric order. Values
 // are JSON, which keeps the store inspectable and its format easy to evolve.
 var (

@@ -2,7 +2,6 @@ package twin
 
 import (
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -77,9 +76,7 @@ type Engine struct {
 
 // VShard returns the virtual shard of a twin id.
 func (e *Engine) VShard(id string) uint16 {
-	h := fnv.New32a()
-	h.Write([]byte(id))
-	return uint16(h.Sum32() % uint32(e.vshards))
+	return uint16(vshardOf(id, e.vshards))
 }
 
 func (e *Engine) workerFor(id string) *worker {
