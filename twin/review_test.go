@@ -1,0 +1,106 @@
+package twin
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// TestReviewHistoryDuringUndurableDelete: while a DeleteTwin is applied but
+// not yet durable, Get still shows the twin (its delete may never survive a
+// power cut), yet History reads the store, where the delete's range
+// deletion is already visible, and answers an empty history. A client sees
+// state that is not durable (item 16).
+func TestReviewHistoryDuringUndurableDelete(t *testing.T) {
+	ctx := context.Background()
+	g := newGateFS(vfs.NewMem())
+	e := openMem(t, g, Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "h1"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := e.Report(ctx, PatchRequest{ID: "h1", Patch: Document{"n": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, err := e.History("h1", 0, 100)
+	if err != nil || len(before) != 4 {
+		t.Fatalf("History before = %d events, %v; want 4", len(before), err)
+	}
+	g.close()
+	done := make(chan error, 1)
+	go func() { done <- e.Delete(ctx, "h1", 0) }()
+	g.awaitHeld(t)
+	// The sync may start before the batch is visible: wait for it to be.
+	awaitApplied(t, e, logKey(e.nextRev.Load()))
+	if _, err := e.Get("h1"); err != nil {
+		t.Fatalf("Get during the undurable delete: %v; want the twin (the delete is not durable)", err)
+	}
+	during, err := e.History("h1", 0, 100)
+	if err != nil || len(during) != len(before) {
+		t.Errorf("History during an undurable delete = %d events, %v; want the %d durable ones", len(during), err, len(before))
+	}
+	g.reopen()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReviewHistoryTrimUndurable: with the history limit reached, a report
+// that is applied but not yet durable deletes the oldest retained history
+// entry in the store at once; History then answers one entry fewer than is
+// durable.
+func TestReviewHistoryTrimUndurable(t *testing.T) {
+	ctx := context.Background()
+	g := newGateFS(vfs.NewMem())
+	e := openMem(t, g, Options{HistoryLimit: 3})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "h1"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		if _, err := e.Report(ctx, PatchRequest{ID: "h1", Patch: Document{"n": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, err := e.History("h1", 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.close()
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.Report(ctx, PatchRequest{ID: "h1", Patch: Document{"n": float64(99)}})
+		done <- err
+	}()
+	g.awaitHeld(t)
+	awaitApplied(t, e, logKey(e.nextRev.Load()))
+	during, err := e.History("h1", 0, 100)
+	if err != nil || len(during) != len(before) {
+		t.Errorf("History during an undurable report = %d events, %v; want the %d durable ones", len(during), err, len(before))
+	}
+	g.reopen()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// awaitApplied waits until key is in the store (applied, durable or not).
+func awaitApplied(t *testing.T, e *Engine, key []byte) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, closer, err := e.db.Get(key)
+		if err == nil {
+			closer.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key %q never applied", key)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
