@@ -1,0 +1,154 @@
+package server
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+)
+
+// reviewGateFS holds every WAL sync while its gate is closed.
+type reviewGateFS struct {
+	vfs.FS
+	mu     sync.Mutex
+	closed bool
+	open   chan struct{}
+	held   chan struct{}
+}
+
+func newReviewGateFS() *reviewGateFS {
+	return &reviewGateFS{FS: vfs.NewMem(), open: make(chan struct{}), held: make(chan struct{}, 1)}
+}
+
+func (g *reviewGateFS) close() {
+	g.mu.Lock()
+	g.closed, g.open = true, make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *reviewGateFS) reopen() {
+	g.mu.Lock()
+	if g.closed {
+		g.closed = false
+		close(g.open)
+	}
+	g.mu.Unlock()
+}
+
+func (g *reviewGateFS) wait() {
+	g.mu.Lock()
+	closed, open := g.closed, g.open
+	g.mu.Unlock()
+	if closed {
+		select {
+		case g.held <- struct{}{}:
+		default:
+		}
+		<-open
+	}
+}
+
+func (g *reviewGateFS) wrap(f vfs.File, name string, err error) (vfs.File, error) {
+	if err != nil || !strings.HasSuffix(name, ".log") {
+		return f, err
+	}
+	return &reviewGateFile{File: f, g: g}, nil
+}
+
+func (g *reviewGateFS) Create(name string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := g.FS.Create(name, c)
+	return g.wrap(f, name, err)
+}
+
+func (g *reviewGateFS) ReuseForWrite(old, name string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := g.FS.ReuseForWrite(old, name, c)
+	return g.wrap(f, name, err)
+}
+
+type reviewGateFile struct {
+	vfs.File
+	g *reviewGateFS
+}
+
+func (f *reviewGateFile) Sync() error     { f.g.wait(); return f.File.Sync() }
+func (f *reviewGateFile) SyncData() error { f.g.wait(); return f.File.SyncData() }
+func (f *reviewGateFile) SyncTo(n int64) (bool, error) {
+	f.g.wait()
+	return f.File.SyncTo(n)
+}
+
+// TestReviewRevokedTokenConnectRace: the hello is checked against the
+// durable token hash (engine.Get), and the engine's Connect does not check
+// it again. A Connect with the old token that is checked while
+// IssueDeviceToken's rotation is applied but not yet durable is registered
+// after the rotation and so is never closed by it: after IssueDeviceToken
+// has returned, the stream of the revoked token is live and its reports are
+// acknowledged (item 6).
+func TestReviewRevokedTokenConnectRace(t *testing.T) {
+	ctx := context.Background()
+	g := newReviewGateFS()
+	s := startServer(t, g, nil)
+	tokA := createDevice(t, s, "fridge-1", "fridge")
+
+	g.close()
+	rotated := make(chan error, 1)
+	go func() {
+		_, err := s.twins.IssueDeviceToken(ctx, &twinv1.IssueDeviceTokenRequest{Id: "fridge-1"})
+		rotated <- err
+	}()
+	select {
+	case <-g.held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rotation never reached its sync")
+	}
+	// The rotation is applied in the worker, not yet durable: the hello
+	// still passes against the durable hash.
+	d := connect(t, s, &twinv1.Hello{DeviceId: "fridge-1", Token: tokA}, true)
+	// Let the handler check the hello and queue its connect behind the
+	// rotation (there is no event to wait on from outside the server).
+	time.Sleep(200 * time.Millisecond)
+	g.reopen()
+	if err := <-rotated; err != nil {
+		t.Fatal(err)
+	}
+	// The rotation is durable and acknowledged. The stream opened with the
+	// old token must not be live now.
+	select {
+	case m := <-d.msgs:
+		if m.GetWelcome() == nil {
+			t.Fatalf("first message = %v", m)
+		}
+		d.report(1, `{"temp_c": 42}`)
+		for {
+			select {
+			case m := <-d.msgs:
+				if ack := m.GetReportAck(); ack != nil {
+					if ack.GetError() == "" {
+						t.Errorf("after the token was rotated, a stream of the revoked token was welcomed and its report acknowledged: %v", ack)
+					}
+					return
+				}
+			case err := <-d.err:
+				if status.Code(err) != codes.Unauthenticated {
+					t.Errorf("revoked stream ended with %v; want UNAUTHENTICATED", err)
+				}
+				return
+			case <-time.After(10 * time.Second):
+				t.Fatal("no answer to the report")
+			}
+		}
+	case err := <-d.err:
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("stream ended with %v; want UNAUTHENTICATED", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no answer to the hello")
+	}
+}
