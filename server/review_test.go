@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -150,5 +151,43 @@ func TestReviewRevokedTokenConnectRace(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("no answer to the hello")
+	}
+}
+
+// TestReviewCutOffDeviceHandlerEnds: a device that reads nothing is "cut
+// off" after the send timeout (its twin goes offline), but the Connect
+// handler then waits for its writer, which is blocked in Send on gRPC flow
+// control; that Send only ends when the handler returns, the device reads
+// or the connection dies. The handler, its goroutines and the stream stay
+// for as long as the device's connection lives, the device never gets the
+// RESOURCE_EXHAUSTED status, and a graceful shutdown waits its whole
+// timeout for it.
+func TestReviewCutOffDeviceHandlerEnds(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, func(o *Options) { o.DeviceSendTimeout = 100 * time.Millisecond })
+	tok := createDevice(t, s, "slow", "planter")
+	slow := connect(t, s, &twinv1.Hello{DeviceId: "slow", Token: tok}, false) // never reads
+	defer slow.cancel()
+	blob := strings.Repeat("x", 60_000)
+	deadline := time.Now().Add(20 * time.Second)
+	for i := 0; ; i++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("the slow device was not cut off after %d desired updates", i)
+		}
+		if _, err := s.twins.UpdateDesired(ctx, &twinv1.UpdateDesiredRequest{Id: "slow", Patch: mustStruct(t, map[string]any{"n": i, "blob": fmt.Sprint(i, blob)})}); err != nil {
+			t.Fatal(err)
+		}
+		tw, _ := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "slow"})
+		if !tw.Twin.Presence.Connected {
+			break
+		}
+	}
+	// Cut off: the handler should end now.
+	end := time.Now().Add(3 * time.Second)
+	for strings.Contains(s.inflight.String(), "Connect") {
+		if time.Now().After(end) {
+			t.Fatalf("3s after the device was cut off its Connect handler still runs (in flight: %s)", s.inflight.String())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
