@@ -191,3 +191,38 @@ func TestReviewCutOffDeviceHandlerEnds(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestReviewRuleNullRemovesDesiredKey: item 15 end to end, through the
+// real CEL rules. rules.(*Compiled).fire composes a rule's set_desired
+// patches with twin.MergePatch starting from nil, which drops every null,
+// so a rule's {'pump': null} never removes pump. (The engine's
+// TestRulePatchesKeepNulls passes Firings by hand and so cannot see this.)
+func TestReviewRuleNullRemovesDesiredKey(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "off", Types: []string{"planter"},
+		Condition: "twin.reported.?go.orValue(false) == true",
+		Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{
+			Patch: "{'pump': null, 'fan': 'on'}"}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "p1", Type: "planter",
+		Desired: mustStruct(t, map[string]any{"pump": "on"})}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "p1", Patch: mustStruct(t, map[string]any{"go": true})}); err != nil {
+		t.Fatal(err)
+	}
+	tw, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "p1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := tw.Twin.Desired.AsMap()
+	if got["fan"] != "on" {
+		t.Fatalf("desired = %v; the rule did not fire", got)
+	}
+	if _, ok := got["pump"]; ok {
+		t.Errorf("desired = %v; want pump removed by the rule's {'pump': null}", got)
+	}
+}
