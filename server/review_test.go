@@ -226,3 +226,42 @@ func TestReviewRuleNullRemovesDesiredKey(t *testing.T) {
 		t.Errorf("desired = %v; want pump removed by the rule's {'pump': null}", got)
 	}
 }
+
+// TestReviewRuleCommandParamsBounded: item 5 bounds SendCommand's params
+// (MaxCommandBytes, 16 KiB by default), but a rule's command params are
+// not checked: a rule that copies a reported value queues commands of any
+// size up to the document limit, each kept in memory and re-sent on every
+// reconnect.
+func TestReviewRuleCommandParamsBounded(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	cc := twinv1.NewCommandServiceClient(s.conn)
+	if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "copy", Types: []string{"planter"},
+		Condition: "has(twin.reported.blob)", Trigger: twinv1.Trigger_TRIGGER_WHILE_TRUE,
+		Actions: []*twinv1.Action{{Action: &twinv1.Action_Command{Command: &twinv1.CommandAction{
+			Name: "water", Params: "{'blob': twin.reported.blob}"}}}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "p1", Type: "planter"}}); err != nil {
+		t.Fatal(err)
+	}
+	blob := strings.Repeat("x", 50_000)
+	if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "p1", Patch: mustStruct(t, map[string]any{"blob": blob})}); err != nil {
+		t.Fatal(err)
+	}
+	// The same params through SendCommand are refused.
+	if _, err := cc.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "p1", Name: "water",
+		Params: mustStruct(t, map[string]any{"blob": blob})}); status.Code(err) != codes.InvalidArgument && status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("SendCommand with 50 KB params = %v; want refused", err)
+	}
+	list, err := cc.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: "p1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range list.Commands {
+		if n := len(c.GetParams().AsMap()["blob"].(string)); n > 16<<10 {
+			t.Errorf("rule command %s has %d bytes of params, over the 16 KiB command limit", c.Id, n)
+		}
+	}
+}
