@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
 )
 
 // reviewGateFS holds every WAL sync while its gate is closed.
@@ -264,4 +265,40 @@ func TestReviewRuleCommandParamsBounded(t *testing.T) {
 			t.Errorf("rule command %s has %d bytes of params, over the 16 KiB command limit", c.Id, n)
 		}
 	}
+}
+
+// TestReviewListCommandsBoundedByBytes: item 13 bounds ListTwins and
+// ListTwinHistory pages by bytes, but not ListCommands: a device's 200
+// retained commands (100 open, 100 finished), each within the 16 KiB params
+// and result limits, make a page of ~6 MB that no client with gRPC's
+// default 4 MiB limit can read.
+func TestReviewListCommandsBoundedByBytes(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	cc := twinv1.NewCommandServiceClient(s.conn)
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "d1"}}); err != nil {
+		t.Fatal(err)
+	}
+	blob := strings.Repeat("x", 15_000)
+	send := func() string {
+		c, err := cc.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "d1", Name: "go", Params: mustStruct(t, map[string]any{"b": blob})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Command.Id
+	}
+	for range 100 {
+		id := send()
+		if _, err := s.engine.UpdateCommand(ctx, "d1", twin.CommandUpdate{ID: id, State: twin.CommandSucceeded, Result: twin.Document{"b": blob}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 100 {
+		send()
+	}
+	resp, err := cc.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: "d1", PageSize: 1000})
+	if err != nil {
+		t.Fatalf("ListCommands of valid commands = %v; want a page bounded by bytes", err)
+	}
+	t.Logf("%d commands in the page", len(resp.Commands))
 }
