@@ -2,6 +2,7 @@ package twin
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -102,5 +103,36 @@ func awaitApplied(t *testing.T, e *Engine, key []byte) {
 			t.Fatalf("key %q never applied", key)
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestReviewNoSpinWithoutEvaluator: rule states loaded at Open with a
+// pending hold_for put wake-ups in the worker's rule timers; until an
+// evaluator is set (or forever, for an Engine used without rules) those
+// timers are due but timedRules never runs to pop them, so the worker
+// loops without sleeping and burns a core.
+func TestReviewNoSpinWithoutEvaluator(t *testing.T) {
+	ctx := context.Background()
+	mem := vfs.NewMem()
+	e := openMem(t, mem, Options{Workers: 1})
+	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, now time.Time, _ bool) Evaluation {
+		return Evaluation{
+			States: map[string]*RuleState{"r": {Gen: 1, Active: true, PendingSince: now}},
+			Wake:   now.Add(time.Hour),
+		}
+	}})
+	if _, err := e.Create(ctx, CreateRequest{ID: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int64
+	e = openMem(t, mem, Options{Workers: 1, Clock: func() time.Time { calls.Add(1); return time.Now() }})
+	defer e.Close()
+	start := calls.Load()
+	time.Sleep(200 * time.Millisecond)
+	if n := calls.Load() - start; n > 100 {
+		t.Errorf("an idle engine with no evaluator read its clock %d times in 200ms: its worker spins", n)
 	}
 }
