@@ -302,3 +302,4 @@ func TestReviewListCommandsBoundedByBytes(t *testing.T) {
 	}
 	t.Logf("%d commands in the page", len(resp.Commands))
 }
+
