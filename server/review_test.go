@@ -3,13 +3,20 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/grpc/status"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -303,3 +310,47 @@ func TestReviewListCommandsBoundedByBytes(t *testing.T) {
 	t.Logf("%d commands in the page", len(resp.Commands))
 }
 
+
+// TestReviewShutdownAbandoningHandlersIsNotClean: when a handler ignores its
+// cancellation, Shutdown waits two timeouts, logs an error, closes the
+// store under the handler that still runs, and then returns nil, so Run
+// logs "stopped cleanly" and twind exits 0 (item 9 complained about exactly
+// that log line; item 21 about closing the engine under running handlers).
+func TestReviewShutdownAbandoningHandlersIsNotClean(t *testing.T) {
+	opts := Options{DataDir: "db", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), ShutdownTimeout: 100 * time.Millisecond}
+	opts.Engine.FS = vfs.NewMem()
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	entered := make(chan struct{})
+	engineErr := make(chan error, 1)
+	s.grpc.RegisterService(&grpc.ServiceDesc{ServiceName: "review.Stuck", HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{{MethodName: "Stuck", Handler: func(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			close(entered)
+			<-release // ignores ctx: a bug
+			_, err := s.engine.Create(context.Background(), twin.CreateRequest{ID: "late"})
+			engineErr <- err
+			return &emptypb.Empty{}, nil
+		}}}}, struct{}{})
+	l := bufconn.Listen(1 << 20)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(l) }()
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return l.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	go conn.Invoke(context.Background(), "/review.Stuck/Stuck", &emptypb.Empty{}, &emptypb.Empty{})
+	<-entered
+	serr := s.Shutdown()
+	close(release)
+	if serr == nil {
+		t.Errorf("Shutdown abandoned a running handler and closed the store under it, yet returned nil (Run then logs \"stopped cleanly\")")
+	}
+	t.Logf("the abandoned handler's engine call after Shutdown: %v", <-engineErr)
+	<-served
+}
