@@ -136,3 +136,59 @@ func TestReviewNoSpinWithoutEvaluator(t *testing.T) {
 		t.Errorf("an idle engine with no evaluator read its clock %d times in 200ms: its worker spins", n)
 	}
 }
+
+// TestReviewConnectedCountAfterTokenRotation: a token rotation closes the
+// device's stream and marks it offline, but count (stats.go) has no case
+// for opToken, and the stream's own Disconnect then changes nothing: the
+// ConnectedDevices gauge stays one too high for good.
+func TestReviewConnectedCountAfterTokenRotation(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "d"}); err != nil {
+		t.Fatal(err)
+	}
+	sink := newRecSink()
+	if _, err := e.Connect(ctx, "d", sink); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.SetTokenHash(ctx, "d", []byte("new")); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Disconnect(ctx, "d", sink); err != nil {
+		t.Fatal(err)
+	}
+	tw, _ := e.Get("d")
+	if n := e.Stats().ConnectedDevices; n != 0 || tw.Presence.Connected {
+		t.Errorf("after a rotation ended the only stream: ConnectedDevices = %d, twin connected = %v; want 0, false", n, tw.Presence.Connected)
+	}
+}
+
+// TestReviewConnectedCountAfterRestart: after a restart the gauge starts at
+// 0, yet the devices lost in the restart are counted down when their grace
+// ends, so ConnectedDevices goes negative.
+func TestReviewConnectedCountAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	mem := vfs.NewMem()
+	e := openMem(t, mem, Options{})
+	if _, err := e.Create(ctx, CreateRequest{ID: "d"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Connect(ctx, "d", newRecSink()); err != nil {
+		t.Fatal(err)
+	}
+	e.Close()
+	e = openMem(t, mem, Options{PresenceGrace: time.Millisecond})
+	defer e.Close()
+	time.Sleep(5 * time.Millisecond)
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tw, _ := e.Get("d")
+	if tw.Presence.Connected {
+		t.Fatal("the lost device is still connected after its grace")
+	}
+	if n := e.Stats().ConnectedDevices; n != 0 {
+		t.Errorf("ConnectedDevices = %d after the lost device went offline; want 0", n)
+	}
+}
