@@ -228,7 +228,7 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			if err != nil {
 				return twin.Firing{RuleID: r.Def.ID, Err: fmt.Errorf("actions[%d].set_desired.patch: %w", i, err)}
 			}
-			f.DesiredPatch, _ = twin.MergePatch(f.DesiredPatch, p)
+			f.DesiredPatch = twin.ComposePatch(f.DesiredPatch, p) // keeps nulls
 		case "emit":
 			out, err := act.eval(a.prg)
 			if err != nil {

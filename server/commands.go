@@ -4,6 +4,9 @@ import (
 	"context"
 	"strconv"
 
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/twin"
 )
@@ -87,12 +90,23 @@ func (cs *commandService) ListCommands(ctx context.Context, req *twinv1.ListComm
 	if err != nil {
 		return nil, cs.s.status("ListCommands", err)
 	}
-	resp := &twinv1.ListCommandsResponse{Commands: make([]*twinv1.Command, len(cmds))}
+	resp := &twinv1.ListCommandsResponse{Commands: make([]*twinv1.Command, 0, len(cmds))}
+	bytes := 0
 	for i, c := range cmds {
-		resp.Commands[i] = commandProto(c)
+		p := commandProto(c)
+		// Bounded by bytes as well as by count: 200 commands of 16 KiB
+		// params and results are over gRPC's message limit.
+		n := protowire.SizeBytes(proto.Size(p)) + 1
+		if i > 0 && bytes+n > maxPageBytes {
+			more = true
+			break
+		}
+		bytes += n
+		resp.Commands = append(resp.Commands, p)
 	}
 	if more {
-		resp.NextPageToken = encodePageToken(query, strconv.FormatInt(cmds[len(cmds)-1].Seq, 10))
+		last := cmds[len(resp.Commands)-1]
+		resp.NextPageToken = encodePageToken(query, strconv.FormatInt(last.Seq, 10))
 	}
 	return resp, nil
 }

@@ -15,9 +15,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/emptypb"
-	"google.golang.org/grpc/status"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/twin"
@@ -309,7 +309,6 @@ func TestReviewListCommandsBoundedByBytes(t *testing.T) {
 	}
 	t.Logf("%d commands in the page", len(resp.Commands))
 }
-
 
 // TestReviewShutdownAbandoningHandlersIsNotClean: when a handler ignores its
 // cancellation, Shutdown waits two timeouts, logs an error, closes the

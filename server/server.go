@@ -303,6 +303,7 @@ func (s *Server) Shutdown() error {
 }
 
 func (s *Server) shutdown() error {
+	var unclean error // set if shutdown gives up on calls
 	s.stopping()
 	s.flusher.Wait()
 	s.healthWG.Wait()
@@ -336,8 +337,10 @@ func (s *Server) shutdown() error {
 			// A handler ignores its cancellation: a bug, but the store
 			// must still close, and every engine call after that fails
 			// with ErrClosed.
+			abandoned := s.inflight.String()
 			s.opts.Logger.Error("calls did not end after being cancelled; giving up on them and closing the store",
-				"waiting_for", s.inflight.String())
+				"waiting_for", abandoned)
+			unclean = fmt.Errorf("shutdown gave up on calls that did not end: %s", abandoned)
 		}
 	}
 	if s.engine.Health().Fatal == nil { // a failed store takes no more writes
@@ -345,7 +348,7 @@ func (s *Server) shutdown() error {
 			s.opts.Logger.Error("storing rule statuses failed", "err", err)
 		}
 	}
-	return s.engine.Close()
+	return errors.Join(unclean, s.engine.Close())
 }
 
 // flushRules stores rule statuses every 30 seconds until shutdown begins.

@@ -645,15 +645,15 @@ func TestStepCostBudget(t *testing.T) {
 	if evals != 3 {
 		t.Errorf("a tick with a budget of 2.5M evaluated %d twins at 1M each; want 3", evals)
 	}
-	if len(w.ruleWake) != 7 {
-		t.Errorf("%d twins left due for the next step; want 7", len(w.ruleWake))
+	if len(w.timedBacklog) != 7 {
+		t.Errorf("%d twins left due for the next step; want 7", len(w.timedBacklog))
 	}
-	for step := 0; len(w.ruleWake) > 0 && step < 10; step++ {
+	for step := 0; len(w.timedBacklog) > 0 && step < 10; step++ {
 		w.stepCost = 0
 		w.timedRules(ev, now, false)
 	}
-	if evals != 10 || len(w.ruleWake) != 0 {
-		t.Errorf("after more steps: %d evaluations, %d twins due; want 10 and 0", evals, len(w.ruleWake))
+	if evals != 10 || len(w.timedBacklog) != 0 {
+		t.Errorf("after more steps: %d evaluations, %d twins due; want 10 and 0", evals, len(w.timedBacklog))
 	}
 }
 

@@ -108,6 +108,13 @@ func (w *worker) sendCommand(c *change, cur *Twin, req *CommandRequest, now time
 			return cur, nil
 		}
 	}
+	if req.Source.IsRule() {
+		// An operator's command was checked before it was queued; a rule
+		// computes its params here.
+		if err := w.e.opts.Limits.checkCommandDoc(req.Params, "params"); err != nil {
+			return nil, err
+		}
+	}
 	if n := len(l.open()); n >= w.e.opts.CommandQueueLimit {
 		return nil, fmt.Errorf("%w: device %q has %d unfinished commands, the most its queue holds; wait for some to finish or cancel them",
 			ErrOverloaded, cur.ID, n)

@@ -185,6 +185,7 @@ func (e *Engine) loadPresence(id, _ []byte) error {
 		w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
 	}
 	w.lost[string(id)] = true
+	e.counters.connected.Add(1) // until marked disconnected
 	return nil
 }
 

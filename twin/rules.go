@@ -268,7 +268,9 @@ func (h *ruleTimerHeap) Pop() any {
 // at once and wait for the next step, behind the requests that arrived
 // meanwhile.
 func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
-	var due []string
+	// What the last step left over goes first.
+	due := w.timedBacklog
+	w.timedBacklog = nil
 	for w.ruleTimers.Len() > 0 && !w.ruleTimers[0].at.After(now) {
 		t := heap.Pop(&w.ruleTimers).(ruleTimer)
 		if at, ok := w.ruleWake[t.id]; !ok || !at.Equal(t.at) {
@@ -291,9 +293,7 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 	var out []*change
 	for i, id := range due {
 		if w.stepCost >= w.e.opts.StepCostBudget {
-			for _, id := range due[i:] {
-				w.wakeRules(id, now)
-			}
+			w.timedBacklog = due[i:]
 			break
 		}
 		cur := w.twins[id]

@@ -72,19 +72,16 @@ func (e *Engine) count(g *group) {
 				c.ruleFirings.Add(1)
 			}
 		}
-		switch ch.op.kind {
-		case opConnect:
-			if ch.replaced == nil { // a replaced stream hands over its count
-				c.connected.Add(1)
-			}
-		case opDelete:
-			if ch.replaced != nil {
-				c.connected.Add(-1)
-			}
-		case opDisconnect:
-			if ch.next != ch.prev {
-				c.connected.Add(-1)
-			}
+		// Counted from presence itself, whatever changed it: a connect,
+		// a disconnect, a deletion, a revoked token, a restart's lost
+		// devices.
+		was := ch.prev != nil && ch.prev.Presence.Connected
+		is := ch.next != nil && ch.next.Presence.Connected
+		switch {
+		case is && !was:
+			c.connected.Add(1)
+		case was && !is:
+			c.connected.Add(-1)
 		}
 	}
 }

@@ -29,8 +29,11 @@ type worker struct {
 	ruleStates map[string]map[string]RuleState
 	ruleTimers ruleTimerHeap
 	ruleWake   map[string]time.Time // each twin's pending wake-up in ruleTimers
-	nextTick   time.Time
-	stepCost   uint64 // the CEL cost spent in the current step
+	// timedBacklog are the twins whose timed evaluation a step left to the
+	// next one, its CEL budget spent.
+	timedBacklog []string
+	nextTick     time.Time
+	stepCost     uint64 // the CEL cost spent in the current step
 	// lost are the devices that were connected when the process last
 	// stopped; those that have not connected again by lostAt are marked
 	// disconnected then.
@@ -181,10 +184,15 @@ func (w *worker) nextTimed() (time.Time, bool) {
 	if w.expiries.Len() > 0 {
 		at = w.expiries.next().at
 	}
+	if len(w.timedBacklog) > 0 && w.e.currentEvaluator() != nil {
+		return w.e.opts.Clock(), true // at once
+	}
 	if len(w.lost) > 0 && (at.IsZero() || w.lostAt.Before(at)) {
 		at = w.lostAt
 	}
-	if w.ruleTimers.Len() > 0 && (at.IsZero() || w.ruleTimers[0].at.Before(at)) {
+	// Rule wake-ups wait for rules to evaluate them with: without, they
+	// would be due forever and the worker would spin.
+	if w.ruleTimers.Len() > 0 && w.e.currentEvaluator() != nil && (at.IsZero() || w.ruleTimers[0].at.Before(at)) {
 		at = w.ruleTimers[0].at
 	}
 	if w.e.currentEvaluator() != nil {
