@@ -296,7 +296,7 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	id := h.GetDeviceId()
 	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendTimeout)
 	defer ss.sendTimer.Stop()
-	if _, err := s.engine.Connect(ctx, id, ss); err != nil {
+	if _, err := s.engine.ConnectWithToken(ctx, id, hashToken(h.GetToken()), ss); err != nil {
 		// The connection may commit after all (the context ended while it
 		// was queued): a disconnection queued behind it undoes it.
 		ss.end(err)

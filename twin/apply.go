@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"crypto/subtle"
 	"fmt"
 	"time"
 )
@@ -86,6 +87,9 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			kind, source, emit = KindPresence, SourceAPI, true
 		}
 	case opConnect, opDisconnect:
+		if o.kind == opConnect && o.token != nil && subtle.ConstantTimeCompare(cur.TokenHash, o.token) != 1 {
+			return nil, fmt.Errorf("%w: device %q has another token now; connect with the new one", ErrTokenRevoked, o.id)
+		}
 		next = w.presence(c, cur, o, now)
 		kind, source, emit = KindPresence, SourceDevice, next != cur
 	case opSendCommand:

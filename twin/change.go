@@ -117,7 +117,7 @@ type op struct {
 	patch  *PatchRequest
 	update *UpdateRequest
 	expect int64  // for deletes
-	token  []byte // for opToken
+	token  []byte // for opToken: the new hash; for opConnect: the hash the stream authenticated with
 	sink   Sink   // for opConnect and opDisconnect
 	cmdReq *CommandRequest
 	cmdUpd *CommandUpdate

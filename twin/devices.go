@@ -46,6 +46,19 @@ func (e *Engine) Connect(ctx context.Context, id string, sink Sink) (*Twin, erro
 	return e.do(ctx, &op{kind: opConnect, id: id, sink: sink})
 }
 
+// ConnectWithToken is Connect for a stream authenticated with a device
+// token: it registers sink only if the token's hash is still the twin's,
+// and fails with ErrTokenRevoked otherwise. The check is made in the
+// worker, in order with token rotations, so that a stream authenticated
+// just before IssueDeviceToken replaced the token is refused rather than
+// welcomed after it.
+func (e *Engine) ConnectWithToken(ctx context.Context, id string, tokenHash []byte, sink Sink) (*Twin, error) {
+	if tokenHash == nil {
+		return nil, fmt.Errorf("%w: no token hash", ErrInvalidArgument)
+	}
+	return e.do(ctx, &op{kind: opConnect, id: id, sink: sink, token: tokenHash})
+}
+
 // Disconnect unregisters sink, if it is still the device's stream, and
 // marks the twin disconnected.
 func (e *Engine) Disconnect(ctx context.Context, id string, sink Sink) error {
