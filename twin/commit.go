@@ -11,6 +11,9 @@ import (
 // group is one worker step's worth of changes, with the batch that commits
 // them, or the error that kept them from committing.
 type group struct {
+	// snap is the store right after the group's batch was applied,
+	// installed for readers once the group is durable.
+	snap *sharedSnapshot
 	w       *worker
 	start   time.Time
 	batch   *pebble.Batch
@@ -118,6 +121,9 @@ func (w *worker) syncLoop() {
 			}
 		}
 		if err != nil {
+			if g.snap != nil {
+				g.snap.release()
+			}
 			for _, c := range g.changes {
 				c.op.done <- Result{Err: e.err()}
 			}
@@ -146,6 +152,8 @@ func (e *Engine) publish(g *group) {
 			g.w.cmdView[c.op.id] = c.cmds
 		}
 	}
+	g.w.snap.release()
+	g.w.snap, g.snap = g.snap, nil
 	g.w.mu.Unlock()
 
 	e.idxMu.Lock()

@@ -100,13 +100,16 @@ func (e *Engine) Close() error {
 	e.workerWG.Wait()
 	e.syncWG.Wait()
 	close(e.done)
-	e.readerWG.Wait()
+	e.readerWG.Wait() // so no reader holds a snapshot any more
+	for _, w := range e.workers {
+		w.snap.release()
+	}
 	return e.db.Close()
 }
 
 func (e *Engine) err() error {
 	if p := e.failed.Load(); p != nil {
-		return fmt.Errorf("%w: the store failed: %v", ErrClosed, *p)
+		return fmt.Errorf("%w: the store failed (the server log says why); restart twind", ErrClosed)
 	}
 	return nil
 }

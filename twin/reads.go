@@ -73,23 +73,29 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
-	if _, err := e.Get(id); err != nil {
-		return nil, err
+	if !e.startReader() {
+		return nil, ErrClosed
 	}
-	// The store holds changes whose commit is not yet durable: nothing
-	// after the durable revision may be shown.
-	durable := e.Revision()
+	defer e.readerWG.Done()
+	// The twin and its worker's snapshot as of the same durable step: the
+	// store itself may already hold later steps of the worker that are
+	// not durable yet, among them deletions of durable history.
+	w := e.workerFor(id)
+	w.mu.RLock()
+	_, ok := w.view[id]
+	snap := w.snap.acquire()
+	w.mu.RUnlock()
+	defer snap.release()
+	if !ok {
+		return nil, notFound(id)
+	}
 	vs := e.VShard(id)
 	lower := historyPrefix(vs, id)
 	upper := prefixEnd(lower)
 	if before > 0 {
 		upper = historyKey(vs, id, before)
 	}
-	if !e.startReader() {
-		return nil, ErrClosed
-	}
-	defer e.readerWG.Done()
-	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	it, err := snap.s.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
 	if err != nil {
 		return nil, err
 	}
@@ -99,11 +105,10 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 		if len(it.Value()) != 8 {
 			return nil, fmt.Errorf("twin: corrupt history entry %q", it.Key())
 		}
+		// Every entry the twin's history points to in the snapshot was
+		// written by a durable step of its worker.
 		rev := int64(binary.BigEndian.Uint64(it.Value()))
-		if rev > durable {
-			continue
-		}
-		v, closer, err := e.db.Get(logKey(rev))
+		v, closer, err := snap.s.Get(logKey(rev))
 		if errors.Is(err, pebble.ErrNotFound) {
 			break // older entries have left the watch log
 		}

@@ -40,11 +40,14 @@ type worker struct {
 	lost   map[string]bool
 	lostAt time.Time
 
-	// mu protects view and cmdView, the committed state that readers see.
-	// The syncer writes them after each commit; readers take the read lock.
+	// mu protects view, cmdView and snap, the committed state that
+	// readers see. The syncer writes them after each commit; readers take
+	// the read lock. snap is the store as of the last durable step
+	// (snapshot.go).
 	mu      sync.RWMutex
 	view    map[string]*Twin
 	cmdView map[string]*commandList
+	snap    *sharedSnapshot
 
 	buf    []byte // scratch space of the worker goroutine
 	staged staged // the step's writes, sorted before they reach the batch
@@ -173,6 +176,10 @@ func (w *worker) step(ops []*op) {
 		e.fail(fmt.Errorf("commit: %w", err))
 		b.Close()
 		g.batch, g.err = nil, e.err()
+	} else {
+		// The store as of this step of this worker, for readers once the
+		// step is durable (snapshot.go).
+		g.snap = newSharedSnapshot(e.db)
 	}
 	w.syncCh <- g
 }
