@@ -13,7 +13,7 @@ import (
 type group struct {
 	// snap is the store right after the group's batch was applied,
 	// installed for readers once the group is durable.
-	snap *sharedSnapshot
+	snap    *sharedSnapshot
 	w       *worker
 	start   time.Time
 	batch   *pebble.Batch
