@@ -98,6 +98,9 @@ type session struct {
 	// checks it.
 	sendStart atomic.Int64
 	sendTimer *time.Timer
+	// stuck says the send timer cut the device off while a Send waited
+	// for it.
+	stuck atomic.Bool
 }
 
 // outItem is a command or the pending desired update.
@@ -222,6 +225,7 @@ func (ss *session) checkSend() {
 	if start == 0 || time.Since(ss.created)-time.Duration(start-1) < ss.sendTimeout {
 		return // that Send returned; a later one rearmed the timer
 	}
+	ss.stuck.Store(true)
 	ss.end(status.Errorf(codes.ResourceExhausted,
 		"device %q fell behind: it read nothing for %v; its commands stay queued, reconnect to receive them",
 		ss.deviceID, ss.sendTimeout))
@@ -336,9 +340,20 @@ wait:
 	cancel() // ends what the reader and the writer wait for, except a Send
 	ds.disconnect(id, ss)
 	if !wrote {
-		// A Send to a device that does not read returns when the device
-		// reads, goes away, or the server stops.
-		<-writeErr
+		if ss.stuck.Load() {
+			// The writer is blocked in a Send to a device that reads
+			// nothing, and only the handler's return ends it: grpc-go
+			// then resets the stream, which fails the Send at once
+			// (grpc-go issue 1229). The writer sends nothing after it;
+			// Shutdown waits for it with the readers.
+			ds.readers.Add(1)
+			go func() {
+				defer ds.readers.Done()
+				<-writeErr
+			}()
+		} else {
+			<-writeErr
+		}
 	}
 	gate.close()
 	ds.logEnd(id, err)
