@@ -45,6 +45,8 @@ type fleetOptions struct {
 	// removed at the end unless keep.
 	dir  string
 	keep bool
+	// skipCreate: the twins are there already (a kept --dir).
+	skipCreate bool
 	// createClients is how many CreateTwin calls are in flight; clients
 	// how many ReportState calls, over conns connections.
 	createClients, clients, conns int
@@ -79,6 +81,9 @@ func (o *fleetOptions) ensureDefaults() error {
 	}
 	if o.output != "text" && o.output != "json" {
 		return fmt.Errorf("-o must be text or json, not %q", o.output)
+	}
+	if o.skipCreate && o.dir == "" {
+		return fmt.Errorf("--skip-create needs the --dir of an earlier run that kept its twins")
 	}
 	return nil
 }
@@ -132,8 +137,10 @@ type FleetResult struct {
 	Clients int    `json:"clients"`
 	Twind   string `json:"twind"`
 	Dir     string `json:"dir"`
-	// Empty is twind's start on an empty store.
-	Empty Startup `json:"start_empty"`
+	// Empty is twind's first start: on an empty store, or with
+	// --skip-create on the fleet already there (SkipCreate).
+	Empty      Startup `json:"start_empty"`
+	SkipCreate bool    `json:"skip_create,omitempty"`
 	// Create is creating the twins with CreateTwin; Calls counts those
 	// created, Existing those already there (a reused --dir).
 	Create   LoadPhase `json:"create"`
@@ -161,7 +168,11 @@ func runFleetBench(ctx context.Context, o fleetOptions, out, progress io.Writer)
 		return nil, err
 	}
 	dir := o.dir
-	if dir == "" {
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, err
+		}
+	} else {
 		d, err := os.MkdirTemp("", "twinsim-fleet-")
 		if err != nil {
 			return nil, err
@@ -194,8 +205,8 @@ func runFleetBench(ctx context.Context, o fleetOptions, out, progress io.Writer)
 			d.kill()
 		}
 	}()
-	res.Empty = d.startup()
-	logf("empty store: serving after %.2f s, RSS %.0f MiB", res.Empty.ServingLog, res.Empty.RSSMiB)
+	res.Empty, res.SkipCreate = d.startup(), o.skipCreate
+	logf("%s: serving after %.2f s, RSS %.0f MiB", firstStart(res), res.Empty.ServingLog, res.Empty.RSSMiB)
 
 	if err := func() error {
 		conns, err := dialAll(d.addr, o.conns)
@@ -203,15 +214,19 @@ func runFleetBench(ctx context.Context, o fleetOptions, out, progress io.Writer)
 			return err
 		}
 		defer closeAll(conns)
-		logf("creating %d twins with %d calls in flight...", o.twins, o.createClients)
-		var existing atomic.Int64
-		res.Create, err = createFleet(ctx, conns, o, &existing, progress)
-		res.Existing = existing.Load()
-		if err != nil {
-			return err
+		if o.skipCreate {
+			logf("not creating the twins (--skip-create)")
+		} else {
+			logf("creating %d twins with %d calls in flight...", o.twins, o.createClients)
+			var existing atomic.Int64
+			res.Create, err = createFleet(ctx, conns, o, &existing, progress)
+			res.Existing = existing.Load()
+			if err != nil {
+				return err
+			}
+			res.Create.RSSMiB, res.Create.PeakRSSMiB = d.rss()
+			logf("created %d twins in %.1f s (%.0f/s), RSS %.0f MiB", res.Create.Calls, res.Create.Seconds, res.Create.PerSecond, res.Create.RSSMiB)
 		}
-		res.Create.RSSMiB, res.Create.PeakRSSMiB = d.rss()
-		logf("created %d twins in %.1f s (%.0f/s), RSS %.0f MiB", res.Create.Calls, res.Create.Seconds, res.Create.PerSecond, res.Create.RSSMiB)
 		for _, p := range []struct {
 			name string
 			hot  float64 // share of the reports to the first 20 % of the twins; 0 for uniform
@@ -314,8 +329,10 @@ func printFleet(w io.Writer, r *FleetResult, output string) error {
 		fmt.Fprintf(tw, "%s\t%.1f\t%.0f\t%.1f\t%.1f\t%d\t%.0f\t%.0f\t\n", name, p.Seconds, p.PerSecond,
 			p.Latency.P50/1e3, p.Latency.P99/1e3, p.Errors, p.RSSMiB, p.PeakRSSMiB)
 	}
-	start("start, empty store", r.Empty)
-	load("CreateTwin", r.Create)
+	start(firstStart(r), r.Empty)
+	if !r.SkipCreate {
+		load("CreateTwin", r.Create)
+	}
 	load("ReportState, uniform", r.Uniform)
 	load("ReportState, 80/20", r.Skewed)
 	start("restart (SIGTERM)", r.Restart)
@@ -334,11 +351,18 @@ func printFleet(w io.Writer, r *FleetResult, output string) error {
 		r.Empty.ServingHealth, r.Restart.ServingHealth, r.AfterKill.ServingHealth)
 	fmt.Fprintf(w, "after the restart: %s, last twin found %v; after kill -9: %s, last twin found %v, %d of %d last acknowledged reports lost\n",
 		counted(r.Restart), r.Restart.LastFound, counted(r.AfterKill), r.AfterKill.LastFound, r.AfterKill.AckedLost, r.AfterKill.AckedChecked)
-	if r.Twins > 0 {
+	if !r.SkipCreate {
 		fmt.Fprintf(w, "memory per twin: %.1f KB after creating them, %.1f KB after the restart\n",
 			(r.Create.RSSMiB-r.Empty.RSSMiB)*(1<<20)/1e3/float64(r.Twins), (r.Restart.RSSMiB-r.Empty.RSSMiB)*(1<<20)/1e3/float64(r.Twins))
 	}
 	return nil
+}
+
+func firstStart(r *FleetResult) string {
+	if r.SkipCreate {
+		return "start, existing fleet"
+	}
+	return "start, empty store"
 }
 
 // daemon is a twind process.
