@@ -396,6 +396,7 @@ func startDaemon(ctx context.Context, bin, data, logPath string, o fleetOptions)
 	}
 	cmd := exec.Command(bin, append([]string{"--addr", addr, "--data", data}, o.twindArgs...)...)
 	cmd.Env = append(os.Environ(), o.env...)
+	dieWithParent(cmd)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		logFile.Close()
