@@ -61,7 +61,9 @@ func TestFleetBench(t *testing.T) {
 	}
 	const n = 2000
 	var out, progress bytes.Buffer
-	res, err := runFleetBench(context.Background(), fleetOptions{
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := runFleetBench(ctx, fleetOptions{
 		twins: n, twind: self, env: []string{"TWINSIM_TEST_TWIND=1"}, dir: t.TempDir(),
 		createClients: 64, clients: 16, conns: 2, duration: 2 * time.Second, killAfter: time.Second,
 		countMax: n, output: "json",
