@@ -4,6 +4,7 @@
 //	twinsim run --fridges 10 --cars 5 --planters 20
 //	twinsim clean
 //	twinsim bench --devices 1000 --duration 10s --rules 10
+//	twinsim fleet --twins 10000
 //
 // It touches only what it made: its twins carry the label twinsim=<name>
 // (--name; "sim" for run, "bench" for bench) and ids with its prefix, and
@@ -137,6 +138,36 @@ func rootCmd() *cobra.Command {
 	bench.Flags().BoolVar(&bo.keep, "keep", false, "keep the twins when the bench ends ('twinsim clean --name NAME' removes them)")
 	bench.Flags().StringVarP(&bo.output, "output", "o", "text", "output format: text or json")
 
-	root.AddCommand(run, cleanCmd, bench)
+	var fo fleetOptions
+	fleet := &cobra.Command{
+		Use:   "fleet",
+		Short: "Run a twind of its own with a fleet of N fridge twins and measure start-up, memory and durable report throughput",
+		Long: `Run a twind of its own (--twind, or one built with 'go build' from the
+repository) on a fresh store, create --twins fridge twins (fridge-0, ...)
+with many CreateTwin calls in flight, and measure: start-up until serving
+(empty, after a clean restart, after kill -9 during a load), resident
+memory (VmRSS), and durable ReportState throughput to random twins,
+uniform and 80/20. --addr, --token and --tls are not used.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			_, err := runFleetBench(cmd.Context(), fo, cmd.OutOrStdout(), cmd.ErrOrStderr())
+			return err
+		},
+	}
+	fleet.Flags().IntVar(&fo.twins, "twins", 10_000, "fridge twins in the fleet")
+	fleet.Flags().StringVar(&fo.twind, "twind", "", "twind binary to run (default: go build one into the work directory)")
+	fleet.Flags().StringArrayVar(&fo.twindArgs, "twind-arg", nil, "a further flag for twind, e.g. --twind-arg=--workers=8 (repeatable)")
+	fleet.Flags().StringVar(&fo.dir, "dir", "", "work directory for the store (DIR/data) and twind.log (default: a temporary one, removed unless --keep); twins already there are kept")
+	fleet.Flags().BoolVar(&fo.keep, "keep", false, "keep the temporary work directory")
+	fleet.Flags().BoolVar(&fo.skipCreate, "skip-create", false, "do not create the twins: --dir holds them from an earlier run with --keep")
+	fleet.Flags().IntVar(&fo.createClients, "create-clients", 128, "CreateTwin calls in flight")
+	fleet.Flags().IntVar(&fo.clients, "clients", 64, "concurrent ReportState clients, each with one call in flight")
+	fleet.Flags().IntVar(&fo.conns, "conns", 4, "gRPC connections the clients share")
+	fleet.Flags().DurationVar(&fo.duration, "duration", 10*time.Second, "length of each report phase")
+	fleet.Flags().DurationVar(&fo.killAfter, "kill-after", 2*time.Second, "how long the report load runs before twind is killed with SIGKILL")
+	fleet.Flags().IntVar(&fo.countMax, "count-max", 200_000, "count the twins with ListTwins after each restart if there are at most this many")
+	fleet.Flags().StringVarP(&fo.output, "output", "o", "text", "output format: text or json")
+
+	root.AddCommand(run, cleanCmd, bench, fleet)
 	return root
 }
