@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,77 +20,8 @@ import (
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/twin"
+	"github.com/twind-io/twind/twin/vfstest"
 )
-
-// reviewGateFS holds every WAL sync while its gate is closed.
-type reviewGateFS struct {
-	vfs.FS
-	mu     sync.Mutex
-	closed bool
-	open   chan struct{}
-	held   chan struct{}
-}
-
-func newReviewGateFS() *reviewGateFS {
-	return &reviewGateFS{FS: vfs.NewMem(), open: make(chan struct{}), held: make(chan struct{}, 1)}
-}
-
-func (g *reviewGateFS) close() {
-	g.mu.Lock()
-	g.closed, g.open = true, make(chan struct{})
-	g.mu.Unlock()
-}
-
-func (g *reviewGateFS) reopen() {
-	g.mu.Lock()
-	if g.closed {
-		g.closed = false
-		close(g.open)
-	}
-	g.mu.Unlock()
-}
-
-func (g *reviewGateFS) wait() {
-	g.mu.Lock()
-	closed, open := g.closed, g.open
-	g.mu.Unlock()
-	if closed {
-		select {
-		case g.held <- struct{}{}:
-		default:
-		}
-		<-open
-	}
-}
-
-func (g *reviewGateFS) wrap(f vfs.File, name string, err error) (vfs.File, error) {
-	if err != nil || !strings.HasSuffix(name, ".log") {
-		return f, err
-	}
-	return &reviewGateFile{File: f, g: g}, nil
-}
-
-func (g *reviewGateFS) Create(name string, c vfs.DiskWriteCategory) (vfs.File, error) {
-	f, err := g.FS.Create(name, c)
-	return g.wrap(f, name, err)
-}
-
-func (g *reviewGateFS) ReuseForWrite(old, name string, c vfs.DiskWriteCategory) (vfs.File, error) {
-	f, err := g.FS.ReuseForWrite(old, name, c)
-	return g.wrap(f, name, err)
-}
-
-type reviewGateFile struct {
-	vfs.File
-	g *reviewGateFS
-}
-
-func (f *reviewGateFile) Sync() error     { f.g.wait(); return f.File.Sync() }
-func (f *reviewGateFile) SyncData() error { f.g.wait(); return f.File.SyncData() }
-func (f *reviewGateFile) SyncTo(n int64) (bool, error) {
-	f.g.wait()
-	return f.File.SyncTo(n)
-}
 
 // TestReviewRevokedTokenConnectRace: the hello is checked against the
 // durable token hash (engine.Get), and the engine's Connect does not check
@@ -102,28 +32,24 @@ func (f *reviewGateFile) SyncTo(n int64) (bool, error) {
 // acknowledged (item 6).
 func TestReviewRevokedTokenConnectRace(t *testing.T) {
 	ctx := context.Background()
-	g := newReviewGateFS()
+	g := vfstest.NewGate(vfs.NewMem())
 	s := startServer(t, g, nil)
 	tokA := createDevice(t, s, "fridge-1", "fridge")
 
-	g.close()
+	g.Hold()
 	rotated := make(chan error, 1)
 	go func() {
 		_, err := s.twins.IssueDeviceToken(ctx, &twinv1.IssueDeviceTokenRequest{Id: "fridge-1"})
 		rotated <- err
 	}()
-	select {
-	case <-g.held:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the rotation never reached its sync")
-	}
+	g.AwaitHeld(t) // the rotation waits for its sync
 	// The rotation is applied in the worker, not yet durable: the hello
 	// still passes against the durable hash.
 	d := connect(t, s, &twinv1.Hello{DeviceId: "fridge-1", Token: tokA}, true)
 	// Let the handler check the hello and queue its connect behind the
 	// rotation (there is no event to wait on from outside the server).
 	time.Sleep(200 * time.Millisecond)
-	g.reopen()
+	g.Release()
 	if err := <-rotated; err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/twind-io/twind/twin/vfstest"
 )
 
 // funcEvaluator is an Evaluator made of a function, for tests that script
@@ -24,88 +26,6 @@ func (f funcEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, n
 	return f.eval(prev, next, states, now, timer)
 }
 func (f funcEvaluator) Ticks(string) bool { return f.ticks }
-
-// gateFS holds every WAL sync while its gate is closed, so that a test can
-// look at the engine while a commit is applied but not yet durable.
-type gateFS struct {
-	vfs.FS
-	mu     sync.Mutex
-	closed bool
-	open   chan struct{} // closed when the gate opens
-	held   chan struct{} // signalled when a sync waits at the gate
-}
-
-func newGateFS(fs vfs.FS) *gateFS {
-	return &gateFS{FS: fs, open: make(chan struct{}), held: make(chan struct{}, 1)}
-}
-
-// close makes WAL syncs wait until reopen.
-func (g *gateFS) close() {
-	g.mu.Lock()
-	g.closed, g.open = true, make(chan struct{})
-	g.mu.Unlock()
-}
-
-func (g *gateFS) reopen() {
-	g.mu.Lock()
-	if g.closed {
-		g.closed = false
-		close(g.open)
-	}
-	g.mu.Unlock()
-}
-
-func (g *gateFS) wait() {
-	g.mu.Lock()
-	closed, open := g.closed, g.open
-	g.mu.Unlock()
-	if closed {
-		select {
-		case g.held <- struct{}{}:
-		default:
-		}
-		<-open
-	}
-}
-
-func (g *gateFS) wrap(f vfs.File, name string, err error) (vfs.File, error) {
-	if err != nil || !strings.HasSuffix(name, ".log") {
-		return f, err
-	}
-	return &gateFile{File: f, g: g}, nil
-}
-
-func (g *gateFS) Create(name string, c vfs.DiskWriteCategory) (vfs.File, error) {
-	f, err := g.FS.Create(name, c)
-	return g.wrap(f, name, err)
-}
-
-func (g *gateFS) ReuseForWrite(old, name string, c vfs.DiskWriteCategory) (vfs.File, error) {
-	f, err := g.FS.ReuseForWrite(old, name, c)
-	return g.wrap(f, name, err)
-}
-
-type gateFile struct {
-	vfs.File
-	g *gateFS
-}
-
-func (f *gateFile) Sync() error     { f.g.wait(); return f.File.Sync() }
-func (f *gateFile) SyncData() error { f.g.wait(); return f.File.SyncData() }
-func (f *gateFile) SyncTo(n int64) (bool, error) {
-	f.g.wait()
-	return f.File.SyncTo(n)
-}
-
-// awaitHeld waits until a WAL sync waits at the closed gate.
-func (g *gateFS) awaitHeld(t *testing.T) {
-	t.Helper()
-	select {
-	case <-g.held:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no WAL sync reached the gate")
-	}
-}
 
 // blockingEvaluator stalls the worker inside a step until released, so that
 // a test can queue several requests for the worker's next step.
@@ -314,20 +234,20 @@ func TestRulePatchesKeepNulls(t *testing.T) {
 // shows no version that is not durable (item 16).
 func TestFailuresAnsweredWhenDurable(t *testing.T) {
 	ctx := context.Background()
-	g := newGateFS(vfs.NewMem())
+	g := vfstest.NewGate(vfs.NewMem())
 	e := openMem(t, g, Options{})
 	defer e.Close()
 	if _, err := e.Create(ctx, CreateRequest{ID: "f", Type: "fridge"}); err != nil {
 		t.Fatal(err)
 	}
-	g.close()
-	defer g.reopen() // before Close, if the test fails early
+	g.Hold()
+	defer g.Release() // before Close, if the test fails early
 	report := make(chan error, 1)
 	go func() {
 		_, err := e.Report(ctx, PatchRequest{ID: "f", Patch: Document{"temp_c": 3.0}})
 		report <- err
 	}()
-	g.awaitHeld(t)
+	g.AwaitHeld(t)
 
 	// Version 2 is in the store but not durable: history must not show it.
 	evs, err := e.History("f", 0, 10)
@@ -354,7 +274,7 @@ func TestFailuresAnsweredWhenDurable(t *testing.T) {
 		t.Fatalf("UpdateDesired answered %v while the report it conflicts with was not durable", err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	g.reopen()
+	g.Release()
 	if err := <-report; err != nil {
 		t.Fatal(err)
 	}

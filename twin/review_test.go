@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/twind-io/twind/twin/vfstest"
 )
 
 // TestReviewHistoryDuringUndurableDelete: while a DeleteTwin is applied but
@@ -16,7 +18,7 @@ import (
 // state that is not durable (item 16).
 func TestReviewHistoryDuringUndurableDelete(t *testing.T) {
 	ctx := context.Background()
-	g := newGateFS(vfs.NewMem())
+	g := vfstest.NewGate(vfs.NewMem())
 	e := openMem(t, g, Options{})
 	defer e.Close()
 	if _, err := e.Create(ctx, CreateRequest{ID: "h1"}); err != nil {
@@ -31,10 +33,10 @@ func TestReviewHistoryDuringUndurableDelete(t *testing.T) {
 	if err != nil || len(before) != 4 {
 		t.Fatalf("History before = %d events, %v; want 4", len(before), err)
 	}
-	g.close()
+	g.Hold()
 	done := make(chan error, 1)
 	go func() { done <- e.Delete(ctx, "h1", 0) }()
-	g.awaitHeld(t)
+	g.AwaitHeld(t)
 	// The sync may start before the batch is visible: wait for it to be.
 	awaitApplied(t, e, logKey(e.nextRev.Load()))
 	if _, err := e.Get("h1"); err != nil {
@@ -44,7 +46,7 @@ func TestReviewHistoryDuringUndurableDelete(t *testing.T) {
 	if err != nil || len(during) != len(before) {
 		t.Errorf("History during an undurable delete = %d events, %v; want the %d durable ones", len(during), err, len(before))
 	}
-	g.reopen()
+	g.Release()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +58,7 @@ func TestReviewHistoryDuringUndurableDelete(t *testing.T) {
 // durable.
 func TestReviewHistoryTrimUndurable(t *testing.T) {
 	ctx := context.Background()
-	g := newGateFS(vfs.NewMem())
+	g := vfstest.NewGate(vfs.NewMem())
 	e := openMem(t, g, Options{HistoryLimit: 3})
 	defer e.Close()
 	if _, err := e.Create(ctx, CreateRequest{ID: "h1"}); err != nil {
@@ -71,19 +73,19 @@ func TestReviewHistoryTrimUndurable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g.close()
+	g.Hold()
 	done := make(chan error, 1)
 	go func() {
 		_, err := e.Report(ctx, PatchRequest{ID: "h1", Patch: Document{"n": float64(99)}})
 		done <- err
 	}()
-	g.awaitHeld(t)
+	g.AwaitHeld(t)
 	awaitApplied(t, e, logKey(e.nextRev.Load()))
 	during, err := e.History("h1", 0, 100)
 	if err != nil || len(during) != len(before) {
 		t.Errorf("History during an undurable report = %d events, %v; want the %d durable ones", len(during), err, len(before))
 	}
-	g.reopen()
+	g.Release()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
