@@ -201,6 +201,11 @@ func (e *Engine) publish(g *group) {
 		}
 	}
 
+	for _, c := range g.changes {
+		if c.event != nil {
+			e.remember(c.event)
+		}
+	}
 	e.revMu.Lock()
 	for _, c := range g.changes {
 		if c.event != nil {

@@ -2,8 +2,10 @@ package twin
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -711,5 +713,51 @@ func TestDeletedTwinsHoldNoMemory(t *testing.T) {
 	}
 	if tw.Version != 2 || cmd.ID != "d7~2" {
 		t.Errorf("re-created twin at version %d with command %s; want version 2 and d7~2 (nothing reused)", tw.Version, cmd.ID)
+	}
+}
+
+// TestRecentEventsAreTheLog: the events watchers that keep up get from
+// memory are exactly what a watcher far behind decodes from the log.
+func TestRecentEventsAreTheLog(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+		if prev != nil && next.Reported["hot"] == true && prev.Reported["hot"] != true {
+			return Evaluation{Firings: []Firing{{RuleID: "cool", DesiredPatch: Document{"fan": "on", "lamp": nil}, Commands: []RuleCommand{{Name: "defrost"}}}}}
+		}
+		return Evaluation{}
+	}})
+	for i := range 20 {
+		id := fmt.Sprint("f", i%5)
+		e.Create(ctx, CreateRequest{ID: id, Type: "fridge", Desired: Document{"lamp": "on"}})
+		e.Report(ctx, PatchRequest{ID: id, Patch: Document{"hot": i%2 == 0, "t": float64(i)}})
+		if i%7 == 0 {
+			e.Connect(ctx, id, newRecSink())
+		}
+		if i%4 == 3 {
+			e.Delete(ctx, id, 0)
+		}
+	}
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	stored, _, err := e.readLog(nil, 1, e.Revision())
+	if err != nil {
+		t.Fatal(err)
+	}
+	recent, _ := e.readRecent(nil, 1, e.Revision())
+	if len(stored) == 0 || len(recent) != len(stored) {
+		t.Fatalf("%d recent events, %d in the log; want the same, more than 0", len(recent), len(stored))
+	}
+	for i := range stored {
+		want, _ := json.Marshal(stored[i])
+		got, _ := json.Marshal(recent[i])
+		var w, g any // compared as values: the encoding does not sort keys
+		json.Unmarshal(want, &w)
+		json.Unmarshal(got, &g)
+		if !reflect.DeepEqual(g, w) {
+			t.Errorf("revision %d in memory:\n%s\nin the log:\n%s", stored[i].Revision, got, want)
+		}
 	}
 }

@@ -55,6 +55,9 @@ type Engine struct {
 	// trimHistory says that the history limit was lowered since the store
 	// was created: every new history entry also trims what is beyond it.
 	trimHistory bool
+	// recent holds the newest durable events, by revision modulo its size,
+	// for watchers (watch.go).
+	recent [recentEvents]atomic.Pointer[Event]
 	// oldest is the oldest revision still in the watch log.
 	oldest atomic.Int64
 

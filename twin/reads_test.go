@@ -245,3 +245,26 @@ func BenchmarkWatchReplay(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/event")
 }
+
+// BenchmarkWatchLive measures a watcher that keeps up: it reads the newest
+// events, which it shares, decoded, with every other such watcher.
+func BenchmarkWatchLive(b *testing.B) {
+	const n = 4000 // within the recent events kept in memory
+	e := openMem(b, vfs.NewMem(), Options{})
+	defer e.Close()
+	createN(b, e, n, Document{"temp_c": 4.5, "door": "closed"})
+	last := e.Revision()
+	from := last - n + 1
+	b.ResetTimer()
+	for range b.N {
+		ctx, cancel := context.WithCancel(context.Background())
+		e.Watch(ctx, from, func(ev *Event) error {
+			if ev.Revision == last {
+				cancel()
+			}
+			return nil
+		})
+		cancel()
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/event")
+}

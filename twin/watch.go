@@ -47,7 +47,9 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 				return err
 			}
 			var err error
-			evs, next, err = e.readLog(evs[:0], next, upto)
+			if evs, next = e.readRecent(evs[:0], next, upto); len(evs) == 0 {
+				evs, next, err = e.readLog(evs, next, upto)
+			}
 			if err != nil {
 				return err
 			}
@@ -82,6 +84,35 @@ func (e *Engine) readStopped(ctx context.Context) error {
 	default:
 		return nil
 	}
+}
+
+// recentEvents is how many of the newest events the engine keeps decoded
+// in memory, shared by every watcher that keeps up: only a watcher further
+// behind reads and decodes the log. A power of two.
+const recentEvents = 1 << 12
+
+// remember keeps a durable event for watchers, before its revision is
+// published.
+func (e *Engine) remember(ev *Event) {
+	e.recent[ev.Revision&(recentEvents-1)].Store(ev)
+}
+
+// readRecent appends to evs the events from revision from on, up to upto
+// and at most one batch of them, that are still among the recent events in
+// memory, and returns the revision to read next. It stops at the first
+// revision it does not hold.
+func (e *Engine) readRecent(evs []*Event, from, upto int64) (_ []*Event, next int64) {
+	if from < e.oldest.Load() {
+		return evs, from // readLog says it is compacted
+	}
+	for next = from; next <= upto && len(evs) < watchBatchEvents; next++ {
+		ev := e.recent[next&(recentEvents-1)].Load()
+		if ev == nil || ev.Revision != next {
+			break // overwritten by a newer one: the watcher is far behind
+		}
+		evs = append(evs, ev)
+	}
+	return evs, next
 }
 
 // readLog appends to evs the logged events from revision from on, up to
