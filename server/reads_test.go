@@ -463,3 +463,36 @@ func TestNegativeArgumentsRefused(t *testing.T) {
 		t.Errorf("SendCommand wait -1s = %v; want INVALID_ARGUMENT", err)
 	}
 }
+
+// TestWatchFilterFailingEverywhere: a watch whose filter fails on every
+// event (not merely a missing field) ends with INVALID_ARGUMENT instead of
+// streaming nothing.
+func TestWatchFilterFailingEverywhere(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s := startServer(t, nil, nil)
+	for i := range filterProbe + 5 {
+		if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("w-", i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := s.twins.WatchTwins(ctx, &twinv1.WatchTwinsRequest{Filter: "twin.id", StartRevision: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = w.Recv()
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "the filter failed on each of the first") {
+		t.Errorf("watch with filter twin.id = %v; want INVALID_ARGUMENT saying the filter fails", err)
+	}
+	// A filter that only reads a field some twins lack is fine.
+	w, err = s.twins.WatchTwins(ctx, &twinv1.WatchTwinsRequest{Filter: "twin.reported.temp_c > 1.0", StartRevision: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "w-1", Patch: jsonStruct(t, `{"temp_c": 5}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := w.Recv(); err != nil || ev.GetEvent().GetTwin().GetId() != "w-1" {
+		t.Errorf("watch with a filter on a missing field = %v, %v; want the matching event", ev, err)
+	}
+}

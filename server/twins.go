@@ -354,8 +354,22 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 	}
 	send := newSender(stream, timeout)
 	defer send.close()
+	evaluated, failed := 0, 0
 	err = ts.s.engine.Watch(ctx, start, func(ev *twin.Event) error {
-		if ok, _ := ts.match(ctx, f, ev.Twin, ev.Time); !ok {
+		ok, merr := ts.match(ctx, f, ev.Twin, ev.Time)
+		if f.prg != nil && evaluated < filterProbe {
+			// A filter that fails on every one of the first events it
+			// sees is a mistake, not a quiet stream: say so, as
+			// ListTwins does.
+			evaluated++
+			if merr != nil {
+				if failed++; failed == filterProbe {
+					return fmt.Errorf("%w: the filter failed on each of the first %d events, the first on twin %q: %v",
+						twin.ErrInvalidArgument, filterProbe, ev.Twin.ID, merr)
+				}
+			}
+		}
+		if !ok {
 			return nil // a filter that fails on an event skips it, as in ListTwins
 		}
 		if err := send.send(ctx, &twinv1.WatchTwinsResponse{Event: eventProto(ev)}); err != nil {
@@ -369,6 +383,10 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 	})
 	return ts.s.streamStatus("WatchTwins", ctx, err)
 }
+
+// filterProbe is how many events a watch filter that fails on each of them
+// may see before the watch ends with INVALID_ARGUMENT.
+const filterProbe = 100
 
 // sender sends the messages of a server stream from a goroutine of its own,
 // so that a client that does not read ends its stream after a timeout

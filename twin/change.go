@@ -250,7 +250,32 @@ func (a *applier) checkSize(doc Document, name string) error {
 		return fmt.Errorf("%w: %s would be %d bytes, over the document limit of %d bytes",
 			ErrLimit, name, n, a.limits.MaxDocumentBytes)
 	}
+	if m := metadataSize(doc, 0); m > a.limits.MaxMetadataBytes {
+		return fmt.Errorf("%w: %s's metadata would be about %d bytes, over the limit of %d bytes: metadata holds a JSON Pointer "+
+			"per leaf, so many leaves under long keys nested deep make it large; use shorter keys, less nesting or fewer leaves",
+			ErrLimit, name, m, a.limits.MaxMetadataBytes)
+	}
 	return nil
+}
+
+// metaEntryBytes is about what one leaf's metadata costs besides its JSON
+// Pointer, stored or sent: an update time and a version.
+const metaEntryBytes = 24
+
+// metadataSize returns about how many bytes the metadata of doc takes: a
+// JSON Pointer and an entry per leaf. path is the length of doc's own
+// pointer.
+func metadataSize(doc map[string]any, path int) int {
+	n := 0
+	for k, v := range doc {
+		p := path + 1 + len(escapePointer(k))
+		if sub, ok := v.(map[string]any); ok && len(sub) > 0 {
+			n += metadataSize(sub, p)
+			continue
+		}
+		n += p + metaEntryBytes
+	}
+	return n
 }
 
 // patch computes the twin after a reported or desired merge patch. It returns

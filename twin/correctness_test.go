@@ -761,3 +761,37 @@ func TestRecentEventsAreTheLog(t *testing.T) {
 		}
 	}
 }
+
+// TestMetadataBounded: a document within the size, depth and key limits but
+// with thousands of leaves under long keys nested deep is refused, because
+// its metadata (a JSON Pointer per leaf) would make the twin too large to
+// read; nothing is written.
+func TestMetadataBounded(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "m", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	bomb := Document{}
+	for i := range 6500 {
+		bomb[fmt.Sprint(i)] = 0.0
+	}
+	for l := range 14 {
+		bomb = Document{fmt.Sprintf("k%02d", l) + strings.Repeat("x", 250): bomb}
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "m", Patch: bomb}); !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), "metadata") {
+		t.Errorf("report of 6,500 leaves under 14 keys of 253 bytes = %v; want ErrLimit naming the metadata", err)
+	}
+	if tw, _ := e.Get("m"); tw.Version != 1 {
+		t.Errorf("twin at version %d after a refused report; want 1", tw.Version)
+	}
+	// The same leaves without the long nesting are fine.
+	flat := Document{}
+	for i := range 6500 {
+		flat[fmt.Sprint(i)] = 0.0
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "m", Patch: flat}); err != nil {
+		t.Errorf("report of 6,500 flat leaves: %v", err)
+	}
+}

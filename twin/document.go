@@ -34,6 +34,12 @@ type Limits struct {
 	// MaxMessageBytes bounds the message a device reports with a
 	// command's state. Default 1 KiB.
 	MaxMessageBytes int
+	// MaxMetadataBytes bounds the per-leaf metadata of each of reported
+	// and desired: a JSON Pointer, an update time and a version per leaf.
+	// A document within the other limits can still have thousands of
+	// leaves under long keys nested deep, whose pointers would make a twin
+	// too large to read or send. Default 1 MiB.
+	MaxMetadataBytes int
 }
 
 // EnsureDefaults fills the zero fields of l with their defaults.
@@ -52,6 +58,9 @@ func (l *Limits) EnsureDefaults() {
 	}
 	if l.MaxMessageBytes <= 0 {
 		l.MaxMessageBytes = 1 << 10
+	}
+	if l.MaxMetadataBytes <= 0 {
+		l.MaxMetadataBytes = 1 << 20
 	}
 }
 
