@@ -455,7 +455,16 @@ func (ds *deviceService) apply(ctx context.Context, ss *session, m *twinv1.Conne
 			ID: u.GetCommandId(), State: twin.CommandState(u.GetState()), Result: documentOrNil(u.GetResult()), Message: u.GetMessage(),
 			Stream: ss,
 		})
-		if err != nil && ctx.Err() == nil {
+		switch {
+		case err == nil || ctx.Err() != nil:
+		case errors.Is(err, twin.ErrInvalidArgument), errors.Is(err, twin.ErrLimit), errors.Is(err, twin.ErrInvalidPatch):
+			// A device that sends an update no retry can fix (a state
+			// it may not set, a result over the limits) has a bug: end
+			// its stream with what to fix rather than drop the update
+			// without a word. The command stays as it was, and is sent
+			// again on the next stream.
+			return status.Errorf(codes.InvalidArgument, "command update for %.140q refused: %v", u.GetCommandId(), err)
+		default:
 			// A late or repeated update is normal with at-least-once
 			// delivery; the device needs no answer.
 			s.opts.Logger.Debug("command update refused", "device", id, "command", u.GetCommandId(), "err", err)

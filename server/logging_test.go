@@ -130,3 +130,39 @@ func TestDeviceLogs(t *testing.T) {
 		return strings.Contains(out, `msg="device disconnected" device=fridge-1 code=Unauthenticated`) && strings.Contains(out, "revoked")
 	})
 }
+
+// TestBadCommandUpdateEndsStream: a command update no retry can fix (over
+// the result limit, a state a device may not set) ends the device's stream
+// with INVALID_ARGUMENT saying why, instead of vanishing; a late update of
+// a finished command is still ignored quietly.
+func TestBadCommandUpdateEndsStream(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	tok := createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	c, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name string
+		u    *twinv1.CommandUpdate
+		want string
+	}{
+		{"result over 16 KiB", &twinv1.CommandUpdate{CommandId: c.Command.Id, State: twinv1.CommandState_COMMAND_STATE_SUCCEEDED,
+			Result: jsonStruct(t, `{"blob": "`+strings.Repeat("x", 17<<10)+`"}`)}, "over the command limit"},
+		{"state QUEUED", &twinv1.CommandUpdate{CommandId: c.Command.Id, State: twinv1.CommandState_COMMAND_STATE_QUEUED}, "may set a command"},
+	} {
+		d := connect(t, s, &twinv1.Hello{DeviceId: "car-1", Token: tok}, true)
+		d.next() // welcome
+		d.next() // the command
+		d.send(&twinv1.ConnectRequest{Msg: &twinv1.ConnectRequest_CommandUpdate{CommandUpdate: tt.u}})
+		if err := d.end(); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: stream ended with %v; want INVALID_ARGUMENT saying %q", tt.name, err, tt.want)
+		}
+	}
+	got, err := cmds.GetCommand(ctx, &twinv1.GetCommandRequest{Id: c.Command.Id})
+	if err != nil || got.Command.State != twinv1.CommandState_COMMAND_STATE_SENT {
+		t.Errorf("command after refused updates = %v, %v; want it still SENT", got, err)
+	}
+}
