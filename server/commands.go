@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"strconv"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -17,6 +18,10 @@ type commandService struct {
 	s *Server
 }
 
+// maxCommandWait bounds SendCommand's wait, as direct methods elsewhere
+// bound theirs (Azure IoT Hub: 300 s).
+const maxCommandWait = 5 * time.Minute
+
 func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendCommandRequest) (*twinv1.SendCommandResponse, error) {
 	if err := req.GetTtl().CheckValid(); req.Ttl != nil && err != nil {
 		return nil, invalid("ttl: %v", err)
@@ -25,7 +30,11 @@ func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendComma
 		return nil, invalid("wait: %v", err)
 	}
 	if req.GetWait().AsDuration() < 0 || req.GetTtl().AsDuration() < 0 {
-		return nil, invalid("wait and ttl must not be negative (wait %v, ttl %v); give 0s for none", req.GetWait().AsDuration(), req.GetTtl().AsDuration())
+		return nil, invalid("wait and ttl must not be negative (wait %v, ttl %v); leave them out (or 0s) for no wait and the default ttl",
+			req.GetWait().AsDuration(), req.GetTtl().AsDuration())
+	}
+	if w := req.GetWait().AsDuration(); w > maxCommandWait {
+		return nil, invalid("wait is %v, at most %v; for longer, send without waiting and poll GetCommand", w, maxCommandWait)
 	}
 	if err := checkFinite("params", req.GetParams()); err != nil {
 		return nil, err

@@ -166,3 +166,39 @@ func TestBadCommandUpdateEndsStream(t *testing.T) {
 		t.Errorf("command after refused updates = %v, %v; want it still SENT", got, err)
 	}
 }
+
+// TestSendCommandWaitEnds: a wait longer than 5 minutes is refused, and a
+// wait ends as soon as the twin, and with it the command, is deleted.
+func TestSendCommandWaitEnds(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	if _, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Hour)}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("SendCommand waiting an hour = %v; want INVALID_ARGUMENT", err)
+	}
+	waited := make(chan error, 1)
+	go func() {
+		_, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Minute)})
+		waited <- err
+	}()
+	waitFor(t, func() bool { return strings.Contains(s.inflight.String(), "SendCommand") })
+	waitFor(t, func() bool {
+		l, _ := cmds.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: "car-1"})
+		return len(l.GetCommands()) == 1
+	})
+	if _, err := s.twins.DeleteTwin(ctx, &twinv1.DeleteTwinRequest{Id: "car-1"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-waited:
+		if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "deleted") {
+			t.Errorf("SendCommand waiting while its twin is deleted = %v; want NOT_FOUND saying it was deleted", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("SendCommand kept waiting after its twin was deleted")
+	}
+	if _, err := cmds.GetCommand(ctx, &twinv1.GetCommandRequest{Id: "car-1~01"}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("GetCommand(car-1~01) = %v; want INVALID_ARGUMENT (the id is car-1~1)", err)
+	}
+}

@@ -72,7 +72,8 @@ func ParseCommandID(id string) (deviceID string, seq int64, err error) {
 		return "", 0, fmt.Errorf("%w: command id %.60q is not of the form <device_id>~<number>", ErrInvalidArgument, id)
 	}
 	seq, err = strconv.ParseInt(id[i+1:], 10, 64)
-	if err != nil || seq <= 0 || ValidateID(id[:i]) != nil {
+	// One command, one id: "car-1~01" is not "car-1~1".
+	if err != nil || seq <= 0 || strconv.FormatInt(seq, 10) != id[i+1:] || ValidateID(id[:i]) != nil {
 		return "", 0, fmt.Errorf("%w: command id %.60q is not of the form <device_id>~<number>", ErrInvalidArgument, id)
 	}
 	return id[:i], seq, nil

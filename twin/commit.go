@@ -185,7 +185,14 @@ func (e *Engine) publish(g *group) {
 		}
 		for _, cmd := range c.writeCmds {
 			if cmd.State.Final() {
-				e.notifyCommand(cmd)
+				e.notifyCommand(cmd.ID, cmd)
+			}
+		}
+		if c.next == nil && c.prev != nil && c.err == nil {
+			// The twin was deleted, and its commands with it: their
+			// waiters learn it now, not at the end of their wait.
+			for _, seq := range c.dropCmds {
+				e.notifyCommand(CommandID(c.prev.ID, seq), nil)
 			}
 		}
 		if len(c.firings) > 0 && e.opts.OnFirings != nil {

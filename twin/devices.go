@@ -377,6 +377,9 @@ func (e *Engine) WaitCommand(ctx context.Context, id string) (*Command, error) {
 	}
 	select {
 	case cmd := <-ch:
+		if cmd == nil {
+			return nil, fmt.Errorf("%w: command %q was deleted with its twin", ErrNotFound, id)
+		}
 		return cmd, nil
 	case <-ctx.Done():
 		return e.GetCommand(id)
@@ -386,10 +389,11 @@ func (e *Engine) WaitCommand(ctx context.Context, id string) (*Command, error) {
 }
 
 // notifyCommand wakes the waiters of a command that reached a final state.
-func (e *Engine) notifyCommand(cmd *Command) {
+// A nil cmd says the command no longer exists.
+func (e *Engine) notifyCommand(id string, cmd *Command) {
 	e.waitMu.Lock()
 	defer e.waitMu.Unlock()
-	for _, ch := range e.waiters[cmd.ID] {
+	for _, ch := range e.waiters[id] {
 		select {
 		case ch <- cmd:
 		default:
