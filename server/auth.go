@@ -42,7 +42,11 @@ func (a apiAuth) check(ctx context.Context) error {
 	if len(vals) == 0 {
 		return status.Error(codes.Unauthenticated, "this server requires an API token: send the metadata 'authorization: Bearer <token>'")
 	}
-	tok, ok := strings.CutPrefix(vals[0], "Bearer ")
+	// The scheme is case-insensitive (RFC 7235).
+	scheme, tok, ok := strings.Cut(vals[0], " ")
+	if ok && !strings.EqualFold(scheme, "Bearer") {
+		ok = false
+	}
 	if !ok || subtle.ConstantTimeCompare([]byte(tok), a.token) != 1 {
 		return status.Error(codes.Unauthenticated, "the API token is not valid")
 	}

@@ -40,7 +40,7 @@ func toStatus(log *slog.Logger, method string, err error) error {
 		code = codes.NotFound
 	case errors.Is(err, twin.ErrAlreadyExists), errors.Is(err, rules.ErrExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, twin.ErrVersionMismatch):
+	case errors.Is(err, twin.ErrVersionMismatch), errors.Is(err, twin.ErrFinished):
 		code = codes.FailedPrecondition
 	case errors.Is(err, twin.ErrInvalidID), errors.Is(err, twin.ErrInvalidArgument),
 		errors.Is(err, twin.ErrInvalidPatch), errors.Is(err, rules.ErrInvalid),

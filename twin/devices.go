@@ -195,7 +195,7 @@ func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg str
 	}
 	if cmd.State.Final() {
 		return fmt.Errorf("%w: command %q already finished (%s) and cannot be %s; only QUEUED, SENT or ACCEPTED commands can",
-			ErrVersionMismatch, id, cmd.State, strings.ToLower(state.String()))
+			ErrFinished, id, cmd.State, strings.ToLower(state.String()))
 	}
 	cmd = cmd.clone()
 	cmd.State, cmd.Message, cmd.UpdateTime = state, msg, now

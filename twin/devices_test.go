@@ -163,8 +163,8 @@ func TestDeviceFlow(t *testing.T) {
 	if c, err := e.CancelCommand(ctx, c3.ID); err != nil || c.State != CommandCanceled {
 		t.Errorf("CancelCommand = %v, %v", c, err)
 	}
-	if _, err := e.CancelCommand(ctx, c3.ID); !errors.Is(err, ErrVersionMismatch) {
-		t.Errorf("second cancel = %v; want ErrVersionMismatch", err)
+	if _, err := e.CancelCommand(ctx, c3.ID); !errors.Is(err, ErrFinished) {
+		t.Errorf("second cancel = %v; want ErrFinished", err)
 	}
 	e.Close()
 	e = openMem(t, fs, Options{})

@@ -767,7 +767,7 @@ func (mt *mTwin) apply(o *op) want {
 		case c == nil:
 			return want{err: ErrNotFound}
 		case c.state.Final():
-			return want{err: ErrVersionMismatch}
+			return want{err: ErrFinished}
 		}
 		c.state = CommandCanceled
 		if mt.sink != nil {

@@ -23,6 +23,7 @@ var (
 	ErrCompacted       = errors.New("twin: revision compacted")
 	ErrClosed          = errors.New("twin: closed")
 	ErrOverloaded      = errors.New("twin: overloaded")
+	ErrFinished        = errors.New("twin: command finished")
 )
 
 // Twin is one immutable snapshot of a device's twin. A *Twin handed out by

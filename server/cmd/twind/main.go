@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -28,8 +29,15 @@ import (
 	"github.com/twind-io/twind/twin"
 )
 
+// errUsage is a bad command line, already reported by the flag package.
+var errUsage = errors.New("bad command line")
+
 func main() {
-	if err := run(os.Args[1:]); err != nil {
+	err := run(os.Args[1:])
+	switch {
+	case errors.Is(err, errUsage):
+		os.Exit(2)
+	case err != nil:
 		fmt.Fprintln(os.Stderr, "twind:", err)
 		os.Exit(1)
 	}
@@ -62,10 +70,31 @@ func run(args []string) error {
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
-		return err
+		return errUsage // the flag package has said what is wrong, and the usage
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q; see twind --help", fs.Args())
+	}
+	// 0 means the default; a negative value is a mistake, not a default.
+	var bad []string
+	fs.Visit(func(f *flag.Flag) {
+		switch v := f.Value.(flag.Getter).Get().(type) {
+		case int:
+			if v < 0 {
+				bad = append(bad, fmt.Sprintf("--%s %s", f.Name, f.Value))
+			}
+		case int64:
+			if v < 0 {
+				bad = append(bad, fmt.Sprintf("--%s %s", f.Name, f.Value))
+			}
+		case time.Duration:
+			if v < 0 {
+				bad = append(bad, fmt.Sprintf("--%s %s", f.Name, f.Value))
+			}
+		}
+	})
+	if len(bad) > 0 {
+		return fmt.Errorf("%s: must not be negative (0 means the default)", strings.Join(bad, ", "))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -92,7 +121,7 @@ func check(args []string, stdout io.Writer) error {
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
-		return err
+		return errUsage // the flag package has said what is wrong, and the usage
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q; see twind check --help", fs.Args())
