@@ -202,3 +202,18 @@ func TestSendCommandWaitEnds(t *testing.T) {
 		t.Errorf("GetCommand(car-1~01) = %v; want INVALID_ARGUMENT (the id is car-1~1)", err)
 	}
 }
+
+// TestBearerSchemeCaseInsensitive: "bearer" is "Bearer" (RFC 7235).
+func TestBearerSchemeCaseInsensitive(t *testing.T) {
+	s := startServer(t, nil, func(o *Options) { o.APIToken = "s3cret" })
+	for _, h := range []string{"bearer s3cret", "BEARER s3cret", "Bearer s3cret"} {
+		ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", h)
+		if _, err := s.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{}); err != nil {
+			t.Errorf("ListTwins with %q = %v; want OK", h, err)
+		}
+	}
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Basic s3cret")
+	if _, err := s.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("ListTwins with a Basic scheme = %v; want UNAUTHENTICATED", err)
+	}
+}
