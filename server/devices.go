@@ -227,7 +227,7 @@ func (ss *session) checkSend() {
 	}
 	ss.stuck.Store(true)
 	ss.end(status.Errorf(codes.ResourceExhausted,
-		"device %q fell behind: it read nothing for %v; its commands stay queued, reconnect to receive them",
+		"device %q fell behind: it read nothing for %v; its unfinished commands are sent again when it reconnects",
 		ss.deviceID, ss.sendTimeout))
 }
 
