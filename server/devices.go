@@ -340,19 +340,28 @@ wait:
 	cancel() // ends what the reader and the writer wait for, except a Send
 	ds.disconnect(id, ss)
 	if !wrote {
+		// The writer ends once its Send in progress, if any, returns. A
+		// Send to a device that reads nothing returns only when the
+		// handler does: grpc-go then resets the stream, which fails the
+		// Send at once (grpc-go issue 1229). So a writer cut off for not
+		// reading, or one that has not ended within the send timeout, is
+		// left to end by itself; it sends nothing more, and Shutdown waits
+		// for it with the readers.
+		wait := s.opts.DeviceSendTimeout
 		if ss.stuck.Load() {
-			// The writer is blocked in a Send to a device that reads
-			// nothing, and only the handler's return ends it: grpc-go
-			// then resets the stream, which fails the Send at once
-			// (grpc-go issue 1229). The writer sends nothing after it;
-			// Shutdown waits for it with the readers.
+			wait = 0
+		}
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		stuck := t.C
+		select {
+		case <-writeErr:
+		case <-stuck:
 			ds.readers.Add(1)
 			go func() {
 				defer ds.readers.Done()
 				<-writeErr
 			}()
-		} else {
-			<-writeErr
 		}
 	}
 	gate.close()

@@ -102,6 +102,11 @@ func TestReviewCutOffDeviceHandlerEnds(t *testing.T) {
 	tok := createDevice(t, s, "slow", "planter")
 	slow := connect(t, s, &twinv1.Hello{DeviceId: "slow", Token: tok}, false) // never reads
 	defer slow.cancel()
+	// Connected first, so that "offline" below means cut off.
+	waitFor(t, func() bool {
+		tw, _ := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "slow"})
+		return tw.GetTwin().GetPresence().GetConnected()
+	})
 	blob := strings.Repeat("x", 60_000)
 	deadline := time.Now().Add(20 * time.Second)
 	for i := 0; ; i++ {
