@@ -1,0 +1,76 @@
+package twin
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// TestIdleWorkerSnapshotPinsStore: a worker that takes no step keeps the
+// snapshot it took at Open (or at its last step) for good, so the store can
+// never drop what was overwritten or deleted after it: every pruned watch
+// log entry and every overwritten twin record of the busy workers stays on
+// disk. A standing snapshot must not outlive the moment when the worker has
+// nothing in flight.
+func TestIdleWorkerSnapshotPinsStore(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	opts := Options{Workers: 2, LogRetention: 64}
+	e := openMem(t, fs, opts)
+	// One twin on worker 0, none on worker 1: worker 1 stays idle.
+	var id string
+	for i := 0; ; i++ {
+		id = fmt.Sprint("busy", i)
+		if e.workerFor(id) == e.workers[0] {
+			break
+		}
+	}
+	if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge"}); err != nil {
+		t.Fatal(err)
+	}
+	const n = 3000
+	report := func() {
+		for i := range n {
+			if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"temp_c": float64(i), "pad": fmt.Sprintf("%0512d", i)}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// The log holds 3,000 events when the store is opened again.
+	e.opts.LogRetention = 1 << 20
+	report()
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts)
+	defer e.Close()
+	idle := e.workers[1]
+	idle.mu.RLock()
+	atOpen := idle.snap
+	idle.mu.RUnlock()
+	report()
+	idle.mu.RLock()
+	still := idle.snap == atOpen
+	snap := idle.snap.acquire()
+	idle.mu.RUnlock()
+	defer snap.release()
+	// What the snapshot still sees the store cannot reclaim.
+	it, err := snap.s.NewIter(&pebble.IterOptions{LowerBound: logKey(0), UpperBound: logKey(e.oldest.Load())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pinned, bytes := 0, 0
+	for it.First(); it.Valid(); it.Next() {
+		pinned++
+		bytes += len(it.Value())
+	}
+	it.Close()
+	t.Logf("revision %d, oldest log revision %d; pruned log entries the idle worker's snapshot keeps: %d (%d bytes)", e.Revision(), e.oldest.Load(), pinned, bytes)
+	if still || pinned > 0 {
+		t.Errorf("after %d steps of worker 0, idle worker 1 still holds its snapshot from Open (%v), which keeps %d pruned watch log entries (%d bytes) from being reclaimed",
+			n, still, pinned, bytes)
+	}
+}
