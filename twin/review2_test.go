@@ -3,6 +3,7 @@ package twin
 import (
 	"context"
 	"fmt"
+	"reflect"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -72,5 +73,25 @@ func TestIdleWorkerSnapshotPinsStore(t *testing.T) {
 	if still || pinned > 0 {
 		t.Errorf("after %d steps of worker 0, idle worker 1 still holds its snapshot from Open (%v), which keeps %d pruned watch log entries (%d bytes) from being reclaimed",
 			n, still, pinned, bytes)
+	}
+}
+
+// TestComposePatchReplacesObject: a rule whose set_desired actions first
+// remove (or set to a scalar) a desired object and then set it to a new
+// object leaves the old object's other keys in desired, where applying the
+// two patches in turn does not: composing without the target cannot say
+// "replace", so the rule's actions should be applied in turn to desired
+// (or the firing should keep its patches as a list).
+func TestComposePatchReplacesObject(t *testing.T) {
+	desired := Document{"cfg": map[string]any{"mode": "boost", "fan": "high"}}
+	for _, first := range []any{nil, "off"} {
+		a := Document{"cfg": first}
+		b := Document{"cfg": map[string]any{"mode": "eco"}}
+		inTurn, _ := MergePatch(desired, a)
+		inTurn, _ = MergePatch(inTurn, b)
+		composed, _ := MergePatch(desired, ComposePatch(a, b))
+		if !reflect.DeepEqual(composed, inTurn) {
+			t.Errorf("cfg %v then {mode: eco}: composed gives %v; in turn %v", first, composed, inTurn)
+		}
 	}
 }
