@@ -4,10 +4,15 @@ import (
 	"context"
 	"fmt"
 	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
 
 // TestIdleWorkerSnapshotPinsStore: a worker that takes no step keeps the
@@ -94,4 +99,61 @@ func TestComposePatchReplacesObject(t *testing.T) {
 			t.Errorf("cfg %v then {mode: eco}: composed gives %v; in turn %v", first, composed, inTurn)
 		}
 	}
+}
+
+// TestCloseAfterFatalWALErrorLeaksNoSnapshot: groups in flight when the WAL
+// fails, with History readers holding snapshots meanwhile; Close then
+// closes every snapshot exactly once (Pebble reports leaked ones).
+func TestCloseAfterFatalWALErrorLeaksNoSnapshot(t *testing.T) {
+	ctx := context.Background()
+	var on atomic.Bool
+	fs := errorfs.Wrap(vfs.NewMem(), errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if on.Load() && (op.Kind == errorfs.OpFileSync || op.Kind == errorfs.OpFileSyncData || op.Kind == errorfs.OpFileSyncTo) && strings.HasSuffix(op.Path, ".log") {
+			return errorfs.ErrInjected
+		}
+		return nil
+	}))
+	e := openMem(t, fs, Options{Workers: 2})
+	for i := range 10 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("car-", i), Type: "car"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 200 {
+				id := fmt.Sprint("car-", (g+i)%10)
+				if i%3 == 0 {
+					e.History(id, 0, 5)
+					continue
+				}
+				if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"n": float64(i)}}); err != nil {
+					return
+				}
+				if g == 0 && i == 50 {
+					on.Store(true)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("health after the injected sync failure: %+v", e.Health())
+	// Every group has been answered: only the workers' installed
+	// snapshots are open.
+	deadline := time.Now().Add(5 * time.Second)
+	for n := e.db.Metrics().Snapshots.Count; n != len(e.workers); n = e.db.Metrics().Snapshots.Count {
+		if time.Now().After(deadline) {
+			t.Errorf("%d snapshots open with nothing in flight; want %d (one per worker)", n, len(e.workers))
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	err := e.Close()
+	if err != nil && strings.Contains(err.Error(), "snapshot") {
+		t.Errorf("Close: %v", err)
+	}
+	t.Logf("Close: %v", err)
 }
