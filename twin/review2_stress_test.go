@@ -25,6 +25,7 @@ func TestWatchRingStress(t *testing.T) {
 	const writers, perWriter = 8, 700
 	var wwg sync.WaitGroup
 	type seen struct {
+		mu   sync.Mutex
 		revs []int64
 		evs  map[int64]*Event
 	}
@@ -39,9 +40,12 @@ func TestWatchRingStress(t *testing.T) {
 		go func(s *seen, slow bool) {
 			defer wwg.Done()
 			e.Watch(ctx, from, func(ev *Event) error {
+				s.mu.Lock()
 				s.revs = append(s.revs, ev.Revision)
 				s.evs[ev.Revision] = ev
-				if slow && len(s.revs)%500 == 0 {
+				n := len(s.revs)
+				s.mu.Unlock()
+				if slow && n%500 == 0 {
 					time.Sleep(20 * time.Millisecond) // fall out of the ring, then catch up
 				}
 				return nil
@@ -89,22 +93,23 @@ func TestWatchRingStress(t *testing.T) {
 	close(stopHist)
 	hwg.Wait()
 	last := e.Revision()
+	// Let the watchers catch up (the slow ones sleep 20ms per 500 events),
+	// then stop them.
 	deadline := time.Now().Add(20 * time.Second)
-	for _, s := range watchers {
-		_ = s
-	}
-	// Let the watchers catch up, then stop them.
 	for time.Now().Before(deadline) {
-		done := true
+		caughtUp := true
 		for _, s := range watchers {
-			_ = s
+			s.mu.Lock()
+			if len(s.revs) == 0 || s.revs[len(s.revs)-1] < last {
+				caughtUp = false
+			}
+			s.mu.Unlock()
 		}
-		time.Sleep(100 * time.Millisecond)
-		if done {
+		if caughtUp {
 			break
 		}
+		time.Sleep(50 * time.Millisecond)
 	}
-	time.Sleep(500 * time.Millisecond)
 	cancel()
 	wwg.Wait()
 	stored, _, err := e.readLog(nil, 1, last)
