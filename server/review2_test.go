@@ -31,7 +31,7 @@ func connectHandlers() []string {
 // past the send timeout.
 func TestReplacedStreamBlockedInSend(t *testing.T) {
 	ctx := context.Background()
-	const sendTimeout = 300 * time.Millisecond
+	const sendTimeout = 2 * time.Second
 	s := startServer(t, nil, func(o *Options) {
 		o.DeviceSendTimeout = sendTimeout
 		o.ShutdownTimeout = 200 * time.Millisecond
@@ -52,9 +52,9 @@ func TestReplacedStreamBlockedInSend(t *testing.T) {
 	if cur.next().GetWelcome() == nil {
 		t.Fatal("no welcome on the new stream")
 	}
-	time.Sleep(5 * sendTimeout)
+	time.Sleep(2 * sendTimeout)
 	if h := connectHandlers(); len(h) != 1 {
 		t.Errorf("%d Connect handlers running %v after the old stream was replaced; want 1 (the new stream's):\n%s",
-			len(h), 5*sendTimeout, strings.Join(h, "\n\n"))
+			len(h), 2*sendTimeout, strings.Join(h, "\n\n"))
 	}
 }
