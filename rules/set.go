@@ -211,6 +211,16 @@ func (r *Compiled) condition(act *activation) (bool, error) {
 // fire evaluates the rule's actions.
 func (r *Compiled) fire(act *activation) twin.Firing {
 	f := twin.Firing{RuleID: r.Def.ID}
+	// The rule's set_desired patches apply in turn to the twin's desired
+	// state; the firing carries the one exact patch from that state to the
+	// result (a null in one action removes the key, an object after it
+	// replaces it).
+	var base, desired twin.Document
+	if act.next != nil {
+		base = act.next.Desired
+	}
+	desired = base
+	patched := false
 	for i, a := range r.actions {
 		switch a.kind {
 		case "command":
@@ -228,7 +238,8 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			if err != nil {
 				return twin.Firing{RuleID: r.Def.ID, Err: fmt.Errorf("actions[%d].set_desired.patch: %w", i, err)}
 			}
-			f.DesiredPatch = twin.ComposePatch(f.DesiredPatch, p) // keeps nulls
+			desired, _ = twin.MergePatch(desired, p)
+			patched = true
 		case "emit":
 			out, err := act.eval(a.prg)
 			if err != nil {
@@ -240,6 +251,9 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			}
 			f.Emits = append(f.Emits, twin.Emit{Severity: a.severity, Message: msg})
 		}
+	}
+	if patched {
+		f.DesiredPatch = twin.DiffPatch(base, desired)
 	}
 	return f
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -163,6 +164,38 @@ func TestReviewRuleNullRemovesDesiredKey(t *testing.T) {
 	}
 	if _, ok := got["pump"]; ok {
 		t.Errorf("desired = %v; want pump removed by the rule's {'pump': null}", got)
+	}
+}
+
+// TestRuleActionsApplyInTurn: a rule's set_desired actions apply in turn,
+// so that an object set after a null replaces the key's old object rather
+// than merging into it (no single merge patch composed from the two could
+// say that).
+func TestRuleActionsApplyInTurn(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	setDesired := func(p string) *twinv1.Action {
+		return &twinv1.Action{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: p}}}
+	}
+	if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "eco", Types: []string{"fridge"},
+		Condition: "twin.reported.?eco.orValue(false) == true",
+		Actions:   []*twinv1.Action{setDesired("{'cfg': null}"), setDesired("{'cfg': {'mode': 'eco'}}")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1", Type: "fridge",
+		Desired: mustStruct(t, map[string]any{"cfg": map[string]any{"mode": "boost", "fan": "high"}})}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "f1", Patch: mustStruct(t, map[string]any{"eco": true})}); err != nil {
+		t.Fatal(err)
+	}
+	tw, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "f1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := tw.Twin.Desired.AsMap()["cfg"], map[string]any{"mode": "eco"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("desired cfg = %v; want %v (replaced, not merged)", got, want)
 	}
 }
 

@@ -138,6 +138,8 @@ type change struct {
 	prev  *Twin // nil for a creation
 	next  *Twin // nil for a deletion
 	event *Event
+	// eventBytes is the size of the event's log entry, once written.
+	eventBytes int
 	// gone is what a deleted twin leaves behind.
 	gone goneTwin
 

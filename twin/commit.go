@@ -74,6 +74,7 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		tw = appendTwin(nil, c.prev)
 	}
 	buf = appendEvent(buf[:0], c.event, tw)
+	c.eventBytes = len(buf)
 	if err := b.Set(logKey(c.event.Revision), buf, nil); err != nil {
 		return buf, err
 	}
@@ -124,6 +125,9 @@ func (w *worker) syncLoop() {
 			if g.snap != nil {
 				g.snap.release()
 			}
+			w.mu.Lock()
+			w.published++ // the worker stays with its last durable snapshot
+			w.mu.Unlock()
 			for _, c := range g.changes {
 				c.op.done <- Result{Err: e.err()}
 			}
@@ -154,6 +158,13 @@ func (e *Engine) publish(g *group) {
 	}
 	g.w.snap.release()
 	g.w.snap, g.snap = g.snap, nil
+	g.w.published++
+	if g.w.published == g.w.applied {
+		// Nothing in flight: readers read the store, and no snapshot
+		// keeps what later changes overwrite.
+		g.w.snap.release()
+		g.w.snap = nil
+	}
 	g.w.mu.Unlock()
 
 	e.idxMu.Lock()
@@ -210,7 +221,7 @@ func (e *Engine) publish(g *group) {
 
 	for _, c := range g.changes {
 		if c.event != nil {
-			e.remember(c.event)
+			e.remember(c.event, c.eventBytes)
 		}
 	}
 	e.revMu.Lock()

@@ -438,39 +438,3 @@ func DiffPatch(from, to Document) Document {
 	}
 	return out
 }
-
-// ComposePatch returns one merge patch with the effect of applying a and
-// then b, keeping the nulls of both (MergePatch, which applies a patch to a
-// document, drops them). It is exact except where b patches into an object
-// a key that a set to a scalar or removed: no single merge patch can say
-// "replace with this object", so the composition merges b's object (without
-// its nulls) into whatever the key holds. Neither argument is modified.
-func ComposePatch(a, b Document) Document {
-	out := make(Document, len(a)+len(b))
-	for k, v := range a {
-		out[k] = v
-	}
-	for k, v := range b {
-		bo, bIsObj := v.(map[string]any)
-		if !bIsObj {
-			out[k] = v // scalars, arrays and nulls replace
-			continue
-		}
-		prev, inA := out[k]
-		switch ao, aIsObj := prev.(map[string]any); {
-		case aIsObj:
-			out[k] = ComposePatch(ao, bo)
-		case !inA:
-			out[k] = v
-		default:
-			// a set k to a scalar or removed it: b's object merges into
-			// nothing, so its nulls mean nothing.
-			merged, _ := MergePatch(nil, bo)
-			if merged == nil {
-				merged = Document{}
-			}
-			out[k] = map[string]any(merged)
-		}
-	}
-	return out
-}

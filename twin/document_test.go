@@ -250,34 +250,3 @@ func TestDiffPatch(t *testing.T) {
 		t.Errorf("DiffPatch removing pump = %v; want {pump: null, fan: on}", p)
 	}
 }
-
-func TestComposePatch(t *testing.T) {
-	for _, tt := range []struct{ a, b, want string }{
-		{`{}`, `{"pump": null, "fan": "on"}`, `{"pump": null, "fan": "on"}`},
-		{`{"pump": "on"}`, `{"pump": null}`, `{"pump": null}`},
-		{`{"pump": null}`, `{"pump": "on"}`, `{"pump": "on"}`},
-		{`{"m": {"x": 1}}`, `{"m": {"x": null, "y": 2}}`, `{"m": {"x": null, "y": 2}}`},
-		{`{"m": {"x": null}}`, `{"n": 1}`, `{"m": {"x": null}, "n": 1}`},
-		{`{"m": 1}`, `{"m": {"x": null, "y": 2}}`, `{"m": {"y": 2}}`},
-	} {
-		got := ComposePatch(doc(t, tt.a), doc(t, tt.b))
-		if want := doc(t, tt.want); !jsonEqual(map[string]any(got), map[string]any(want)) {
-			t.Errorf("ComposePatch(%s, %s) = %v; want %s", tt.a, tt.b, got, tt.want)
-		}
-	}
-	// Wherever it is exact, applying the composition is applying both.
-	base := doc(t, `{"pump": "on", "fan": "off", "m": {"x": 1, "z": 3}}`)
-	for _, pair := range [][2]string{
-		{`{"pump": null}`, `{"fan": "on", "m": {"x": null}}`},
-		{`{"m": {"z": null}}`, `{"m": {"y": 2}, "pump": null}`},
-		{`{"lamp": "on"}`, `{"lamp": null}`},
-	} {
-		a, b := doc(t, pair[0]), doc(t, pair[1])
-		seq, _ := MergePatch(base, a)
-		seq, _ = MergePatch(seq, b)
-		once, _ := MergePatch(base, ComposePatch(a, b))
-		if !jsonEqual(map[string]any(seq), map[string]any(once)) {
-			t.Errorf("applying %s then %s = %v; applying their composition = %v", pair[0], pair[1], seq, once)
-		}
-	}
-}

@@ -105,7 +105,9 @@ func (e *Engine) Close() error {
 	close(e.done)
 	e.readerWG.Wait() // so no reader holds a snapshot any more
 	for _, w := range e.workers {
-		w.snap.release()
+		if w.snap != nil {
+			w.snap.release()
+		}
 	}
 	return e.db.Close()
 }

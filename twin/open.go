@@ -55,7 +55,6 @@ func Open(opts Options) (*Engine, error) {
 		return nil, err
 	}
 	for _, w := range e.workers {
-		w.snap = newSharedSnapshot(db) // nothing in flight yet: all durable
 		e.workerWG.Add(1)
 		go w.run()
 		e.syncWG.Add(1)

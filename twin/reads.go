@@ -80,11 +80,7 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 	// The twin and its worker's snapshot as of the same durable step: the
 	// store itself may already hold later steps of the worker that are
 	// not durable yet, among them deletions of durable history.
-	w := e.workerFor(id)
-	w.mu.RLock()
-	_, ok := w.view[id]
-	snap := w.snap.acquire()
-	w.mu.RUnlock()
+	snap, ok := e.workerFor(id).durableSnapshot(id)
 	defer snap.release()
 	if !ok {
 		return nil, notFound(id)

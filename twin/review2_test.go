@@ -3,14 +3,12 @@ package twin
 import (
 	"context"
 	"fmt"
-	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
@@ -54,50 +52,23 @@ func TestIdleWorkerSnapshotPinsStore(t *testing.T) {
 	e = openMem(t, fs, opts)
 	defer e.Close()
 	idle := e.workers[1]
-	idle.mu.RLock()
-	atOpen := idle.snap
-	idle.mu.RUnlock()
 	report()
-	idle.mu.RLock()
-	still := idle.snap == atOpen
-	snap := idle.snap.acquire()
-	idle.mu.RUnlock()
-	defer snap.release()
-	// What the snapshot still sees the store cannot reclaim.
-	it, err := snap.s.NewIter(&pebble.IterOptions{LowerBound: logKey(0), UpperBound: logKey(e.oldest.Load())})
-	if err != nil {
+	if err := e.RunTimers(ctx); err != nil { // every step published
 		t.Fatal(err)
 	}
-	pinned, bytes := 0, 0
-	for it.First(); it.Valid(); it.Next() {
-		pinned++
-		bytes += len(it.Value())
-	}
-	it.Close()
-	t.Logf("revision %d, oldest log revision %d; pruned log entries the idle worker's snapshot keeps: %d (%d bytes)", e.Revision(), e.oldest.Load(), pinned, bytes)
-	if still || pinned > 0 {
-		t.Errorf("after %d steps of worker 0, idle worker 1 still holds its snapshot from Open (%v), which keeps %d pruned watch log entries (%d bytes) from being reclaimed",
-			n, still, pinned, bytes)
-	}
-}
-
-// TestComposePatchReplacesObject: a rule whose set_desired actions first
-// remove (or set to a scalar) a desired object and then set it to a new
-// object leaves the old object's other keys in desired, where applying the
-// two patches in turn does not: composing without the target cannot say
-// "replace", so the rule's actions should be applied in turn to desired
-// (or the firing should keep its patches as a list).
-func TestComposePatchReplacesObject(t *testing.T) {
-	desired := Document{"cfg": map[string]any{"mode": "boost", "fan": "high"}}
-	for _, first := range []any{nil, "off"} {
-		a := Document{"cfg": first}
-		b := Document{"cfg": map[string]any{"mode": "eco"}}
-		inTurn, _ := MergePatch(desired, a)
-		inTurn, _ = MergePatch(inTurn, b)
-		composed, _ := MergePatch(desired, ComposePatch(a, b))
-		if !reflect.DeepEqual(composed, inTurn) {
-			t.Errorf("cfg %v then {mode: eco}: composed gives %v; in turn %v", first, composed, inTurn)
+	// A worker with nothing in flight holds no snapshot: nothing pins what
+	// the busy worker's changes made obsolete.
+	for i, w := range e.workers {
+		w.mu.RLock()
+		held := w.snap != nil
+		w.mu.RUnlock()
+		if held {
+			t.Errorf("worker %d holds a snapshot with nothing in flight (idle worker: %v)", i, w == idle)
 		}
+	}
+	// And History still reads the durable state.
+	if evs, err := e.History(id, 0, 5); err != nil || len(evs) != 5 {
+		t.Errorf("History = %d events, %v; want 5", len(evs), err)
 	}
 }
 
@@ -141,12 +112,12 @@ func TestCloseAfterFatalWALErrorLeaksNoSnapshot(t *testing.T) {
 	}
 	wg.Wait()
 	t.Logf("health after the injected sync failure: %+v", e.Health())
-	// Every group has been answered: only the workers' installed
-	// snapshots are open.
+	// Every group has been answered: at most the workers' installed
+	// snapshots are open (none for a worker that went idle).
 	deadline := time.Now().Add(5 * time.Second)
-	for n := e.db.Metrics().Snapshots.Count; n != len(e.workers); n = e.db.Metrics().Snapshots.Count {
+	for n := e.db.Metrics().Snapshots.Count; n > len(e.workers); n = e.db.Metrics().Snapshots.Count {
 		if time.Now().After(deadline) {
-			t.Errorf("%d snapshots open with nothing in flight; want %d (one per worker)", n, len(e.workers))
+			t.Errorf("%d snapshots open with nothing in flight; want at most %d (one per worker)", n, len(e.workers))
 			break
 		}
 		time.Sleep(10 * time.Millisecond)

@@ -88,13 +88,25 @@ func (e *Engine) readStopped(ctx context.Context) error {
 
 // recentEvents is how many of the newest events the engine keeps decoded
 // in memory, shared by every watcher that keeps up: only a watcher further
-// behind reads and decodes the log. A power of two.
+// behind, or an event larger than recentEventMaxBytes, is read and decoded
+// from the log. A power of two.
 const recentEvents = 1 << 12
 
+// recentEventMaxBytes bounds the encoded size of an event kept in memory,
+// so that the recent events take tens of MiB at most (a decoded twin
+// takes a few times its encoding): larger ones, rare for devices, are read
+// from the log.
+const recentEventMaxBytes = 4 << 10
+
 // remember keeps a durable event for watchers, before its revision is
-// published.
-func (e *Engine) remember(ev *Event) {
-	e.recent[ev.Revision&(recentEvents-1)].Store(ev)
+// published; size is its encoded size.
+func (e *Engine) remember(ev *Event, size int) {
+	slot := &e.recent[ev.Revision&(recentEvents-1)]
+	if size > recentEventMaxBytes {
+		slot.Store(nil) // a watcher reads it from the log
+		return
+	}
+	slot.Store(ev)
 }
 
 // readRecent appends to evs the events from revision from on, up to upto

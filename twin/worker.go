@@ -48,6 +48,12 @@ type worker struct {
 	view    map[string]*Twin
 	cmdView map[string]*commandList
 	snap    *sharedSnapshot
+	// applied and published count the steps whose batch the worker has
+	// applied to the store and those its syncer has published (or
+	// failed). While they differ the worker has steps in flight and snap
+	// is set; when they are equal and snap is nil, the store itself holds
+	// exactly the worker's durable state.
+	applied, published int64
 
 	buf    []byte // scratch space of the worker goroutine
 	staged staged // the step's writes, sorted before they reach the batch
@@ -172,6 +178,14 @@ func (w *worker) step(ops []*op) {
 		return
 	}
 	g := &group{w: w, batch: b, changes: changes, start: time.Now()}
+	w.mu.Lock()
+	if w.snap == nil {
+		// Idle until now: the store holds exactly the worker's durable
+		// state, which readers need while this step is not durable.
+		w.snap = newSharedSnapshot(e.db)
+	}
+	w.applied++
+	w.mu.Unlock()
 	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
 		e.fail(fmt.Errorf("commit: %w", err))
 		b.Close()
