@@ -286,6 +286,10 @@ func (a *applier) patch(cur *Twin, req *PatchRequest, desired bool, now time.Tim
 	if err := checkVersion(cur, req.ExpectedVersion); err != nil {
 		return nil, err
 	}
+	if req.DesiredAckedVersion < 0 {
+		return nil, fmt.Errorf("%w: desired_acked_version is %d; give the version of the desired state applied, or 0 for none",
+			ErrInvalidArgument, req.DesiredAckedVersion)
+	}
 	name := "reported"
 	if desired {
 		name = "desired"

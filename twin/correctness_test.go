@@ -795,3 +795,17 @@ func TestMetadataBounded(t *testing.T) {
 		t.Errorf("report of 6,500 flat leaves: %v", err)
 	}
 }
+
+// TestNegativeDesiredAckRefused: a negative desired_acked_version is a
+// mistake of the device, not an acknowledgement (issue 13).
+func TestNegativeDesiredAckRefused(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "d", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{}, DesiredAckedVersion: -2}); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("report with desired_acked_version -2 = %v; want ErrInvalidArgument", err)
+	}
+}
