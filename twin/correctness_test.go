@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/twind-io/twind/twin/vfstest"
@@ -807,5 +808,50 @@ func TestNegativeDesiredAckRefused(t *testing.T) {
 	}
 	if _, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{}, DesiredAckedVersion: -2}); !errors.Is(err, ErrInvalidArgument) {
 		t.Errorf("report with desired_acked_version -2 = %v; want ErrInvalidArgument", err)
+	}
+}
+
+// TestPresenceWithoutMarks: a store written before presence marks existed
+// (a twin connected when the process stopped, with no mark) still gets its
+// device marked disconnected after the grace period.
+func TestPresenceWithoutMarks(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{})
+	if _, err := e.Create(ctx, CreateRequest{ID: "old", Type: "car"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Connect(ctx, "old", newRecSink()); err != nil {
+		t.Fatal(err)
+	}
+	e.Close()
+	// Remove the mark, as a store of the earlier format would lack it.
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Delete(presenceKey(uint16(vshardOf("old", 256)), "old"), pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	e = openMem(t, fs, Options{PresenceGrace: time.Nanosecond})
+	defer e.Close()
+	if n := e.Stats().ConnectedDevices; n != 1 {
+		t.Errorf("ConnectedDevices at start = %d; want 1 (the twin says connected)", n)
+	}
+	waitFor := time.Now().Add(10 * time.Second)
+	for {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if tw, _ := e.Get("old"); !tw.Presence.Connected {
+			break
+		}
+		if time.Now().After(waitFor) {
+			t.Fatal("the device connected before the restart is still connected")
+		}
+	}
+	if n := e.Stats().ConnectedDevices; n != 0 {
+		t.Errorf("ConnectedDevices = %d after it was marked disconnected; want 0", n)
 	}
 }

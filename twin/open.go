@@ -173,6 +173,11 @@ func (e *Engine) loadTwin(id, value []byte) error {
 	w.twins[r.Twin.ID] = r.Twin
 	w.view[r.Twin.ID] = r.Twin
 	e.ids.ReplaceOrInsert(r.Twin.ID)
+	if r.Twin.Presence.Connected {
+		// A store written before presence marks existed has none: while
+		// start-up reads every twin anyway, the twin itself says so.
+		e.loadPresence(id, nil)
+	}
 	return nil
 }
 
@@ -180,6 +185,9 @@ func (e *Engine) loadTwin(id, value []byte) error {
 // stopped: it is not now.
 func (e *Engine) loadPresence(id, _ []byte) error {
 	w := e.workerFor(string(id))
+	if w.lost[string(id)] {
+		return nil // noted already
+	}
 	if w.lost == nil {
 		w.lost = map[string]bool{}
 		w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
