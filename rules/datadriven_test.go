@@ -99,6 +99,9 @@ func (w *world) drain() string {
 		if f.DesiredPatch != nil {
 			l += " desired " + js(f.DesiredPatch)
 		}
+		for _, p := range f.DesiredPatches {
+			l += " desired " + js(p)
+		}
 		for _, e := range f.Emits {
 			l += fmt.Sprintf(" emit %d %q", e.Severity, e.Message)
 		}

@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/twind-io/twind/twin"
@@ -23,6 +24,12 @@ type Set struct {
 // but not evaluated.
 func NewSet(rules []*Compiled) *Set {
 	s := &Set{rules: map[string]*Compiled{}, byType: map[string][]*Compiled{}, ticks: map[string]bool{}}
+	// Rules fire in a fixed order, so that which of two rules patching the
+	// same key wins does not change from one install or restart to the
+	// next: the rules for the twin's type by id, then those for every type
+	// by id.
+	rules = slices.Clone(rules)
+	slices.SortFunc(rules, func(a, b *Compiled) int { return strings.Compare(a.Def.ID, b.Def.ID) })
 	for _, r := range rules {
 		s.rules[r.Def.ID] = r
 		if !r.Def.Enabled {
@@ -211,16 +218,7 @@ func (r *Compiled) condition(act *activation) (bool, error) {
 // fire evaluates the rule's actions.
 func (r *Compiled) fire(act *activation) twin.Firing {
 	f := twin.Firing{RuleID: r.Def.ID}
-	// The rule's set_desired patches apply in turn to the twin's desired
-	// state; the firing carries the one exact patch from that state to the
-	// result (a null in one action removes the key, an object after it
-	// replaces it).
-	var base, desired twin.Document
-	if act.next != nil {
-		base = act.next.Desired
-	}
-	desired = base
-	patched := false
+
 	for i, a := range r.actions {
 		switch a.kind {
 		case "command":
@@ -238,8 +236,9 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			if err != nil {
 				return twin.Firing{RuleID: r.Def.ID, Err: fmt.Errorf("actions[%d].set_desired.patch: %w", i, err)}
 			}
-			desired, _ = twin.MergePatch(desired, p)
-			patched = true
+			// Applied in turn by the engine, after earlier rules' (a null
+			// removes the key; an object after it replaces it).
+			f.DesiredPatches = append(f.DesiredPatches, p)
 		case "emit":
 			out, err := act.eval(a.prg)
 			if err != nil {
@@ -251,9 +250,6 @@ func (r *Compiled) fire(act *activation) twin.Firing {
 			}
 			f.Emits = append(f.Emits, twin.Emit{Severity: a.severity, Message: msg})
 		}
-	}
-	if patched {
-		f.DesiredPatch = twin.DiffPatch(base, desired)
 	}
 	return f
 }

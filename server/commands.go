@@ -51,7 +51,11 @@ func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendComma
 		return nil, cs.s.status("SendCommand", err)
 	}
 	if wait := req.GetWait().AsDuration(); wait > 0 && !cmd.State.Final() {
-		wctx, cancel := context.WithTimeout(ctx, wait)
+		// Shutdown ends the wait too: the answer is the command as it
+		// then is.
+		sctx, scancel := cs.s.streamContext(ctx)
+		defer scancel()
+		wctx, cancel := context.WithTimeout(sctx, wait)
 		defer cancel()
 		if cmd, err = cs.s.engine.WaitCommand(wctx, cmd.ID); err != nil {
 			return nil, cs.s.status("SendCommand", err)

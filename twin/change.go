@@ -283,12 +283,12 @@ func metadataSize(doc map[string]any, path int) int {
 // patch computes the twin after a reported or desired merge patch. It returns
 // cur itself when nothing changes.
 func (a *applier) patch(cur *Twin, req *PatchRequest, desired bool, now time.Time) (*Twin, error) {
-	if err := checkVersion(cur, req.ExpectedVersion); err != nil {
-		return nil, err
-	}
 	if req.DesiredAckedVersion < 0 {
 		return nil, fmt.Errorf("%w: desired_acked_version is %d; give the version of the desired state applied, or 0 for none",
 			ErrInvalidArgument, req.DesiredAckedVersion)
+	}
+	if err := checkVersion(cur, req.ExpectedVersion); err != nil {
+		return nil, err
 	}
 	name := "reported"
 	if desired {
@@ -320,6 +320,19 @@ func (a *applier) patch(cur *Twin, req *PatchRequest, desired bool, now time.Tim
 		next.Desired = merged
 		next.DesiredMeta = updateMeta(cur.DesiredMeta, &r, stamp)
 		next.Tombstones = updateTombstones(cur.Tombstones, &r, next.Version)
+		if len(next.Tombstones) > len(cur.Tombstones) {
+			// Removed keys stay as tombstones (nulls in the delta) until
+			// the device acknowledges: they count with the metadata.
+			m := metadataSize(merged, 0)
+			for p := range next.Tombstones {
+				m += len(p) + metaEntryBytes
+			}
+			if m > a.limits.MaxMetadataBytes {
+				return nil, fmt.Errorf("%w: desired's metadata and tombstones would be about %d bytes, over the limit of %d bytes: "+
+					"%d removed keys wait for the device to acknowledge them (desired_acked_version); let it catch up first",
+					ErrLimit, m, a.limits.MaxMetadataBytes, len(next.Tombstones))
+			}
+		}
 	} else {
 		if r.changed() {
 			next.Reported = merged

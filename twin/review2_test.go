@@ -79,7 +79,10 @@ func TestCloseAfterFatalWALErrorLeaksNoSnapshot(t *testing.T) {
 	ctx := context.Background()
 	var on atomic.Bool
 	fs := errorfs.Wrap(vfs.NewMem(), errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if on.Load() && (op.Kind == errorfs.OpFileSync || op.Kind == errorfs.OpFileSyncData || op.Kind == errorfs.OpFileSyncTo) && strings.HasSuffix(op.Path, ".log") {
+		// One failed sync is enough to fail the engine; failing every
+		// later one too would make Pebble panic when it rotates the WAL.
+		if (op.Kind == errorfs.OpFileSync || op.Kind == errorfs.OpFileSyncData || op.Kind == errorfs.OpFileSyncTo) &&
+			strings.HasSuffix(op.Path, ".log") && on.CompareAndSwap(true, false) {
 			return errorfs.ErrInjected
 		}
 		return nil

@@ -63,9 +63,11 @@ type RuleState struct {
 // Firing is what one rule does for one change, or the error it hit.
 type Firing struct {
 	RuleID string
-	// DesiredPatch is merged into desired as a change of its own, with
-	// the next version, in the same batch.
-	DesiredPatch Document
+	// DesiredPatch, then each of DesiredPatches, is merged in turn into
+	// desired, after the patches of the rules that fired before this one,
+	// as one change of its own with the next version, in the same batch.
+	DesiredPatch   Document
+	DesiredPatches []Document
 	Commands     []RuleCommand
 	Emits        []Emit
 	// Err is an evaluation error: nothing else is set.
@@ -183,7 +185,7 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 		var source Source
 		var patched []int // the firings in c.firings whose patch is in desired
 		for _, f := range res.Firings {
-			if f.Err == nil && f.DesiredPatch != nil {
+			if f.Err == nil && (f.DesiredPatch != nil || len(f.DesiredPatches) > 0) {
 				patched = append(patched, len(c.firings))
 			}
 			c.firings = append(c.firings, f)
@@ -199,10 +201,15 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 				}
 				w.setWorking(c, next)
 			}
-			if f.DesiredPatch != nil {
+			if f.DesiredPatch != nil || len(f.DesiredPatches) > 0 {
 				// Applied in turn, so that one rule's null removes what
 				// another's patch or the twin has.
-				desired, _ = MergePatch(desired, f.DesiredPatch)
+				if f.DesiredPatch != nil {
+					desired, _ = MergePatch(desired, f.DesiredPatch)
+				}
+				for _, p := range f.DesiredPatches {
+					desired, _ = MergePatch(desired, p)
+				}
 				if source == "" {
 					source = RuleSource(f.RuleID)
 				}
