@@ -1,0 +1,46 @@
+package server
+
+import (
+	"context"
+	"testing"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+)
+
+// TestReview3RulesApplyInTurnAcrossRules: the worker applies the firings'
+// patches in turn "so that one rule's null removes what another's patch or
+// the twin has" (twin/rules.go), but each firing now carries
+// DiffPatch(the twin's desired, its own result): a later rule's action
+// that puts back what the twin had, or removes a key the twin lacked,
+// diffs to nothing and is lost behind an earlier rule's change.
+func TestReview3RulesApplyInTurnAcrossRules(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	rule := func(id, patch string) {
+		t.Helper()
+		if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: id, Types: []string{"fridge"},
+			Condition: "twin.reported.?go.orValue(false) == true",
+			Actions:   []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{Patch: patch}}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Rules evaluate in id order: a, then b.
+	rule("a-eco", "{'mode': 'eco', 'lamp': 'on'}")
+	rule("b-undo", "{'mode': 'boost', 'lamp': null}")
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1", Type: "fridge",
+		Desired: mustStruct(t, map[string]any{"mode": "boost"})}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "f1", Patch: mustStruct(t, map[string]any{"go": true})}); err != nil {
+		t.Fatal(err)
+	}
+	tw, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "f1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := tw.Twin.Desired.AsMap()
+	if got["mode"] != "boost" || got["lamp"] != nil {
+		t.Errorf("desired after rules a-eco then b-undo = %v; want {mode: boost} (b's actions applied after a's)", got)
+	}
+}
