@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -42,5 +43,47 @@ func TestReview3RulesApplyInTurnAcrossRules(t *testing.T) {
 	got := tw.Twin.Desired.AsMap()
 	if got["mode"] != "boost" || got["lamp"] != nil {
 		t.Errorf("desired after rules a-eco then b-undo = %v; want {mode: boost} (b's actions applied after a's)", got)
+	}
+}
+
+// TestReview3RulesFireInIDOrder: twin/rules.go applies "the set_desired
+// patches of all the rules that fire on one change ... in rule order", but
+// rules.Registry.installLocked builds the Set from a map, and NewSet keeps
+// that order: which of two conflicting rules wins changes with every
+// install (and every restart).
+func TestReview3RulesFireInIDOrder(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, nil)
+	rc := twinv1.NewRuleServiceClient(s.conn)
+	const n = 12
+	for i := range n {
+		id := fmt.Sprintf("r%02d", i)
+		if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: id, Types: []string{"fridge"},
+			Condition: "twin.reported.?go.orValue(0.0) > 0.0", Trigger: twinv1.Trigger_TRIGGER_WHILE_TRUE,
+			Actions: []*twinv1.Action{{Action: &twinv1.Action_SetDesired{SetDesired: &twinv1.SetDesiredAction{
+				Patch: fmt.Sprintf("{'last': '%s'}", id)}}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1", Type: "fridge"}}); err != nil {
+		t.Fatal(err)
+	}
+	for try := range 3 {
+		if try > 0 { // install the rules again
+			if _, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: fmt.Sprint("other", try), Types: []string{"lamp"},
+				Condition: "true"}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "f1", Patch: mustStruct(t, map[string]any{"go": float64(try + 1)})}); err != nil {
+			t.Fatal(err)
+		}
+		tw, err := s.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "f1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := tw.Twin.Desired.AsMap()["last"], fmt.Sprintf("r%02d", n-1); got != want {
+			t.Errorf("install %d: desired.last = %v; want %v, the last rule in id order", try, got, want)
+		}
 	}
 }
