@@ -2,6 +2,7 @@ package twin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -50,5 +51,23 @@ func TestReview3TombstonesUnbounded(t *testing.T) {
 	if n > e.opts.Limits.MaxMetadataBytes {
 		t.Errorf("desired's tombstones take ~%d bytes, over MaxMetadataBytes %d, with an empty desired: the limit does not bound them (record %d bytes)",
 			n, e.opts.Limits.MaxMetadataBytes, rec)
+	}
+}
+
+// TestReview3NegativeAckBeforeVersionCheck: a negative
+// desired_acked_version is a malformed request whatever the twin's state,
+// so it is INVALID_ARGUMENT even when expected_version is stale; patch
+// checks the version first and answers FAILED_PRECONDITION, which tells
+// the caller to re-read and retry the same malformed request.
+func TestReview3NegativeAckBeforeVersionCheck(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "d", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.Report(ctx, PatchRequest{ID: "d", Patch: Document{}, ExpectedVersion: 99, DesiredAckedVersion: -2})
+	if !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("report with expected_version 99 and desired_acked_version -2 = %v; want ErrInvalidArgument", err)
 	}
 }
