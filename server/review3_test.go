@@ -3,7 +3,11 @@ package server
 import (
 	"context"
 	"fmt"
+	"strings"
+	"time"
 	"testing"
+
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 )
@@ -85,5 +89,31 @@ func TestReview3RulesFireInIDOrder(t *testing.T) {
 		if got, want := tw.Twin.Desired.AsMap()["last"], fmt.Sprintf("r%02d", n-1); got != want {
 			t.Errorf("install %d: desired.last = %v; want %v, the last rule in id order", try, got, want)
 		}
+	}
+}
+
+// TestReview3ShutdownWakesCommandWait: SendCommand may now wait up to 5
+// minutes for a device, but Shutdown does not wake the wait as it ends
+// streams (streamContext): a graceful shutdown with one such call in
+// flight always runs into its timeout, logs the call as stuck and cancels
+// it, however quickly everything else ends.
+func TestReview3ShutdownWakesCommandWait(t *testing.T) {
+	ctx := context.Background()
+	s := startServer(t, nil, func(o *Options) { o.ShutdownTimeout = 3 * time.Second })
+	createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	waited := make(chan error, 1)
+	go func() {
+		_, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Minute)})
+		waited <- err
+	}()
+	waitFor(t, func() bool { return strings.Contains(s.inflight.String(), "SendCommand") })
+	time.Sleep(100 * time.Millisecond) // in WaitCommand
+	start := time.Now()
+	err := s.Shutdown()
+	took := time.Since(start)
+	t.Logf("Shutdown took %v (%v); SendCommand: %v", took, err, <-waited)
+	if took >= s.opts.ShutdownTimeout {
+		t.Errorf("Shutdown took %v, the whole shutdown timeout of %v, waiting for a SendCommand that waits for its device", took, s.opts.ShutdownTimeout)
 	}
 }
