@@ -15,7 +15,9 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin/vfstest"
 )
 
 // syncBuffer is a bytes.Buffer safe for the concurrent writes of a logger.
@@ -80,27 +82,64 @@ func TestOperatorLogs(t *testing.T) {
 func TestShutdownNamesWhatItWaitsFor(t *testing.T) {
 	ctx := context.Background()
 	var logs syncBuffer
-	s := startServer(t, nil, func(o *Options) {
+	gate := vfstest.NewGate(vfs.NewMem())
+	s := startServer(t, gate, func(o *Options) {
 		o.ShutdownTimeout = 200 * time.Millisecond
 		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	})
 	createDevice(t, s, "car-1", "car")
-	cmds := twinv1.NewCommandServiceClient(s.conn)
+	// A report whose commit cannot become durable (its WAL sync is held)
+	// keeps its call in flight through the shutdown's timeout.
+	gate.Hold()
+	defer gate.Release()
 	waiting := make(chan error, 1)
 	go func() {
-		// The device is offline: this waits for the whole minute.
-		_, err := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Minute)})
+		_, err := s.twins.ReportState(ctx, &twinv1.ReportStateRequest{Id: "car-1", Patch: jsonStruct(t, `{"speed_kmh": 50}`)})
 		waiting <- err
 	}()
+	gate.AwaitHeld(t)
+	shut := make(chan error, 1)
+	go func() { shut <- s.Shutdown() }()
+	if err := <-waiting; err == nil {
+		t.Errorf("ReportState in flight through a shutdown that cancelled it succeeded; want an error")
+	}
+	waitFor(t, func() bool { return strings.Contains(logs.String(), "waiting_for=ReportState×1") })
+	gate.Release() // the store can close
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+}
+
+// TestShutdownEndsCommandWait: a SendCommand waiting for its device ends
+// when shutdown begins, with the command as it then is, rather than hold
+// the shutdown for its whole timeout.
+func TestShutdownEndsCommandWait(t *testing.T) {
+	ctx := context.Background()
+	var logs syncBuffer
+	s := startServer(t, nil, func(o *Options) {
+		o.ShutdownTimeout = time.Minute
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	createDevice(t, s, "car-1", "car")
+	cmds := twinv1.NewCommandServiceClient(s.conn)
+	waiting := make(chan *twinv1.SendCommandResponse, 1)
+	go func() {
+		r, _ := cmds.SendCommand(ctx, &twinv1.SendCommandRequest{DeviceId: "car-1", Name: "honk", Wait: durationpb.New(time.Minute)})
+		waiting <- r
+	}()
 	waitFor(t, func() bool { return s.inflight.String() != "" })
-	if err := s.Shutdown(); err != nil {
+	waitFor(t, func() bool {
+		l, _ := cmds.ListCommands(ctx, &twinv1.ListCommandsRequest{DeviceId: "car-1"})
+		return len(l.GetCommands()) == 1
+	})
+	if err := s.Shutdown(); err != nil { // with a minute's timeout, it would hang the test
 		t.Fatal(err)
 	}
-	if err := <-waiting; err == nil {
-		t.Errorf("SendCommand waiting through shutdown succeeded; want an error")
+	if r := <-waiting; r.GetCommand().GetState() != twinv1.CommandState_COMMAND_STATE_QUEUED {
+		t.Errorf("SendCommand at shutdown = %v; want the command as it stood (QUEUED)", r)
 	}
-	if out := logs.String(); !strings.Contains(out, "waiting_for=SendCommand×1") {
-		t.Errorf("the shutdown log does not name the call it waits for:\n%s", out)
+	if strings.Contains(logs.String(), "waiting_for") {
+		t.Errorf("shutdown waited for calls:\n%s", logs.String())
 	}
 }
 
