@@ -68,8 +68,8 @@ type Firing struct {
 	// as one change of its own with the next version, in the same batch.
 	DesiredPatch   Document
 	DesiredPatches []Document
-	Commands     []RuleCommand
-	Emits        []Emit
+	Commands       []RuleCommand
+	Emits          []Emit
 	// Err is an evaluation error: nothing else is set.
 	Err error
 }
