@@ -48,6 +48,12 @@ func run(args []string) error {
 		return check(args[1:], os.Stdout)
 	}
 	fs := flag.NewFlagSet("twind", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "Usage: twind [flags]           serve (see the flags below)")
+		fmt.Fprintln(fs.Output(), "       twind check [--data DIR] check a stopped twind's store (twind check --help)")
+		fmt.Fprintln(fs.Output(), "\nFlags:")
+		fs.PrintDefaults()
+	}
 	var opts server.Options
 	fs.StringVar(&opts.Addr, "addr", envOr("TWIND_ADDR", "localhost:50051"), "address to serve gRPC on (env TWIND_ADDR)")
 	fs.StringVar(&opts.DataDir, "data", envOr("TWIND_DATA", "./twind-data"), "directory of the embedded store (env TWIND_DATA)")
