@@ -33,6 +33,17 @@ func failWrites(fs vfs.FS, suffix string, on *atomic.Bool) vfs.FS {
 	}))
 }
 
+// failOneWrite is failWrites for one write only: failing every WAL write
+// makes Pebble panic when it next rotates the WAL, killing the test binary.
+func failOneWrite(fs vfs.FS, suffix string, armed *atomic.Bool) vfs.FS {
+	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) && armed.CompareAndSwap(true, false) {
+			return errorfs.ErrInjected
+		}
+		return nil
+	}))
+}
+
 // healthWatch follows the server's overall health.
 type healthWatch struct {
 	t  *testing.T
@@ -157,7 +168,7 @@ func TestRunStopsOnFatalStoreError(t *testing.T) {
 		}
 		return nil, nil
 	}
-	conn, done := run(failWrites(mem, ".log", &on))
+	conn, done := run(failOneWrite(mem, ".log", &on))
 	tc := twinv1.NewTwinServiceClient(conn)
 	for i := range 5 {
 		if _, err := tc.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("car-", i), Type: "car"}}); err != nil {

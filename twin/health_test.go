@@ -24,6 +24,19 @@ func failWrites(fs vfs.FS, suffix string, on *atomic.Bool) vfs.FS {
 	}))
 }
 
+// failOneWrite returns a filesystem over fs whose first write (or sync) to
+// a file with the suffix after armed is set fails with errorfs.ErrInjected.
+// One failure is what a WAL test needs: failing every later write too makes
+// Pebble panic when it next rotates the WAL, killing the test binary.
+func failOneWrite(fs vfs.FS, suffix string, armed *atomic.Bool) vfs.FS {
+	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) && armed.CompareAndSwap(true, false) {
+			return errorfs.ErrInjected
+		}
+		return nil
+	}))
+}
+
 // waitHealth waits until the engine's health satisfies ok.
 func waitHealth(t *testing.T, e *Engine, what string, ok func(Health) bool) Health {
 	t.Helper()
@@ -109,7 +122,7 @@ func TestHealthFatalWALError(t *testing.T) {
 	ctx := context.Background()
 	var on atomic.Bool
 	mem := vfs.NewMem()
-	e := openMem(t, failWrites(mem, ".log", &on), Options{})
+	e := openMem(t, failOneWrite(mem, ".log", &on), Options{})
 	for i := range 10 {
 		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("car-", i), Type: "car"}); err != nil {
 			t.Fatal(err)
