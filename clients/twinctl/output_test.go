@@ -289,3 +289,29 @@ func stream(t *testing.T, addr string, n int, args ...string) []string {
 	}
 	return lines
 }
+
+// TestTwinctlFilterErrors: a list whose filter failed on some twins says
+// so, rather than look complete.
+func TestTwinctlFilterErrors(t *testing.T) {
+	addr := startTwind(t)
+	c := fleet(t, addr, 0, 1)
+	ctx := context.Background()
+	for id, temp := range map[string]any{"warm": 9.0, "odd": "x"} {
+		if _, err := c.CreateTwin(ctx, id, "fridge", nil); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.ReportState(ctx, id, map[string]any{"temp_c": temp}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errOut, err := run2(t, addr, "", "twin", "list", "--filter", "twin.reported.temp_c > 8.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "warm") || strings.Contains(out, "odd") {
+		t.Errorf("twin list printed:\n%s\nwant warm and not odd", out)
+	}
+	if !strings.Contains(errOut, "the filter failed on 1 twins") || !strings.Contains(errOut, "odd") {
+		t.Errorf("twin list said on stderr:\n%s\nwant that the filter failed on 1 twin, odd", errOut)
+	}
+}

@@ -87,7 +87,8 @@ func twinCmd(a *app) *cobra.Command {
 			}
 			req := &twinv1.ListTwinsRequest{Filter: listFilter, PageToken: listPage}
 			var twins []*twinv1.Twin
-			var rev int64
+			var rev, filterErrors int64
+			var firstFilterError string
 			for first := true; ; first = false {
 				req.PageSize = pageSize(listLimit, len(twins))
 				resp, err := c.Twins.ListTwins(cmd.Context(), req)
@@ -98,6 +99,10 @@ func twinCmd(a *app) *cobra.Command {
 					rev = resp.Revision // the lowest of the pages'
 				}
 				twins = append(twins, resp.Twins...)
+				if resp.FilterErrorCount > 0 && filterErrors == 0 {
+					firstFilterError = resp.FirstFilterError
+				}
+				filterErrors += resp.FilterErrorCount
 				if req.PageToken = resp.NextPageToken; req.PageToken == "" || listLimit > 0 && len(twins) >= listLimit {
 					break
 				}
@@ -109,6 +114,12 @@ func twinCmd(a *app) *cobra.Command {
 				return err
 			}
 			a.more(cmd, len(twins), "twins", req.PageToken)
+			if filterErrors > 0 {
+				// Twins the filter failed on are left out: say so, or the
+				// list looks complete.
+				fmt.Fprintf(cmd.ErrOrStderr(), "the filter failed on %d twins, which are not listed; the first: %s\n",
+					filterErrors, firstFilterError)
+			}
 			return nil
 		},
 	}
