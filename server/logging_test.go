@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -254,5 +255,28 @@ func TestBearerSchemeCaseInsensitive(t *testing.T) {
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Basic s3cret")
 	if _, err := s.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Errorf("ListTwins with a Basic scheme = %v; want UNAUTHENTICATED", err)
+	}
+}
+
+// TestShutdownEndsHealthWatch: a client watching health does not hold a
+// graceful shutdown to its timeout.
+func TestShutdownEndsHealthWatch(t *testing.T) {
+	var logs syncBuffer
+	s := startServer(t, nil, func(o *Options) {
+		o.ShutdownTimeout = time.Minute // a held shutdown would hang the test
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	w, err := healthpb.NewHealthClient(s.conn).Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := w.Recv(); err != nil || r.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health watch = %v, %v; want SERVING", r, err)
+	}
+	if err := s.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), "waiting_for") {
+		t.Errorf("shutdown waited for calls:\n%s", logs.String())
 	}
 }

@@ -189,6 +189,27 @@ func (f *inflight) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServer
 	return handler(srv, ss)
 }
 
+// endAtShutdown gives the health service's Watch streams a context that
+// ends when shutdown begins, as twind's own streams have: grpc-go's health
+// server ends a Watch only when its context does, and a graceful stop
+// would otherwise wait its whole timeout for every watching client.
+func (s *Server) endAtShutdown(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if info.FullMethod != healthpb.Health_Watch_FullMethodName {
+		return handler(srv, ss)
+	}
+	ctx, cancel := s.streamContext(ss.Context())
+	defer cancel()
+	return handler(srv, contextStream{ServerStream: ss, ctx: ctx})
+}
+
+// contextStream is a grpc.ServerStream with a context of its own.
+type contextStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (c contextStream) Context() context.Context { return c.ctx }
+
 // String lists the calls in progress, e.g. "Connect×3, WatchTwins×1".
 func (f *inflight) String() string {
 	f.mu.Lock()
@@ -240,7 +261,7 @@ func New(opts Options) (*Server, error) {
 	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.MaxRecvMsgSize(4<<20),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, auth.stream),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream),
 		grpc.StatsHandler(rpcLog{logger: opts.Logger, decode: newSampledLog()}),
 		// Stop, after the shutdown timeout, waits for the handlers it
 		// cancels: the store closes under none of them.
