@@ -20,29 +20,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin/vfstest"
 )
-
-// failWrites returns a filesystem over fs whose writes (and syncs) to files
-// with the suffix fail with errorfs.ErrInjected while on is set.
-func failWrites(fs vfs.FS, suffix string, on *atomic.Bool) vfs.FS {
-	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if on.Load() && op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) {
-			return errorfs.ErrInjected
-		}
-		return nil
-	}))
-}
-
-// failOneWrite is failWrites for one write only: failing every WAL write
-// makes Pebble panic when it next rotates the WAL, killing the test binary.
-func failOneWrite(fs vfs.FS, suffix string, armed *atomic.Bool) vfs.FS {
-	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) && armed.CompareAndSwap(true, false) {
-			return errorfs.ErrInjected
-		}
-		return nil
-	}))
-}
 
 // healthWatch follows the server's overall health.
 type healthWatch struct {
@@ -92,7 +71,7 @@ func TestHealthFollowsBackgroundErrors(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var on atomic.Bool
-	s := startServer(t, failWrites(vfs.NewMem(), ".sst", &on), func(o *Options) { o.Engine.MemTableBytes = 64 << 10 })
+	s := startServer(t, vfstest.FailWrites(vfs.NewMem(), ".sst", &on), func(o *Options) { o.Engine.MemTableBytes = 64 << 10 })
 	hw := watchHealth(t, ctx, s.conn)
 	hw.until(healthpb.HealthCheckResponse_SERVING)
 	if _, err := s.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "fridge-1", Type: "fridge"}}); err != nil {
@@ -168,7 +147,7 @@ func TestRunStopsOnFatalStoreError(t *testing.T) {
 		}
 		return nil, nil
 	}
-	conn, done := run(failOneWrite(mem, ".log", &on))
+	conn, done := run(vfstest.FailOneWrite(mem, ".log", &on))
 	tc := twinv1.NewTwinServiceClient(conn)
 	for i := range 5 {
 		if _, err := tc.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("car-", i), Type: "car"}}); err != nil {

@@ -11,9 +11,7 @@ import (
 // group is one worker step's worth of changes, with the batch that commits
 // them, or the error that kept them from committing.
 type group struct {
-	// snap is the store right after the group's batch was applied,
-	// installed for readers once the group is durable.
-	snap    *sharedSnapshot
+	seq     int64 // numbers the worker's steps, from 1 (snapshot.go)
 	w       *worker
 	start   time.Time
 	batch   *pebble.Batch
@@ -122,11 +120,8 @@ func (w *worker) syncLoop() {
 			}
 		}
 		if err != nil {
-			if g.snap != nil {
-				g.snap.release()
-			}
 			w.mu.Lock()
-			w.published++ // the worker stays with its last durable snapshot
+			w.afterPublish(g.seq)
 			w.mu.Unlock()
 			for _, c := range g.changes {
 				c.op.done <- Result{Err: e.err()}
@@ -156,15 +151,7 @@ func (e *Engine) publish(g *group) {
 			g.w.cmdView[c.op.id] = c.cmds
 		}
 	}
-	g.w.snap.release()
-	g.w.snap, g.snap = g.snap, nil
-	g.w.published++
-	if g.w.published == g.w.applied {
-		// Nothing in flight: readers read the store, and no snapshot
-		// keeps what later changes overwrite.
-		g.w.snap.release()
-		g.w.snap = nil
-	}
+	g.w.afterPublish(g.seq)
 	g.w.mu.Unlock()
 
 	e.idxMu.Lock()

@@ -944,3 +944,46 @@ func TestPresenceAcrossPowerLoss(t *testing.T) {
 		}
 	}
 }
+
+// TestSnapshotFollowsDurableSteps: with two steps of a worker in flight,
+// readers see the store as of the first step once it is published (not the
+// second, applied but not durable), and the store itself once both are.
+func TestSnapshotFollowsDurableSteps(t *testing.T) {
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	// A worker of its own, not running, so that the test steps it.
+	w := &worker{e: e}
+	k := []byte("k")
+	set := func(v string) {
+		if err := e.db.Set(k, []byte(v), pebble.NoSync); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := func() string {
+		if w.snap == nil {
+			return "<store>"
+		}
+		v, closer, err := w.snap.s.Get(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closer.Close()
+		return string(v)
+	}
+	set("durable")
+	first := w.beforeApply()
+	set("step 1")
+	second := w.beforeApply()
+	set("step 2")
+	if got := seen(); got != "durable" {
+		t.Errorf("with steps 1 and 2 in flight, readers see %q; want %q", got, "durable")
+	}
+	w.afterPublish(first)
+	if got := seen(); got != "step 1" {
+		t.Errorf("with step 1 published and step 2 in flight, readers see %q; want %q", got, "step 1")
+	}
+	w.afterPublish(second)
+	if got := seen(); got != "<store>" {
+		t.Errorf("with nothing in flight, readers see %q; want the store itself", got)
+	}
+}

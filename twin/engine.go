@@ -105,8 +105,13 @@ func (e *Engine) Close() error {
 	close(e.done)
 	e.readerWG.Wait() // so no reader holds a snapshot any more
 	for _, w := range e.workers {
+		// Nothing is in flight any more, so snap is nil and after empty;
+		// release whatever a failure may have left.
 		if w.snap != nil {
 			w.snap.release()
+		}
+		for _, s := range w.after {
+			s.release()
 		}
 	}
 	return e.db.Close()

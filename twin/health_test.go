@@ -11,31 +11,8 @@ import (
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+	"github.com/twind-io/twind/twin/vfstest"
 )
-
-// failWrites returns a filesystem over fs whose writes (and syncs) to files
-// with the suffix fail with errorfs.ErrInjected while on is set.
-func failWrites(fs vfs.FS, suffix string, on *atomic.Bool) vfs.FS {
-	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if on.Load() && op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) {
-			return errorfs.ErrInjected
-		}
-		return nil
-	}))
-}
-
-// failOneWrite returns a filesystem over fs whose first write (or sync) to
-// a file with the suffix after armed is set fails with errorfs.ErrInjected.
-// One failure is what a WAL test needs: failing every later write too makes
-// Pebble panic when it next rotates the WAL, killing the test binary.
-func failOneWrite(fs vfs.FS, suffix string, armed *atomic.Bool) vfs.FS {
-	return errorfs.Wrap(fs, errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite && strings.HasSuffix(op.Path, suffix) && armed.CompareAndSwap(true, false) {
-			return errorfs.ErrInjected
-		}
-		return nil
-	}))
-}
 
 // waitHealth waits until the engine's health satisfies ok.
 func waitHealth(t *testing.T, e *Engine, what string, ok func(Health) bool) Health {
@@ -61,7 +38,7 @@ func TestHealthBackgroundError(t *testing.T) {
 	ctx := context.Background()
 	var on atomic.Bool
 	mem := vfs.NewMem()
-	e := openMem(t, failWrites(mem, ".sst", &on), Options{MemTableBytes: 64 << 10})
+	e := openMem(t, vfstest.FailWrites(mem, ".sst", &on), Options{MemTableBytes: 64 << 10})
 	if err := e.Health().Err(); err != nil {
 		t.Fatalf("Health().Err() of a new store = %v; want nil", err)
 	}
@@ -122,7 +99,7 @@ func TestHealthFatalWALError(t *testing.T) {
 	ctx := context.Background()
 	var on atomic.Bool
 	mem := vfs.NewMem()
-	e := openMem(t, failOneWrite(mem, ".log", &on), Options{})
+	e := openMem(t, vfstest.FailOneWrite(mem, ".log", &on), Options{})
 	for i := range 10 {
 		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("car-", i), Type: "car"}); err != nil {
 			t.Fatal(err)

@@ -10,15 +10,18 @@ import (
 // worker's durable state. Pebble makes a batch visible as soon as it is
 // applied, before its WAL sync, so a read of the store itself may see a
 // worker step that a crash would still erase: a history entry, or a
-// deletion or trim of entries that are durable. Each worker therefore takes
-// a snapshot right after applying a step's batch, when the store holds
-// every step of the worker up to that one and none after it, and its syncer
-// installs that snapshot once the step is durable. The keys of a worker's
-// twins are written by that worker alone, so the snapshot shows them as
-// durable; other workers' keys in it are not read through it. A worker with
-// nothing in flight holds no snapshot (it would keep what later changes
-// overwrite from being reclaimed): the store then is its durable state, and
-// a reader takes a snapshot of its own.
+// deletion or trim of entries that are durable. The keys of a worker's
+// twins are written by that worker alone, so a snapshot of the store taken
+// between two of its steps shows them as they are after the first; other
+// workers' keys in it are not read through it.
+//
+// A worker with nothing in flight holds no snapshot (it would keep what
+// later changes overwrite from being reclaimed): the store is then its
+// durable state, and a reader takes a snapshot of its own. Just before it
+// applies a step, a worker snapshots the store once: when it was idle,
+// that is the durable state readers need until the step is published; when
+// steps are in flight, it is the state after the last of them, which
+// readers need once that one is published.
 
 // sharedSnapshot is a Pebble snapshot with a reference count: the worker's
 // current published snapshot holds one reference, each reader one more,
@@ -71,5 +74,36 @@ func (w *worker) durableSnapshot(id string) (*sharedSnapshot, bool) {
 			return s, ok
 		}
 		s.release()
+	}
+}
+
+// beforeApply snapshots the store for readers, just before the worker
+// applies its next step, and returns that step's sequence. w.mu is held.
+func (w *worker) beforeApply() int64 {
+	if w.applied == w.published {
+		w.snap = newSharedSnapshot(w.e.db) // the durable state, until this step is published
+	} else {
+		if w.after == nil {
+			w.after = map[int64]*sharedSnapshot{}
+		}
+		w.after[w.applied] = newSharedSnapshot(w.e.db) // the state once the last step in flight is published
+	}
+	w.applied++
+	return w.applied
+}
+
+// afterPublish moves readers on to the durable state once step seq is
+// published (or has failed). w.mu is held.
+func (w *worker) afterPublish(seq int64) {
+	w.published = seq
+	old := w.snap
+	if w.published == w.applied {
+		w.snap = nil // nothing in flight: readers read the store
+	} else {
+		w.snap = w.after[seq]
+		delete(w.after, seq)
+	}
+	if old != nil {
+		old.release()
 	}
 }

@@ -51,9 +51,12 @@ type worker struct {
 	// applied and published count the steps whose batch the worker has
 	// applied to the store and those its syncer has published (or
 	// failed). While they differ the worker has steps in flight and snap
-	// is set; when they are equal and snap is nil, the store itself holds
-	// exactly the worker's durable state.
+	// is set; when they are equal snap is nil, and the store itself holds
+	// exactly the worker's durable state. after holds, by step, the store
+	// as of each step in flight that a later step followed
+	// (snapshot.go).
 	applied, published int64
+	after              map[int64]*sharedSnapshot
 
 	buf    []byte // scratch space of the worker goroutine
 	staged staged // the step's writes, sorted before they reach the batch
@@ -107,9 +110,9 @@ func (w *worker) run() {
 }
 
 // step applies a batch of requests to the working state, writes their
-// changes into one Pebble batch and hands it to the committer. Requests that
-// fail are answered at once; the others are answered by the syncer once the
-// batch is durable.
+// changes into one Pebble batch, applies it without waiting for its WAL
+// sync and hands it to the worker's syncer, which answers every request of
+// the step, failed ones included, once the batch is durable.
 func (w *worker) step(ops []*op) {
 	e := w.e
 	if err := e.err(); err != nil {
@@ -161,41 +164,34 @@ func (w *worker) step(ops []*op) {
 		if w.buf, err = w.write(&w.staged, c, w.buf); err != nil {
 			// Encoding a validated document cannot fail; if it does, the
 			// working state is no longer what the store will hold.
-			e.fail(fmt.Errorf("encode change of %q: %w", c.op.id, err))
-			b.Close()
-			for _, c := range changes {
-				c.op.done <- Result{Err: e.err()}
-			}
+			w.abandon(b, changes, fmt.Errorf("encode change of %q: %w", c.op.id, err))
 			return
 		}
 	}
 	if err := w.staged.flush(); err != nil {
-		e.fail(fmt.Errorf("write batch: %w", err))
-		b.Close()
-		for _, c := range changes {
-			c.op.done <- Result{Err: e.err()}
-		}
+		w.abandon(b, changes, fmt.Errorf("write batch: %w", err))
 		return
 	}
 	g := &group{w: w, batch: b, changes: changes, start: time.Now()}
 	w.mu.Lock()
-	if w.snap == nil {
-		// Idle until now: the store holds exactly the worker's durable
-		// state, which readers need while this step is not durable.
-		w.snap = newSharedSnapshot(e.db)
-	}
-	w.applied++
+	g.seq = w.beforeApply()
 	w.mu.Unlock()
 	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
 		e.fail(fmt.Errorf("commit: %w", err))
 		b.Close()
 		g.batch, g.err = nil, e.err()
-	} else {
-		// The store as of this step of this worker, for readers once the
-		// step is durable (snapshot.go).
-		g.snap = newSharedSnapshot(e.db)
 	}
 	w.syncCh <- g
+}
+
+// abandon fails the engine with err, for a step whose batch cannot be
+// written, and answers every request of the step.
+func (w *worker) abandon(b *pebble.Batch, changes []*change, err error) {
+	w.e.fail(err)
+	b.Close()
+	for _, c := range changes {
+		c.op.done <- Result{Err: w.e.err()}
+	}
 }
 
 // nextTimed returns when the worker has timed work next: a command to
