@@ -96,9 +96,6 @@ func (w *world) drain() string {
 		for _, c := range f.Commands {
 			l += fmt.Sprintf(" command %s%s", c.Name, js(c.Params))
 		}
-		if f.DesiredPatch != nil {
-			l += " desired " + js(f.DesiredPatch)
-		}
 		for _, p := range f.DesiredPatches {
 			l += " desired " + js(p)
 		}

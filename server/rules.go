@@ -214,13 +214,10 @@ func (rs *ruleService) TestRule(ctx context.Context, req *twinv1.TestRuleRequest
 		}
 		resp.Commands = append(resp.Commands, tc)
 	}
-	if res.Firing.DesiredPatch != nil || len(res.Firing.DesiredPatches) > 0 {
+	if len(res.Firing.DesiredPatches) > 0 {
 		// The one patch that has the effect of the rule's set_desired
 		// actions applied in turn to the twin's desired state.
 		desired := after.Desired
-		if res.Firing.DesiredPatch != nil {
-			desired, _ = twin.MergePatch(desired, res.Firing.DesiredPatch)
-		}
 		for _, p := range res.Firing.DesiredPatches {
 			desired, _ = twin.MergePatch(desired, p)
 		}

@@ -214,9 +214,9 @@ func TestRulePatchesKeepNulls(t *testing.T) {
 			return Evaluation{}
 		}
 		return Evaluation{Firings: []Firing{
-			{RuleID: "a", DesiredPatch: Document{"pump": nil, "fan": "on"}},
-			{RuleID: "b", DesiredPatch: Document{"lamp": "on"}},
-			{RuleID: "c", DesiredPatch: Document{"lamp": nil, "mode": map[string]any{"x": nil, "y": 1.0}}},
+			{RuleID: "a", DesiredPatches: []Document{{"pump": nil, "fan": "on"}}},
+			{RuleID: "b", DesiredPatches: []Document{{"lamp": "on"}}},
+			{RuleID: "c", DesiredPatches: []Document{{"lamp": nil, "mode": map[string]any{"x": nil, "y": 1.0}}}},
 		}}
 	}})
 	if _, err := e.Create(ctx, CreateRequest{ID: "p", Type: "planter",
@@ -346,7 +346,7 @@ func TestRuleLoopStops(t *testing.T) {
 	defer e.Close()
 	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
 		n, _ := next.Desired["n"].(float64)
-		return Evaluation{Firings: []Firing{{RuleID: "count", DesiredPatch: Document{"n": n + 1}}}}
+		return Evaluation{Firings: []Firing{{RuleID: "count", DesiredPatches: []Document{{"n": n + 1}}}}}
 	}})
 	if _, err := e.Create(ctx, CreateRequest{ID: "x", Type: "t"}); err != nil {
 		t.Fatal(err)
@@ -726,7 +726,7 @@ func TestRecentEventsAreTheLog(t *testing.T) {
 	defer e.Close()
 	e.SetEvaluator(funcEvaluator{eval: func(prev, next *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
 		if prev != nil && next.Reported["hot"] == true && prev.Reported["hot"] != true {
-			return Evaluation{Firings: []Firing{{RuleID: "cool", DesiredPatch: Document{"fan": "on", "lamp": nil}, Commands: []RuleCommand{{Name: "defrost"}}}}}
+			return Evaluation{Firings: []Firing{{RuleID: "cool", DesiredPatches: []Document{{"fan": "on", "lamp": nil}}, Commands: []RuleCommand{{Name: "defrost"}}}}}
 		}
 		return Evaluation{}
 	}})

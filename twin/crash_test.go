@@ -65,10 +65,10 @@ func (crashRules) Evaluate(prev, next *Twin, states map[string]RuleState, now ti
 		ev.Firings = append(ev.Firings, Firing{RuleID: "dry",
 			Commands: []RuleCommand{{Name: "water", Params: Document{"firing": float64(n)}},
 				{Name: "lamp", Params: Document{"firing": float64(n)}}},
-			DesiredPatch: Document{"pump": "on"}})
+			DesiredPatches: []Document{{"pump": "on"}}})
 	}
 	if crashWet(next) {
-		ev.Firings = append(ev.Firings, Firing{RuleID: "wet", DesiredPatch: Document{"pump": "off"}})
+		ev.Firings = append(ev.Firings, Firing{RuleID: "wet", DesiredPatches: []Document{{"pump": "off"}}})
 	}
 	return ev
 }

@@ -237,8 +237,8 @@ func (modelRules) Evaluate(prev, next *Twin, states map[string]RuleState, now ti
 	case cond && !active:
 		ev.States = map[string]*RuleState{"r1": {Gen: 1, Active: true, Fired: true, LastFired: now}}
 		ev.Firings = append(ev.Firings, Firing{RuleID: "r1",
-			Commands:     []RuleCommand{{Name: "c1", Params: Document{"x": x}}, {Name: "c2"}},
-			DesiredPatch: Document{"y": nil, "z": 1.0}})
+			Commands:       []RuleCommand{{Name: "c1", Params: Document{"x": x}}, {Name: "c2"}},
+			DesiredPatches: []Document{{"y": nil, "z": 1.0}}})
 	case !cond && active:
 		ev.States = map[string]*RuleState{"r1": nil}
 	}
@@ -246,7 +246,7 @@ func (modelRules) Evaluate(prev, next *Twin, states map[string]RuleState, now ti
 		ev.Firings = append(ev.Firings, Firing{RuleID: "r2", Commands: []RuleCommand{{Name: "hello"}}})
 	}
 	if next.Desired["z"] == 1.0 && next.Desired["w"] != "on" {
-		ev.Firings = append(ev.Firings, Firing{RuleID: "r3", DesiredPatch: Document{"w": "on"}})
+		ev.Firings = append(ev.Firings, Firing{RuleID: "r3", DesiredPatches: []Document{{"w": "on"}}})
 	}
 	return ev
 }

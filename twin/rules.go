@@ -63,10 +63,9 @@ type RuleState struct {
 // Firing is what one rule does for one change, or the error it hit.
 type Firing struct {
 	RuleID string
-	// DesiredPatch, then each of DesiredPatches, is merged in turn into
-	// desired, after the patches of the rules that fired before this one,
-	// as one change of its own with the next version, in the same batch.
-	DesiredPatch   Document
+	// DesiredPatches are merged in turn into desired, after the patches
+	// of the rules that fired before this one, as one change of its own
+	// with the next version, in the same batch.
 	DesiredPatches []Document
 	Commands       []RuleCommand
 	Emits          []Emit
@@ -185,7 +184,7 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 		var source Source
 		var patched []int // the firings in c.firings whose patch is in desired
 		for _, f := range res.Firings {
-			if f.Err == nil && (f.DesiredPatch != nil || len(f.DesiredPatches) > 0) {
+			if f.Err == nil && len(f.DesiredPatches) > 0 {
 				patched = append(patched, len(c.firings))
 			}
 			c.firings = append(c.firings, f)
@@ -201,12 +200,9 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 				}
 				w.setWorking(c, next)
 			}
-			if f.DesiredPatch != nil || len(f.DesiredPatches) > 0 {
+			if len(f.DesiredPatches) > 0 {
 				// Applied in turn, so that one rule's null removes what
 				// another's patch or the twin has.
-				if f.DesiredPatch != nil {
-					desired, _ = MergePatch(desired, f.DesiredPatch)
-				}
 				for _, p := range f.DesiredPatches {
 					desired, _ = MergePatch(desired, p)
 				}
