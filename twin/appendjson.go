@@ -9,8 +9,8 @@ import (
 	"unicode/utf8"
 )
 
-// The stored forms of twins and events are written by these appenders rather
-// than by encoding/json: they run once per change in the write path, where
+// The stored forms of twins and events of store format 1 were written by
+// these appenders rather than by encoding/json: they run once per change in the write path, where
 // reflection and re-validation of nested output cost more than the rest of
 // the change. Their output is plain JSON that encoding/json decodes.
 
@@ -140,8 +140,9 @@ func appendKey(b []byte, key string) []byte {
 	return append(b, '"', ':')
 }
 
-// appendTwin appends the stored form of a twin; see twinJSON.
-func appendTwin(b []byte, t *Twin) []byte {
+// appendTwinJSON appends the stored form of a twin in store format 1; see
+// twinJSON.
+func appendTwinJSON(b []byte, t *Twin) []byte {
 	b = append(b, '{')
 	b = appendKey(b, "id")
 	b = appendString(b, t.ID)
@@ -246,9 +247,9 @@ func appendFieldMeta(b []byte, m FieldMeta) []byte {
 	return append(b, '}')
 }
 
-// appendEvent appends the stored form of an event whose twin is already
-// encoded as tw.
-func appendEvent(b []byte, ev *Event, tw []byte) []byte {
+// appendEventJSON appends the stored form of an event in store format 1,
+// whose twin is already encoded as tw (by appendTwinJSON).
+func appendEventJSON(b []byte, ev *Event, tw []byte) []byte {
 	b = append(b, `{"r":`...)
 	b = strconv.AppendInt(b, ev.Revision, 10)
 	b = append(b, `,"k":`...)

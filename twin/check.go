@@ -86,6 +86,9 @@ type checker struct {
 	// store, or defaultHistoryLimit if the store does not record it.
 	historyLimit, defaultHistoryLimit int64
 	vshards                           int
+	// format is the store's format: 1 holds JSON values, 2 binary ones;
+	// a store of format 1 that Open began to convert holds both.
+	format int
 	// oldest and last are the watch log's first and last revisions;
 	// heads, if not empty, what the checker needs of each, by revision
 	// from oldest.
@@ -122,16 +125,6 @@ type historyRun struct {
 	created int64 // the version of the newest creation among them, or 0
 }
 
-// eventHead is the part of a stored Event that the checker reads.
-type eventHead struct {
-	Revision int64     `json:"r"`
-	Kind     EventKind `json:"k"`
-	Twin     struct {
-		ID      string `json:"id"`
-		Version int64  `json:"version"`
-	} `json:"tw"`
-}
-
 func (c *checker) add(key []byte, format string, args ...any) {
 	c.out = append(c.out, Violation{Key: append([]byte(nil), key...), Problem: fmt.Sprintf(format, args...)})
 }
@@ -148,11 +141,11 @@ func (c *checker) run() error {
 	var f storeFormat
 	err = json.Unmarshal(v, &f)
 	closer.Close()
-	if err != nil || f.VShards <= 0 || f.VShards > 1<<16 || f.Format != formatVersion {
-		c.add(keyFormat, "store format %q is not valid (want format %d and 1 to 65536 vshards); nothing else can be checked", v, formatVersion)
+	if err != nil || f.VShards <= 0 || f.VShards > 1<<16 || f.Format < 1 || f.Format > formatVersion {
+		c.add(keyFormat, "store format %q is not valid (want format 1 to %d and 1 to 65536 vshards); nothing else can be checked", v, formatVersion)
 		return nil
 	}
-	c.vshards = f.VShards
+	c.vshards, c.format = f.VShards, f.Format
 	if c.historyLimit <= 0 {
 		c.historyLimit = int64(f.MaxHistoryLimit)
 	}
@@ -196,16 +189,17 @@ func (c *checker) checkLog() error {
 			c.oldest = rev
 		}
 		c.last = rev
-		var ev eventHead
-		if err := json.Unmarshal(it.Value(), &ev); err != nil {
+		ev, err := decodeEventHead(it.Value())
+		if err != nil {
 			c.add(k, "the event does not decode: %v", err)
 			continue
 		}
+		c.checkEncoding(k, it.Value())
 		if ev.Revision != rev {
 			c.add(k, "the event says revision %d", ev.Revision)
 		}
 		if i := rev - c.oldest; i < int64(len(c.heads)) {
-			c.heads[i] = logHead{id: ev.Twin.ID, version: ev.Twin.Version, kind: ev.Kind, ok: true}
+			c.heads[i] = logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, ok: true}
 		}
 	}
 	if c.oldest == 0 {
@@ -241,11 +235,11 @@ func (c *checker) event(rev int64) (logHead, error) {
 		return logHead{}, err
 	}
 	defer closer.Close()
-	var ev eventHead
-	if err := json.Unmarshal(v, &ev); err != nil {
+	ev, err := decodeEventHead(v)
+	if err != nil {
 		return logHead{}, pebble.ErrNotFound // reported by checkLog
 	}
-	return logHead{id: ev.Twin.ID, version: ev.Twin.Version, kind: ev.Kind, ok: true}, nil
+	return logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, ok: true}, nil
 }
 
 // checkKeys checks every key outside the watch log, in key order.
@@ -350,6 +344,7 @@ func (c *checker) loadTwins(vs int) error {
 			c.add(k, "%v", err)
 			continue
 		}
+		c.checkEncoding(k, it.Value())
 		ct := &checkedTwin{key: append([]byte(nil), k...), deleted: r.Deleted, version: r.LastVersion, cmdSeq: r.LastCommandSeq}
 		c.twins[id] = ct
 		if r.Deleted {
@@ -374,6 +369,14 @@ func (c *checker) loadTwins(vs int) error {
 		}
 	}
 	return it.Error()
+}
+
+// checkEncoding reports a value (that decodes) of a store of format 2 that
+// is still in the JSON of format 1: Open converts every value before it records format 2.
+func (c *checker) checkEncoding(k, v []byte) {
+	if c.format >= 2 && !isBinary(v) {
+		c.add(k, "the value is in the JSON of store format 1 in a store of format %d: the conversion at open did not finish", c.format)
+	}
 }
 
 // checkID checks that id is valid and belongs to the shard being checked.
@@ -455,6 +458,7 @@ func (c *checker) checkCommand(k, rest, v []byte) {
 		c.add(k, "%v", err)
 		return
 	}
+	c.checkEncoding(k, v)
 	if cmd.DeviceID != id || cmd.Seq != seq || cmd.ID != CommandID(id, seq) {
 		c.add(k, "the command says id %q, device %q, sequence %d; its key says %q", cmd.ID, cmd.DeviceID, cmd.Seq, CommandID(id, seq))
 	}
@@ -511,10 +515,11 @@ func (c *checker) checkRuleState(k, rest, v []byte) {
 	if c.owner(k, "rule state", string(rest[:i])) == nil {
 		return
 	}
-	var s RuleState
-	if err := json.Unmarshal(v, &s); err != nil {
+	if _, err := decodeRuleState(v); err != nil {
 		c.add(k, "the rule state does not decode: %v", err)
+		return
 	}
+	c.checkEncoding(k, v)
 }
 
 // endHistory checks the history entries of one twin, all read, as a whole.

@@ -116,7 +116,7 @@ func TestCheckCleanStore(t *testing.T) {
 func TestCheckNamesViolations(t *testing.T) {
 	command := func(id string, seq int64) []byte {
 		b, _ := json.Marshal(map[string]any{"id": twin.CommandID(id, seq), "device_id": id, "seq": seq, "name": "honk", "state": 1})
-		return b
+		return twin.StoreValue(seqKey(0, 'c', id, seq), b)
 	}
 	type edit struct {
 		key, value []byte // value nil: delete the key
@@ -228,14 +228,16 @@ func TestCheckNamesViolations(t *testing.T) {
 	}, {
 		name: "orphan rule state",
 		edits: func(s checkStore, db *pebble.DB) []edit {
-			return []edit{{shardKey(s.vs("ghost"), 'x', "ghost\x00r1"), []byte(`{"g":1}`)}}
+			k := shardKey(s.vs("ghost"), 'x', "ghost\x00r1")
+			return []edit{{k, twin.StoreValue(k, []byte(`{"g":1}`))}}
 		},
 		wantKey:     "x/ghost/r1",
 		wantProblem: `rule state of twin "ghost", which does not exist`,
 	}, {
 		name: "twin in the wrong shard",
 		edits: func(s checkStore, db *pebble.DB) []edit {
-			return []edit{{shardKey((s.vs("car-1")+1)%16, 't', "car-1"), []byte(`{"deleted":true,"last_version":1}`)}}
+			k := shardKey((s.vs("car-1")+1)%16, 't', "car-1")
+			return []edit{{k, twin.StoreValue(k, []byte(`{"deleted":true,"last_version":1}`))}}
 		},
 		wantKey:     "t/car-1",
 		wantProblem: `twin "car-1" belongs to virtual shard`,
@@ -323,12 +325,12 @@ func rewriteTwin(db *pebble.DB, k []byte, field string, value any) []byte {
 	}
 	defer closer.Close()
 	var m map[string]any
-	if err := json.Unmarshal(v, &m); err != nil {
+	if err := json.Unmarshal(twin.StoredRecordJSON(v), &m); err != nil {
 		panic(err)
 	}
 	m[field] = value
 	b, _ := json.Marshal(m)
-	return b
+	return twin.StoreValue(k, b)
 }
 
 func TestCheckNeedsTheStoreToItself(t *testing.T) {
@@ -364,7 +366,8 @@ func ExampleCheck() {
 
 	// Corrupt the store: a command of fridge-2, which was never created.
 	db := openRaw(fs, "store")
-	db.Set(seqKey(11, 'c', "fridge-2", 1), []byte(`{"id":"fridge-2~1","device_id":"fridge-2","seq":1,"state":1}`), pebble.Sync)
+	k := seqKey(11, 'c', "fridge-2", 1)
+	db.Set(k, twin.StoreValue(k, []byte(`{"id":"fridge-2~1","device_id":"fridge-2","seq":1,"state":1}`)), pebble.Sync)
 	db.Close()
 
 	vs, _ = twin.Check(twin.Options{Dir: "store", FS: fs})

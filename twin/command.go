@@ -2,7 +2,6 @@ package twin
 
 import (
 	"container/heap"
-	"encoding/json"
 	"fmt"
 	"regexp"
 	"slices"
@@ -184,16 +183,6 @@ func (l *commandList) prune(keep int) (*commandList, []int64) {
 func (c *Command) clone() *Command {
 	n := *c
 	return &n
-}
-
-func encodeCommand(c *Command) ([]byte, error) { return json.Marshal(c) }
-
-func decodeCommand(b []byte) (*Command, error) {
-	c := new(Command)
-	if err := json.Unmarshal(b, c); err != nil {
-		return nil, fmt.Errorf("twin: corrupt command: %w", err)
-	}
-	return c, nil
 }
 
 // validTransition reports whether a device may move a command from one

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -593,7 +592,8 @@ func checkCrashTwin(e *Engine, ct *crashTwin, final map[int64]logEntry, finalRev
 	// The rule state as stored (the worker's copy is its own).
 	var state RuleState
 	if v, closer, err := e.db.Get(ruleStateKey(e.VShard(ct.id), ct.id, "dry")); err == nil {
-		if err := json.Unmarshal(v, &state); err != nil {
+		var err error
+		if state, err = decodeRuleState(v); err != nil {
 			report("rule state of dry: %v", err)
 		}
 		closer.Close()

@@ -187,16 +187,39 @@ func TestStoredFormRoundTrip(t *testing.T) {
 		TokenHash: []byte{1, 2, 3, 250, 251},
 	}
 	tw.Delta = Delta(tw.Desired, tw.Reported, tw.Tombstones)
-	b := appendTwin(nil, tw)
-	if !json.Valid(b) {
-		t.Fatalf("appendTwin wrote invalid JSON: %s", b)
-	}
-	r, err := decodeRecord(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(tw, r.Twin); diff != "" {
-		t.Errorf("round trip (-want +got):\n%s", diff)
+	for _, enc := range []struct {
+		name     string
+		twin     func([]byte, *Twin) []byte
+		event    func([]byte, *Event, []byte) []byte
+		record   func(record) []byte
+		isBinary bool
+	}{
+		{"format 1 (JSON)", appendTwinJSON, appendEventJSON, encodeRecordJSON, false},
+		{"format 2 (binary)", appendTwin, appendEvent, encodeRecord, true},
+	} {
+		b := enc.twin(nil, tw)
+		if isBinary(b) != enc.isBinary || (!enc.isBinary && !json.Valid(b)) {
+			t.Fatalf("%s: the twin's encoding %q is not what decodeRecord takes it for", enc.name, b)
+		}
+		r, err := decodeRecord(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(tw, r.Twin); diff != "" {
+			t.Errorf("%s: round trip (-want +got):\n%s", enc.name, diff)
+		}
+		ev := &Event{Revision: 99, Kind: KindReported, Twin: tw, Patch: doc(t, `{"fuel":0.25,"gone":null}`), Time: tw.UpdateTime, Source: SourceDevice}
+		got, err := decodeEvent(enc.event(nil, ev, b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(ev, got); diff != "" {
+			t.Errorf("%s: event round trip (-want +got):\n%s", enc.name, diff)
+		}
+		del, err := decodeRecord(enc.record(record{Deleted: true, LastVersion: 7, LastCommandSeq: 3}))
+		if err != nil || !del.Deleted || del.LastVersion != 7 || del.LastCommandSeq != 3 {
+			t.Errorf("%s: deletion marker round trip = %+v, %v", enc.name, del, err)
+		}
 	}
 	want, _ := json.Marshal(map[string]any(tw.Reported))
 	var a, c any
@@ -204,18 +227,6 @@ func TestStoredFormRoundTrip(t *testing.T) {
 	json.Unmarshal(appendJSON(nil, map[string]any(tw.Reported)), &c)
 	if diff := cmp.Diff(a, c); diff != "" {
 		t.Errorf("appendJSON differs from encoding/json (-want +got):\n%s", diff)
-	}
-	ev := &Event{Revision: 99, Kind: KindReported, Twin: tw, Patch: doc(t, `{"fuel":0.25}`), Time: tw.UpdateTime, Source: SourceDevice}
-	got, err := decodeEvent(appendEvent(nil, ev, b))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(ev, got); diff != "" {
-		t.Errorf("event round trip (-want +got):\n%s", diff)
-	}
-	del, err := decodeRecord(encodeRecord(record{Deleted: true, LastVersion: 7}))
-	if err != nil || !del.Deleted || del.LastVersion != 7 {
-		t.Errorf("deletion marker round trip = %+v, %v", del, err)
 	}
 }
 

@@ -13,26 +13,30 @@ import (
 // Key layout. Every key of a twin lives under its virtual shard's prefix, so
 // that a shard's keys and state can be moved as one range:
 //
-//	m/format                       store format: {"vshards": 256, "format": 1, "max_history_limit": 100}
+//	m/format                       store format (JSON): {"vshards": 256, "format": 2, "max_history_limit": 100}
 //	l/<rev:8>                      watch log: the Event of each revision
-//	s/<vs:2>/t/<id>                the twin record (JSON), or a deletion marker
-//	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands (JSON), by sequence
+//	s/<vs:2>/t/<id>                the twin record, or a deletion marker
+//	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands, by sequence
 //	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
 //	                               whose Event is in the watch log
-//	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule (JSON)
+//	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule
 //	s/<vs:2>/p/<id>                presence mark: the device is connected (empty)
 //	r/<rule>                       rule definitions, owned by the rules package
 //
 // Check (check.go) verifies the invariants between these keys.
 // Numbers in keys are big-endian so that keys sort in numeric order. Values
-// are JSON, which keeps the store inspectable and its format easy to evolve.
+// of format 2 are protobuf messages behind an encoding byte, documented in
+// proto/twin/store/v1/store.proto and written by storecodec.go; format 1
+// wrote JSON (storejson.go), which Open converts once (convert.go).
 var (
 	keyFormat    = []byte("m/format")
 	prefixLog    = []byte("l/")
 	prefixShards = []byte("s/")
 )
 
-const formatVersion = 1
+// formatVersion is the store format this build writes: 2 since the values
+// are binary. Format 1 (JSON values) is converted at Open.
+const formatVersion = 2
 
 type storeFormat struct {
 	VShards int `json:"vshards"`
@@ -124,7 +128,7 @@ type twinJSON struct {
 }
 
 // MarshalJSON encodes the twin in its stored form. Delta is not stored.
-func (t *Twin) MarshalJSON() ([]byte, error) { return appendTwin(nil, t), nil }
+func (t *Twin) MarshalJSON() ([]byte, error) { return appendTwinJSON(nil, t), nil }
 
 // UnmarshalJSON decodes the stored form of a twin and recomputes its delta.
 func (t *Twin) UnmarshalJSON(b []byte) error {
@@ -149,42 +153,6 @@ func (t *Twin) UnmarshalJSON(b []byte) error {
 	}
 	t.Delta = Delta(t.Desired, t.Reported, t.Tombstones)
 	return nil
-}
-
-func encodeRecord(r record) []byte {
-	if r.Deleted {
-		b := strconv.AppendInt([]byte(`{"deleted":true,"last_version":`), r.LastVersion, 10)
-		b = strconv.AppendInt(append(b, `,"last_command_seq":`...), r.LastCommandSeq, 10)
-		return append(b, '}')
-	}
-	return appendTwin(nil, r.Twin)
-}
-
-func decodeRecord(b []byte) (record, error) {
-	var probe struct {
-		Deleted        bool  `json:"deleted"`
-		LastVersion    int64 `json:"last_version"`
-		LastCommandSeq int64 `json:"last_command_seq"`
-	}
-	if err := json.Unmarshal(b, &probe); err != nil {
-		return record{}, fmt.Errorf("twin: corrupt record: %w", err)
-	}
-	if probe.Deleted {
-		return record{Deleted: true, LastVersion: probe.LastVersion, LastCommandSeq: probe.LastCommandSeq}, nil
-	}
-	t := new(Twin)
-	if err := json.Unmarshal(b, t); err != nil {
-		return record{}, fmt.Errorf("twin: corrupt record: %w", err)
-	}
-	return record{Twin: t}, nil
-}
-
-func decodeEvent(b []byte) (*Event, error) {
-	ev := new(Event)
-	if err := json.Unmarshal(b, ev); err != nil {
-		return nil, fmt.Errorf("twin: corrupt event: %w", err)
-	}
-	return ev, nil
 }
 
 // jsonSize returns the length of the compact JSON encoding of v, as

@@ -3,7 +3,6 @@ package twin
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -1140,8 +1139,7 @@ func storedRuleStates(opts Options) (map[string][]string, error) {
 		if !ok {
 			return nil, fmt.Errorf("rule state key %q", k)
 		}
-		var s RuleState
-		if err := json.Unmarshal(it.Value(), &s); err != nil {
+		if _, err := decodeRuleState(it.Value()); err != nil {
 			return nil, err
 		}
 		out[string(id)] = append(out[string(id)], string(rule))

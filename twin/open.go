@@ -235,8 +235,9 @@ func (e *Engine) readFormat() (storeFormat, error) {
 	if err := json.Unmarshal(v, &f); err != nil || f.VShards <= 0 || f.VShards > 1<<16 {
 		return f, fmt.Errorf("twin: store format %q is not valid", v)
 	}
-	if f.Format != formatVersion {
-		return f, fmt.Errorf("twin: store format %d is not supported (this build reads format %d)", f.Format, formatVersion)
+	if err := convertStore(e.db, f, e.opts.Logger); err != nil {
+		return f, err
 	}
+	f.Format = formatVersion
 	return f, nil
 }

@@ -3,7 +3,6 @@ package twin
 import (
 	"bytes"
 	"container/heap"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"time"
@@ -344,11 +343,7 @@ func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleStat
 			}
 			continue
 		}
-		v, err := json.Marshal(s)
-		if err != nil {
-			return err
-		}
-		if err := b.Set(k, v, nil); err != nil {
+		if err := b.Set(k, encodeRuleState(s), nil); err != nil {
 			return err
 		}
 	}
@@ -363,9 +358,9 @@ func (e *Engine) loadRuleState(k, value []byte) error {
 		return fmt.Errorf("twin: corrupt rule state key")
 	}
 	id, ruleID := string(k[:i]), string(k[i+1:])
-	var s RuleState
-	if err := json.Unmarshal(value, &s); err != nil {
-		return fmt.Errorf("twin: corrupt rule state: %w", err)
+	s, err := decodeRuleState(value)
+	if err != nil {
+		return err
 	}
 	w := e.workerFor(id)
 	if w.ruleStates[id] == nil {
