@@ -37,8 +37,8 @@ func convertStore(db *pebble.DB, f storeFormat, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	// Synced, and after every converted value in the WAL: once it is
-	// durable, so are they.
+	// After every converted value in the WAL: once it is durable, so
+	// are they.
 	if err := db.Set(keyFormat, b, pebble.Sync); err != nil {
 		return fmt.Errorf("twin: record the store format: %w", err)
 	}
@@ -51,6 +51,9 @@ func convertStore(db *pebble.DB, f storeFormat, log *slog.Logger) error {
 var (
 	convertBatchKeys  = 4096
 	convertBatchBytes = 4 << 20
+	// convertBatchDone, if set, is called after each batch is applied:
+	// tests crash the store there.
+	convertBatchDone func()
 )
 
 // convertStats counts what a conversion did.
@@ -97,13 +100,17 @@ func (st *convertStats) span(db *pebble.DB, lower, upper []byte, conv func([]byt
 		next, err := st.batch(it, b, conv)
 		err = errors.Join(err, it.Close())
 		if err == nil && !b.Empty() {
-			// Not synced: a value lost in a crash is still JSON and
-			// converted again.
-			err = b.Commit(pebble.NoSync)
+			// Synced, so that a process that keeps dying still makes
+			// progress (a batch lost in a crash would only be converted
+			// again: its values are still JSON).
+			err = b.Commit(pebble.Sync)
 		}
 		b.Close()
 		if err != nil {
 			return err
+		}
+		if convertBatchDone != nil {
+			convertBatchDone()
 		}
 		lower = next
 	}

@@ -1,0 +1,327 @@
+package twin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/google/go-cmp/cmp"
+)
+
+// fillStore writes, through the engine, twins of every kind of history: with
+// documents and metadata, labels, tokens, desired removals (tombstones),
+// commands open and finished, presence, deletions and re-creations; then
+// rule states, directly.
+func fillStore(t *testing.T, fs vfs.FS, twins int) {
+	t.Helper()
+	ctx := context.Background()
+	e := openMem(t, fs, Options{VShards: 16})
+	for i := range twins {
+		id := fmt.Sprintf("fridge-%d", i)
+		must := func(_ any, err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatalf("%s: %v", id, err)
+			}
+		}
+		must(e.Create(ctx, CreateRequest{ID: id, Type: "fridge", Labels: map[string]string{"site": "berlin"},
+			Reported: Document{"temp_c": 2.3, "door": "closed", "site": map[string]any{"city": "berlin", "floor": 3.0}},
+			Desired:  Document{"target_c": 4.0, "eco": true}}))
+		must(e.Report(ctx, PatchRequest{ID: id, Patch: Document{"temp_c": float64(i) / 10, "tags": []any{"a", 1.0, nil}}}))
+		must(e.UpdateDesired(ctx, PatchRequest{ID: id, Patch: Document{"eco": nil}}))
+		switch i % 5 {
+		case 0:
+			must(e.SendCommand(ctx, CommandRequest{DeviceID: id, Name: "defrost", Params: Document{"minutes": 5.0}, RequestID: "r-" + id}))
+		case 1:
+			must(e.SendCommand(ctx, CommandRequest{DeviceID: id, Name: "defrost"}))
+			must(nil, e.SetTokenHash(ctx, id, []byte("0123456789abcdef0123456789abcdef")))
+		case 2:
+			must(nil, e.Delete(ctx, id, 0))
+		case 3:
+			must(nil, e.Delete(ctx, id, 0))
+			must(e.Create(ctx, CreateRequest{ID: id, Type: "fridge"}))
+		case 4:
+			must(e.Update(ctx, UpdateRequest{ID: id, Labels: map[string]string{"site": "paris"}}))
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	at := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	for i := 0; i < twins; i += 5 {
+		id := fmt.Sprintf("fridge-%d", i)
+		s := &RuleState{Gen: 1, Active: true, PendingSince: at, Fired: i%2 == 0, LastFired: at}
+		b := db.NewBatch()
+		if err := writeRuleStates(b, uint16(vshardOf(id, 16)), id, map[string]*RuleState{"warm": s}); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Commit(pebble.Sync); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// storeContents decodes every value of the store in dir, by key.
+func storeContents(t *testing.T, fs vfs.FS) map[string]any {
+	t.Helper()
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	it, err := db.NewIter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer it.Close()
+	out := map[string]any{}
+	for it.First(); it.Valid(); it.Next() {
+		k, v := it.Key(), it.Value()
+		var got any
+		var err error
+		switch {
+		case bytes.Equal(k, keyFormat):
+			var f storeFormat
+			err = json.Unmarshal(v, &f)
+			f.Format = 0 // compared apart
+			got = f
+		case bytes.HasPrefix(k, prefixLog):
+			got, err = decodeEvent(v)
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 't':
+			got, err = decodeRecord(v)
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 'c':
+			got, err = decodeCommand(v)
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 'x':
+			got, err = decodeRuleState(v)
+		default:
+			got = string(v)
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", keyString(k), err)
+		}
+		out[keyString(k)] = got
+	}
+	return out
+}
+
+// downgradeStore rewrites the store in dir as twind wrote it before issue
+// 9: every value JSON, format 1.
+func downgradeStore(t *testing.T, fs vfs.FS) {
+	t.Helper()
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	it, err := db.NewIter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := db.NewBatch()
+	for it.First(); it.Valid(); it.Next() {
+		k, v := it.Key(), it.Value()
+		var nv []byte
+		switch {
+		case bytes.Equal(k, keyFormat):
+			var f storeFormat
+			if err := json.Unmarshal(v, &f); err != nil {
+				t.Fatal(err)
+			}
+			f.Format = 1
+			nv, _ = json.Marshal(f)
+		case bytes.HasPrefix(k, prefixLog):
+			ev, err := decodeEvent(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nv = appendEventJSON(nil, ev, appendTwinJSON(nil, ev.Twin))
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 't':
+			r, err := decodeRecord(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nv = encodeRecordJSON(r)
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 'c':
+			c, err := decodeCommand(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nv, _ = encodeCommandJSON(c)
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 'x':
+			s, err := decodeRuleState(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nv, _ = encodeRuleStateJSON(&s)
+		default:
+			continue
+		}
+		b.Set(k, nv, nil)
+	}
+	if err := it.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// storeFormatOf returns the format a store records and how many of its
+// values are in each encoding.
+func storeFormatOf(t *testing.T, fs vfs.FS) (format, jsonValues, binaryValues int) {
+	t.Helper()
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	it, _ := db.NewIter(nil)
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		k := it.Key()
+		switch {
+		case bytes.Equal(k, keyFormat):
+			var f storeFormat
+			json.Unmarshal(it.Value(), &f)
+			format = f.Format
+		case bytes.HasPrefix(k, prefixLog) || bytes.HasPrefix(k, prefixShards) && bytes.IndexByte([]byte("tcx"), k[5]) >= 0:
+			if isBinary(it.Value()) {
+				binaryValues++
+			} else {
+				jsonValues++
+			}
+		}
+	}
+	return format, jsonValues, binaryValues
+}
+
+func smallConvertBatches(t *testing.T, keys int) {
+	k, b := convertBatchKeys, convertBatchBytes
+	convertBatchKeys, convertBatchBytes = keys, 4<<10
+	t.Cleanup(func() { convertBatchKeys, convertBatchBytes = k, b })
+}
+
+// A store of format 1 opens: Open converts every value, in batches, then
+// records format 2; what the store holds is unchanged, and the next Open
+// converts nothing.
+func TestConvertStore(t *testing.T) {
+	smallConvertBatches(t, 7)
+	fs := vfs.NewMem()
+	fillStore(t, fs, 60)
+	want := storeContents(t, fs)
+	downgradeStore(t, fs)
+	if f, j, b := storeFormatOf(t, fs); f != 1 || b != 0 || j < 300 {
+		t.Fatalf("downgraded store: format %d, %d JSON and %d binary values; want format 1, all JSON", f, j, b)
+	}
+	if d := cmp.Diff(want, storeContents(t, fs)); d != "" {
+		t.Fatalf("the store read as JSON differs (-binary +JSON):\n%s", d)
+	}
+	batches := 0
+	convertBatchDone = func() { batches++ }
+	defer func() { convertBatchDone = nil }()
+	e := openMem(t, fs, Options{})
+	if tw, err := e.Get("fridge-4"); err != nil || tw.Labels["site"] != "paris" || tw.Reported["temp_c"] != 0.4 {
+		t.Errorf("after conversion: Get(fridge-4) = %v, %v", tw, err)
+	}
+	if _, err := e.Get("fridge-2"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after conversion: Get(fridge-2), deleted = %v; want ErrNotFound", err)
+	}
+	e.Close()
+	if batches < 40 {
+		t.Errorf("converted in %d batches; want many small ones", batches)
+	}
+	if f, j, b := storeFormatOf(t, fs); f != formatVersion || j != 0 || b < 300 {
+		t.Fatalf("converted store: format %d, %d JSON and %d binary values; want format %d, all binary", f, j, b, formatVersion)
+	}
+	if d := cmp.Diff(want, storeContents(t, fs)); d != "" {
+		t.Fatalf("the converted store differs (-before +after):\n%s", d)
+	}
+	if vs, err := Check(Options{Dir: "db", FS: fs}); err != nil || len(vs) != 0 {
+		t.Errorf("Check(the converted store) = %v, %v", vs, err)
+	}
+	batches = 0
+	openMem(t, fs, Options{}).Close()
+	if batches != 0 {
+		t.Errorf("the second Open converted again (%d batches)", batches)
+	}
+}
+
+// A process that dies while converting leaves a store that the next Open
+// converts: the crash is taken after a random batch, keeping a random part
+// of what was not synced.
+func TestConvertStoreCrash(t *testing.T) {
+	smallConvertBatches(t, 5)
+	mem := vfs.NewCrashableMem()
+	fillStore(t, mem, 40)
+	want := storeContents(t, mem)
+	downgradeStore(t, mem)
+	rng := rand.New(rand.NewPCG(7, 8))
+	var crashes []*vfs.MemFS
+	batch := 0
+	convertBatchDone = func() {
+		batch++
+		if rng.IntN(8) == 0 {
+			crashes = append(crashes, mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: rng.IntN(101), RNG: rand.New(rand.NewPCG(rng.Uint64(), 2))}))
+		}
+	}
+	e := openMem(t, mem, Options{})
+	convertBatchDone = nil
+	e.Close()
+	if len(crashes) < 3 {
+		t.Fatalf("%d crashes in %d batches; want a few", len(crashes), batch)
+	}
+	partial := 0
+	for i, fs := range crashes {
+		f, j, b := storeFormatOf(t, fs)
+		if f != 1 {
+			t.Fatalf("crash %d: format %d before the conversion finished", i, f)
+		}
+		if j > 0 && b > 0 {
+			partial++
+		}
+		// Check reads a store half converted.
+		if vs, err := Check(Options{Dir: "db", FS: fs}); err != nil || len(vs) != 0 {
+			t.Errorf("crash %d: Check(a store half converted) = %v, %v", i, vs, err)
+		}
+		openMem(t, fs, Options{}).Close()
+		if f, j, _ := storeFormatOf(t, fs); f != formatVersion || j != 0 {
+			t.Errorf("crash %d, reopened: format %d with %d JSON values", i, f, j)
+		}
+		if d := cmp.Diff(want, storeContents(t, fs)); d != "" {
+			t.Errorf("crash %d, reopened: the store differs (-before +after):\n%s", i, d)
+		}
+		if vs, err := Check(Options{Dir: "db", FS: fs}); err != nil || len(vs) != 0 {
+			t.Errorf("crash %d, reopened: Check = %v, %v", i, vs, err)
+		}
+	}
+	if partial == 0 {
+		t.Errorf("no crash left a store half converted")
+	}
+}
+
+// A store of a format this build does not know is refused, unchanged.
+func TestConvertStoreNewerFormat(t *testing.T) {
+	fs := vfs.NewMem()
+	openMem(t, fs, Options{}).Close()
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Set(keyFormat, []byte(`{"vshards":256,"format":3}`), pebble.Sync)
+	db.Close()
+	if _, err := Open(Options{Dir: "db", FS: fs}); err == nil || !bytes.Contains([]byte(err.Error()), []byte("store format 3 is not supported")) {
+		t.Errorf("Open(a store of format 3) = %v; want an error saying the format is not supported", err)
+	}
+}
