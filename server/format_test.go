@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -24,6 +25,7 @@ import (
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/server"
+	"github.com/twind-io/twind/twin"
 )
 
 // fixtureDir holds a store written by twind at commit fe533d2 (the format
@@ -109,6 +111,28 @@ func fixtureServer(t *testing.T, dir string, clock time.Time) (*grpc.ClientConn,
 	}
 	t.Cleanup(stop)
 	return conn, stop
+}
+
+// storeFormat returns the format the store in dir records.
+func storeFormat(t *testing.T, dir string) int {
+	t.Helper()
+	db, err := pebble.Open(dir, &pebble.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	v, closer, err := db.Get([]byte("m/format"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closer.Close()
+	var f struct {
+		Format int `json:"format"`
+	}
+	if err := json.Unmarshal(v, &f); err != nil {
+		t.Fatal(err)
+	}
+	return f.Format
 }
 
 func unmarshal[M proto.Message](t *testing.T, js json.RawMessage, m M) M {
@@ -200,8 +224,18 @@ func TestStoreOfFe533d2(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := copyDir(t, filepath.Join(fixtureDir, "data"))
+	if vs, err := twin.Check(twin.Options{Dir: dir}); err != nil || len(vs) != 0 {
+		t.Fatalf("Check(the fixture, format 1) = %v, %v; want no violations", vs, err)
+	}
 	_, stop := fixtureServer(t, dir, exp.Clock)
-	stop() // opened and closed once: converted, if the store is converted
+	stop() // opened and closed once: converted to format 2
+	if f := storeFormat(t, dir); f != 2 {
+		t.Errorf("the fixture's format after an open = %d; want 2", f)
+	}
+	// Check reports a value of format 1 left in a store of format 2.
+	if vs, err := twin.Check(twin.Options{Dir: dir}); err != nil || len(vs) != 0 {
+		t.Errorf("Check(the converted fixture) = %v, %v; want no violations", vs, err)
+	}
 	conn, stop := fixtureServer(t, dir, exp.Clock)
 	checkServedAsBefore(t, conn, &exp)
 	stop()
