@@ -276,7 +276,7 @@ func appendValue(b []byte, v any, mw *metaWriter) []byte {
 }
 
 // appendPointerKey appends a key escaped for a JSON Pointer.
-func appendPointerKey(b []byte, k string) []byte {
+func appendPointerKey[S ~string | ~[]byte](b []byte, k S) []byte {
 	for i := 0; i < len(k); i++ {
 		switch c := k[i]; c {
 		case '~':
@@ -616,25 +616,32 @@ func (d *docReader) member(b []byte, m map[string]any) error {
 	if err != nil {
 		return err
 	}
-	key := string(n.key)
 	if d.meta == nil {
 		v, err := d.value(n.value)
 		if err != nil {
 			return err
 		}
-		m[key] = v
+		m[string(n.key)] = v
 		return nil
 	}
 	l := len(d.path)
-	d.path = appendPointerKey(append(d.path, '/'), key)
+	d.path = appendPointerKey(append(d.path, '/'), n.key)
+	var key string
+	if n.hasMeta {
+		p := string(d.path)
+		d.meta[p] = n.meta
+		if len(d.path)-l-1 == len(n.key) {
+			key = p[l+1:] // unescaped: the key is the path's end
+		}
+	}
+	if key == "" {
+		key = string(n.key)
+	}
 	v, err := d.value(n.value)
 	if err != nil {
 		return err
 	}
 	m[key] = v
-	if n.hasMeta {
-		d.meta[string(d.path)] = n.meta
-	}
 	d.path = d.path[:l]
 	return nil
 }
