@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
+	"sync"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -118,12 +120,20 @@ func (st *convertStats) span(db *pebble.DB, lower, upper []byte, conv func([]byt
 }
 
 // batch adds the conversions of one batch to b and returns the key to
-// continue from, or nil at the end.
+// continue from, or nil at the end. The batch's values are converted on
+// every core: decoding JSON is most of the work.
 func (st *convertStats) batch(it *pebble.Iterator, b *pebble.Batch, conv func([]byte) ([]byte, error)) ([]byte, error) {
-	n := 0
+	type item struct {
+		key, value, out []byte
+		err             error
+	}
+	var items []item
+	var next []byte
+	n, size := 0, 0
 	for valid := it.First(); valid; valid = it.Next() {
-		if n >= convertBatchKeys || b.Len() >= convertBatchBytes {
-			return append([]byte(nil), it.Key()...), nil
+		if n >= convertBatchKeys || size >= convertBatchBytes {
+			next = append([]byte(nil), it.Key()...)
+			break
 		}
 		n++
 		v, err := it.ValueAndErr()
@@ -133,18 +143,34 @@ func (st *convertStats) batch(it *pebble.Iterator, b *pebble.Batch, conv func([]
 		if isBinary(v) {
 			continue // converted before a crash
 		}
-		nv, err := conv(v)
-		if err != nil {
-			return nil, fmt.Errorf("key %s: %w", keyString(it.Key()), err)
+		items = append(items, item{key: append([]byte(nil), it.Key()...), value: append([]byte(nil), v...)})
+		size += len(v)
+	}
+	if err := it.Error(); err != nil {
+		return nil, err
+	}
+	workers := min(runtime.GOMAXPROCS(0), len(items))
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < len(items); i += workers {
+				items[i].out, items[i].err = conv(items[i].value)
+			}
+		})
+	}
+	wg.Wait()
+	for _, x := range items {
+		if x.err != nil {
+			return nil, fmt.Errorf("key %s: %w", keyString(x.key), x.err)
 		}
-		if err := b.Set(it.Key(), nv, nil); err != nil {
+		if err := b.Set(x.key, x.out, nil); err != nil {
 			return nil, err
 		}
 		st.converted++
-		st.before += int64(len(v))
-		st.after += int64(len(nv))
+		st.before += int64(len(x.value))
+		st.after += int64(len(x.out))
 	}
-	return nil, it.Error()
+	return next, nil
 }
 
 func convertRecord(v []byte) ([]byte, error) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -325,3 +326,64 @@ func TestConvertStoreNewerFormat(t *testing.T) {
 		t.Errorf("Open(a store of format 3) = %v; want an error saying the format is not supported", err)
 	}
 }
+
+// BenchmarkConvertStore converts a store of format 1 holding 20,000
+// fridge twins, each with its record, one watch-log entry, one history
+// entry and one command, from a directory on disk.
+func BenchmarkConvertStore(b *testing.B) {
+	const twins = 20000
+	dir := b.TempDir()
+	db, err := pebble.Open(dir, &pebble.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	batch := db.NewBatch()
+	for i := range twins {
+		tw := fridgeTwin()
+		tw.ID = fmt.Sprintf("fridge-%d", i)
+		tw.Revision = int64(i + 1)
+		vs := uint16(vshardOf(tw.ID, 256))
+		rec := appendTwinJSON(nil, tw)
+		batch.Set(twinKey(vs, tw.ID), rec, nil)
+		ev := &Event{Revision: tw.Revision, Kind: KindReported, Twin: tw, Patch: Document{"temp_c": 2.3}, Time: tw.UpdateTime, Source: SourceDevice}
+		batch.Set(logKey(tw.Revision), appendEventJSON(nil, ev, rec), nil)
+		batch.Set(historyKey(vs, tw.ID, tw.Version), appendUint64(nil, uint64(tw.Revision)), nil)
+		c, _ := encodeCommandJSON(&Command{ID: CommandID(tw.ID, 1), DeviceID: tw.ID, Seq: 1, Name: "defrost", State: CommandQueued,
+			TTL: time.Hour, CreateTime: tw.CreateTime, UpdateTime: tw.CreateTime, ExpireTime: tw.CreateTime.Add(time.Hour)})
+		batch.Set(commandKey(vs, tw.ID, 1), c, nil)
+	}
+	if err := batch.Commit(pebble.Sync); err != nil {
+		b.Fatal(err)
+	}
+	db.Close()
+	// Each round converts a copy.
+	src := vfs.Default
+	for b.Loop() {
+		b.StopTimer()
+		cp := b.TempDir()
+		entries, _ := src.List(dir)
+		for _, name := range entries {
+			if _, err := vfs.Clone(src, src, src.PathJoin(dir, name), src.PathJoin(cp, name)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		db, err := pebble.Open(cp, &pebble.Options{Logger: quietPebble{}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := convertStore(db, storeFormat{VShards: 256, Format: 1}, slog.New(slog.DiscardHandler)); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		db.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(twins)*float64(b.N)/b.Elapsed().Seconds(), "twins/s")
+}
+
+type quietPebble struct{}
+
+func (quietPebble) Infof(string, ...any)           {}
+func (quietPebble) Errorf(string, ...any)          {}
+func (quietPebble) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }

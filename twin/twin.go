@@ -1,11 +1,13 @@
 package twin
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -77,6 +79,20 @@ func (m FieldMeta) MarshalJSON() ([]byte, error) {
 
 // UnmarshalJSON reads the stored form.
 func (m *FieldMeta) UnmarshalJSON(b []byte) error {
+	// The form appendFieldMeta writes, read without reflection: a store
+	// of format 1 holds one per leaf, read once when it is converted.
+	if rest, ok := bytes.CutPrefix(b, []byte(`{"t":`)); ok {
+		if ts, vs, ok := bytes.Cut(rest, []byte(`,"v":`)); ok {
+			if vs, ok := bytes.CutSuffix(vs, []byte("}")); ok {
+				t, err1 := strconv.ParseInt(string(ts), 10, 64)
+				v, err2 := strconv.ParseInt(string(vs), 10, 64)
+				if err1 == nil && err2 == nil {
+					*m = FieldMeta{Time: time.Unix(0, t).UTC(), Version: v}
+					return nil
+				}
+			}
+		}
+	}
 	var j struct {
 		T int64 `json:"t"`
 		V int64 `json:"v"`
