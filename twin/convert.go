@@ -53,8 +53,8 @@ func convertStore(db *pebble.DB, f storeFormat, log *slog.Logger) error {
 var (
 	convertBatchKeys  = 4096
 	convertBatchBytes = 4 << 20
-	// convertBatchDone, if set, is called after each batch is applied:
-	// tests crash the store there.
+	// convertBatchDone, if set, is called after each batch that wrote
+	// something is applied: tests crash the store there.
 	convertBatchDone func()
 )
 
@@ -101,7 +101,8 @@ func (st *convertStats) span(db *pebble.DB, lower, upper []byte, conv func([]byt
 		b := db.NewBatch()
 		next, err := st.batch(it, b, conv)
 		err = errors.Join(err, it.Close())
-		if err == nil && !b.Empty() {
+		wrote := !b.Empty()
+		if err == nil && wrote {
 			// Synced, so that a process that keeps dying still makes
 			// progress (a batch lost in a crash would only be converted
 			// again: its values are still JSON).
@@ -111,7 +112,7 @@ func (st *convertStats) span(db *pebble.DB, lower, upper []byte, conv func([]byt
 		if err != nil {
 			return err
 		}
-		if convertBatchDone != nil {
+		if wrote && convertBatchDone != nil {
 			convertBatchDone()
 		}
 		lower = next

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -96,7 +98,9 @@ func storeContents(t *testing.T, fs vfs.FS) map[string]any {
 		case bytes.Equal(k, keyFormat):
 			var f storeFormat
 			err = json.Unmarshal(v, &f)
-			f.Format = 0 // compared apart
+			// The format is compared apart; Open records the history
+			// limit if the store did not.
+			f.Format, f.MaxHistoryLimit = 0, 0
 			got = f
 		case bytes.HasPrefix(k, prefixLog):
 			got, err = decodeEvent(v)
@@ -387,3 +391,92 @@ type quietPebble struct{}
 func (quietPebble) Infof(string, ...any)           {}
 func (quietPebble) Errorf(string, ...any)          {}
 func (quietPebble) Fatalf(format string, a ...any) { panic(fmt.Sprintf(format, a...)) }
+
+// loadFixture copies the store of format 1 committed in
+// server/testdata/store-fe533d2 (written by twind fe533d2) into a new
+// crashable in-memory filesystem, under "db", durably.
+func loadFixture(t *testing.T) *vfs.MemFS {
+	t.Helper()
+	const src = "../server/testdata/store-fe533d2/data"
+	mem := vfs.NewCrashableMem()
+	if err := mem.MkdirAll("db", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := mem.Create(mem.PathJoin("db", e.Name()), vfs.WriteCategoryUnspecified)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		if err := errors.Join(f.Sync(), f.Close()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, err := mem.OpenDir("db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(d.Sync(), d.Close()); err != nil {
+		t.Fatal(err)
+	}
+	return mem
+}
+
+// The fixture of format 1 converts, and a conversion of it interrupted by
+// a crash after any batch finishes at the next Open, with the same
+// contents.
+func TestConvertFixtureCrash(t *testing.T) {
+	smallConvertBatches(t, 3)
+	want := storeContents(t, loadFixture(t))
+	if f, j, b := storeFormatOf(t, loadFixture(t)); f != 1 || j < 30 || b != 0 {
+		t.Fatalf("the fixture: format %d, %d JSON and %d binary values; want format 1, all JSON", f, j, b)
+	}
+	// The engine runs at the fixture's time, so that its commands have
+	// not expired.
+	b, err := os.ReadFile("../server/testdata/store-fe533d2/expected.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var exp struct {
+		Clock time.Time `json:"clock"`
+	}
+	if err := json.Unmarshal(b, &exp); err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Clock: func() time.Time { return exp.Clock }}
+	mem := loadFixture(t)
+	rng := rand.New(rand.NewPCG(9, 10))
+	var crashes []*vfs.MemFS
+	convertBatchDone = func() {
+		crashes = append(crashes, mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: rng.IntN(101), RNG: rand.New(rand.NewPCG(rng.Uint64(), 2))}))
+	}
+	e := openMem(t, mem, opts)
+	convertBatchDone = nil
+	e.Close()
+	crashes = append(crashes, mem)
+	if len(crashes) < 10 {
+		t.Fatalf("the fixture converted in %d batches; want more", len(crashes))
+	}
+	for i, fs := range crashes {
+		openMem(t, fs, opts).Close()
+		if f, j, _ := storeFormatOf(t, fs); f != formatVersion || j != 0 {
+			t.Errorf("crash %d, reopened: format %d with %d JSON values", i, f, j)
+		}
+		if d := cmp.Diff(want, storeContents(t, fs)); d != "" {
+			t.Errorf("crash %d, reopened: the store differs from the fixture (-fixture +converted):\n%s", i, d)
+		}
+		if vs, err := Check(Options{Dir: "db", FS: fs}); err != nil || len(vs) != 0 {
+			t.Errorf("crash %d, reopened: Check = %v, %v", i, vs, err)
+		}
+	}
+}
