@@ -115,6 +115,48 @@ const maxNodeDepth = 1000
 
 var errTruncated = errors.New("truncated or malformed field")
 
+// The wire type of each field of a message of store.proto, by field
+// number: B length-delimited, V varint, F 64-bit. A field beyond the end
+// is one a later format added, which readers skip.
+const (
+	recordWire    = "-BB"
+	deletionWire  = "-VV"
+	twinWire      = "-BBBBBBBBVVVVFFFFBV"
+	labelWire     = "-BB"
+	tombstoneWire = "-BV"
+	pathMetaWire  = "-BFV"
+	nodeWire      = "-BVVFVBBBFV"
+	eventWire     = "-VVFBBB"
+	commandWire   = "-BBVBBVBBBBVFFF"
+	ruleStateWire = "-VVFVF"
+)
+
+// checkWire checks that a field has the wire type that store.proto gives
+// its number in a message whose types are wire.
+func checkWire(wire string, f field) error {
+	if int(f.num) >= len(wire) || f.num <= 0 {
+		return nil
+	}
+	want := protowire.BytesType
+	switch wire[f.num] {
+	case 'V':
+		want = protowire.VarintType
+	case 'F':
+		want = protowire.Fixed64Type
+	}
+	return f.want(want)
+}
+
+// nextFieldOf reads the first field of b, a message whose wire types are
+// wire, and returns it and the rest of b.
+func nextFieldOf(wire string, b []byte) (field, []byte, error) {
+	f, rest, err := nextField(b)
+	if err == nil {
+		err = checkWire(wire, f)
+	}
+	return f, rest, err
+}
+
 // ---- writing
 
 // openLen appends the tag of a length-delimited field and one byte for its
@@ -585,7 +627,7 @@ func readNode(b []byte) (nodeFields, error) {
 	var n nodeFields
 	var t uint64
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(nodeWire, b)
 		if err != nil {
 			return n, err
 		}
@@ -739,7 +781,7 @@ func readPathMeta(b []byte, meta *map[string]FieldMeta) error {
 	var p string
 	var m FieldMeta
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(pathMetaWire, b)
 		if err != nil {
 			return err
 		}
@@ -762,9 +804,9 @@ func readPathMeta(b []byte, meta *map[string]FieldMeta) error {
 
 // readMapEntry reads a map entry of a string key and a string (bytes) or
 // varint value.
-func readMapEntry(b []byte) (key []byte, value field, err error) {
+func readMapEntry(wire string, b []byte) (key []byte, value field, err error) {
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(wire, b)
 		if err != nil {
 			return nil, field{}, err
 		}
@@ -783,7 +825,7 @@ func readMapEntry(b []byte) (key []byte, value field, err error) {
 func parseTwin(b []byte) (*Twin, error) {
 	t := new(Twin)
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(twinWire, b)
 		if err != nil {
 			return nil, err
 		}
@@ -794,7 +836,7 @@ func parseTwin(b []byte) (*Twin, error) {
 		case twinType:
 			t.Type = string(f.bytes)
 		case twinLabels:
-			k, v, err := readMapEntry(f.bytes)
+			k, v, err := readMapEntry(labelWire, f.bytes)
 			if err != nil {
 				return nil, err
 			}
@@ -811,7 +853,7 @@ func parseTwin(b []byte) (*Twin, error) {
 		case twinDesiredMeta:
 			err = readPathMeta(f.bytes, &t.DesiredMeta)
 		case twinTombstones:
-			k, v, err := readMapEntry(f.bytes)
+			k, v, err := readMapEntry(tombstoneWire, f.bytes)
 			if err != nil {
 				return nil, err
 			}
@@ -876,7 +918,7 @@ func parseRecord(b []byte) (record, error) {
 	var r record
 	found := false
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(recordWire, b)
 		if err != nil {
 			return r, err
 		}
@@ -891,7 +933,7 @@ func parseRecord(b []byte) (record, error) {
 		case recordDeletion:
 			r, found = record{Deleted: true}, true
 			for d := f.bytes; len(d) > 0; {
-				g, rest, err := nextField(d)
+				g, rest, err := nextFieldOf(deletionWire, d)
 				if err != nil {
 					return r, err
 				}
@@ -926,7 +968,7 @@ func decodeEvent(b []byte) (*Event, error) {
 func parseEvent(b []byte) (*Event, error) {
 	ev := new(Event)
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(eventWire, b)
 		if err != nil {
 			return nil, err
 		}
@@ -969,7 +1011,7 @@ func decodeEventHead(b []byte) (eventHead, error) {
 	}
 	var h eventHead
 	for b = b[1:]; len(b) > 0; {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(eventWire, b)
 		if err != nil {
 			return h, err
 		}
@@ -981,7 +1023,7 @@ func decodeEventHead(b []byte) (eventHead, error) {
 			h.Kind = EventKind(f.u)
 		case eventTwin:
 			for t := f.bytes; len(t) > 0; {
-				g, rest, err := nextField(t)
+				g, rest, err := nextFieldOf(twinWire, t)
 				if err != nil {
 					return h, err
 				}
@@ -1013,7 +1055,7 @@ func decodeCommand(b []byte) (*Command, error) {
 func parseCommand(b []byte) (*Command, error) {
 	c := new(Command)
 	for len(b) > 0 {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(commandWire, b)
 		if err != nil {
 			return nil, err
 		}
@@ -1063,7 +1105,7 @@ func decodeRuleState(b []byte) (RuleState, error) {
 	}
 	var s RuleState
 	for b = b[1:]; len(b) > 0; {
-		f, rest, err := nextField(b)
+		f, rest, err := nextFieldOf(ruleStateWire, b)
 		if err != nil {
 			return RuleState{}, fmt.Errorf("twin: corrupt rule state: %w", err)
 		}

@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	storev1 "github.com/twind-io/twind/proto/gen/twin/store/v1"
 )
@@ -271,6 +273,19 @@ func TestStoreEncodingCorrupt(t *testing.T) {
 	}
 	if _, err := decodeRecord([]byte{storeEncoding}); err == nil {
 		t.Error("an empty record decodes")
+	}
+	// A twin whose id (field 1, a string) is a varint.
+	bad := protowire.AppendVarint(protowire.AppendTag(nil, twinID, protowire.VarintType), 7)
+	bad = protowire.AppendBytes(protowire.AppendTag([]byte{storeEncoding}, recordTwin, protowire.BytesType), bad)
+	if _, err := decodeRecord(bad); err == nil || !strings.Contains(err.Error(), "wire type") {
+		t.Errorf("a twin whose id is a number decodes: %v", err)
+	}
+	// A field that a later format adds is skipped.
+	later := protowire.AppendBytes(protowire.AppendTag(nil, 99, protowire.BytesType), []byte("x"))
+	later = append(appendTwinMessage(nil, fridgeTwin()), later...)
+	later = protowire.AppendBytes(protowire.AppendTag([]byte{storeEncoding}, recordTwin, protowire.BytesType), later)
+	if r, err := decodeRecord(later); err != nil || !cmp.Equal(r.Twin, fridgeTwin()) {
+		t.Errorf("a twin with a field of a later format = %v (-want +got):\n%s", err, cmp.Diff(fridgeTwin(), r.Twin))
 	}
 }
 
@@ -562,5 +577,44 @@ func BenchmarkStoreCodec(b *testing.B) {
 				decodeEvent(binEv)
 			}
 		})
+	}
+}
+
+// The readers' tables of wire types are those of store.proto.
+func TestStoreWireTables(t *testing.T) {
+	for _, tc := range []struct {
+		wire string
+		msg  protoreflect.MessageDescriptor
+	}{
+		{recordWire, (&storev1.Record{}).ProtoReflect().Descriptor()},
+		{deletionWire, (&storev1.Deletion{}).ProtoReflect().Descriptor()},
+		{twinWire, (&storev1.Twin{}).ProtoReflect().Descriptor()},
+		{labelWire, (&storev1.Twin{}).ProtoReflect().Descriptor().Fields().ByName("labels").Message()},
+		{tombstoneWire, (&storev1.Twin{}).ProtoReflect().Descriptor().Fields().ByName("tombstones").Message()},
+		{pathMetaWire, (&storev1.PathMeta{}).ProtoReflect().Descriptor()},
+		{nodeWire, (&storev1.Node{}).ProtoReflect().Descriptor()},
+		{eventWire, (&storev1.Event{}).ProtoReflect().Descriptor()},
+		{commandWire, (&storev1.Command{}).ProtoReflect().Descriptor()},
+		{ruleStateWire, (&storev1.RuleState{}).ProtoReflect().Descriptor()},
+	} {
+		fields := tc.msg.Fields()
+		want := []byte{'-'}
+		for n := 1; n <= fields.Len(); n++ {
+			fd := fields.ByNumber(protoreflect.FieldNumber(n))
+			if fd == nil {
+				t.Fatalf("%s: no field %d", tc.msg.FullName(), n)
+			}
+			switch fd.Kind() {
+			case protoreflect.StringKind, protoreflect.BytesKind, protoreflect.MessageKind:
+				want = append(want, 'B')
+			case protoreflect.Sfixed64Kind, protoreflect.DoubleKind:
+				want = append(want, 'F')
+			default:
+				want = append(want, 'V')
+			}
+		}
+		if tc.wire != string(want) {
+			t.Errorf("%s: the readers' wire types are %q; store.proto's %q", tc.msg.FullName(), tc.wire, want)
+		}
 	}
 }
