@@ -510,6 +510,18 @@ func encodeRuleState(s *RuleState) []byte {
 
 // ---- reading
 
+// smallInts holds the small integers as document values, boxed once:
+// documents are immutable, so the decoded twins share them rather than
+// allocate one per number.
+var smallInts = func() (a [1280]any) {
+	for i := range a {
+		a[i] = float64(int64(i) + smallIntMin)
+	}
+	return a
+}()
+
+const smallIntMin = -256
+
 // field is one field of a message as fieldReader reads it.
 type field struct {
 	num   protowire.Number
@@ -710,7 +722,11 @@ func (d *docReader) value(f field) (any, error) {
 	case nodeNumber:
 		return math.Float64frombits(f.u), nil
 	case nodeInteger:
-		return float64(protowire.DecodeZigZag(f.u)), nil
+		i := protowire.DecodeZigZag(f.u)
+		if i >= smallIntMin && i < smallIntMin+int64(len(smallInts)) {
+			return smallInts[i-smallIntMin], nil
+		}
+		return float64(i), nil
 	case nodeString:
 		return string(f.bytes), nil
 	case nodeArray:
