@@ -107,7 +107,7 @@ type record struct {
 	LastCommandSeq int64
 }
 
-// twinJSON is the stored form of a Twin.
+// twinJSON is the stored form of a Twin in store format 1 (JSON).
 type twinJSON struct {
 	ID                  string               `json:"id"`
 	Type                string               `json:"type,omitempty"`
@@ -127,10 +127,11 @@ type twinJSON struct {
 	CommandSeq          int64                `json:"command_seq,omitempty"`
 }
 
-// MarshalJSON encodes the twin in its stored form. Delta is not stored.
+// MarshalJSON encodes the twin in the JSON of store format 1. Delta is not
+// stored.
 func (t *Twin) MarshalJSON() ([]byte, error) { return appendTwinJSON(nil, t), nil }
 
-// UnmarshalJSON decodes the stored form of a twin and recomputes its delta.
+// UnmarshalJSON decodes the JSON of store format 1 and recomputes the delta.
 func (t *Twin) UnmarshalJSON(b []byte) error {
 	var j twinJSON
 	if err := json.Unmarshal(b, &j); err != nil {

@@ -64,20 +64,20 @@ type Twin struct {
 	CommandSeq int64
 }
 
-// FieldMeta says when one leaf of a document last changed. Its stored form
-// is {"t": <Unix nanoseconds>, "v": <version>}: twins carry one per leaf, and
-// integers are much cheaper to write and read than formatted times.
+// FieldMeta says when one leaf of a document last changed. Store format 2
+// keeps it inline with the leaf (storecodec.go); the JSON of format 1 is
+// {"t": <Unix nanoseconds>, "v": <version>}.
 type FieldMeta struct {
 	Time    time.Time
 	Version int64
 }
 
-// MarshalJSON writes the stored form.
+// MarshalJSON writes the JSON form.
 func (m FieldMeta) MarshalJSON() ([]byte, error) {
 	return appendFieldMeta(nil, m), nil
 }
 
-// UnmarshalJSON reads the stored form.
+// UnmarshalJSON reads the JSON form.
 func (m *FieldMeta) UnmarshalJSON(b []byte) error {
 	// The form appendFieldMeta writes, read without reflection: a store
 	// of format 1 holds one per leaf, read once when it is converted.
