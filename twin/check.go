@@ -43,7 +43,9 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //   - each rule state is of a twin that exists;
 //   - a twin has a presence mark if and only if it is connected;
 //   - every key is one of the layout's, in the virtual shard of its twin,
-//     and its value decodes.
+//     and its value decodes (in either store format: a store of format 1
+//     whose conversion was interrupted holds both); in a store of format 2,
+//     no value is left in the JSON of format 1.
 //
 // The history limit is opts.HistoryLimit if set. If not, it is the largest
 // history limit the store was ever opened with, as the store records it
