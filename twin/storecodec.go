@@ -372,8 +372,8 @@ func appendTwinMessage(b []byte, t *Twin) []byte {
 	for k, v := range t.Labels {
 		var start int
 		b, start = openLen(b, twinLabels)
-		b = appendBytesField(b, mapKey, k)
-		b = appendBytesField(b, mapValue, v)
+		b = appendTextField(b, mapKey, k)
+		b = appendTextField(b, mapValue, v)
 		b = closeLen(b, start)
 	}
 	b = appendDocument(b, twinReported, twinReportedMeta, t.Reported, t.ReportedMeta)
@@ -489,7 +489,7 @@ func encodeCommand(c *Command) ([]byte, error) {
 	}
 	b = appendTextField(b, commandMessage, c.Message)
 	b = appendBytesField(b, commandSource, string(c.Source))
-	b = appendBytesField(b, commandRequestID, c.RequestID)
+	b = appendTextField(b, commandRequestID, c.RequestID)
 	b = appendIntField(b, commandTTL, int64(c.TTL))
 	b = appendTimeField(b, commandCreateTime, c.CreateTime)
 	b = appendTimeField(b, commandUpdateTime, c.UpdateTime)
