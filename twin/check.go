@@ -41,7 +41,11 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //   - each command is of a twin that exists, under the twin's id and with a
 //     sequence no higher than the twin's last command sequence;
 //   - each rule state is of a twin that exists;
-//   - a twin has a presence mark if and only if it is connected;
+//   - a twin has a presence mark if and only if it is connected, and a
+//     pending mark if and only if one of its rule states waits for a
+//     hold_for;
+//   - a shard's twin count, where the store keeps one, is its number of
+//     twins;
 //   - every key is one of the layout's, in the virtual shard of its twin,
 //     and its value decodes.
 //
@@ -110,6 +114,9 @@ type checkedTwin struct {
 	// connected says the twin's device is connected; marked that its
 	// presence mark was found.
 	connected, marked bool
+	// pending says a rule state of the twin waits for a hold_for;
+	// pendingMarked that its pending mark was found.
+	pending, pendingMarked bool
 }
 
 // historyRun is the history entries of one twin, which are adjacent in key
@@ -322,6 +329,12 @@ func (c *checker) checkShardKey(k, v []byte) error {
 				c.add(k, "twin %q has a presence mark but is not connected", rest)
 			}
 		}
+	case 'w':
+		if t := c.owner(k, "pending mark", string(rest)); t != nil {
+			t.pendingMarked = true
+		}
+	case 'n':
+		c.checkCount(k, rest, v)
 	default:
 		c.add(k, "unknown section %q of a shard", k[5])
 	}
@@ -508,12 +521,33 @@ func (c *checker) checkRuleState(k, rest, v []byte) {
 		c.add(k, "a rule state key must be s/<vshard>/x/<id>, a zero byte and the rule id")
 		return
 	}
-	if c.owner(k, "rule state", string(rest[:i])) == nil {
+	t := c.owner(k, "rule state", string(rest[:i]))
+	if t == nil {
 		return
 	}
-	var s RuleState
-	if err := json.Unmarshal(v, &s); err != nil {
+	s, err := decodeRuleState(v)
+	if err != nil {
 		c.add(k, "the rule state does not decode: %v", err)
+	}
+	if !s.PendingSince.IsZero() {
+		t.pending = true
+	}
+}
+
+// checkCount checks a shard's twin count.
+func (c *checker) checkCount(k, rest, v []byte) {
+	if len(rest) != 0 || len(v) != 8 {
+		c.add(k, "a twin count is s/<vshard>/n/ with 8 bytes; found %d bytes after the key and a value of %d", len(rest), len(v))
+		return
+	}
+	n := 0
+	for _, t := range c.twins {
+		if !t.deleted {
+			n++
+		}
+	}
+	if got := binary.BigEndian.Uint64(v); got != uint64(n) {
+		c.add(k, "the shard's twin count is %d; it holds %d twins", got, n)
 	}
 }
 
@@ -553,6 +587,12 @@ func (c *checker) endShard() {
 		if t.connected && !t.marked {
 			c.add(t.key, "twin %q is connected but has no presence mark: a restart would not find it connected", id)
 		}
+		switch {
+		case t.pending && !t.pendingMarked:
+			c.add(t.key, "twin %q has a rule state waiting for a hold_for but no pending mark: a restart would not evaluate it", id)
+		case !t.pending && t.pendingMarked:
+			c.add(t.key, "twin %q has a pending mark but no rule state waits for a hold_for", id)
+		}
 	}
 	c.twins = nil
 }
@@ -581,7 +621,7 @@ func keyString(k []byte) string {
 			if id, n, ok := splitSeqKey(rest); ok {
 				return head + readable(id) + "/" + strconv.FormatInt(n, 10)
 			}
-		case 'p':
+		case 'p', 'w':
 			return head + readable(string(rest))
 		case 'x':
 			if i := bytes.IndexByte(rest, 0); i >= 0 {

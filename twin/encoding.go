@@ -21,6 +21,9 @@ import (
 //	                               whose Event is in the watch log
 //	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule (JSON)
 //	s/<vs:2>/p/<id>                presence mark: the device is connected (empty)
+//	s/<vs:2>/w/<id>                pending mark: a rule state of the twin waits for
+//	                               a hold_for to run out (empty)
+//	s/<vs:2>/n/                    the number of twins in the shard (8 bytes)
 //	r/<rule>                       rule definitions, owned by the rules package
 //
 // Check (check.go) verifies the invariants between these keys.
@@ -62,6 +65,16 @@ func twinKey(vs uint16, id string) []byte {
 func presenceKey(vs uint16, id string) []byte {
 	return append(shardPrefix(vs, 'p'), id...)
 }
+
+// pendingKey marks a twin with a rule state waiting for its hold_for: a
+// restart evaluates these twins again at once, without reading the others.
+func pendingKey(vs uint16, id string) []byte {
+	return append(shardPrefix(vs, 'w'), id...)
+}
+
+// countKey holds the number of twins in a virtual shard, so that start-up
+// knows the fleet's size without counting it.
+func countKey(vs uint16) []byte { return shardPrefix(vs, 'n') }
 
 func historyPrefix(vs uint16, id string) []byte {
 	return append(append(shardPrefix(vs, 'h'), id...), 0)

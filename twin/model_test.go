@@ -89,6 +89,9 @@ func TestEngineModel(t *testing.T) {
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	opts := Options{Dir: "db", FS: fs, Clock: clock.Now, Workers: 2, VShards: 8, HistoryLimit: modelHistoryLimit,
 		CommandRetention: modelRetention, CommandQueueLimit: modelQueueLimit, Logger: quietSlog(),
+		// A twin cache of a few twins per worker: twins are evicted and
+		// read back from the store all the time.
+		CacheBytes: 16 << 10,
 		// Devices connected when the engine closed are disconnected by
 		// the first step after a restart.
 		PresenceGrace: time.Nanosecond}
@@ -139,8 +142,8 @@ func TestEngineModel(t *testing.T) {
 		var problems []string
 		for _, w := range e.workers {
 			for _, mt := range m {
-				if e.workerFor(mt.id) == w {
-					if got, want := slices.Sorted(maps.Keys(w.ruleStates[mt.id])), mt.ruleStates(); !slices.Equal(got, want) {
+				if ent := w.cache.m[mt.id]; e.workerFor(mt.id) == w && ent != nil && ent.statesLoaded {
+					if got, want := slices.Sorted(maps.Keys(ent.states)), mt.ruleStates(); !slices.Equal(got, want) {
 						problems = append(problems, fmt.Sprintf("twin %s: rule states in memory %q; model %q", mt.id, got, want))
 					}
 				}

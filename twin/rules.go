@@ -1,11 +1,12 @@
 package twin
 
 import (
-	"bytes"
 	"container/heap"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -141,11 +142,16 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 			return extra
 		}
 		id := c.next.ID
-		res := ev.Evaluate(c.prev, c.next, w.ruleStates[id], now, timer)
+		ent, err := w.withStates(id)
+		if err != nil {
+			w.e.fail(err)
+			return extra
+		}
+		res := ev.Evaluate(c.prev, c.next, ent.states, now, timer)
 		timer = false
 		w.stepCost += res.Cost
 		if len(res.States) > 0 {
-			st := maps.Clone(w.ruleStates[id])
+			st := maps.Clone(ent.states)
 			if st == nil {
 				st = map[string]RuleState{}
 			}
@@ -161,10 +167,10 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 				c.ruleWrites[r] = s
 			}
 			if len(st) == 0 {
-				delete(w.ruleStates, id)
-			} else {
-				w.ruleStates[id] = st
+				st = nil
 			}
+			ent.states = st
+			w.touch(ent)
 		}
 		if !res.Wake.IsZero() {
 			w.wakeRules(id, res.Wake)
@@ -243,7 +249,39 @@ func (w *worker) setWorking(c *change, next *Twin) {
 		c.event.Twin = next
 	}
 	c.next = next
-	w.twins[next.ID] = next
+	ent := w.cached(next.ID) // cached: the change read it
+	ent.work = next
+	w.touch(ent)
+}
+
+// withStates returns a twin's entry with its rule states read.
+func (w *worker) withStates(id string) (*entry, error) {
+	ent, err := w.entry(id)
+	if err != nil || ent.statesLoaded {
+		return ent, err
+	}
+	it, err := w.e.db.NewIter(nil)
+	if err != nil {
+		return nil, err
+	}
+	states, err := readRuleStates(it, w.e.VShard(id), id)
+	if err := errors.Join(err, it.Close()); err != nil {
+		return nil, err
+	}
+	ent.states, ent.statesLoaded = states, true
+	return ent, nil
+}
+
+// hasPending reports whether a twin's rule states wait for a hold_for to
+// run out: the twin's pending mark (pendingKey) says so in the store, so
+// that a restart knows to evaluate it again without reading every twin.
+func hasPending(states map[string]RuleState) bool {
+	for _, s := range states {
+		if !s.PendingSince.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // ruleTimer asks for a twin's rules to be evaluated at a time.
@@ -266,10 +304,10 @@ func (h *ruleTimerHeap) Pop() any {
 }
 
 // timedRules evaluates the rules of the twins whose wake-up time has come,
-// and, on a periodic tick, of every twin whose type has time-dependent rules.
-// Once the step has spent its CEL budget, the twins left over are due again
-// at once and wait for the next step, behind the requests that arrived
-// meanwhile.
+// and, a chunk per step, of every twin whose type has time-dependent rules
+// (the periodic tick's scan, tickScan). Once the step has spent its CEL
+// budget, the twins left over are due again at once and wait for the next
+// step, behind the requests that arrived meanwhile.
 func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 	// What the last step left over goes first.
 	due := w.timedBacklog
@@ -282,16 +320,22 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		delete(w.ruleWake, t.id)
 		due = append(due, t.id)
 	}
-	if tick {
-		timed := make(map[string]bool, len(due))
-		for _, id := range due {
-			timed[id] = true
+	if tick && w.scan == nil {
+		// A scan still running from the last tick goes on instead: the
+		// twins it has yet to reach are evaluated once, not twice.
+		w.scan = &tickScan{}
+	}
+	if w.scan != nil && len(due) < tickChunk {
+		ids, err := w.scanTick(ev, tickChunk-len(due))
+		if err != nil {
+			w.e.fail(fmt.Errorf("rule tick: %w", err))
+			return nil
 		}
-		for id, t := range w.twins {
-			if !timed[id] && ev.Ticks(t.Type) {
-				due = append(due, id)
-			}
-		}
+		due = append(due, ids...)
+	}
+	if err := w.fetch(slices.Clone(due)); err != nil {
+		w.e.fail(fmt.Errorf("rule tick: %w", err))
+		return nil
 	}
 	var out []*change
 	for i, id := range due {
@@ -299,7 +343,7 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 			w.timedBacklog = due[i:]
 			break
 		}
-		cur := w.twins[id]
+		cur := w.current(id)
 		if cur == nil {
 			continue
 		}
@@ -311,6 +355,75 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		}
 		out = append(out, c)
 		out = append(out, extra...)
+	}
+	return out
+}
+
+// tickChunk bounds how many twins one step takes from a tick's scan, so that
+// a tick over a large fleet is spread over many short steps, with the
+// requests that arrive meanwhile in between.
+const tickChunk = 256
+
+// tickScan is a periodic tick's walk over the worker's twins, in key order:
+// the virtual shard it is in (an index into the worker's shards) and the
+// last twin id it took there.
+type tickScan struct {
+	shard int
+	after string
+}
+
+// scanTick returns up to n more twins of the tick's scan whose types have
+// time-dependent rules, and ends the scan when it has seen every twin.
+func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
+	shards := w.shards()
+	var ids []string
+	for w.scan.shard < len(shards) && len(ids) < n {
+		vs := shards[w.scan.shard]
+		lower := shardPrefix(vs, 't')
+		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+		if err != nil {
+			return nil, err
+		}
+		ok := it.First()
+		if w.scan.after != "" {
+			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
+		}
+		for ; ok && len(ids) < n; ok = it.Next() {
+			id := string(it.Key()[len(lower):])
+			w.scan.after = id
+			t := (*Twin)(nil)
+			if ent := w.cache.m[id]; ent != nil {
+				t = ent.work
+			} else {
+				rec, err := decodeRecord(it.Value())
+				if err != nil {
+					it.Close()
+					return nil, fmt.Errorf("%w (twin %q)", err, id)
+				}
+				t = rec.Twin
+			}
+			if t != nil && ev.Ticks(t.Type) {
+				ids = append(ids, id)
+			}
+		}
+		if err := errors.Join(it.Error(), it.Close()); err != nil {
+			return nil, err
+		}
+		if !ok {
+			w.scan.shard, w.scan.after = w.scan.shard+1, ""
+		}
+	}
+	if w.scan.shard == len(shards) {
+		w.scan = nil
+	}
+	return ids, nil
+}
+
+// shards returns the virtual shards the worker serves.
+func (w *worker) shards() []uint16 {
+	var out []uint16
+	for vs := w.index; vs < w.e.vshards; vs += len(w.e.workers) {
+		out = append(out, uint16(vs))
 	}
 	return out
 }
@@ -344,7 +457,7 @@ func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleStat
 			}
 			continue
 		}
-		v, err := json.Marshal(s)
+		v, err := encodeRuleState(s)
 		if err != nil {
 			return err
 		}
@@ -355,28 +468,23 @@ func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleStat
 	return nil
 }
 
-// loadRuleState loads a twin's state for a rule, keyed by the twin's id, a
-// zero byte and the rule's id.
-func (e *Engine) loadRuleState(k, value []byte) error {
-	i := bytes.IndexByte(k, 0)
-	if i < 0 {
-		return fmt.Errorf("twin: corrupt rule state key")
-	}
-	id, ruleID := string(k[:i]), string(k[i+1:])
+// encodeRuleState and decodeRuleState give a rule state's stored form.
+func encodeRuleState(s *RuleState) ([]byte, error) { return json.Marshal(s) }
+
+func decodeRuleState(b []byte) (RuleState, error) {
 	var s RuleState
-	if err := json.Unmarshal(value, &s); err != nil {
-		return fmt.Errorf("twin: corrupt rule state: %w", err)
+	if err := json.Unmarshal(b, &s); err != nil {
+		return s, fmt.Errorf("twin: corrupt rule state: %w", err)
 	}
-	w := e.workerFor(id)
-	if w.ruleStates[id] == nil {
-		w.ruleStates[id] = map[string]RuleState{}
-	}
-	w.ruleStates[id][ruleID] = s
-	if !s.PendingSince.IsZero() {
-		// Re-evaluate once loaded: hold_for may have run out while the
-		// server was down.
-		w.wakeRules(id, s.PendingSince)
-	}
+	return s, nil
+}
+
+// loadPending notes a twin marked as waiting for a hold_for to run out: it
+// is evaluated again at once, since hold_for may have run out while the
+// process was down.
+func (e *Engine) loadPending(id, _ []byte) error {
+	w := e.workerFor(string(id))
+	w.wakeRules(string(id), e.opts.Clock())
 	return nil
 }
 
