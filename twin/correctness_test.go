@@ -29,7 +29,8 @@ type funcEvaluator struct {
 func (f funcEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	return f.eval(prev, next, states, now, timer)
 }
-func (f funcEvaluator) Ticks(string) bool { return f.ticks }
+func (f funcEvaluator) Ticks(string) bool           { return f.ticks }
+func (f funcEvaluator) TickTypes() ([]string, bool) { return nil, f.ticks }
 
 // blockingEvaluator stalls the worker inside a step until released, so that
 // a test can queue several requests for the worker's next step.
@@ -52,7 +53,8 @@ func (b *blockingEvaluator) Evaluate(prev, next *Twin, states map[string]RuleSta
 	}
 	return Evaluation{}
 }
-func (b *blockingEvaluator) Ticks(string) bool { return false }
+func (b *blockingEvaluator) Ticks(string) bool           { return false }
+func (b *blockingEvaluator) TickTypes() ([]string, bool) { return nil, false }
 
 // TestRuleCommandsAllKept: every command of every rule that fires on one
 // change is stored, delivered and survives a restart (item 2), and a command

@@ -55,7 +55,8 @@ func crashWet(t *Twin) bool {
 	return ok && m > 55 && t.Desired["pump"] == "on"
 }
 
-func (crashRules) Ticks(string) bool { return false }
+func (crashRules) Ticks(string) bool           { return false }
+func (crashRules) TickTypes() ([]string, bool) { return nil, false }
 
 func (crashRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation

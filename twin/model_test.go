@@ -230,7 +230,8 @@ func (c *modelClock) Advance(d time.Duration) {
 // r1 keeps a rule state while its condition holds.
 type modelRules struct{}
 
-func (modelRules) Ticks(string) bool { return false }
+func (modelRules) Ticks(string) bool           { return false }
+func (modelRules) TickTypes() ([]string, bool) { return nil, false }
 
 func (modelRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation

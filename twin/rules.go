@@ -29,6 +29,10 @@ type Evaluator interface {
 	// Ticks reports whether rules of a device type read `now`, so that
 	// their twins must be re-evaluated periodically.
 	Ticks(typ string) bool
+	// TickTypes returns the device types with rules that read `now`, or
+	// all: a rule for every type does. A periodic tick walks the twins of
+	// these types only, and with none there is no tick at all.
+	TickTypes() (types []string, all bool)
 }
 
 // Evaluation is the outcome of evaluating the rules of one change.
@@ -320,7 +324,7 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		delete(w.ruleWake, t.id)
 		due = append(due, t.id)
 	}
-	if tick && w.scan == nil {
+	if types, all := ev.TickTypes(); tick && w.scan == nil && (all || len(types) > 0) {
 		// A scan still running from the last tick goes on instead: the
 		// twins it has yet to reach are evaluated once, not twice.
 		w.scan = &tickScan{}

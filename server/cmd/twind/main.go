@@ -121,14 +121,9 @@ func run(args []string) error {
 		memoryLimit = 2*cacheSize + 512<<20
 	}
 	if _, ok := os.LookupEnv("GOMEMLIMIT"); !ok {
+		// The heap is bounded by the cache, not by the fleet: the limit
+		// makes the collector work harder only as the heap nears it.
 		debug.SetMemoryLimit(int64(memoryLimit))
-	}
-	if _, ok := os.LookupEnv("GOGC"); !ok {
-		// twind's garbage is short-lived request state over a long-lived
-		// cache of twins: collecting less often is cheaper, and the
-		// memory limit makes the collector work harder as the heap
-		// nears it, so the heap stays bounded.
-		debug.SetGCPercent(400)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
