@@ -47,7 +47,10 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			kind = KindDesired
 		} else if err == nil && o.patch.Source == SourceDevice {
 			if next == cur {
+				// Nothing changed but when the device was last seen:
+				// that goes to a small key of its own (seenKey).
 				next = cur.clone()
+				c.seenOnly = true
 			}
 			next.Presence.LastSeen = now
 		}

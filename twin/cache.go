@@ -41,6 +41,8 @@ type entry struct {
 	// statesLoaded says they were read from the store.
 	states       map[string]RuleState
 	statesLoaded bool
+	// seen says the store holds a seen key for the twin (seenKey).
+	seen bool
 	// seq is the last worker step that changed the twin's keys: until
 	// that step is published the entry stays.
 	seq int64
@@ -153,8 +155,15 @@ func (w *worker) fetch(ids []string) error {
 			if r.Deleted {
 				ent.gone = goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}
 			} else {
-				ent.work, ent.durable = r.Twin, r.Twin
 				ent.size = twinSize(len(it.Value()))
+				t := r.Twin
+				if sk := seenKey(vs, id); it.Next() && string(it.Key()) == string(sk) {
+					if t, err = withSeen(t, it.Value()); err != nil {
+						return err
+					}
+					ent.seen = true
+				}
+				ent.work, ent.durable = t, t
 			}
 		}
 		if err := it.Error(); err != nil {
@@ -237,8 +246,8 @@ func (w *worker) resize(ent *entry, recordBytes int) {
 	ent.size = int64(size)
 }
 
-// readTwin reads a twin's record from a store or snapshot: the twin, or nil
-// if there is none.
+// readTwin reads a twin's record, and its seen key, from a store or
+// snapshot: the twin, or nil if there is none.
 func readTwin(r pebble.Reader, vs uint16, id string) (*Twin, error) {
 	v, closer, err := r.Get(twinKey(vs, id))
 	if errors.Is(err, pebble.ErrNotFound) {
@@ -247,12 +256,20 @@ func readTwin(r pebble.Reader, vs uint16, id string) (*Twin, error) {
 	if err != nil {
 		return nil, fmt.Errorf("twin: read twin %q: %w", id, err)
 	}
-	defer closer.Close()
 	rec, err := decodeRecord(v)
-	if err != nil {
-		return nil, fmt.Errorf("%w (twin %q)", err, id)
+	closer.Close()
+	if err != nil || rec.Deleted {
+		return nil, err // nil for a deletion marker
 	}
-	return rec.Twin, nil // nil for a deletion marker
+	v, closer, err = r.Get(seenKey(vs, id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return rec.Twin, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("twin: read twin %q: %w", id, err)
+	}
+	defer closer.Close()
+	return withSeen(rec.Twin, v)
 }
 
 // cacheBytes returns the estimated size of the worker's cache.

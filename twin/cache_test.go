@@ -1,11 +1,15 @@
 package twin
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
+	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
@@ -86,5 +90,81 @@ func TestCacheBounded(t *testing.T) {
 	}
 	if listed != n/2 || e.Len() != n/2 {
 		t.Errorf("after deleting half: listed %d after %s, Len %d; want %d", listed, ids[n/2-1], e.Len(), n/2)
+	}
+}
+
+// TestSeenOnlyReport: a device report that changes nothing moves the twin's
+// last_seen by writing its seen key, not its record; readers, lists and a
+// restart see the new last_seen, and the next real change folds it back into
+// the record.
+func TestSeenOnlyReport(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Workers: 1, VShards: 4, Clock: clock.Now, CacheBytes: 16 << 10}
+	e := openMem(t, fs, opts)
+	const id = "fridge-1"
+	if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge", Reported: Document{"temp_c": 4.0}}); err != nil {
+		t.Fatal(err)
+	}
+	record := func(e *Engine) []byte {
+		t.Helper()
+		v, closer, err := e.db.Get(twinKey(e.VShard(id), id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closer.Close()
+		return slices.Clone(v)
+	}
+	before := record(e)
+	clock.Advance(time.Minute)
+	seen := clock.Now().UTC()
+	tw, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"temp_c": 4.0}, Source: SourceDevice})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Version != 1 || !tw.Presence.LastSeen.Equal(seen) {
+		t.Errorf("report that changes nothing = version %d, last_seen %v; want version 1, last_seen %v", tw.Version, tw.Presence.LastSeen, seen)
+	}
+	if after := record(e); !bytes.Equal(after, before) {
+		t.Errorf("the report rewrote the twin's record")
+	}
+	if _, closer, err := e.db.Get(seenKey(e.VShard(id), id)); err != nil {
+		t.Errorf("no seen key after the report: %v", err)
+	} else {
+		closer.Close()
+	}
+	checkSeen := func(e *Engine, when string) {
+		t.Helper()
+		tw, err := e.Get(id)
+		if err != nil || !tw.Presence.LastSeen.Equal(seen) {
+			t.Errorf("%s: Get = last_seen %v, %v; want %v", when, tw.Presence.LastSeen, err, seen)
+		}
+		var listed *Twin
+		if _, err := e.List(ctx, "", func(tw *Twin) bool { listed = tw; return false }); err != nil || listed == nil || !listed.Presence.LastSeen.Equal(seen) {
+			t.Errorf("%s: List = %+v, %v; want the twin with last_seen %v", when, listed, err, seen)
+		}
+	}
+	checkSeen(e, "before restart")
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts) // nothing cached: read from the store
+	checkSeen(e, "after restart")
+	// A real change writes the record, with last_seen, and drops the seen key.
+	clock.Advance(time.Minute)
+	seen = clock.Now().UTC()
+	if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"temp_c": 5.0}, Source: SourceDevice}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := e.db.Get(seenKey(e.VShard(id), id)); !errors.Is(err, pebble.ErrNotFound) {
+		t.Errorf("seen key after a change that wrote the record: %v; want none", err)
+	}
+	checkSeen(e, "after a change")
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if vs, err := Check(Options{FS: fs, Dir: "db"}); err != nil || len(vs) > 0 {
+		t.Errorf("Check = %v, %v; want no violations", vs, err)
 	}
 }

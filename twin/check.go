@@ -352,9 +352,23 @@ func (c *checker) loadTwins(vs int) error {
 		return err
 	}
 	defer it.Close()
+	var last *checkedTwin // the record before, for a seen key
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
 		id := string(k[len(lower):])
+		if rest := k[len(lower):]; isSubKey(rest) {
+			i := bytes.IndexByte(rest, 0)
+			switch {
+			case string(rest[i:]) != "\x00s":
+				c.add(k, "unknown key of twin %q", rest[:i])
+			case last == nil || last.deleted || string(last.key[len(lower):]) != string(rest[:i]):
+				c.add(k, "last_seen of twin %q, which does not exist", rest[:i])
+			case len(it.Value()) != 8:
+				c.add(k, "last_seen must be 8 bytes; it is %d", len(it.Value()))
+			}
+			continue
+		}
+		last = nil
 		if !c.checkID(k, id) {
 			continue
 		}
@@ -365,6 +379,7 @@ func (c *checker) loadTwins(vs int) error {
 		}
 		ct := &checkedTwin{key: append([]byte(nil), k...), deleted: r.Deleted, version: r.LastVersion, cmdSeq: r.LastCommandSeq}
 		c.twins[id] = ct
+		last = ct
 		if r.Deleted {
 			if r.LastVersion < 1 {
 				c.add(k, "the deleted twin's last version is %d", r.LastVersion)

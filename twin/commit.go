@@ -69,7 +69,19 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		}
 	}
 	var tw []byte // the encoded twin of the event
+	if c.seenOnly {
+		// Only last_seen moved: no event, and 8 bytes instead of the record.
+		ent.seen = true
+		return buf, b.Set(seenKey(vs, id), appendUint64(nil, uint64(c.next.Presence.LastSeen.UnixNano())), nil)
+	}
 	if c.next != c.prev {
+		if ent.seen {
+			// The record holds last_seen again.
+			ent.seen = false
+			if err := b.Delete(seenKey(vs, id), nil); err != nil {
+				return buf, err
+			}
+		}
 		rec := record{Twin: c.next}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}

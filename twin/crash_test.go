@@ -648,6 +648,10 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 		section, rest := k[len(prefixShards)+3], k[len(prefixShards)+5:]
 		switch section {
 		case 't':
+			if isSubKey(rest) {
+				owned = append(owned, keyed{slices.Clone(k), string(rest[:bytes.IndexByte(rest, 0)])})
+				continue
+			}
 			r, err := decodeRecord(it.Value())
 			if err != nil {
 				report("key %q: %v", k, err)

@@ -196,6 +196,9 @@ func (e *Engine) upgradeShard(vs uint16) error {
 	defer b.Close()
 	var n int64
 	err := e.scanSection(vs, 't', func(id, value []byte) error {
+		if isSubKey(id) {
+			return nil
+		}
 		r, err := decodeRecord(value)
 		if err != nil || r.Deleted {
 			return err

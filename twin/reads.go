@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -64,13 +65,29 @@ func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (r
 		return rev, err
 	}
 	defer m.close()
+	// A twin read from the store is passed to fn once the key after its
+	// record is known: it may be the twin's seen key.
+	var pending *Twin
 	for {
 		if err := e.readStopped(ctx); err != nil {
 			return rev, err
 		}
 		key, value, vs, ok := m.next()
+		if ok && pending != nil && isSubKey(key) && bytes.HasPrefix(key, append([]byte(pending.ID), 0)) {
+			if pending, err = withSeen(pending, value); err != nil {
+				return rev, err
+			}
+			continue
+		}
+		if pending != nil && !fn(pending) {
+			return rev, nil
+		}
+		pending = nil
 		if !ok {
 			return rev, m.err
+		}
+		if isSubKey(key) {
+			continue // of a cached or deleted twin
 		}
 		id := string(key)
 		w := e.workers[int(vs)%len(e.workers)]
@@ -81,19 +98,17 @@ func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (r
 			t = ent.durable
 		}
 		w.mu.RUnlock()
-		if ent == nil {
-			rec, err := decodeRecord(value)
-			if err != nil {
-				return rev, fmt.Errorf("%w (twin %q)", err, id)
+		if ent != nil {
+			if t != nil && !fn(t) {
+				return rev, nil
 			}
-			t = rec.Twin
+			continue
 		}
-		if t == nil {
-			continue // deleted
+		rec, err := decodeRecord(value)
+		if err != nil {
+			return rev, fmt.Errorf("%w (twin %q)", err, id)
 		}
-		if !fn(t) {
-			return rev, nil
-		}
+		pending = rec.Twin // nil if deleted
 	}
 }
 

@@ -393,6 +393,9 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
 		}
 		for ; ok && len(ids) < n; ok = it.Next() {
+			if isSubKey(it.Key()[len(lower):]) {
+				continue
+			}
 			id := string(it.Key()[len(lower):])
 			w.scan.after = id
 			t := (*Twin)(nil)
