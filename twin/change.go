@@ -162,7 +162,7 @@ type change struct {
 	// published once the change is durable.
 	// seenOnly says the change moved only the twin's last_seen, which is
 	// written to the twin's seen key instead of rewriting its record.
-	seenOnly bool
+	seenOnly   bool
 	ruleWrites map[string]*RuleState
 	firings    []Firing
 
