@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -166,5 +167,69 @@ func TestSeenOnlyReport(t *testing.T) {
 	}
 	if vs, err := Check(Options{FS: fs, Dir: "db"}); err != nil || len(vs) > 0 {
 		t.Errorf("Check = %v, %v; want no violations", vs, err)
+	}
+}
+
+// TestTickPaced: a rule tick over a fleet walks it a chunk at a time, paced
+// to end by three quarters of the tick interval, instead of evaluating every
+// twin in one step; each twin is evaluated once per tick.
+func TestTickPaced(t *testing.T) {
+	ctx := context.Background()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now, RuleTick: 10 * time.Second})
+	defer e.Close()
+	const n = 1000
+	for i := range n {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("p-%04d", i), Type: "planter"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mu sync.Mutex
+	evals := map[string]int{}
+	e.SetEvaluator(funcEvaluator{ticks: true, eval: func(_, next *Twin, _ map[string]RuleState, _ time.Time, timer bool) Evaluation {
+		if timer {
+			mu.Lock()
+			evals[next.ID]++
+			mu.Unlock()
+		}
+		return Evaluation{}
+	}})
+	count := func() (twins, total int) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range evals {
+			total += c
+		}
+		return len(evals), total
+	}
+	if err := e.RunTimers(ctx); err != nil { // starts the ticking
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second)
+	for range 3 {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if twins, _ := count(); twins != tickChunk {
+		t.Errorf("at the tick, steps evaluated %d twins; want one chunk, %d, until time passes", twins, tickChunk)
+	}
+	clock.Advance(3750 * time.Millisecond) // half of the pace's span
+	for range 3 {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if twins, _ := count(); twins < n/2 || twins > n/2+2*tickChunk {
+		t.Errorf("halfway through the span, %d twins evaluated; want about %d", twins, n/2+tickChunk)
+	}
+	clock.Advance(3750 * time.Millisecond)
+	for range 8 {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if twins, total := count(); twins != n || total != n {
+		t.Errorf("by the end of the span: %d twins evaluated %d times; want all %d, once each", twins, total, n)
 	}
 }

@@ -327,15 +327,20 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 	if types, all := ev.TickTypes(); tick && w.scan == nil && (all || len(types) > 0) {
 		// A scan still running from the last tick goes on instead: the
 		// twins it has yet to reach are evaluated once, not twice.
-		w.scan = &tickScan{}
-	}
-	if w.scan != nil && len(due) < tickChunk {
-		ids, err := w.scanTick(ev, tickChunk-len(due))
-		if err != nil {
-			w.e.fail(fmt.Errorf("rule tick: %w", err))
-			return nil
+		w.scan = &tickScan{start: now}
+		for _, n := range w.counts {
+			w.scan.total += n
 		}
-		due = append(due, ids...)
+	}
+	if w.scan != nil {
+		if n := w.scan.quota(now, w.e.opts.RuleTick); n > 0 {
+			ids, err := w.scanTick(ev, n)
+			if err != nil {
+				w.e.fail(fmt.Errorf("rule tick: %w", err))
+				return nil
+			}
+			due = append(due, ids...)
+		}
 	}
 	if err := w.fetch(slices.Clone(due)); err != nil {
 		w.e.fail(fmt.Errorf("rule tick: %w", err))
@@ -363,25 +368,54 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 	return out
 }
 
-// tickChunk bounds how many twins one step takes from a tick's scan, so that
+// tickChunk bounds how many twins one step walks of a tick's scan, so that
 // a tick over a large fleet is spread over many short steps, with the
 // requests that arrive meanwhile in between.
 const tickChunk = 256
 
-// tickScan is a periodic tick's walk over the worker's twins, in key order:
-// the virtual shard it is in (an index into the worker's shards) and the
-// last twin id it took there.
+// tickScan is a periodic tick's walk over the worker's twins, in key order.
+// It is paced to end by three quarters of the tick interval, a chunk at a
+// time, rather than at once: the cost of a tick over a million twins is
+// spread over the interval instead of stalling the worker's requests.
 type tickScan struct {
+	// shard is where the walk is (an index into the worker's shards), and
+	// after the last twin id it walked there.
 	shard int
 	after string
+	start time.Time
+	// walked counts the twins walked; total is how many the worker had
+	// when the tick began.
+	walked, total int64
 }
 
-// scanTick returns up to n more twins of the tick's scan whose types have
-// time-dependent rules, and ends the scan when it has seen every twin.
+// quota returns how many twins the scan may walk now to keep its pace.
+func (s *tickScan) quota(now time.Time, interval time.Duration) int {
+	span := interval * 3 / 4
+	elapsed := now.Sub(s.start)
+	if elapsed >= span {
+		return tickChunk // behind: as fast as steps allow
+	}
+	target := int64(float64(s.total)*float64(elapsed)/float64(span)) + tickChunk
+	return int(min(max(target-s.walked, 0), tickChunk))
+}
+
+// next returns when the scan's next chunk is due.
+func (s *tickScan) next(interval time.Duration) time.Time {
+	if s.total == 0 || s.walked >= s.total {
+		return s.start
+	}
+	span := interval * 3 / 4
+	return s.start.Add(time.Duration(float64(span) * float64(s.walked) / float64(s.total)))
+}
+
+// scanTick walks up to n more twins of the tick's scan and returns those
+// whose types have time-dependent rules; it ends the scan when it has seen
+// every twin.
 func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 	shards := w.shards()
 	var ids []string
-	for w.scan.shard < len(shards) && len(ids) < n {
+	walked := 0
+	for w.scan.shard < len(shards) && walked < n {
 		vs := shards[w.scan.shard]
 		lower := shardPrefix(vs, 't')
 		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
@@ -392,12 +426,13 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 		if w.scan.after != "" {
 			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
 		}
-		for ; ok && len(ids) < n; ok = it.Next() {
+		for ; ok && walked < n; ok = it.Next() {
 			if isSubKey(it.Key()[len(lower):]) {
 				continue
 			}
 			id := string(it.Key()[len(lower):])
 			w.scan.after = id
+			walked++
 			t := (*Twin)(nil)
 			if ent := w.cache.m[id]; ent != nil {
 				t = ent.work
@@ -420,6 +455,7 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 			w.scan.shard, w.scan.after = w.scan.shard+1, ""
 		}
 	}
+	w.scan.walked += int64(walked)
 	if w.scan.shard == len(shards) {
 		w.scan = nil
 	}

@@ -213,8 +213,11 @@ func (w *worker) nextTimed() (time.Time, bool) {
 	if w.expiries.Len() > 0 {
 		at = w.expiries.next().at
 	}
-	if (len(w.timedBacklog) > 0 || w.scan != nil) && w.e.currentEvaluator() != nil {
+	if len(w.timedBacklog) > 0 && w.e.currentEvaluator() != nil {
 		return w.e.opts.Clock(), true // at once
+	}
+	if w.scan != nil && w.e.currentEvaluator() != nil {
+		at = minTime(at, w.scan.next(w.e.opts.RuleTick))
 	}
 	if len(w.lost) > 0 && (at.IsZero() || w.lostAt.Before(at)) {
 		at = w.lostAt
@@ -230,4 +233,12 @@ func (w *worker) nextTimed() (time.Time, bool) {
 		}
 	}
 	return at, !at.IsZero() || w.e.currentEvaluator() != nil
+}
+
+// minTime returns the earlier of a and b, a zero time counting as none.
+func minTime(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
 }
