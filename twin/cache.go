@@ -127,56 +127,59 @@ func (w *worker) prefetch(ops []*op) error {
 	return w.fetch(miss)
 }
 
-// fetch reads the given twins, and their rule states, from the store into
-// the cache. The store holds every step the worker applied, durable or
-// not, and a twin that is not cached has no step in flight, so what the
-// store holds is both its working and its durable state.
+// fetch reads the given twins, and their rule states if rules are set, from
+// the store into the cache. The store holds every step the worker applied,
+// durable or not, and a twin that is not cached has no step in flight, so
+// what the store holds is both its working and its durable state.
+//
+// Records are read with point lookups, which Pebble's bloom filters make
+// cheap for ids that have no record (a twin being created); rule states
+// with one iterator, in key order, for the twins found.
 func (w *worker) fetch(ids []string) error {
 	slices.Sort(ids)
 	ids = slices.Compact(ids)
-	it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: prefixShards, UpperBound: prefixEnd(prefixShards)})
-	if err != nil {
-		return err
-	}
-	defer it.Close()
 	loaded := make([]*entry, len(ids))
+	var found []int // indexes in ids of the twins found
 	for i, id := range ids {
 		if w.cache.m[id] != nil {
 			continue
 		}
 		vs := w.e.VShard(id)
-		ent := &entry{statesLoaded: true}
-		k := twinKey(vs, id)
-		if it.SeekGE(k) && string(it.Key()) == string(k) {
-			r, err := decodeRecord(it.Value())
-			if err != nil {
-				return fmt.Errorf("%w (twin %q)", err, id)
-			}
-			if r.Deleted {
-				ent.gone = goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}
-			} else {
-				ent.size = twinSize(len(it.Value()))
-				t := r.Twin
-				if sk := seenKey(vs, id); it.Next() && string(it.Key()) == string(sk) {
-					if t, err = withSeen(t, it.Value()); err != nil {
-						return err
-					}
-					ent.seen = true
-				}
-				ent.work, ent.durable = t, t
-			}
-		}
-		if err := it.Error(); err != nil {
+		ent := &entry{size: entryOverhead}
+		rec, seen, size, err := w.readRecord(vs, id)
+		if err != nil {
 			return err
 		}
-		if ent.work != nil {
-			if ent.states, err = readRuleStates(it, vs, id); err != nil {
-				return err
-			}
+		switch {
+		case rec.Twin != nil:
+			ent.work, ent.durable, ent.seen = rec.Twin, rec.Twin, seen
+			ent.size += twinSize(size)
+			found = append(found, i)
+		case rec.Deleted:
+			ent.gone = goneTwin{version: rec.LastVersion, cmdSeq: rec.LastCommandSeq}
+			ent.statesLoaded = true
+		default:
+			ent.statesLoaded = true
 		}
-		ent.size += entryOverhead
 		ent.used.Store(w.cache.clock.Load())
 		loaded[i] = ent
+	}
+	if len(found) > 0 && w.e.currentEvaluator() != nil {
+		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: prefixShards, UpperBound: prefixEnd(prefixShards)})
+		if err != nil {
+			return err
+		}
+		for _, i := range found {
+			ent := loaded[i]
+			if ent.states, err = readRuleStates(it, w.e.VShard(ids[i]), ids[i]); err != nil {
+				it.Close()
+				return err
+			}
+			ent.statesLoaded = true
+		}
+		if err := it.Close(); err != nil {
+			return err
+		}
 	}
 	w.mu.Lock()
 	for i, ent := range loaded {
@@ -188,6 +191,34 @@ func (w *worker) fetch(ids []string) error {
 	w.mu.Unlock()
 	w.cache.misses.Add(int64(len(ids)))
 	return nil
+}
+
+// readRecord reads a twin's record, with its seen key applied, and returns
+// it, whether the twin had a seen key, and the record's size.
+func (w *worker) readRecord(vs uint16, id string) (rec record, seen bool, size int, err error) {
+	v, closer, err := w.e.db.Get(twinKey(vs, id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return record{}, false, 0, nil
+	}
+	if err != nil {
+		return record{}, false, 0, fmt.Errorf("twin: read twin %q: %w", id, err)
+	}
+	size = len(v)
+	rec, err = decodeRecord(v)
+	closer.Close()
+	if err != nil || rec.Deleted {
+		return rec, false, size, err
+	}
+	v, closer, err = w.e.db.Get(seenKey(vs, id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return rec, false, size, nil
+	}
+	if err != nil {
+		return record{}, false, 0, fmt.Errorf("twin: read twin %q: %w", id, err)
+	}
+	defer closer.Close()
+	rec.Twin, err = withSeen(rec.Twin, v)
+	return rec, true, size, err
 }
 
 // readRuleStates reads a twin's rule states with it.

@@ -233,3 +233,37 @@ func TestTickPaced(t *testing.T) {
 		t.Errorf("by the end of the span: %d twins evaluated %d times; want all %d, once each", twins, total, n)
 	}
 }
+
+// BenchmarkListScan measures List over a fleet of fridge twins, read from
+// the store (a cache of a few twins) or from the cache: ns/op is per twin.
+func BenchmarkListScan(b *testing.B) {
+	for _, bc := range []struct {
+		name  string
+		cache int64
+	}{{"from-store", 64 << 10}, {"cached", 0}} {
+		b.Run(bc.name, func(b *testing.B) {
+			e, err := Open(Options{Dir: b.TempDir(), CacheBytes: bc.cache, Logger: quietSlog()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer e.Close()
+			ctx := context.Background()
+			const twins = 20_000
+			for i := range twins {
+				if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("fridge-", i), Type: "fridge", Labels: map[string]string{"site": "berlin"},
+					Reported: Document{"temp_c": 2.3, "door": "closed", "power_w": 80.0, "compressor": false, "target_c": 4.0,
+						"eco": true, "fw": "1.2.3", "site": map[string]any{"city": "berlin", "floor": 3.0}},
+					Desired: Document{"target_c": 4.0, "eco": true}}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for listed := 0; listed < b.N; {
+				if _, err := e.List(ctx, "", func(*Twin) bool { listed++; return listed < b.N }); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
