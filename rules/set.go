@@ -54,6 +54,18 @@ func (s *Set) Len() int { return len(s.rules) }
 // Ticks implements twin.Evaluator.
 func (s *Set) Ticks(typ string) bool { return s.tickAll || s.ticks[typ] }
 
+// TickTypes returns the device types with rules that read `now`, or all if
+// a rule of every type does.
+func (s *Set) TickTypes() (types []string, all bool) {
+	for t, ticks := range s.ticks {
+		if ticks {
+			types = append(types, t)
+		}
+	}
+	slices.Sort(types)
+	return types, s.tickAll
+}
+
 // Evaluate implements twin.Evaluator. A rule fires:
 //
 //   - RISING: once each time its condition goes from false to true (after

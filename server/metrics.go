@@ -28,6 +28,10 @@ var engineMetrics = []struct {
 	{"twind_commands_finished_total", "Commands that reached a final state.", true, func(s twin.Stats) float64 { return float64(s.CommandsFinished) }},
 	{"twind_rule_firings_total", "Rule firings.", true, func(s twin.Stats) float64 { return float64(s.RuleFirings) }},
 	{"twind_rule_errors_total", "Rule evaluation errors.", true, func(s twin.Stats) float64 { return float64(s.RuleErrors) }},
+	{"twind_cached_twins", "Twins in the twin cache.", false, func(s twin.Stats) float64 { return float64(s.CachedTwins) }},
+	{"twind_twin_cache_bytes", "Estimated memory held by the twin cache.", false, func(s twin.Stats) float64 { return float64(s.CacheBytes) }},
+	{"twind_twin_cache_hits_total", "Lookups of twins by the workers that found them cached.", true, func(s twin.Stats) float64 { return float64(s.CacheHits) }},
+	{"twind_twin_cache_misses_total", "Twins the workers read from the store.", true, func(s twin.Stats) float64 { return float64(s.CacheMisses) }},
 }
 
 func newEngineCollector(e *twin.Engine) *engineCollector {

@@ -10,14 +10,17 @@ import (
 // state. A change with no event changes nothing durable about the twin but
 // must still wait for the commit of the changes before it.
 func (w *worker) apply(o *op, now time.Time) (*change, error) {
-	cur := w.twins[o.id]
+	ent, err := w.entry(o.id)
+	if err != nil {
+		return nil, err
+	}
+	cur := ent.work
 	if cur == nil && o.kind != opCreate {
 		return nil, notFound(o.id)
 	}
 	c := &change{op: o, prev: cur, sink: w.sinks[o.id]}
 	var (
 		next   *Twin
-		err    error
 		kind   EventKind
 		patch  Document
 		source Source
@@ -28,13 +31,9 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		if cur != nil {
 			return nil, fmt.Errorf("%w: twin %q already exists", ErrAlreadyExists, o.id)
 		}
-		var gone goneTwin
-		if gone, err = w.lastLife(o.id); err != nil {
-			return nil, err
-		}
-		next, err = w.e.apply.create(o.create, gone.version, now)
+		next, err = w.e.apply.create(o.create, ent.gone.version, now)
 		if err == nil {
-			next.CommandSeq = gone.cmdSeq
+			next.CommandSeq = ent.gone.cmdSeq
 		}
 		kind, source = KindCreated, o.create.Source
 	case opReport, opDesired:
@@ -48,7 +47,10 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			kind = KindDesired
 		} else if err == nil && o.patch.Source == SourceDevice {
 			if next == cur {
+				// Nothing changed but when the device was last seen:
+				// that goes to a small key of its own (seenKey).
 				next = cur.clone()
+				c.seenOnly = true
 			}
 			next.Presence.LastSeen = now
 		}
@@ -119,14 +121,13 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		c.event = &Event{Revision: rev, Kind: kind, Twin: evTwin, Patch: patch, Time: now, Source: source}
 	}
 	c.next = next
+	ent.work = next
+	w.touch(ent)
 	if next == nil {
-		delete(w.twins, o.id)
 		delete(w.cmds, o.id)
-		delete(w.ruleStates, o.id)
-		w.gone[o.id] = c.gone
-	} else {
-		w.twins[o.id] = next
-		delete(w.gone, o.id)
+		ent.gone, ent.states, ent.statesLoaded = c.gone, nil, true
+	} else if cur == nil {
+		ent.states, ent.statesLoaded = nil, true // a new twin has none
 	}
 	if c.cmds != nil && next != nil {
 		w.cmds[o.id] = c.cmds

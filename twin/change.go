@@ -160,6 +160,9 @@ type change struct {
 
 	// ruleWrites are the rule states to store (nil deletes); firings are
 	// published once the change is durable.
+	// seenOnly says the change moved only the twin's last_seen, which is
+	// written to the twin's seen key instead of rewriting its record.
+	seenOnly   bool
 	ruleWrites map[string]*RuleState
 	firings    []Firing
 

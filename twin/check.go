@@ -41,7 +41,11 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //   - each command is of a twin that exists, under the twin's id and with a
 //     sequence no higher than the twin's last command sequence;
 //   - each rule state is of a twin that exists;
-//   - a twin has a presence mark if and only if it is connected;
+//   - a twin has a presence mark if and only if it is connected, and a
+//     pending mark if and only if one of its rule states waits for a
+//     hold_for;
+//   - a shard's twin count, where the store keeps one, is its number of
+//     twins;
 //   - every key is one of the layout's, in the virtual shard of its twin,
 //     and its value decodes (in either store format: a store of format 1
 //     whose conversion was interrupted holds both); in a store of format 2,
@@ -115,6 +119,9 @@ type checkedTwin struct {
 	// connected says the twin's device is connected; marked that its
 	// presence mark was found.
 	connected, marked bool
+	// pending says a rule state of the twin waits for a hold_for;
+	// pendingMarked that its pending mark was found.
+	pending, pendingMarked bool
 }
 
 // historyRun is the history entries of one twin, which are adjacent in key
@@ -318,6 +325,12 @@ func (c *checker) checkShardKey(k, v []byte) error {
 				c.add(k, "twin %q has a presence mark but is not connected", rest)
 			}
 		}
+	case 'w':
+		if t := c.owner(k, "pending mark", string(rest)); t != nil {
+			t.pendingMarked = true
+		}
+	case 'n':
+		c.checkCount(k, rest, v)
 	default:
 		c.add(k, "unknown section %q of a shard", k[5])
 	}
@@ -335,9 +348,23 @@ func (c *checker) loadTwins(vs int) error {
 		return err
 	}
 	defer it.Close()
+	var last *checkedTwin // the record before, for a seen key
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
 		id := string(k[len(lower):])
+		if rest := k[len(lower):]; isSubKey(rest) {
+			i := bytes.IndexByte(rest, 0)
+			switch {
+			case string(rest[i:]) != "\x00s":
+				c.add(k, "unknown key of twin %q", rest[:i])
+			case last == nil || last.deleted || string(last.key[len(lower):]) != string(rest[:i]):
+				c.add(k, "last_seen of twin %q, which does not exist", rest[:i])
+			case len(it.Value()) != 8:
+				c.add(k, "last_seen must be 8 bytes; it is %d", len(it.Value()))
+			}
+			continue
+		}
+		last = nil
 		if !c.checkID(k, id) {
 			continue
 		}
@@ -349,6 +376,7 @@ func (c *checker) loadTwins(vs int) error {
 		c.checkEncoding(k, it.Value())
 		ct := &checkedTwin{key: append([]byte(nil), k...), deleted: r.Deleted, version: r.LastVersion, cmdSeq: r.LastCommandSeq}
 		c.twins[id] = ct
+		last = ct
 		if r.Deleted {
 			if r.LastVersion < 1 {
 				c.add(k, "the deleted twin's last version is %d", r.LastVersion)
@@ -514,14 +542,36 @@ func (c *checker) checkRuleState(k, rest, v []byte) {
 		c.add(k, "a rule state key must be s/<vshard>/x/<id>, a zero byte and the rule id")
 		return
 	}
-	if c.owner(k, "rule state", string(rest[:i])) == nil {
+	t := c.owner(k, "rule state", string(rest[:i]))
+	if t == nil {
 		return
 	}
-	if _, err := decodeRuleState(v); err != nil {
+	s, err := decodeRuleState(v)
+	if err != nil {
 		c.add(k, "the rule state does not decode: %v", err)
 		return
 	}
 	c.checkEncoding(k, v)
+	if !s.PendingSince.IsZero() {
+		t.pending = true
+	}
+}
+
+// checkCount checks a shard's twin count.
+func (c *checker) checkCount(k, rest, v []byte) {
+	if len(rest) != 0 || len(v) != 8 {
+		c.add(k, "a twin count is s/<vshard>/n/ with 8 bytes; found %d bytes after the key and a value of %d", len(rest), len(v))
+		return
+	}
+	n := 0
+	for _, t := range c.twins {
+		if !t.deleted {
+			n++
+		}
+	}
+	if got := binary.BigEndian.Uint64(v); got != uint64(n) {
+		c.add(k, "the shard's twin count is %d; it holds %d twins", got, n)
+	}
 }
 
 // endHistory checks the history entries of one twin, all read, as a whole.
@@ -560,6 +610,12 @@ func (c *checker) endShard() {
 		if t.connected && !t.marked {
 			c.add(t.key, "twin %q is connected but has no presence mark: a restart would not find it connected", id)
 		}
+		switch {
+		case t.pending && !t.pendingMarked:
+			c.add(t.key, "twin %q has a rule state waiting for a hold_for but no pending mark: a restart would not evaluate it", id)
+		case !t.pending && t.pendingMarked:
+			c.add(t.key, "twin %q has a pending mark but no rule state waits for a hold_for", id)
+		}
 	}
 	c.twins = nil
 }
@@ -588,7 +644,7 @@ func keyString(k []byte) string {
 			if id, n, ok := splitSeqKey(rest); ok {
 				return head + readable(id) + "/" + strconv.FormatInt(n, 10)
 			}
-		case 'p':
+		case 'p', 'w':
 			return head + readable(string(rest))
 		case 'x':
 			if i := bytes.IndexByte(rest, 0); i >= 0 {

@@ -27,6 +27,10 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)
+	// The change's twin was read into the cache by the step, and stays
+	// there until the step is published.
+	ent := w.cache.m[id]
+	w.touch(ent)
 	for _, cmd := range c.writeCmds {
 		v, err := encodeCommand(cmd)
 		if err != nil {
@@ -38,6 +42,17 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	if err := writeRuleStates(b, vs, id, c.ruleWrites); err != nil {
 		return buf, err
+	}
+	if len(c.ruleWrites) > 0 {
+		var err error
+		if hasPending(ent.states) {
+			err = b.Set(pendingKey(vs, id), nil, nil)
+		} else {
+			err = b.Delete(pendingKey(vs, id), nil)
+		}
+		if err != nil {
+			return buf, err
+		}
 	}
 	for _, seq := range c.dropCmds {
 		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
@@ -54,7 +69,19 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		}
 	}
 	var tw []byte // the encoded twin of the event
+	if c.seenOnly {
+		// Only last_seen moved: no event, and 8 bytes instead of the record.
+		ent.seen = true
+		return buf, b.Set(seenKey(vs, id), appendUint64(nil, uint64(c.next.Presence.LastSeen.UnixNano())), nil)
+	}
 	if c.next != c.prev {
+		if ent.seen {
+			// The record holds last_seen again.
+			ent.seen = false
+			if err := b.Delete(seenKey(vs, id), nil); err != nil {
+				return buf, err
+			}
+		}
 		rec := record{Twin: c.next}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}
@@ -64,6 +91,17 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 			return buf, err
 		}
 		tw = v
+		if c.next != nil {
+			w.resize(ent, len(v))
+		} else {
+			w.resize(ent, 0)
+		}
+		if d := c.twinsAdded(); d != 0 {
+			w.counts[vs] += d
+			if err := b.Set(countKey(vs), appendUint64(nil, uint64(w.counts[vs])), nil); err != nil {
+				return buf, err
+			}
+		}
 	}
 	if c.event == nil {
 		return buf, nil
@@ -77,6 +115,9 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		return buf, err
 	}
 	if c.next == nil {
+		if err := b.Delete(pendingKey(vs, id), nil); err != nil {
+			return buf, err
+		}
 		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
 			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
 				return buf, err
@@ -141,30 +182,18 @@ func (e *Engine) publish(g *group) {
 		if c.op.kind == opPoke || c.err != nil {
 			continue
 		}
-		if c.next == nil {
-			delete(g.w.view, c.op.id)
+		// Cached: the entries a step changed stay until it is published.
+		g.w.cache.m[c.op.id].durable = c.next
+		switch {
+		case c.next == nil:
 			delete(g.w.cmdView, c.op.id)
-			continue
-		}
-		g.w.view[c.op.id] = c.next
-		if c.cmds != nil {
+		case c.cmds != nil:
 			g.w.cmdView[c.op.id] = c.cmds
 		}
+		e.twins.Add(c.twinsAdded())
 	}
 	g.w.afterPublish(g.seq)
 	g.w.mu.Unlock()
-
-	e.idxMu.Lock()
-	for _, c := range g.changes {
-		switch {
-		case c.op.kind == opPoke || c.err != nil:
-		case c.prev == nil && c.next != nil:
-			e.ids.ReplaceOrInsert(c.next.ID)
-		case c.next == nil && c.prev != nil:
-			e.ids.Delete(c.prev.ID)
-		}
-	}
-	e.idxMu.Unlock()
 
 	for _, c := range g.changes {
 		if c.replaced != nil {
@@ -256,4 +285,16 @@ func (e *Engine) pruneLog() {
 	if err := e.db.DeleteRange(logKey(from), logKey(keep), pebble.NoSync); err != nil {
 		e.opts.Logger.Error("pruning the watch log failed", "err", err)
 	}
+}
+
+// twinsAdded returns how the change changes the number of twins: 1 for a
+// creation, -1 for a deletion.
+func (c *change) twinsAdded() int64 {
+	switch {
+	case c.prev == nil && c.next != nil:
+		return 1
+	case c.prev != nil && c.next == nil:
+		return -1
+	}
+	return 0
 }

@@ -144,6 +144,9 @@ func (st *convertStats) batch(it *pebble.Iterator, b *pebble.Batch, conv func([]
 		if isBinary(v) {
 			continue // converted before a crash
 		}
+		if k := it.Key(); k[0] == 's' && k[5] == 't' && isSubKey(k[len(shardPrefix(0, 't')):]) {
+			continue // a twin's seen key: 8 bytes, not JSON
+		}
 		items = append(items, item{key: append([]byte(nil), it.Key()...), value: append([]byte(nil), v...)})
 		size += len(v)
 	}
@@ -207,5 +210,5 @@ func convertRuleState(v []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return encodeRuleState(&s), nil
+	return encodeRuleState(&s)
 }

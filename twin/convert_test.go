@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -67,7 +68,12 @@ func fillStore(t *testing.T, fs vfs.FS, twins int) {
 		id := fmt.Sprintf("fridge-%d", i)
 		s := &RuleState{Gen: 1, Active: true, PendingSince: at, Fired: i%2 == 0, LastFired: at}
 		b := db.NewBatch()
-		if err := writeRuleStates(b, uint16(vshardOf(id, 16)), id, map[string]*RuleState{"warm": s}); err != nil {
+		vs := uint16(vshardOf(id, 16))
+		if err := writeRuleStates(b, vs, id, map[string]*RuleState{"warm": s}); err != nil {
+			t.Fatal(err)
+		}
+		// Waiting for a hold_for: marked, as the engine marks it.
+		if err := b.Set(pendingKey(vs, id), nil, nil); err != nil {
 			t.Fatal(err)
 		}
 		if err := b.Commit(pebble.Sync); err != nil {
@@ -104,7 +110,7 @@ func storeContents(t *testing.T, fs vfs.FS) map[string]any {
 			got = f
 		case bytes.HasPrefix(k, prefixLog):
 			got, err = decodeEvent(v)
-		case bytes.HasPrefix(k, prefixShards) && k[5] == 't':
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 't' && !isSubKey(k[7:]):
 			got, err = decodeRecord(v)
 		case bytes.HasPrefix(k, prefixShards) && k[5] == 'c':
 			got, err = decodeCommand(v)
@@ -152,7 +158,7 @@ func downgradeStore(t *testing.T, fs vfs.FS) {
 				t.Fatal(err)
 			}
 			nv = appendEventJSON(nil, ev, appendTwinJSON(nil, ev.Twin))
-		case bytes.HasPrefix(k, prefixShards) && k[5] == 't':
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 't' && !isSubKey(k[7:]):
 			r, err := decodeRecord(v)
 			if err != nil {
 				t.Fatal(err)
@@ -201,6 +207,8 @@ func storeFormatOf(t *testing.T, fs vfs.FS) (format, jsonValues, binaryValues in
 			var f storeFormat
 			json.Unmarshal(it.Value(), &f)
 			format = f.Format
+		case bytes.HasPrefix(k, prefixShards) && k[5] == 't' && isSubKey(k[7:]):
+			// A seen key: 8 bytes in either format.
 		case bytes.HasPrefix(k, prefixLog) || bytes.HasPrefix(k, prefixShards) && bytes.IndexByte([]byte("tcx"), k[5]) >= 0:
 			if isBinary(it.Value()) {
 				binaryValues++
@@ -472,7 +480,15 @@ func TestConvertFixtureCrash(t *testing.T) {
 		if f, j, _ := storeFormatOf(t, fs); f != formatVersion || j != 0 {
 			t.Errorf("crash %d, reopened: format %d with %d JSON values", i, f, j)
 		}
-		if d := cmp.Diff(want, storeContents(t, fs)); d != "" {
+		got := storeContents(t, fs)
+		for k := range got {
+			// Twin counts and pending marks, which Open adds to a
+			// store that lacks them (upgradeShard).
+			if _, ok := want[k]; !ok && (strings.Contains(k, "/n/") || strings.Contains(k, "/w/")) {
+				delete(got, k)
+			}
+		}
+		if d := cmp.Diff(want, got); d != "" {
 			t.Errorf("crash %d, reopened: the store differs from the fixture (-fixture +converted):\n%s", i, d)
 		}
 		if vs, err := Check(Options{Dir: "db", FS: fs}); err != nil || len(vs) != 0 {

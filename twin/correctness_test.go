@@ -29,7 +29,8 @@ type funcEvaluator struct {
 func (f funcEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	return f.eval(prev, next, states, now, timer)
 }
-func (f funcEvaluator) Ticks(string) bool { return f.ticks }
+func (f funcEvaluator) Ticks(string) bool           { return f.ticks }
+func (f funcEvaluator) TickTypes() ([]string, bool) { return nil, f.ticks }
 
 // blockingEvaluator stalls the worker inside a step until released, so that
 // a test can queue several requests for the worker's next step.
@@ -52,7 +53,8 @@ func (b *blockingEvaluator) Evaluate(prev, next *Twin, states map[string]RuleSta
 	}
 	return Evaluation{}
 }
-func (b *blockingEvaluator) Ticks(string) bool { return false }
+func (b *blockingEvaluator) Ticks(string) bool           { return false }
+func (b *blockingEvaluator) TickTypes() ([]string, bool) { return nil, false }
 
 // TestRuleCommandsAllKept: every command of every rule that fires on one
 // change is stored, delivered and survives a restart (item 2), and a command
@@ -191,7 +193,7 @@ func TestDeleteInStepWithReports(t *testing.T) {
 		if want := []int64{tw.Version}; !slices.Equal(vs, want) {
 			t.Errorf("%s: history of the re-created twin has versions %v; want %v", when, vs, want)
 		}
-		st := e.workers[0].ruleStates["p1"]
+		st := storeRuleStates(t, e, "p1")
 		if s, ok := st["r"]; !ok || s.Gen != tw.Version {
 			t.Errorf("%s: rule state of the re-created twin = %+v; want generation %d (the old twin's states are gone)", when, st, tw.Version)
 		}
@@ -550,15 +552,17 @@ func TestHistoryLimitLowered(t *testing.T) {
 // its CEL budget and leaves the rest due at once, for the next step (item
 // 10's per-step budget).
 func TestStepCostBudget(t *testing.T) {
-	e := openMem(t, vfs.NewMem(), Options{StepCostBudget: 2_500_000})
+	e := openMem(t, vfs.NewMem(), Options{StepCostBudget: 2_500_000, Workers: 1, VShards: 1})
 	defer e.Close()
-	// A worker of its own, not running, so that the test can step it.
-	w := &worker{e: e, twins: map[string]*Twin{}, sinks: map[string]Sink{}, cmds: map[string]*commandList{},
-		ruleStates: map[string]map[string]RuleState{}, ruleWake: map[string]time.Time{}}
 	for i := range 10 {
-		id := fmt.Sprintf("t%d", i)
-		w.twins[id] = &Twin{ID: id, Type: "t", Version: 1}
+		if _, err := e.Create(context.Background(), CreateRequest{ID: fmt.Sprintf("t%d", i), Type: "t"}); err != nil {
+			t.Fatal(err)
+		}
 	}
+	// A worker of its own over the store's shards, not running, so that
+	// the test can step it.
+	w := &worker{e: e, cache: twinCache{m: map[string]*entry{}, limit: 1 << 30}, counts: map[uint16]int64{},
+		sinks: map[string]Sink{}, cmds: map[string]*commandList{}, ruleWake: map[string]time.Time{}}
 	evals := 0
 	ev := funcEvaluator{ticks: true, eval: func(_, _ *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
 		evals++
@@ -683,7 +687,7 @@ func TestNewcomerAnswers(t *testing.T) {
 func TestDeletedTwinsHoldNoMemory(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
-	e := openMem(t, fs, Options{Workers: 1, VShards: 1})
+	e := openMem(t, fs, Options{Workers: 1, VShards: 1, CacheBytes: 16 << 10})
 	for i := range 100 {
 		id := fmt.Sprint("d", i)
 		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "t"}); err != nil {
@@ -699,8 +703,8 @@ func TestDeletedTwinsHoldNoMemory(t *testing.T) {
 	if err := e.RunTimers(ctx); err != nil { // a step after the last delete
 		t.Fatal(err)
 	}
-	if n := len(e.workers[0].gone); n != 0 {
-		t.Errorf("worker remembers %d deleted twins; want 0", n)
+	if n := e.workers[0].cacheBytes(); n > e.opts.twinCacheBytes() {
+		t.Errorf("the worker's cache holds %d bytes; want at most its budget, %d", n, e.opts.twinCacheBytes())
 	}
 	e.Close()
 	e = openMem(t, fs, Options{Workers: 1, VShards: 1})
@@ -826,12 +830,14 @@ func TestPresenceWithoutMarks(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.Close()
-	// Remove the mark, as a store of the earlier format would lack it.
+	// Remove the mark, and the shard's twin count, as a store of the
+	// earlier format would lack them.
 	db, err := pebble.Open("db", &pebble.Options{FS: fs})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := db.Delete(presenceKey(uint16(vshardOf("old", 256)), "old"), pebble.Sync); err != nil {
+	vs := uint16(vshardOf("old", 256))
+	if err := errors.Join(db.Delete(presenceKey(vs, "old"), pebble.Sync), db.Delete(countKey(vs), pebble.Sync)); err != nil {
 		t.Fatal(err)
 	}
 	db.Close()
@@ -986,4 +992,19 @@ func TestSnapshotFollowsDurableSteps(t *testing.T) {
 	if got := seen(); got != "<store>" {
 		t.Errorf("with nothing in flight, readers see %q; want the store itself", got)
 	}
+}
+
+// storeRuleStates reads a twin's rule states from the store.
+func storeRuleStates(t *testing.T, e *Engine, id string) map[string]RuleState {
+	t.Helper()
+	it, err := e.db.NewIter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer it.Close()
+	st, err := readRuleStates(it, e.VShard(id), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }

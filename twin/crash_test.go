@@ -54,7 +54,8 @@ func crashWet(t *Twin) bool {
 	return ok && m > 55 && t.Desired["pump"] == "on"
 }
 
-func (crashRules) Ticks(string) bool { return false }
+func (crashRules) Ticks(string) bool           { return false }
+func (crashRules) TickTypes() ([]string, bool) { return nil, false }
 
 func (crashRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation
@@ -123,10 +124,11 @@ type crashConfig struct {
 
 // crashOpts are the engine options of the crash tests: few shards so that
 // steps hold many operations, retention large enough that nothing the
-// checker counts is pruned.
+// checker counts is pruned, and a twin cache of a few twins, so that twins
+// are evicted and read back all the time.
 func crashOpts(fs vfs.FS) Options {
 	return Options{FS: fs, Dir: "db", Workers: 3, VShards: 8, HistoryLimit: 1 << 20, CommandQueueLimit: 1 << 20,
-		CommandRetention: 1 << 20, MemTableBytes: 256 << 10}
+		CommandRetention: 1 << 20, MemTableBytes: 256 << 10, CacheBytes: 16 << 10}
 }
 
 // crashRound runs operations on e until the crash, crashes mem (the
@@ -646,6 +648,10 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 		section, rest := k[len(prefixShards)+3], k[len(prefixShards)+5:]
 		switch section {
 		case 't':
+			if isSubKey(rest) {
+				owned = append(owned, keyed{slices.Clone(k), string(rest[:bytes.IndexByte(rest, 0)])})
+				continue
+			}
 			r, err := decodeRecord(it.Value())
 			if err != nil {
 				report("key %q: %v", k, err)
@@ -677,6 +683,10 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 					report("history key %q points at revision %d, a change of %s at version %d", k, rev, le.ev.Twin.ID, le.ev.Twin.Version)
 				}
 			}
+		case 'p', 'w':
+			owned = append(owned, keyed{slices.Clone(k), string(rest)})
+		case 'n':
+			// A shard's twin count: Check compares it with the twins.
 		default:
 			report("key %q is in no known section", k)
 		}

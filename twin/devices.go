@@ -239,7 +239,7 @@ func (w *worker) expireDue(now time.Time) []*change {
 	byDevice := map[string]*change{}
 	for w.expiries.Len() > 0 && !w.expiries.next().at.After(now) {
 		x := heap.Pop(&w.expiries).(expiry).key
-		cur := w.twins[x.device]
+		cur := w.current(x.device)
 		if cur == nil {
 			continue
 		}
@@ -412,7 +412,7 @@ func (w *worker) lostDevices(ev Evaluator, now time.Time) []*change {
 	var out []*change
 	for id := range w.lost {
 		delete(w.lost, id)
-		cur := w.twins[id]
+		cur := w.current(id)
 		if cur == nil || !cur.Presence.Connected || w.sinks[id] != nil {
 			continue
 		}

@@ -13,14 +13,20 @@
 // their changes, so a twin's changes are totally ordered without locks. Each
 // worker step writes the changes of many requests into one Pebble batch and
 // commits it with a synced WAL; requests are answered, and readers and
-// watchers see the changes, only once the batch is durable. The key layout
-// is described in encoding.go.
+// watchers see the changes, only once the batch is durable. Pebble is the
+// home of every twin: a worker keeps the twins it used lately in a bounded
+// cache and reads the others from the store when it needs them, so memory
+// follows the configuration, not the fleet, and start-up reads no twin. The
+// key layout is described in encoding.go.
 //
 // The files follow a change through the engine: options.go configures it,
-// open.go opens the store and loads the shards, requests.go hands requests
-// to workers, worker.go runs a worker's steps, apply.go computes what each
-// kind of request changes (with change.go's model and devices.go's and
-// rules.go's commands, presence and rule effects), staged.go and commit.go
-// write a step's batch, wait for its sync and publish it, and reads.go and
-// watch.go serve reads and watches of what is durable.
+// open.go opens the store and loads what the workers must know of their
+// shards, requests.go hands requests to workers, worker.go runs a worker's
+// steps, cache.go keeps the twins in use and reads the others, apply.go
+// computes what each kind of request changes (with change.go's model and
+// devices.go's and rules.go's commands, presence and rule effects),
+// staged.go and commit.go write a step's batch, wait for its sync and
+// publish it, snapshot.go gives readers the store as durable, and reads.go,
+// merge.go and watch.go serve reads, lists and watches of what is durable.
+// check.go verifies a stopped store's invariants.
 package twin

@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -16,11 +17,17 @@ import (
 //	m/format                       store format (JSON): {"vshards": 256, "format": 2, "max_history_limit": 100}
 //	l/<rev:8>                      watch log: the Event of each revision
 //	s/<vs:2>/t/<id>                the twin record, or a deletion marker
+//	s/<vs:2>/t/<id>\x00s           the twin's last_seen (Unix nanoseconds, 8 bytes), when
+//	                               a report that changed nothing else moved it since
+//	                               the record was written
 //	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands, by sequence
 //	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
 //	                               whose Event is in the watch log
 //	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule
 //	s/<vs:2>/p/<id>                presence mark: the device is connected (empty)
+//	s/<vs:2>/w/<id>                pending mark: a rule state of the twin waits for
+//	                               a hold_for to run out (empty)
+//	s/<vs:2>/n/                    the number of twins in the shard (8 bytes)
 //	r/<rule>                       rule definitions, owned by the rules package
 //
 // Check (check.go) verifies the invariants between these keys.
@@ -60,12 +67,48 @@ func twinKey(vs uint16, id string) []byte {
 	return append(shardPrefix(vs, 't'), id...)
 }
 
+// seenKey holds a twin's last_seen when a report that changed nothing
+// else moved it: such a report writes 8 bytes instead of the whole record.
+// It sorts right after the twin's record, so a scan of records meets it
+// next; writing the record deletes it.
+func seenKey(vs uint16, id string) []byte {
+	return append(append(twinKey(vs, id), 0), 's')
+}
+
+// isSubKey reports whether a key of the twin section, after the section's
+// prefix, belongs to a twin without being its record (a seen key).
+func isSubKey(rest []byte) bool { return bytes.IndexByte(rest, 0) >= 0 }
+
+// withSeen returns t with the last_seen of its seen key's value applied.
+func withSeen(t *Twin, v []byte) (*Twin, error) {
+	if len(v) != 8 {
+		return nil, fmt.Errorf("twin: corrupt last_seen of twin %q: %d bytes", t.ID, len(v))
+	}
+	seen := time.Unix(0, int64(binary.BigEndian.Uint64(v))).UTC()
+	if !seen.After(t.Presence.LastSeen) {
+		return t, nil
+	}
+	t = t.clone()
+	t.Presence.LastSeen = seen
+	return t, nil
+}
+
 // presenceKey marks a twin whose device is connected. The marks are the
 // only presence a restart must look at: a device marked connected when the
 // process stopped is no longer, whatever its twin says.
 func presenceKey(vs uint16, id string) []byte {
 	return append(shardPrefix(vs, 'p'), id...)
 }
+
+// pendingKey marks a twin with a rule state waiting for its hold_for: a
+// restart evaluates these twins again at once, without reading the others.
+func pendingKey(vs uint16, id string) []byte {
+	return append(shardPrefix(vs, 'w'), id...)
+}
+
+// countKey holds the number of twins in a virtual shard, so that start-up
+// knows the fleet's size without counting it.
+func countKey(vs uint16) []byte { return shardPrefix(vs, 'n') }
 
 func historyPrefix(vs uint16, id string) []byte {
 	return append(append(shardPrefix(vs, 'h'), id...), 0)

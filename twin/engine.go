@@ -7,11 +7,11 @@ import (
 	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/google/btree"
 )
 
-// Engine holds every twin in memory, partitioned into virtual shards served
-// by worker goroutines, and keeps them durable in Pebble.
+// Engine keeps every twin in Pebble, partitioned into virtual shards served
+// by worker goroutines, each with a bounded cache of the twins it used
+// lately (cache.go).
 //
 // Every mutation of a twin is applied by the one worker that owns the twin,
 // so a twin's changes are totally ordered and need no lock. Each worker
@@ -63,10 +63,8 @@ type Engine struct {
 
 	counters counters
 
-	// idxMu protects ids, the ordered set of committed twin ids that List
-	// pages through.
-	idxMu sync.RWMutex
-	ids   *btree.BTreeG[string]
+	// twins is the number of twins, as published.
+	twins atomic.Int64
 
 	// evaluator holds the rules in force.
 	evaluator atomic.Pointer[evaluatorBox]

@@ -88,6 +88,9 @@ func TestEngineModel(t *testing.T) {
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	opts := Options{Dir: "db", FS: fs, Clock: clock.Now, Workers: 2, VShards: 8, HistoryLimit: modelHistoryLimit,
 		CommandRetention: modelRetention, CommandQueueLimit: modelQueueLimit, Logger: quietSlog(),
+		// A twin cache of a few twins per worker: twins are evicted and
+		// read back from the store all the time.
+		CacheBytes: 16 << 10,
 		// Devices connected when the engine closed are disconnected by
 		// the first step after a restart.
 		PresenceGrace: time.Nanosecond}
@@ -138,8 +141,8 @@ func TestEngineModel(t *testing.T) {
 		var problems []string
 		for _, w := range e.workers {
 			for _, mt := range m {
-				if e.workerFor(mt.id) == w {
-					if got, want := slices.Sorted(maps.Keys(w.ruleStates[mt.id])), mt.ruleStates(); !slices.Equal(got, want) {
+				if ent := w.cache.m[mt.id]; e.workerFor(mt.id) == w && ent != nil && ent.statesLoaded {
+					if got, want := slices.Sorted(maps.Keys(ent.states)), mt.ruleStates(); !slices.Equal(got, want) {
 						problems = append(problems, fmt.Sprintf("twin %s: rule states in memory %q; model %q", mt.id, got, want))
 					}
 				}
@@ -226,7 +229,8 @@ func (c *modelClock) Advance(d time.Duration) {
 // r1 keeps a rule state while its condition holds.
 type modelRules struct{}
 
-func (modelRules) Ticks(string) bool { return false }
+func (modelRules) Ticks(string) bool           { return false }
+func (modelRules) TickTypes() ([]string, bool) { return nil, false }
 
 func (modelRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation

@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -10,17 +11,18 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/google/btree"
 )
 
-// Open opens or creates the store in opts.Dir, loads every twin into its
-// shard and starts the workers. The caller must Close the engine.
+// Open opens or creates the store in opts.Dir, loads what the workers must
+// know of their shards (their sizes, retained commands, presence and pending
+// rule marks: nothing per twin) and starts the workers. The caller must
+// Close the engine.
 func Open(opts Options) (*Engine, error) {
 	opts.EnsureDefaults()
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	cache := pebble.NewCache(opts.PebbleCacheBytes)
+	cache := pebble.NewCache(opts.blockCacheBytes())
 	defer cache.Unref()
 	health := newStoreHealth(opts.Logger)
 	db, err := pebble.Open(opts.Dir, &pebble.Options{
@@ -48,7 +50,6 @@ func Open(opts Options) (*Engine, error) {
 		revWait: make(chan struct{}),
 		revDone: map[int64]struct{}{},
 		waiters: map[string][]chan *Command{},
-		ids:     btree.NewOrderedG[string](32),
 	}
 	if err := e.load(); err != nil {
 		db.Close()
@@ -63,7 +64,8 @@ func Open(opts Options) (*Engine, error) {
 	return e, nil
 }
 
-// load reads the store's format, its revision and every twin.
+// load reads the store's format, its revision and what the workers must
+// know of their shards.
 func (e *Engine) load() error {
 	f, err := e.readFormat()
 	if err != nil {
@@ -86,17 +88,16 @@ func (e *Engine) load() error {
 	for i := range e.workers {
 		e.workers[i] = &worker{
 			e:       e,
+			index:   i,
 			inbox:   make(chan *op, e.opts.InboxSize),
 			wake:    make(chan struct{}, 1),
-			twins:   map[string]*Twin{},
-			gone:    map[string]goneTwin{},
-			view:    map[string]*Twin{},
+			cache:   twinCache{m: map[string]*entry{}, limit: e.opts.twinCacheBytes() / int64(min(e.opts.Workers, e.vshards))},
+			counts:  map[uint16]int64{},
 			sinks:   map[string]Sink{},
 			cmds:    map[string]*commandList{},
 			cmdView: map[string]*commandList{},
 
-			ruleStates: map[string]map[string]RuleState{},
-			ruleWake:   map[string]time.Time{},
+			ruleWake: map[string]time.Time{},
 			// A few commits in flight per worker overlap the next
 			// step's work with this one's fsync.
 			syncCh: make(chan *group, 4),
@@ -130,54 +131,109 @@ func (e *Engine) load() error {
 	return nil
 }
 
-// loadShard loads the twins of one virtual shard, their commands, presence
-// marks and rule states.
+// loadShard loads what a virtual shard's worker must know before it
+// serves: how many twins the shard holds, its retained commands, and the
+// twins marked connected or waiting for a hold_for. It reads no twin.
 func (e *Engine) loadShard(vs uint16) error {
+	v, closer, err := e.db.Get(countKey(vs))
+	switch {
+	case errors.Is(err, pebble.ErrNotFound):
+		// A store written before shards kept their counts.
+		if err := e.upgradeShard(vs); err != nil {
+			return fmt.Errorf("twin: upgrade virtual shard %d: %w", vs, err)
+		}
+	case err != nil:
+		return err
+	default:
+		if len(v) != 8 {
+			closer.Close()
+			return fmt.Errorf("twin: corrupt twin count of virtual shard %d: %q", vs, v)
+		}
+		n := int64(binary.BigEndian.Uint64(v))
+		closer.Close()
+		e.workers[int(vs)%len(e.workers)].counts[vs] = n
+		e.twins.Add(n)
+	}
 	for _, load := range []struct {
 		section byte
 		fn      func(key, value []byte) error
 	}{
-		{'t', e.loadTwin},
 		{'c', e.loadCommand},
 		{'p', e.loadPresence},
-		{'x', e.loadRuleState},
+		{'w', e.loadPending},
 	} {
-		lower := shardPrefix(vs, load.section)
-		it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
-		if err != nil {
-			return err
-		}
-		for it.First(); it.Valid(); it.Next() {
-			if err := load.fn(it.Key()[len(lower):], it.Value()); err != nil {
-				it.Close()
-				return fmt.Errorf("%w (key %q)", err, it.Key())
-			}
-		}
-		if err := errors.Join(it.Error(), it.Close()); err != nil {
+		if err := e.scanSection(vs, load.section, load.fn); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// loadTwin loads a twin record, keyed by the twin's id.
-func (e *Engine) loadTwin(id, value []byte) error {
-	r, err := decodeRecord(value)
+// scanSection calls fn with the key (after the section's prefix) and value
+// of every key in a section of a virtual shard.
+func (e *Engine) scanSection(vs uint16, section byte, fn func(key, value []byte) error) error {
+	lower := shardPrefix(vs, section)
+	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
 	if err != nil {
 		return err
 	}
-	if r.Deleted {
-		return nil // read again only if the id is created again
+	for it.First(); it.Valid(); it.Next() {
+		if err := fn(it.Key()[len(lower):], it.Value()); err != nil {
+			it.Close()
+			return fmt.Errorf("%w (key %q)", err, it.Key())
+		}
 	}
-	w := e.workerFor(string(id))
-	w.twins[r.Twin.ID] = r.Twin
-	w.view[r.Twin.ID] = r.Twin
-	e.ids.ReplaceOrInsert(r.Twin.ID)
-	if r.Twin.Presence.Connected {
-		// A store written before presence marks existed has none: while
-		// start-up reads every twin anyway, the twin itself says so.
-		e.loadPresence(id, nil)
+	return errors.Join(it.Error(), it.Close())
+}
+
+// upgradeShard writes, once, what a store written before twind kept shard
+// counts and marks lacks: the shard's twin count, a presence mark for each
+// twin whose record says it is connected, and a pending mark for each twin
+// with a rule state waiting for a hold_for. It reads the shard's twins, as
+// every start-up of those versions did.
+func (e *Engine) upgradeShard(vs uint16) error {
+	b := e.db.NewBatch()
+	defer b.Close()
+	var n int64
+	err := e.scanSection(vs, 't', func(id, value []byte) error {
+		if isSubKey(id) {
+			return nil
+		}
+		r, err := decodeRecord(value)
+		if err != nil || r.Deleted {
+			return err
+		}
+		n++
+		if r.Twin.Presence.Connected {
+			return b.Set(presenceKey(vs, string(id)), nil, nil)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
+	err = e.scanSection(vs, 'x', func(k, value []byte) error {
+		i := bytes.IndexByte(k, 0)
+		if i < 0 {
+			return fmt.Errorf("twin: corrupt rule state key")
+		}
+		s, err := decodeRuleState(value)
+		if err != nil || s.PendingSince.IsZero() {
+			return err
+		}
+		return b.Set(pendingKey(vs, string(k[:i])), nil, nil)
+	})
+	if err != nil {
+		return err
+	}
+	if err := b.Set(countKey(vs), appendUint64(nil, uint64(n)), nil); err != nil {
+		return err
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return err
+	}
+	e.workers[int(vs)%len(e.workers)].counts[vs] = n
+	e.twins.Add(n)
 	return nil
 }
 

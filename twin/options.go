@@ -74,8 +74,11 @@ type Options struct {
 	// changes they belong to are durable, in commit order per twin. It
 	// must not block.
 	OnFirings func([]FiringEvent)
-	// PebbleCacheBytes is the size of Pebble's block cache. Default 64 MiB.
-	PebbleCacheBytes int64
+	// CacheBytes bounds the memory of the twin cache and Pebble's block
+	// cache together: a quarter goes to the block cache, the rest to the
+	// workers' twin caches, in equal parts. Twins beyond it are read from
+	// the store when they are needed. Default 512 MiB.
+	CacheBytes int64
 	// MemTableBytes is the size of each Pebble memtable. A large memtable
 	// absorbs the rewrites of busy twins before they reach disk. Default
 	// 64 MiB.
@@ -139,8 +142,8 @@ func (o *Options) EnsureDefaults() {
 	if o.StepCostBudget == 0 {
 		o.StepCostBudget = 2_000_000
 	}
-	if o.PebbleCacheBytes <= 0 {
-		o.PebbleCacheBytes = 64 << 20
+	if o.CacheBytes <= 0 {
+		o.CacheBytes = 512 << 20
 	}
 	if o.MemTableBytes == 0 {
 		o.MemTableBytes = 64 << 20
@@ -164,3 +167,10 @@ func (o *Options) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// blockCacheBytes is the part of CacheBytes that goes to Pebble's block
+// cache.
+func (o *Options) blockCacheBytes() int64 { return o.CacheBytes / 4 }
+
+// twinCacheBytes is the part of CacheBytes that goes to the twin caches.
+func (o *Options) twinCacheBytes() int64 { return o.CacheBytes - o.blockCacheBytes() }

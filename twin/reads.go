@@ -1,6 +1,8 @@
 package twin
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -16,9 +18,27 @@ func (e *Engine) Get(id string) (*Twin, error) {
 	}
 	w := e.workerFor(id)
 	w.mu.RLock()
-	t, ok := w.view[id]
+	ent := w.cache.m[id]
+	var t *Twin
+	if ent != nil {
+		t = ent.durable
+		ent.used.Store(w.cache.clock.Load())
+	}
 	w.mu.RUnlock()
-	if !ok {
+	if ent == nil {
+		// Not cached: read it as durable from the store.
+		if !e.startReader() {
+			return nil, ErrClosed
+		}
+		defer e.readerWG.Done()
+		snap := w.durableSnapshot()
+		defer snap.release()
+		var err error
+		if t, err = readTwin(snap.s, e.VShard(id), id); err != nil {
+			return nil, err
+		}
+	}
+	if t == nil {
 		return nil, notFound(id)
 	}
 	return t, nil
@@ -31,38 +51,64 @@ func (e *Engine) Get(id string) (*Twin, error) {
 // did, and otherwise nil. fn runs on the caller's goroutine with no lock
 // held; it must not modify the twin. A twin deleted during the scan may be
 // skipped.
+//
+// The twins are read from the store, merging the virtual shards' ranges in
+// id order; those cached are not decoded again.
 func (e *Engine) List(ctx context.Context, after string, fn func(*Twin) bool) (rev int64, err error) {
+	if !e.startReader() {
+		return 0, ErrClosed
+	}
+	defer e.readerWG.Done()
 	rev = e.Revision()
-	const batch = 256
-	ids := make([]string, 0, batch)
+	m, err := e.mergeShards('t', after)
+	if err != nil {
+		return rev, err
+	}
+	defer m.close()
+	// A twin read from the store is passed to fn once the key after its
+	// record is known: it may be the twin's seen key.
+	var pending *Twin
 	for {
 		if err := e.readStopped(ctx); err != nil {
 			return rev, err
 		}
-		// Take the next ids in order, then look them up without the lock.
-		ids = ids[:0]
-		e.idxMu.RLock()
-		e.ids.AscendGreaterOrEqual(after+"\x00", func(id string) bool {
-			ids = append(ids, id)
-			return len(ids) < batch
-		})
-		e.idxMu.RUnlock()
-		for _, id := range ids {
-			t, err := e.Get(id)
-			if err != nil {
-				continue // deleted meanwhile
-			}
-			if err := e.readStopped(ctx); err != nil {
+		key, value, vs, ok := m.next()
+		if ok && pending != nil && isSubKey(key) && bytes.HasPrefix(key, append([]byte(pending.ID), 0)) {
+			if pending, err = withSeen(pending, value); err != nil {
 				return rev, err
 			}
-			if !fn(t) {
-				return rev, nil
-			}
+			continue
 		}
-		if len(ids) < batch {
+		if pending != nil && !fn(pending) {
 			return rev, nil
 		}
-		after = ids[len(ids)-1]
+		pending = nil
+		if !ok {
+			return rev, m.err
+		}
+		if isSubKey(key) {
+			continue // of a cached or deleted twin
+		}
+		id := string(key)
+		w := e.workers[int(vs)%len(e.workers)]
+		w.mu.RLock()
+		ent := w.cache.m[id]
+		var t *Twin
+		if ent != nil {
+			t = ent.durable
+		}
+		w.mu.RUnlock()
+		if ent != nil {
+			if t != nil && !fn(t) {
+				return rev, nil
+			}
+			continue
+		}
+		rec, err := decodeRecord(value)
+		if err != nil {
+			return rev, fmt.Errorf("%w (twin %q)", err, id)
+		}
+		pending = rec.Twin // nil if deleted
 	}
 }
 
@@ -80,12 +126,12 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 	// The twin and its worker's snapshot as of the same durable step: the
 	// store itself may already hold later steps of the worker that are
 	// not durable yet, among them deletions of durable history.
-	snap, ok := e.workerFor(id).durableSnapshot(id)
+	snap := e.workerFor(id).durableSnapshot()
 	defer snap.release()
-	if !ok {
-		return nil, notFound(id)
-	}
 	vs := e.VShard(id)
+	if t, err := readTwin(snap.s, vs, id); err != nil || t == nil {
+		return nil, cmp.Or(err, notFound(id))
+	}
 	lower := historyPrefix(vs, id)
 	upper := prefixEnd(lower)
 	if before > 0 {
@@ -122,15 +168,7 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 }
 
 // Len returns the number of twins.
-func (e *Engine) Len() int {
-	n := 0
-	for _, w := range e.workers {
-		w.mu.RLock()
-		n += len(w.view)
-		w.mu.RUnlock()
-	}
-	return n
-}
+func (e *Engine) Len() int { return int(e.twins.Load()) }
 
 // Revision returns the store's current revision: every change up to it is
 // durable and visible to readers.

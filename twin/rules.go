@@ -1,10 +1,11 @@
 package twin
 
 import (
-	"bytes"
 	"container/heap"
+	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -27,6 +28,10 @@ type Evaluator interface {
 	// Ticks reports whether rules of a device type read `now`, so that
 	// their twins must be re-evaluated periodically.
 	Ticks(typ string) bool
+	// TickTypes returns the device types with rules that read `now`, or
+	// all: a rule for every type does. A periodic tick walks the twins of
+	// these types only, and with none there is no tick at all.
+	TickTypes() (types []string, all bool)
 }
 
 // Evaluation is the outcome of evaluating the rules of one change.
@@ -140,11 +145,16 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 			return extra
 		}
 		id := c.next.ID
-		res := ev.Evaluate(c.prev, c.next, w.ruleStates[id], now, timer)
+		ent, err := w.withStates(id)
+		if err != nil {
+			w.e.fail(err)
+			return extra
+		}
+		res := ev.Evaluate(c.prev, c.next, ent.states, now, timer)
 		timer = false
 		w.stepCost += res.Cost
 		if len(res.States) > 0 {
-			st := maps.Clone(w.ruleStates[id])
+			st := maps.Clone(ent.states)
 			if st == nil {
 				st = map[string]RuleState{}
 			}
@@ -160,10 +170,10 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 				c.ruleWrites[r] = s
 			}
 			if len(st) == 0 {
-				delete(w.ruleStates, id)
-			} else {
-				w.ruleStates[id] = st
+				st = nil
 			}
+			ent.states = st
+			w.touch(ent)
 		}
 		if !res.Wake.IsZero() {
 			w.wakeRules(id, res.Wake)
@@ -242,7 +252,39 @@ func (w *worker) setWorking(c *change, next *Twin) {
 		c.event.Twin = next
 	}
 	c.next = next
-	w.twins[next.ID] = next
+	ent := w.cached(next.ID) // cached: the change read it
+	ent.work = next
+	w.touch(ent)
+}
+
+// withStates returns a twin's entry with its rule states read.
+func (w *worker) withStates(id string) (*entry, error) {
+	ent, err := w.entry(id)
+	if err != nil || ent.statesLoaded {
+		return ent, err
+	}
+	it, err := w.e.db.NewIter(nil)
+	if err != nil {
+		return nil, err
+	}
+	states, err := readRuleStates(it, w.e.VShard(id), id)
+	if err := errors.Join(err, it.Close()); err != nil {
+		return nil, err
+	}
+	ent.states, ent.statesLoaded = states, true
+	return ent, nil
+}
+
+// hasPending reports whether a twin's rule states wait for a hold_for to
+// run out: the twin's pending mark (pendingKey) says so in the store, so
+// that a restart knows to evaluate it again without reading every twin.
+func hasPending(states map[string]RuleState) bool {
+	for _, s := range states {
+		if !s.PendingSince.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // ruleTimer asks for a twin's rules to be evaluated at a time.
@@ -265,10 +307,10 @@ func (h *ruleTimerHeap) Pop() any {
 }
 
 // timedRules evaluates the rules of the twins whose wake-up time has come,
-// and, on a periodic tick, of every twin whose type has time-dependent rules.
-// Once the step has spent its CEL budget, the twins left over are due again
-// at once and wait for the next step, behind the requests that arrived
-// meanwhile.
+// and, a chunk per step, of every twin whose type has time-dependent rules
+// (the periodic tick's scan, tickScan). Once the step has spent its CEL
+// budget, the twins left over are due again at once and wait for the next
+// step, behind the requests that arrived meanwhile.
 func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 	// What the last step left over goes first.
 	due := w.timedBacklog
@@ -281,16 +323,27 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		delete(w.ruleWake, t.id)
 		due = append(due, t.id)
 	}
-	if tick {
-		timed := make(map[string]bool, len(due))
-		for _, id := range due {
-			timed[id] = true
+	if types, all := ev.TickTypes(); tick && w.scan == nil && (all || len(types) > 0) {
+		// A scan still running from the last tick goes on instead: the
+		// twins it has yet to reach are evaluated once, not twice.
+		w.scan = &tickScan{start: now}
+		for _, n := range w.counts {
+			w.scan.total += n
 		}
-		for id, t := range w.twins {
-			if !timed[id] && ev.Ticks(t.Type) {
-				due = append(due, id)
+	}
+	if w.scan != nil {
+		if n := w.scan.quota(now, w.e.opts.RuleTick); n > 0 {
+			ids, err := w.scanTick(ev, n)
+			if err != nil {
+				w.e.fail(fmt.Errorf("rule tick: %w", err))
+				return nil
 			}
+			due = append(due, ids...)
 		}
+	}
+	if err := w.fetch(slices.Clone(due)); err != nil {
+		w.e.fail(fmt.Errorf("rule tick: %w", err))
+		return nil
 	}
 	var out []*change
 	for i, id := range due {
@@ -298,7 +351,7 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 			w.timedBacklog = due[i:]
 			break
 		}
-		cur := w.twins[id]
+		cur := w.current(id)
 		if cur == nil {
 			continue
 		}
@@ -310,6 +363,109 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 		}
 		out = append(out, c)
 		out = append(out, extra...)
+	}
+	return out
+}
+
+// tickChunk bounds how many twins one step walks of a tick's scan, so that
+// a tick over a large fleet is spread over many short steps, with the
+// requests that arrive meanwhile in between.
+const tickChunk = 256
+
+// tickScan is a periodic tick's walk over the worker's twins, in key order.
+// It is paced to end by three quarters of the tick interval, a chunk at a
+// time, rather than at once: the cost of a tick over a million twins is
+// spread over the interval instead of stalling the worker's requests.
+type tickScan struct {
+	// shard is where the walk is (an index into the worker's shards), and
+	// after the last twin id it walked there.
+	shard int
+	after string
+	start time.Time
+	// walked counts the twins walked; total is how many the worker had
+	// when the tick began.
+	walked, total int64
+}
+
+// quota returns how many twins the scan may walk now to keep its pace.
+func (s *tickScan) quota(now time.Time, interval time.Duration) int {
+	span := interval * 3 / 4
+	elapsed := now.Sub(s.start)
+	if elapsed >= span {
+		return tickChunk // behind: as fast as steps allow
+	}
+	target := int64(float64(s.total)*float64(elapsed)/float64(span)) + tickChunk
+	return int(min(max(target-s.walked, 0), tickChunk))
+}
+
+// next returns when the scan's next chunk is due.
+func (s *tickScan) next(interval time.Duration) time.Time {
+	if s.total == 0 || s.walked >= s.total {
+		return s.start
+	}
+	span := interval * 3 / 4
+	return s.start.Add(time.Duration(float64(span) * float64(s.walked) / float64(s.total)))
+}
+
+// scanTick walks up to n more twins of the tick's scan and returns those
+// whose types have time-dependent rules; it ends the scan when it has seen
+// every twin.
+func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
+	shards := w.shards()
+	var ids []string
+	walked := 0
+	for w.scan.shard < len(shards) && walked < n {
+		vs := shards[w.scan.shard]
+		lower := shardPrefix(vs, 't')
+		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+		if err != nil {
+			return nil, err
+		}
+		ok := it.First()
+		if w.scan.after != "" {
+			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
+		}
+		for ; ok && walked < n; ok = it.Next() {
+			if isSubKey(it.Key()[len(lower):]) {
+				continue
+			}
+			id := string(it.Key()[len(lower):])
+			w.scan.after = id
+			walked++
+			t := (*Twin)(nil)
+			if ent := w.cache.m[id]; ent != nil {
+				t = ent.work
+			} else {
+				rec, err := decodeRecord(it.Value())
+				if err != nil {
+					it.Close()
+					return nil, fmt.Errorf("%w (twin %q)", err, id)
+				}
+				t = rec.Twin
+			}
+			if t != nil && ev.Ticks(t.Type) {
+				ids = append(ids, id)
+			}
+		}
+		if err := errors.Join(it.Error(), it.Close()); err != nil {
+			return nil, err
+		}
+		if !ok {
+			w.scan.shard, w.scan.after = w.scan.shard+1, ""
+		}
+	}
+	w.scan.walked += int64(walked)
+	if w.scan.shard == len(shards) {
+		w.scan = nil
+	}
+	return ids, nil
+}
+
+// shards returns the virtual shards the worker serves.
+func (w *worker) shards() []uint16 {
+	var out []uint16
+	for vs := w.index; vs < w.e.vshards; vs += len(w.e.workers) {
+		out = append(out, uint16(vs))
 	}
 	return out
 }
@@ -343,35 +499,23 @@ func writeRuleStates(b writer, vs uint16, id string, writes map[string]*RuleStat
 			}
 			continue
 		}
-		if err := b.Set(k, encodeRuleState(s), nil); err != nil {
+		v, err := encodeRuleState(s)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(k, v, nil); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// loadRuleState loads a twin's state for a rule, keyed by the twin's id, a
-// zero byte and the rule's id.
-func (e *Engine) loadRuleState(k, value []byte) error {
-	i := bytes.IndexByte(k, 0)
-	if i < 0 {
-		return fmt.Errorf("twin: corrupt rule state key")
-	}
-	id, ruleID := string(k[:i]), string(k[i+1:])
-	s, err := decodeRuleState(value)
-	if err != nil {
-		return err
-	}
-	w := e.workerFor(id)
-	if w.ruleStates[id] == nil {
-		w.ruleStates[id] = map[string]RuleState{}
-	}
-	w.ruleStates[id][ruleID] = s
-	if !s.PendingSince.IsZero() {
-		// Re-evaluate once loaded: hold_for may have run out while the
-		// server was down.
-		w.wakeRules(id, s.PendingSince)
-	}
+// loadPending notes a twin marked as waiting for a hold_for to run out: it
+// is evaluated again at once, since hold_for may have run out while the
+// process was down.
+func (e *Engine) loadPending(id, _ []byte) error {
+	w := e.workerFor(string(id))
+	w.wakeRules(string(id), e.opts.Clock())
 	return nil
 }
 

@@ -49,16 +49,14 @@ func (s *sharedSnapshot) release() {
 }
 
 // durableSnapshot returns a snapshot in which the keys of the worker's
-// twins are exactly as durable, and whether the twin id then existed. The
-// caller releases the snapshot.
-func (w *worker) durableSnapshot(id string) (*sharedSnapshot, bool) {
+// twins are exactly as durable. The caller releases the snapshot.
+func (w *worker) durableSnapshot() *sharedSnapshot {
 	for {
 		w.mu.RLock()
-		_, ok := w.view[id]
 		if w.snap != nil {
 			s := w.snap.acquire()
 			w.mu.RUnlock()
-			return s, ok
+			return s
 		}
 		applied := w.applied
 		w.mu.RUnlock()
@@ -71,7 +69,7 @@ func (w *worker) durableSnapshot(id string) (*sharedSnapshot, bool) {
 		same := w.snap == nil && w.applied == applied
 		w.mu.RUnlock()
 		if same {
-			return s, ok
+			return s
 		}
 		s.release()
 	}

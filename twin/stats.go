@@ -17,6 +17,12 @@ type Stats struct {
 	RuleFirings      int64
 	RuleErrors       int64
 	Revision         int64
+	// CachedTwins and CacheBytes are what the twin cache holds now;
+	// CacheHits and CacheMisses count the workers' lookups of twins, a
+	// miss being a read from the store.
+	CachedTwins            int
+	CacheBytes             int64
+	CacheHits, CacheMisses int64
 }
 
 // counters are the engine's atomic counts behind Stats.
@@ -34,7 +40,21 @@ type counters struct {
 // Stats returns the engine's counts. It is safe for concurrent use.
 func (e *Engine) Stats() Stats {
 	c := &e.counters
+	var cached int
+	var bytes, hits, misses int64
+	for _, w := range e.workers {
+		w.mu.RLock()
+		cached += len(w.cache.m)
+		w.mu.RUnlock()
+		bytes += w.cache.bytes.Load()
+		hits += w.cache.hits.Load()
+		misses += w.cache.misses.Load()
+	}
 	return Stats{
+		CachedTwins:      cached,
+		CacheBytes:       bytes,
+		CacheHits:        hits,
+		CacheMisses:      misses,
 		Twins:            e.Len(),
 		ConnectedDevices: c.connected.Load(),
 		Changes:          c.changes.Load(),

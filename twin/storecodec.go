@@ -498,14 +498,14 @@ func encodeCommand(c *Command) ([]byte, error) {
 }
 
 // encodeRuleState encodes a twin's state for a rule.
-func encodeRuleState(s *RuleState) []byte {
+func encodeRuleState(s *RuleState) ([]byte, error) {
 	b := make([]byte, 1, 32)
 	b[0] = storeEncoding
 	b = appendIntField(b, ruleStateGen, s.Gen)
 	b = appendBoolField(b, ruleStateActive, s.Active)
 	b = appendTimeField(b, ruleStatePendingSince, s.PendingSince)
 	b = appendBoolField(b, ruleStateFired, s.Fired)
-	return appendTimeField(b, ruleStateLastFired, s.LastFired)
+	return appendTimeField(b, ruleStateLastFired, s.LastFired), nil
 }
 
 // ---- reading

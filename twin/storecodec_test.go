@@ -219,7 +219,8 @@ func TestStoreEncodingRoundTrip(t *testing.T) {
 		}
 	}
 	for _, s := range []RuleState{{}, {Gen: 3, Active: true, PendingSince: at, Fired: true, LastFired: at.Add(time.Minute)}} {
-		if got, err := decodeRuleState(encodeRuleState(&s)); err != nil || got != s {
+		b, _ := encodeRuleState(&s)
+		if got, err := decodeRuleState(b); err != nil || got != s {
 			t.Errorf("rule state round trip = %+v, %v; want %+v", got, err, s)
 		}
 		j, _ := encodeRuleStateJSON(&s)
@@ -352,7 +353,8 @@ func TestStoreEncodingMatchesProto(t *testing.T) {
 	}
 	s := RuleState{Gen: 2, Fired: true, LastFired: time.Unix(3, 0)}
 	var ps storev1.RuleState
-	if err := proto.Unmarshal(encodeRuleState(&s)[1:], &ps); err != nil || ps.GetGen() != 2 || !ps.GetFired() || ps.GetLastFired() != 3e9 || ps.PendingSince != nil {
+	sb, _ := encodeRuleState(&s)
+	if err := proto.Unmarshal(sb[1:], &ps); err != nil || ps.GetGen() != 2 || !ps.GetFired() || ps.GetLastFired() != 3e9 || ps.PendingSince != nil {
 		t.Errorf("rule state read by the generated code: %v, %v", &ps, err)
 	}
 }

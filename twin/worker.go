@@ -1,7 +1,6 @@
 package twin
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -12,40 +11,42 @@ import (
 // worker owns the twins of the virtual shards it serves.
 type worker struct {
 	e     *Engine
+	index int // in e.workers; the worker serves the virtual shards vs with vs % len(e.workers) == index
 	inbox chan *op
 	// wake makes the worker look at its timed work again: the rules
 	// changed, and with them what is due when.
 	wake chan struct{}
 
-	// twins and gone are the working state: every change applied, durable or
-	// not yet. Only the worker goroutine touches them.
-	twins    map[string]*Twin
-	gone     map[string]goneTwin     // twins deleted in this step (earlier ones are in the store)
+	// cache holds the twins in use (cache.go).
+	cache twinCache
+	// counts holds the number of twins in each of the worker's virtual
+	// shards, as of its last step.
+	counts   map[uint16]int64
 	sinks    map[string]Sink         // the streams of connected devices
 	cmds     map[string]*commandList // retained commands by device
 	expiries expiryHeap              // when open commands expire
-	// ruleStates holds each twin's rule states (immutable maps);
-	// ruleTimers when rules want a twin evaluated again.
-	ruleStates map[string]map[string]RuleState
+	// ruleTimers say when rules want a twin evaluated again.
 	ruleTimers ruleTimerHeap
 	ruleWake   map[string]time.Time // each twin's pending wake-up in ruleTimers
 	// timedBacklog are the twins whose timed evaluation a step left to the
 	// next one, its CEL budget spent.
 	timedBacklog []string
-	nextTick     time.Time
-	stepCost     uint64 // the CEL cost spent in the current step
+	// scan is the periodic rule tick's walk over the worker's twins, while
+	// it lasts (rules.go).
+	scan     *tickScan
+	nextTick time.Time
+	stepCost uint64 // the CEL cost spent in the current step
 	// lost are the devices that were connected when the process last
 	// stopped; those that have not connected again by lostAt are marked
 	// disconnected then.
 	lost   map[string]bool
 	lostAt time.Time
 
-	// mu protects view, cmdView and snap, the committed state that
-	// readers see. The syncer writes them after each commit; readers take
-	// the read lock. snap is the store as of the last durable step
-	// (snapshot.go).
+	// mu protects the cache's map and its entries' durable states,
+	// cmdView and snap: the committed state that readers see. The syncer
+	// writes them after each commit; readers take the read lock. snap is
+	// the store as of the last durable step (snapshot.go).
 	mu      sync.RWMutex
-	view    map[string]*Twin
 	cmdView map[string]*commandList
 	snap    *sharedSnapshot
 	// applied and published count the steps whose batch the worker has
@@ -124,7 +125,14 @@ func (w *worker) step(ops []*op) {
 	now := e.opts.Clock().UTC()
 	ev := e.currentEvaluator()
 	w.stepCost = 0
-	clear(w.gone) // deletions of earlier steps are in the store now
+	w.cache.clock.Add(1)
+	if err := w.prefetch(ops); err != nil {
+		e.fail(fmt.Errorf("read twins: %w", err))
+		for _, o := range ops {
+			o.done <- Result{Err: e.err()}
+		}
+		return
+	}
 	changes := w.expireDue(now)
 	changes = append(changes, w.lostDevices(ev, now)...)
 	for _, o := range ops {
@@ -155,6 +163,9 @@ func (w *worker) step(ops []*op) {
 		changes = append(changes, w.timedRules(ev, now, tick)...)
 	}
 	if len(changes) == 0 {
+		w.mu.Lock()
+		w.evict()
+		w.mu.Unlock()
 		return
 	}
 	b := e.db.NewBatch()
@@ -175,6 +186,7 @@ func (w *worker) step(ops []*op) {
 	g := &group{w: w, batch: b, changes: changes, start: time.Now()}
 	w.mu.Lock()
 	g.seq = w.beforeApply()
+	w.evict()
 	w.mu.Unlock()
 	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
 		e.fail(fmt.Errorf("commit: %w", err))
@@ -204,6 +216,9 @@ func (w *worker) nextTimed() (time.Time, bool) {
 	if len(w.timedBacklog) > 0 && w.e.currentEvaluator() != nil {
 		return w.e.opts.Clock(), true // at once
 	}
+	if w.scan != nil && w.e.currentEvaluator() != nil {
+		at = minTime(at, w.scan.next(w.e.opts.RuleTick))
+	}
 	if len(w.lost) > 0 && (at.IsZero() || w.lostAt.Before(at)) {
 		at = w.lostAt
 	}
@@ -220,25 +235,10 @@ func (w *worker) nextTimed() (time.Time, bool) {
 	return at, !at.IsZero() || w.e.currentEvaluator() != nil
 }
 
-// lastLife returns what the last twin with this id left behind when it was
-// deleted: deletions of this step from memory, earlier ones from the store
-// (where their batches are applied, durable or not yet), so that no memory
-// is held for deleted twins.
-func (w *worker) lastLife(id string) (goneTwin, error) {
-	if g, ok := w.gone[id]; ok {
-		return g, nil
+// minTime returns the earlier of a and b, a zero time counting as none.
+func minTime(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
 	}
-	v, closer, err := w.e.db.Get(twinKey(w.e.VShard(id), id))
-	if errors.Is(err, pebble.ErrNotFound) {
-		return goneTwin{}, nil
-	}
-	if err != nil {
-		return goneTwin{}, fmt.Errorf("twin: read the record of deleted twin %q: %w", id, err)
-	}
-	defer closer.Close()
-	r, err := decodeRecord(v)
-	if err != nil {
-		return goneTwin{}, err
-	}
-	return goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}, nil
+	return a
 }

@@ -64,6 +64,15 @@ func run(args []string) error {
 	fs.DurationVar(&opts.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a shutdown waits for calls in flight before it cancels them")
 	fs.DurationVar(&opts.DeviceSendTimeout, "device-send-timeout", 30*time.Second, "a device stream that reads nothing for this long is disconnected (its commands stay queued)")
 	fs.DurationVar(&opts.WatchSendTimeout, "watch-send-timeout", 30*time.Second, "a watch whose client reads nothing for this long is ended; it resumes from the revision it is told")
+	cacheSize, memoryLimit := byteSize(512<<20), byteSize(0)
+	if err := envSize(&cacheSize, "TWIND_CACHE_SIZE"); err != nil {
+		return err
+	}
+	if err := envSize(&memoryLimit, "TWIND_MEMORY_LIMIT"); err != nil {
+		return err
+	}
+	fs.Var(&cacheSize, "cache-size", "memory for twins in use and the store's block cache together; twins beyond it are read from the store (env TWIND_CACHE_SIZE)")
+	fs.Var(&memoryLimit, "memory-limit", "Go's soft memory limit (GOMEMLIMIT); 0: twice --cache-size plus 512MiB (env TWIND_MEMORY_LIMIT)")
 	fs.IntVar(&opts.Engine.HistoryLimit, "history-limit", 100, "versions of each twin kept for ListTwinHistory")
 	fs.Int64Var(&opts.Engine.LogRetention, "log-retention", 1_000_000, "revisions kept in the watch log, for resuming watches")
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")
@@ -107,10 +116,14 @@ func run(args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if _, ok := os.LookupEnv("GOGC"); !ok {
-		// twind's garbage is short-lived request state over a large,
-		// long-lived heap of twins: collecting less often is cheaper.
-		debug.SetGCPercent(400)
+	opts.Engine.CacheBytes = int64(cacheSize)
+	if memoryLimit == 0 {
+		memoryLimit = 2*cacheSize + 512<<20
+	}
+	if _, ok := os.LookupEnv("GOMEMLIMIT"); !ok {
+		// The heap is bounded by the cache, not by the fleet: the limit
+		// makes the collector work harder only as the heap nears it.
+		debug.SetMemoryLimit(int64(memoryLimit))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -119,6 +132,16 @@ func run(args []string) error {
 
 // check runs `twind check`: it checks the store offline, prints each
 // violation to stdout, and fails if there is any.
+// envSize sets *b from the environment variable name, if it is set.
+func envSize(b *byteSize, name string) error {
+	if v, ok := os.LookupEnv(name); ok {
+		if err := b.Set(v); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
 func check(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("twind check", flag.ContinueOnError)
 	var opts twin.Options
