@@ -1,0 +1,452 @@
+package server
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+	"unicode"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
+)
+
+// ImportTwins reads batches, imports each and answers it once durable; when
+// the client closes its side, it writes the import's marker event and ends
+// with a done response.
+func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) error {
+	const method = "ImportTwins"
+	ctx, cancel := ts.s.streamContext(stream.Context())
+	defer cancel()
+	var (
+		opts     twin.ImportOptions
+		batch    int64
+		line     int64 // the last NDJSON line read
+		imported int64
+		failed   int64
+		marked   bool
+	)
+	// However the stream ends, watchers learn of what it imported.
+	defer func() {
+		if imported > 0 && !marked {
+			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			if _, err := ts.s.engine.MarkImport(mctx, int(imported)); err != nil {
+				ts.s.opts.Logger.Warn("import ended early; its marker event could not be written", "twins", imported, "err", err)
+			}
+		}
+	}()
+	for ; ; batch++ {
+		req, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return ts.s.streamStatus(method, ctx, err)
+		}
+		if batch == 0 {
+			opts = twin.ImportOptions{Upsert: req.GetUpsert(), KeepVersions: req.GetKeepVersions()}
+		}
+		resp := &twinv1.ImportTwinsResponse{Batch: batch}
+		b := ts.parseBatch(req, &line, resp)
+		for i, r := range b.rules {
+			id, err := ts.s.rules.Restore([]byte(r.def), opts.Upsert)
+			if err != nil {
+				resp.Errors = append(resp.Errors, ts.importError(r.line, int32(i), id, true, err))
+				continue
+			}
+			resp.RulesImported++
+		}
+		errs, err := ts.s.engine.Import(ctx, b.items, opts)
+		if err != nil {
+			return ts.s.streamStatus(method, ctx, err)
+		}
+		for _, e := range errs {
+			src := b.src[e.Index]
+			resp.Errors = append(resp.Errors, ts.importError(src.line, src.index, e.ID, false, e.Err))
+		}
+		slices.SortStableFunc(resp.Errors, func(a, b *twinv1.ImportError) int {
+			return cmp.Or(cmp.Compare(a.GetLine(), b.GetLine()), cmp.Compare(a.GetIndex(), b.GetIndex()))
+		})
+		resp.Imported = int64(len(b.items) - len(errs))
+		imported += resp.Imported
+		failed += int64(len(resp.Errors))
+		resp.TotalImported, resp.TotalFailed = imported, failed
+		if err := stream.Send(resp); err != nil {
+			return ts.s.streamStatus(method, ctx, err)
+		}
+	}
+	done := &twinv1.ImportTwinsResponse{Batch: batch, Done: true, TotalImported: imported, TotalFailed: failed}
+	if imported > 0 {
+		rev, err := ts.s.engine.MarkImport(ctx, int(imported))
+		if err != nil {
+			return ts.s.streamStatus(method, ctx, err)
+		}
+		done.Revision, marked = rev, true
+	}
+	ts.s.opts.Logger.Info("import done", "twins", imported, "refused", failed, "revision", done.Revision)
+	return ts.s.streamStatus(method, ctx, stream.Send(done))
+}
+
+// importBatch is one request's items, converted for the engine, with where
+// each came from.
+type importBatch struct {
+	items []twin.ImportItem
+	src   []itemSource // by item
+	rules []ruleItem
+}
+
+type itemSource struct {
+	line  int64 // NDJSON line, or 0
+	index int32 // index in the request's twins, for a protobuf item
+}
+
+type ruleItem struct {
+	line int64
+	def  string
+}
+
+// importError describes one refused item.
+func (ts *twinService) importError(line int64, index int32, id string, rule bool, err error) *twinv1.ImportError {
+	st, _ := status.FromError(ts.s.status("ImportTwins", err))
+	return &twinv1.ImportError{Line: line, Index: index, Id: id, Rule: rule, Code: codeName(st.Code()), Message: st.Message()}
+}
+
+// codeName spells a code as the gRPC specification does: ALREADY_EXISTS.
+func codeName(c codes.Code) string {
+	var b strings.Builder
+	for i, r := range c.String() {
+		if unicode.IsUpper(r) && i > 0 {
+			b.WriteByte('_')
+		}
+		b.WriteRune(unicode.ToUpper(r))
+	}
+	return b.String()
+}
+
+// parseBatch converts a request's rules, twins and NDJSON lines. Items that
+// do not convert are reported in resp at once.
+func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, resp *twinv1.ImportTwinsResponse) *importBatch {
+	b := &importBatch{}
+	for _, r := range req.GetRules() {
+		b.rules = append(b.rules, ruleItem{def: r.GetDefinitionJson()})
+	}
+	for i, r := range req.GetTwins() {
+		it, err := importItem(r)
+		if err != nil {
+			resp.Errors = append(resp.Errors, ts.importError(0, int32(i), r.GetTwin().GetId(), false, err))
+			continue
+		}
+		b.items = append(b.items, it)
+		b.src = append(b.src, itemSource{index: int32(i)})
+	}
+	data := req.GetNdjson()
+	for len(data) > 0 {
+		var l []byte
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			l, data = data[:i], data[i+1:]
+		} else {
+			l, data = data, nil
+		}
+		*line++
+		l = bytes.TrimSpace(l)
+		if len(l) == 0 {
+			continue
+		}
+		it, rule, id, err := parseLine(l)
+		switch {
+		case err != nil:
+			resp.Errors = append(resp.Errors, ts.importError(*line, 0, id, rule != nil, err))
+		case rule != nil:
+			b.rules = append(b.rules, ruleItem{line: *line, def: rule.GetDefinitionJson()})
+		case it.Twin != nil:
+			b.items = append(b.items, it)
+			b.src = append(b.src, itemSource{line: *line})
+		}
+	}
+	return b
+}
+
+// jsonTwin is a plain twin line, decoded with encoding/json for speed.
+type jsonTwin struct {
+	ID                  string            `json:"id"`
+	Type                string            `json:"type"`
+	Labels              map[string]string `json:"labels"`
+	Reported            map[string]any    `json:"reported"`
+	Desired             map[string]any    `json:"desired"`
+	Delta               json.RawMessage   `json:"delta"`
+	Version             jsonInt           `json:"version"`
+	Revision            jsonInt           `json:"revision"`
+	DesiredAckedVersion jsonInt           `json:"desired_acked_version"`
+	Metadata            *struct {
+		Reported map[string]jsonFieldMeta `json:"reported"`
+		Desired  map[string]jsonFieldMeta `json:"desired"`
+	} `json:"metadata"`
+	Presence *struct {
+		Connected bool       `json:"connected"`
+		Since     *time.Time `json:"since"`
+		LastSeen  *time.Time `json:"last_seen"`
+	} `json:"presence"`
+	CreateTime *time.Time `json:"create_time"`
+	UpdateTime *time.Time `json:"update_time"`
+
+	// The other kinds of line.
+	Twin   json.RawMessage `json:"twin"`
+	Rule   json.RawMessage `json:"rule"`
+	Export json.RawMessage `json:"export"`
+}
+
+type jsonFieldMeta struct {
+	UpdateTime time.Time `json:"update_time"`
+	Version    jsonInt   `json:"version"`
+}
+
+// jsonInt is an int64 written as a number or, as protobuf's JSON writes
+// 64-bit integers, a string.
+type jsonInt int64
+
+func (n *jsonInt) UnmarshalJSON(b []byte) error {
+	var v json.Number
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	i, err := v.Int64()
+	*n = jsonInt(i)
+	return err
+}
+
+var ndjsonRecord = protojson.UnmarshalOptions{}
+
+// parseLine converts one NDJSON line: a twin, a twin record, a rule, or an
+// export header (skipped: nothing returned).
+func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string, err error) {
+	var j jsonTwin
+	d := json.NewDecoder(bytes.NewReader(l))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&j); err != nil {
+		return it, nil, "", fmt.Errorf("%w: %v; each line must be one JSON object: a twin ({\"id\": ..., \"type\": ..., "+
+			"\"reported\": {...}, \"desired\": {...}}), a twin record ({\"twin\": {...}, ...}, as an export writes) or {\"rule\": {...}}",
+			twin.ErrInvalidArgument, jsonError(err))
+	}
+	if d.More() {
+		return it, nil, j.ID, fmt.Errorf("%w: more than one JSON value on the line; put each twin on a line of its own", twin.ErrInvalidArgument)
+	}
+	switch {
+	case j.Export != nil:
+		return it, nil, "", nil
+	case j.Rule != nil:
+		rule = &twinv1.RuleRecord{}
+		if err := ndjsonRecord.Unmarshal(j.Rule, rule); err != nil {
+			return it, rule, "", fmt.Errorf("%w: rule: %v", twin.ErrInvalidArgument, err)
+		}
+		return it, rule, rule.GetId(), nil
+	case j.Twin != nil:
+		var r twinv1.TwinRecord
+		if err := ndjsonRecord.Unmarshal(l, &r); err != nil {
+			return it, nil, "", fmt.Errorf("%w: twin record: %v", twin.ErrInvalidArgument, err)
+		}
+		it, err = importItem(&r)
+		return it, nil, r.GetTwin().GetId(), err
+	}
+	t := &twin.Twin{
+		ID: j.ID, Type: j.Type, Labels: j.Labels,
+		Reported: twin.Document(j.Reported), Desired: twin.Document(j.Desired),
+		Version: int64(j.Version), DesiredAckedVersion: int64(j.DesiredAckedVersion),
+	}
+	if j.CreateTime != nil {
+		t.CreateTime = *j.CreateTime
+	}
+	if j.UpdateTime != nil {
+		t.UpdateTime = *j.UpdateTime
+	}
+	if j.Presence != nil && j.Presence.LastSeen != nil {
+		t.Presence.LastSeen = *j.Presence.LastSeen
+	}
+	if j.Metadata != nil {
+		t.ReportedMeta = jsonMeta(j.Metadata.Reported)
+		t.DesiredMeta = jsonMeta(j.Metadata.Desired)
+	}
+	return twin.ImportItem{Twin: t}, nil, j.ID, nil
+}
+
+func jsonMeta(m map[string]jsonFieldMeta) map[string]twin.FieldMeta {
+	if len(m) == 0 {
+		return nil
+	}
+	out := make(map[string]twin.FieldMeta, len(m))
+	for p, f := range m {
+		out[p] = twin.FieldMeta{Time: f.UpdateTime, Version: int64(f.Version)}
+	}
+	return out
+}
+
+// jsonError words a JSON decoding error for a person.
+func jsonError(err error) string {
+	var syn *json.SyntaxError
+	if errors.As(err, &syn) {
+		return fmt.Sprintf("invalid JSON at byte %d: %v", syn.Offset, err)
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return "the line ends before its JSON object does"
+	}
+	return err.Error()
+}
+
+// importItem converts a twin record for the engine.
+func importItem(r *twinv1.TwinRecord) (twin.ImportItem, error) {
+	p := r.GetTwin()
+	if p == nil {
+		return twin.ImportItem{}, fmt.Errorf("%w: the record has no twin", twin.ErrInvalidArgument)
+	}
+	if err := checkFinite("twin.reported", p.GetReported()); err != nil {
+		return twin.ImportItem{}, err
+	}
+	if err := checkFinite("twin.desired", p.GetDesired()); err != nil {
+		return twin.ImportItem{}, err
+	}
+	t := &twin.Twin{
+		ID: p.GetId(), Type: p.GetType(), Labels: p.GetLabels(),
+		Reported: document(p.GetReported()), Desired: document(p.GetDesired()),
+		ReportedMeta: metaFromProto(p.GetMetadata().GetReported()),
+		DesiredMeta:  metaFromProto(p.GetMetadata().GetDesired()),
+		Tombstones:   r.GetTombstones(),
+		Version:      p.GetVersion(), DesiredAckedVersion: p.GetDesiredAckedVersion(),
+		CreateTime: timeFromProto(p.GetCreateTime()), UpdateTime: timeFromProto(p.GetUpdateTime()),
+		TokenHash:  r.GetTokenHash(),
+		CommandSeq: r.GetCommandSequence(),
+	}
+	t.Presence.LastSeen = timeFromProto(p.GetPresence().GetLastSeen())
+	it := twin.ImportItem{Twin: t}
+	for _, c := range r.GetCommands() {
+		cmd := &twin.Command{
+			Seq: c.GetSequence(), Name: c.GetName(), State: twin.CommandState(c.GetState()),
+			Message: c.GetMessage(), Source: twin.Source(c.GetSource()), RequestID: c.GetRequestId(),
+			TTL:        c.GetTtl().AsDuration(),
+			CreateTime: timeFromProto(c.GetCreateTime()), UpdateTime: timeFromProto(c.GetUpdateTime()),
+			ExpireTime: timeFromProto(c.GetExpireTime()),
+		}
+		if c.GetParams() != nil {
+			cmd.Params = document(c.GetParams())
+		}
+		if c.GetResult() != nil {
+			cmd.Result = document(c.GetResult())
+		}
+		if cmd.Seq == 0 && c.GetId() != "" {
+			if _, seq, err := twin.ParseCommandID(c.GetId()); err == nil {
+				cmd.Seq = seq
+			}
+		}
+		it.Commands = append(it.Commands, cmd)
+	}
+	for _, s := range r.GetRuleStates() {
+		if it.RuleStates == nil {
+			it.RuleStates = map[string]twin.RuleState{}
+		}
+		it.RuleStates[s.GetRuleId()] = twin.RuleState{
+			Gen: s.GetGeneration(), Active: s.GetActive(), PendingSince: timeFromProto(s.GetPendingSince()),
+			Fired: s.GetFired(), LastFired: timeFromProto(s.GetLastFired()),
+		}
+	}
+	return it, nil
+}
+
+func metaFromProto(m map[string]*twinv1.FieldMetadata) map[string]twin.FieldMeta {
+	if len(m) == 0 {
+		return nil
+	}
+	out := make(map[string]twin.FieldMeta, len(m))
+	for p, f := range m {
+		out[p] = twin.FieldMeta{Time: timeFromProto(f.GetUpdateTime()), Version: f.GetVersion()}
+	}
+	return out
+}
+
+func timeFromProto(t *timestamppb.Timestamp) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return t.AsTime()
+}
+
+// exportBatch is the default number of twins per ExportTwins message.
+const exportBatch = 500
+
+// ExportTwins streams a consistent, durable snapshot of the store.
+func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1.TwinService_ExportTwinsServer) error {
+	const method = "ExportTwins"
+	size := int(req.GetBatchSize())
+	switch {
+	case size < 0 || size > 5000:
+		return invalid("batch_size is %d; give 1 to 5000, or 0 for %d", size, exportBatch)
+	case size == 0:
+		size = exportBatch
+	}
+	ctx, cancel := ts.s.streamContext(stream.Context())
+	defer cancel()
+	x, err := ts.s.engine.Export(ctx)
+	if err != nil {
+		return ts.s.streamStatus(method, ctx, err)
+	}
+	defer x.Close()
+	timeout := ts.sendTimeout
+	if timeout <= 0 {
+		timeout = defaultSendTimeout
+	}
+	send := newSender(stream, timeout)
+	defer send.close()
+	header := &twinv1.ExportHeader{Revision: x.Revision(), Time: timestamppb.New(ts.s.opts.Clock())}
+	msg := &twinv1.ExportTwinsResponse{Header: header}
+	sent := false
+	flush := func() error {
+		err := send.send(ctx, msg)
+		msg, sent = &twinv1.ExportTwinsResponse{Header: header}, true
+		return err
+	}
+	err = x.Each(ctx, func(it *twin.ExportItem) error {
+		if it.RuleID != "" {
+			msg.Rules = append(msg.Rules, &twinv1.RuleRecord{Id: it.RuleID, DefinitionJson: string(it.RuleDef)})
+			return nil
+		}
+		msg.Twins = append(msg.Twins, twinRecord(it))
+		if len(msg.Twins) >= size {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil && (len(msg.Twins) > 0 || len(msg.Rules) > 0 || !sent) {
+		err = flush() // the rest; for an empty store, the header alone
+	}
+	return ts.s.streamStatus(method, ctx, err)
+}
+
+// twinRecord converts an exported twin.
+func twinRecord(it *twin.ExportItem) *twinv1.TwinRecord {
+	t := it.Twin
+	r := &twinv1.TwinRecord{
+		Twin:            twinProto(t),
+		TokenHash:       t.TokenHash,
+		Tombstones:      t.Tombstones,
+		CommandSequence: t.CommandSeq,
+	}
+	for _, c := range it.Commands {
+		r.Commands = append(r.Commands, commandProto(c))
+	}
+	for id, s := range it.RuleStates {
+		r.RuleStates = append(r.RuleStates, &twinv1.RuleState{
+			RuleId: id, Generation: s.Gen, Active: s.Active, PendingSince: timeProto(s.PendingSince),
+			Fired: s.Fired, LastFired: timeProto(s.LastFired),
+		})
+	}
+	return r
+}
