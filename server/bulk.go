@@ -22,9 +22,22 @@ import (
 	"github.com/twind-io/twind/twin"
 )
 
-// ImportTwins reads batches, imports each and answers it once durable; when
-// the client closes its side, it writes the import's marker event and ends
-// with a done response.
+// importInFlight is how many batches of one import stream may be handed
+// to the engine and not yet durable: the handler checks the next batch
+// while the workers commit the previous one.
+const importInFlight = 2
+
+// inFlightBatch is a batch handed to the engine, waiting to be answered.
+type inFlightBatch struct {
+	resp    *twinv1.ImportTwinsResponse
+	b       *importBatch
+	pending *twin.PendingImport
+}
+
+// ImportTwins reads batches, hands each to the engine and answers it once
+// durable, in order, from a goroutine of its own, so that the next batch is
+// read and checked meanwhile; when the client closes its side, it writes
+// the import's marker event and ends with a done response.
 func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) error {
 	const method = "ImportTwins"
 	ctx, cancel := ts.s.streamContext(stream.Context())
@@ -33,12 +46,29 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 		opts     twin.ImportOptions
 		batch    int64
 		line     int64 // the last NDJSON line read
-		imported int64
+		imported int64 // written by the answering goroutine until it ends
 		failed   int64
 		marked   bool
 	)
+	queue := make(chan *inFlightBatch, importInFlight-1)
+	answered := make(chan error, 1)
+	go func() {
+		answered <- ts.answerImport(ctx, stream, queue, &imported, &failed)
+	}()
+	// stop ends the answering goroutine and returns its error.
+	stopped := false
+	stop := func() error {
+		if stopped {
+			return nil
+		}
+		stopped = true
+		close(queue)
+		return <-answered
+	}
 	// However the stream ends, watchers learn of what it imported.
 	defer func() {
+		cancel()
+		stop()
 		if imported > 0 && !marked {
 			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 			defer cancel()
@@ -68,24 +98,19 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 			}
 			resp.RulesImported++
 		}
-		errs, err := ts.s.engine.Import(ctx, b.items, opts)
+		p, err := ts.s.engine.StartImport(ctx, b.items, opts)
 		if err != nil {
 			return ts.s.streamStatus(method, ctx, err)
 		}
-		for _, e := range errs {
-			src := b.src[e.Index]
-			resp.Errors = append(resp.Errors, ts.importError(src.line, src.index, e.ID, false, e.Err))
-		}
-		slices.SortStableFunc(resp.Errors, func(a, b *twinv1.ImportError) int {
-			return cmp.Or(cmp.Compare(a.GetLine(), b.GetLine()), cmp.Compare(a.GetIndex(), b.GetIndex()))
-		})
-		resp.Imported = int64(len(b.items) - len(errs))
-		imported += resp.Imported
-		failed += int64(len(resp.Errors))
-		resp.TotalImported, resp.TotalFailed = imported, failed
-		if err := stream.Send(resp); err != nil {
+		select {
+		case queue <- &inFlightBatch{resp: resp, b: b, pending: p}:
+		case err := <-answered:
+			stopped = true
 			return ts.s.streamStatus(method, ctx, err)
 		}
+	}
+	if err := stop(); err != nil {
+		return ts.s.streamStatus(method, ctx, err)
 	}
 	done := &twinv1.ImportTwinsResponse{Batch: batch, Done: true, TotalImported: imported, TotalFailed: failed}
 	if imported > 0 {
@@ -97,6 +122,34 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 	}
 	ts.s.opts.Logger.Info("import done", "twins", imported, "refused", failed, "revision", done.Revision)
 	return ts.s.streamStatus(method, ctx, stream.Send(done))
+}
+
+// answerImport answers the batches of the queue in order, each once it is
+// durable, until the queue is closed or an error ends the stream.
+func (ts *twinService) answerImport(ctx context.Context, stream twinv1.TwinService_ImportTwinsServer,
+	queue <-chan *inFlightBatch, imported, failed *int64) error {
+	for f := range queue {
+		errs, err := f.pending.Wait(ctx)
+		if err != nil {
+			return err
+		}
+		resp := f.resp
+		for _, e := range errs {
+			src := f.b.src[e.Index]
+			resp.Errors = append(resp.Errors, ts.importError(src.line, src.index, e.ID, false, e.Err))
+		}
+		slices.SortStableFunc(resp.Errors, func(a, b *twinv1.ImportError) int {
+			return cmp.Or(cmp.Compare(a.GetLine(), b.GetLine()), cmp.Compare(a.GetIndex(), b.GetIndex()))
+		})
+		resp.Imported = int64(len(f.b.items) - len(errs))
+		*imported += resp.Imported
+		*failed += int64(len(resp.Errors))
+		resp.TotalImported, resp.TotalFailed = *imported, *failed
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // importBatch is one request's items, converted for the engine, with where

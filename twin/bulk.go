@@ -112,23 +112,42 @@ type preparedImport struct {
 // are durable, but each item is either imported whole or not at all.
 // Import is safe for concurrent use.
 func (e *Engine) Import(ctx context.Context, items []ImportItem, opts ImportOptions) ([]*ImportError, error) {
+	p, err := e.StartImport(ctx, items, opts)
+	if err != nil {
+		return nil, err
+	}
+	return p.Wait(ctx)
+}
+
+// PendingImport is a batch handed to the workers by StartImport.
+type PendingImport struct {
+	errs []*ImportError
+	ops  []sentImport
+}
+
+type sentImport struct {
+	o *op
+	n int
+}
+
+// StartImport checks a batch and hands it to the workers without waiting
+// for it to be durable: Wait does. Batches started one after the other by
+// one goroutine are applied in that order, so that a caller can check and
+// hand over its next batch while the workers commit this one. The error is
+// ctx's, or ErrClosed; then some of the batch may have been handed over.
+func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts ImportOptions) (*PendingImport, error) {
 	now := e.opts.Clock().UTC()
-	var errs []*ImportError
+	p := &PendingImport{}
 	byWorker := make([][]*preparedImport, len(e.workers))
 	for i := range items {
-		p, err := e.prepareImport(i, &items[i], opts, now)
+		pi, err := e.prepareImport(i, &items[i], opts, now)
 		if err != nil {
-			errs = append(errs, &ImportError{Index: i, ID: itemID(&items[i]), Err: err})
+			p.errs = append(p.errs, &ImportError{Index: i, ID: itemID(&items[i]), Err: err})
 			continue
 		}
-		wi := int(e.VShard(p.twin.ID)) % len(e.workers)
-		byWorker[wi] = append(byWorker[wi], p)
+		wi := int(e.VShard(pi.twin.ID)) % len(e.workers)
+		byWorker[wi] = append(byWorker[wi], pi)
 	}
-	type sent struct {
-		o *op
-		n int
-	}
-	var ops []sent
 	for wi, ps := range byWorker {
 		if len(ps) == 0 {
 			continue
@@ -137,9 +156,16 @@ func (e *Engine) Import(ctx context.Context, items []ImportItem, opts ImportOpti
 		if err := e.startBulk(ctx, e.workers[wi], o); err != nil {
 			return nil, err
 		}
-		ops = append(ops, sent{o, len(ps)})
+		p.ops = append(p.ops, sentImport{o, len(ps)})
 	}
-	for _, s := range ops {
+	return p, nil
+}
+
+// Wait returns once every item of the batch is durable or refused, as
+// Import does.
+func (p *PendingImport) Wait(ctx context.Context) ([]*ImportError, error) {
+	errs := p.errs
+	for _, s := range p.ops {
 		for range s.n {
 			select {
 			case r := <-s.o.done:
@@ -359,11 +385,18 @@ func (w *worker) importTwins(o *op, now time.Time) []*change {
 		return []*change{{op: o, event: ev}}
 	}
 	changes := make([]*change, 0, len(b.items))
+	lives, err := w.lastLives(b.items)
 	for _, p := range b.items {
+		if err != nil {
+			// The store cannot be read: refuse the batch, item by item.
+			changes = append(changes, &change{op: &op{kind: opImport, id: p.twin.ID, done: o.done, bulk: b},
+				err: &ImportError{Index: p.index, ID: p.twin.ID, Err: err}})
+			continue
+		}
 		// Each item is answered on its own: publish sends one result per
 		// change to its op's done channel, which the batch's ops share.
 		io := &op{kind: opImport, id: p.twin.ID, done: o.done, bulk: b}
-		c, err := w.importTwin(io, p, now)
+		c, err := w.importTwin(io, p, lives, now)
 		if err != nil {
 			c = &change{op: io, err: &ImportError{Index: p.index, ID: p.twin.ID, Err: err}}
 		}
@@ -372,9 +405,13 @@ func (w *worker) importTwins(o *op, now time.Time) []*change {
 	return changes
 }
 
-func (w *worker) importTwin(o *op, p *preparedImport, now time.Time) (*change, error) {
+func (w *worker) importTwin(o *op, p *preparedImport, lives map[string]storedLife, now time.Time) (*change, error) {
 	id := p.twin.ID
 	cur := w.current(id)
+	_, gone := w.gone[id]
+	if l := lives[id]; cur == nil && !gone && l.live != nil {
+		cur = l.live
+	}
 	if cur != nil && !o.bulk.opts.Upsert {
 		return nil, fmt.Errorf("%w: twin %q already exists at version %d; import with upsert to replace it",
 			ErrAlreadyExists, id, cur.Version)
@@ -382,11 +419,10 @@ func (w *worker) importTwin(o *op, p *preparedImport, now time.Time) (*change, e
 	last := goneTwin{}
 	if cur != nil {
 		last = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
+	} else if gone {
+		last = w.gone[id]
 	} else {
-		var err error
-		if last, err = w.lastLife(id); err != nil {
-			return nil, err
-		}
+		last = lives[id].gone
 	}
 	t := p.twin
 	if p.keepVerson {
@@ -445,6 +481,53 @@ func (w *worker) importTwin(o *op, p *preparedImport, now time.Time) (*change, e
 	}
 	w.setCurrent(id, t)
 	return c, nil
+}
+
+// storedLife is what the store holds for an id: a live twin, or what a
+// deleted one left behind.
+type storedLife struct {
+	live *Twin
+	gone goneTwin
+}
+
+// lastLives returns what deleted twins left behind for the ids of a batch
+// that are not in the working state, as lastLife does, read from the store
+// with one iterator in key order rather than one lookup per id.
+func (w *worker) lastLives(items []*preparedImport) (map[string]storedLife, error) {
+	keys := make([][]byte, 0, len(items))
+	for _, p := range items {
+		if w.current(p.twin.ID) == nil {
+			keys = append(keys, twinKey(w.e.VShard(p.twin.ID), p.twin.ID))
+		}
+	}
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	slices.SortFunc(keys, bytes.Compare)
+	it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: keys[0], UpperBound: append(slices.Clone(keys[len(keys)-1]), 0)})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var out map[string]storedLife
+	for _, k := range keys {
+		if !it.SeekGE(k) || !bytes.Equal(it.Key(), k) {
+			continue
+		}
+		r, err := decodeRecord(it.Value())
+		if err != nil {
+			return nil, err
+		}
+		if out == nil {
+			out = map[string]storedLife{}
+		}
+		id := string(k[len(shardPrefix(0, 't')):])
+		// A live record the working state does not hold cannot be
+		// while the engine holds every twin in memory; with a cache
+		// it is a twin not cached.
+		out[id] = storedLife{gone: goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}, live: r.Twin}
+	}
+	return out, it.Error()
 }
 
 // current returns the twin with the id in the worker's working state, or
