@@ -323,8 +323,14 @@ func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string
 	if j.UpdateTime != nil {
 		t.UpdateTime = *j.UpdateTime
 	}
-	if j.Presence != nil && j.Presence.LastSeen != nil {
-		t.Presence.LastSeen = *j.Presence.LastSeen
+	if j.Presence != nil {
+		t.Presence.Connected = j.Presence.Connected
+		if j.Presence.Since != nil {
+			t.Presence.Since = *j.Presence.Since
+		}
+		if j.Presence.LastSeen != nil {
+			t.Presence.LastSeen = *j.Presence.LastSeen
+		}
 	}
 	if j.Metadata != nil {
 		t.ReportedMeta = jsonMeta(j.Metadata.Reported)
@@ -379,6 +385,8 @@ func importItem(r *twinv1.TwinRecord) (twin.ImportItem, error) {
 		TokenHash:  r.GetTokenHash(),
 		CommandSeq: r.GetCommandSequence(),
 	}
+	t.Presence.Connected = p.GetPresence().GetConnected()
+	t.Presence.Since = timeFromProto(p.GetPresence().GetSince())
 	t.Presence.LastSeen = timeFromProto(p.GetPresence().GetLastSeen())
 	it := twin.ImportItem{Twin: t}
 	for _, c := range r.GetCommands() {

@@ -39,11 +39,13 @@ const SourceImport Source = "import"
 type ImportItem struct {
 	// Twin is the twin: ID, Type, Labels, Reported and Desired are
 	// required as for a creation. ReportedMeta and DesiredMeta, if set,
-	// are kept (else every leaf is stamped with the import's time and the
-	// twin's version); Tombstones and DesiredAckedVersion are kept with
+	// keep their times (else every leaf is stamped with the import's
+	// time), and their versions with KeepVersions (else every leaf gets
+	// the twin's version); Tombstones and DesiredAckedVersion are kept with
 	// KeepVersions only; CreateTime and UpdateTime, if zero, are the
-	// import's time; Presence.LastSeen is kept, and the twin is not
-	// connected. TokenHash, if set, is the SHA-256 of the device's token
+	// import's time; the twin is not connected, since Presence.Since if
+	// set (and not Connected), else since the import; Presence.LastSeen
+	// is kept. TokenHash, if set, is the SHA-256 of the device's token
 	// (32 bytes). CommandSeq is raised to the highest command sequence.
 	// Delta and Revision are computed. Import takes ownership of Twin.
 	Twin *Twin
@@ -273,7 +275,10 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 		UpdateTime: src.UpdateTime,
 		TokenHash:  src.TokenHash,
 		CommandSeq: src.CommandSeq,
-		Presence:   Presence{Since: now, LastSeen: src.Presence.LastSeen},
+		Presence:   Presence{Since: src.Presence.Since, LastSeen: src.Presence.LastSeen},
+	}
+	if src.Presence.Connected || t.Presence.Since.IsZero() {
+		t.Presence.Since = now // disconnected by the import
 	}
 	if t.CreateTime.IsZero() {
 		t.CreateTime = now
@@ -305,9 +310,15 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 			return nil, err
 		}
 		*side.doc = doc
-		if len(side.inMeta) > 0 {
+		switch {
+		case len(side.inMeta) > 0 && opts.KeepVersions:
 			*side.meta = side.inMeta
-		} else {
+		case len(side.inMeta) > 0:
+			// The times carry over; the versions are the twin's.
+			*side.meta = side.inMeta
+			restamp(side.inMeta, version)
+			p.stampMeta = true
+		default:
 			*side.meta = updateMeta(nil, &r, stamp)
 			p.stampMeta = true
 		}
@@ -782,7 +793,10 @@ func (x *Export) shard(ctx context.Context, vs uint16, fn func(*ExportItem) erro
 			continue
 		}
 		t := r.Twin.clone()
-		t.Presence.Connected = false
+		if t.Presence.Connected {
+			// Connected now: after a restore, not connected since then.
+			t.Presence = Presence{LastSeen: t.Presence.LastSeen}
+		}
 		item.Twin = t
 		if err := fn(item); err != nil {
 			return err

@@ -1970,12 +1970,14 @@ func (x *ImportError) GetRule() bool {
 // TwinRecord is one twin with everything restoring it needs.
 type TwinRecord struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The twin. Used: id, type, labels, reported, desired, metadata (kept if
-	// given, else every leaf is stamped with the import's time), create_time
-	// and update_time (the import's time if unset), presence.last_seen, and,
-	// with keep_versions, version and desired_acked_version. Ignored: delta
-	// (computed), revision (0 until the twin next changes), presence's
-	// connected and since (an imported twin is not connected).
+	// The twin. Used: id, type, labels, reported, desired, metadata (its
+	// times kept if given, else every leaf is stamped with the import's time;
+	// its versions kept with keep_versions, else the twin's), create_time
+	// and update_time (the import's time if unset), presence.last_seen, presence.since (when
+	// not connected: an imported twin is not connected, since then, or else
+	// since the import), and, with keep_versions, version and
+	// desired_acked_version. Ignored: delta (computed) and revision (0 until
+	// the twin next changes).
 	Twin *Twin `protobuf:"bytes,1,opt,name=twin,proto3" json:"twin,omitempty"`
 	// The SHA-256 of the device's token (32 bytes), so that the device
 	// connects with the token it has; empty for none.
