@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 
@@ -204,6 +206,16 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 		b.items = append(b.items, it)
 		b.src = append(b.src, itemSource{index: int32(i)})
 	}
+	// Lines are parsed side by side, then taken in order.
+	type parsed struct {
+		line int64
+		it   twin.ImportItem
+		rule *twinv1.RuleRecord
+		id   string
+		err  error
+	}
+	var lines []parsed
+	var text [][]byte
 	data := req.GetNdjson()
 	for len(data) > 0 {
 		var l []byte
@@ -213,22 +225,47 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 			l, data = data, nil
 		}
 		*line++
-		l = bytes.TrimSpace(l)
-		if len(l) == 0 {
-			continue
+		if l = bytes.TrimSpace(l); len(l) > 0 {
+			lines = append(lines, parsed{line: *line})
+			text = append(text, l)
 		}
-		it, rule, id, err := parseLine(l)
+	}
+	parallel(len(lines), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			p := &lines[i]
+			p.it, p.rule, p.id, p.err = parseLine(text[i])
+		}
+	})
+	for _, p := range lines {
 		switch {
-		case err != nil:
-			resp.Errors = append(resp.Errors, ts.importError(*line, 0, id, rule != nil, err))
-		case rule != nil:
-			b.rules = append(b.rules, ruleItem{line: *line, def: rule.GetDefinitionJson()})
-		case it.Twin != nil:
-			b.items = append(b.items, it)
-			b.src = append(b.src, itemSource{line: *line})
+		case p.err != nil:
+			resp.Errors = append(resp.Errors, ts.importError(p.line, 0, p.id, p.rule != nil, p.err))
+		case p.rule != nil:
+			b.rules = append(b.rules, ruleItem{line: p.line, def: p.rule.GetDefinitionJson()})
+		case p.it.Twin != nil:
+			b.items = append(b.items, p.it)
+			b.src = append(b.src, itemSource{line: p.line})
 		}
 	}
 	return b
+}
+
+// parallel calls fn on ranges [lo, hi) that cover [0, n), from up to
+// GOMAXPROCS goroutines at once, and returns when every call has returned:
+// for CPU-bound work on the independent lines of a batch.
+func parallel(n int, fn func(lo, hi int)) {
+	const minPart = 64
+	parts := min(runtime.GOMAXPROCS(0), n/minPart)
+	if parts <= 1 {
+		fn(0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	for i := range parts - 1 {
+		wg.Go(func() { fn(n*i/parts, n*(i+1)/parts) })
+	}
+	fn(n*(parts-1)/parts, n) // on the caller's goroutine
+	wg.Wait()
 }
 
 // jsonTwin is a plain twin line, decoded with encoding/json for speed.

@@ -6,7 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -140,11 +142,17 @@ type sentImport struct {
 func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts ImportOptions) (*PendingImport, error) {
 	now := e.opts.Clock().UTC()
 	p := &PendingImport{}
+	prepared := make([]*preparedImport, len(items))
+	errs := make([]error, len(items))
+	parallel(len(items), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			prepared[i], errs[i] = e.prepareImport(i, &items[i], opts, now)
+		}
+	})
 	byWorker := make([][]*preparedImport, len(e.workers))
-	for i := range items {
-		pi, err := e.prepareImport(i, &items[i], opts, now)
-		if err != nil {
-			p.errs = append(p.errs, &ImportError{Index: i, ID: itemID(&items[i]), Err: err})
+	for i, pi := range prepared {
+		if errs[i] != nil {
+			p.errs = append(p.errs, &ImportError{Index: i, ID: itemID(&items[i]), Err: errs[i]})
 			continue
 		}
 		wi := int(e.VShard(pi.twin.ID)) % len(e.workers)
@@ -161,6 +169,29 @@ func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts Impor
 		p.ops = append(p.ops, sentImport{o, len(ps)})
 	}
 	return p, nil
+}
+
+// parallel calls fn on ranges [lo, hi) that cover [0, n), from up to
+// GOMAXPROCS goroutines at once, and returns when every call has returned.
+// It is for CPU-bound work on independent items, such as checking the
+// items of an import batch.
+func parallel(n int, fn func(lo, hi int)) {
+	const minPart = 64
+	parts := min(runtime.GOMAXPROCS(0), n/minPart)
+	if parts <= 1 {
+		fn(0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	for i := range parts {
+		lo, hi := n*i/parts, n*(i+1)/parts
+		if i == parts-1 {
+			fn(lo, hi) // on the caller's goroutine
+			continue
+		}
+		wg.Go(func() { fn(lo, hi) })
+	}
+	wg.Wait()
 }
 
 // Wait returns once every item of the batch is durable or refused, as
@@ -302,7 +333,13 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 			return nil, fmt.Errorf("%s: %w", side.name, err)
 		}
 		var r mergeResult
-		doc := mergeObject(nil, side.in, "", &r)
+		doc := side.in
+		if !plainLeaves(doc, "", &r.set) {
+			// Nulls in a new document delete nothing; merging drops
+			// them.
+			r = mergeResult{}
+			doc = mergeObject(nil, side.in, "", &r)
+		}
 		if doc == nil {
 			doc = Document{}
 		}
@@ -377,6 +414,28 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 		}
 	}
 	return p, nil
+}
+
+// plainLeaves appends to set the pointers of the leaves of doc, at path, as
+// merging doc into nothing would, and reports whether doc holds no null,
+// so that it is its own merge.
+func plainLeaves(doc map[string]any, path string, set *[]string) bool {
+	for k, v := range doc {
+		p := path + "/" + escapePointer(k)
+		switch v := v.(type) {
+		case nil:
+			return false
+		case map[string]any:
+			if len(v) == 0 {
+				*set = append(*set, p)
+			} else if !plainLeaves(v, p, set) {
+				return false
+			}
+		default:
+			*set = append(*set, p)
+		}
+	}
+	return true
 }
 
 // importTwins applies an import op: one change per item, or the marker
