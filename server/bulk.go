@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -477,8 +478,13 @@ func timeFromProto(t *timestamppb.Timestamp) time.Time {
 	return t.AsTime()
 }
 
-// exportBatch is the default number of twins per ExportTwins message.
-const exportBatch = 500
+// exportBatch is the default number of twins per ExportTwins message;
+// a message also ends before its twins pass exportMessageBytes, under
+// gRPC's default 4 MiB limit on what a client receives.
+const (
+	exportBatch        = 500
+	exportMessageBytes = 3 << 20
+)
 
 // ExportTwins streams a consistent, durable snapshot of the store.
 func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1.TwinService_ExportTwinsServer) error {
@@ -506,9 +512,10 @@ func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1
 	header := &twinv1.ExportHeader{Revision: x.Revision(), Time: timestamppb.New(ts.s.opts.Clock())}
 	msg := &twinv1.ExportTwinsResponse{Header: header}
 	sent := false
+	msgBytes := 0 // the size of msg's twins
 	flush := func() error {
 		err := send.send(ctx, msg)
-		msg, sent = &twinv1.ExportTwinsResponse{Header: header}, true
+		msg, sent, msgBytes = &twinv1.ExportTwinsResponse{Header: header}, true, 0
 		return err
 	}
 	err = x.Each(ctx, func(it *twin.ExportItem) error {
@@ -516,7 +523,15 @@ func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1
 			msg.Rules = append(msg.Rules, &twinv1.RuleRecord{Id: it.RuleID, DefinitionJson: string(it.RuleDef)})
 			return nil
 		}
-		msg.Twins = append(msg.Twins, twinRecord(it))
+		r := twinRecord(it)
+		n := proto.Size(r)
+		if len(msg.Twins) > 0 && msgBytes+n > exportMessageBytes {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		msg.Twins = append(msg.Twins, r)
+		msgBytes += n
 		if len(msg.Twins) >= size {
 			return flush()
 		}

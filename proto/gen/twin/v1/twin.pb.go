@@ -2222,7 +2222,8 @@ func (x *RuleRecord) GetDefinitionJson() string {
 // ExportTwinsRequest is the request of TwinService.ExportTwins.
 type ExportTwinsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Twins per response message: default 500, at most 5000.
+	// Twins per response message: default 500, at most 5000. A message
+	// also ends before its twins pass 3 MiB.
 	BatchSize     int32 `protobuf:"varint,1,opt,name=batch_size,json=batchSize,proto3" json:"batch_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
