@@ -292,10 +292,45 @@ type jsonTwin struct {
 	CreateTime *time.Time `json:"create_time"`
 	UpdateTime *time.Time `json:"update_time"`
 
+	// A twin record: the twin, and what restores it with it.
+	Twin            *jsonTwin          `json:"twin"`
+	TokenHash       []byte             `json:"token_hash"`
+	Tombstones      map[string]jsonInt `json:"tombstones"`
+	CommandSequence jsonInt            `json:"command_sequence"`
+	Commands        []jsonCommand      `json:"commands"`
+	RuleStates      []jsonRuleState    `json:"rule_states"`
+
 	// The other kinds of line.
-	Twin   json.RawMessage `json:"twin"`
 	Rule   json.RawMessage `json:"rule"`
 	Export json.RawMessage `json:"export"`
+}
+
+// jsonCommand is a Command in protobuf's JSON form.
+type jsonCommand struct {
+	ID         string          `json:"id"`
+	DeviceID   string          `json:"device_id"`
+	Name       string          `json:"name"`
+	Params     map[string]any  `json:"params"`
+	State      json.RawMessage `json:"state"`
+	Result     map[string]any  `json:"result"`
+	Message    string          `json:"message"`
+	Source     string          `json:"source"`
+	RequestID  string          `json:"request_id"`
+	TTL        string          `json:"ttl"`
+	CreateTime *time.Time      `json:"create_time"`
+	UpdateTime *time.Time      `json:"update_time"`
+	ExpireTime *time.Time      `json:"expire_time"`
+	Sequence   jsonInt         `json:"sequence"`
+}
+
+// jsonRuleState is a RuleState in protobuf's JSON form.
+type jsonRuleState struct {
+	RuleID       string     `json:"rule_id"`
+	Generation   jsonInt    `json:"generation"`
+	Active       bool       `json:"active"`
+	PendingSince *time.Time `json:"pending_since"`
+	Fired        bool       `json:"fired"`
+	LastFired    *time.Time `json:"last_fired"`
 }
 
 type jsonFieldMeta struct {
@@ -320,12 +355,20 @@ func (n *jsonInt) UnmarshalJSON(b []byte) error {
 var ndjsonRecord = protojson.UnmarshalOptions{}
 
 // parseLine converts one NDJSON line: a twin, a twin record, a rule, or an
-// export header (skipped: nothing returned).
+// export header (skipped: nothing returned). Lines in the form twinctl
+// export writes (the .proto's field names) take a fast path; others, such
+// as protobuf JSON with lowerCamelCase names, are read as protobuf JSON.
 func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string, err error) {
 	var j jsonTwin
 	d := json.NewDecoder(bytes.NewReader(l))
 	d.DisallowUnknownFields()
 	if err := d.Decode(&j); err != nil {
+		var syn *json.SyntaxError
+		if !errors.As(err, &syn) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+			if it, id, ok := parseProtoLine(l); ok {
+				return it, nil, id, nil
+			}
+		}
 		return it, nil, "", fmt.Errorf("%w: %v; each line must be one JSON object: a twin ({\"id\": ..., \"type\": ..., "+
 			"\"reported\": {...}, \"desired\": {...}}), a twin record ({\"twin\": {...}, ...}, as an export writes) or {\"rule\": {...}}",
 			twin.ErrInvalidArgument, jsonError(err))
@@ -343,13 +386,29 @@ func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string
 		}
 		return it, rule, rule.GetId(), nil
 	case j.Twin != nil:
-		var r twinv1.TwinRecord
-		if err := ndjsonRecord.Unmarshal(l, &r); err != nil {
-			return it, nil, "", fmt.Errorf("%w: twin record: %v", twin.ErrInvalidArgument, err)
-		}
-		it, err = importItem(&r)
-		return it, nil, r.GetTwin().GetId(), err
+		it, err = j.record()
+		return it, nil, j.Twin.ID, err
 	}
+	return twin.ImportItem{Twin: j.twin()}, nil, j.ID, nil
+}
+
+// parseProtoLine reads a line as a TwinRecord or a Twin in protobuf's JSON
+// form.
+func parseProtoLine(l []byte) (twin.ImportItem, string, bool) {
+	var r twinv1.TwinRecord
+	if err := ndjsonRecord.Unmarshal(l, &r); err != nil || r.GetTwin() == nil {
+		var t twinv1.Twin
+		if err := ndjsonRecord.Unmarshal(l, &t); err != nil {
+			return twin.ImportItem{}, "", false
+		}
+		r = twinv1.TwinRecord{Twin: &t}
+	}
+	it, err := importItem(&r)
+	return it, r.GetTwin().GetId(), err == nil
+}
+
+// twin converts the twin of a line.
+func (j *jsonTwin) twin() *twin.Twin {
 	t := &twin.Twin{
 		ID: j.ID, Type: j.Type, Labels: j.Labels,
 		Reported: twin.Document(j.Reported), Desired: twin.Document(j.Desired),
@@ -374,7 +433,72 @@ func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string
 		t.ReportedMeta = jsonMeta(j.Metadata.Reported)
 		t.DesiredMeta = jsonMeta(j.Metadata.Desired)
 	}
-	return twin.ImportItem{Twin: t}, nil, j.ID, nil
+	return t
+}
+
+// record converts a twin record line.
+func (j *jsonTwin) record() (twin.ImportItem, error) {
+	t := j.Twin.twin()
+	t.TokenHash = j.TokenHash
+	t.CommandSeq = int64(j.CommandSequence)
+	if len(j.Tombstones) > 0 {
+		t.Tombstones = make(map[string]int64, len(j.Tombstones))
+		for p, v := range j.Tombstones {
+			t.Tombstones[p] = int64(v)
+		}
+	}
+	it := twin.ImportItem{Twin: t}
+	for i, c := range j.Commands {
+		cmd := &twin.Command{
+			Seq: int64(c.Sequence), Name: c.Name, Params: c.Params, Result: c.Result,
+			Message: c.Message, Source: twin.Source(c.Source), RequestID: c.RequestID,
+		}
+		if cmd.Seq == 0 && c.ID != "" {
+			if _, seq, err := twin.ParseCommandID(c.ID); err == nil {
+				cmd.Seq = seq
+			}
+		}
+		var st string
+		if err := json.Unmarshal(c.State, &st); err == nil {
+			cmd.State = twin.CommandState(twinv1.CommandState_value[st])
+		} else {
+			var n int32
+			if err := json.Unmarshal(c.State, &n); err != nil {
+				return it, fmt.Errorf("%w: command %d: state %s is not a CommandState", twin.ErrInvalidArgument, i, c.State)
+			}
+			cmd.State = twin.CommandState(n)
+		}
+		if c.TTL != "" {
+			d, err := time.ParseDuration(c.TTL)
+			if err != nil {
+				return it, fmt.Errorf("%w: command %d: ttl %q is not a duration such as \"3600s\"", twin.ErrInvalidArgument, i, c.TTL)
+			}
+			cmd.TTL = d
+		}
+		for _, tm := range []struct {
+			in  *time.Time
+			out *time.Time
+		}{{c.CreateTime, &cmd.CreateTime}, {c.UpdateTime, &cmd.UpdateTime}, {c.ExpireTime, &cmd.ExpireTime}} {
+			if tm.in != nil {
+				*tm.out = *tm.in
+			}
+		}
+		it.Commands = append(it.Commands, cmd)
+	}
+	for _, s := range j.RuleStates {
+		if it.RuleStates == nil {
+			it.RuleStates = map[string]twin.RuleState{}
+		}
+		st := twin.RuleState{Gen: int64(s.Generation), Active: s.Active, Fired: s.Fired}
+		if s.PendingSince != nil {
+			st.PendingSince = *s.PendingSince
+		}
+		if s.LastFired != nil {
+			st.LastFired = *s.LastFired
+		}
+		it.RuleStates[s.RuleID] = st
+	}
+	return it, nil
 }
 
 func jsonMeta(m map[string]jsonFieldMeta) map[string]twin.FieldMeta {

@@ -1,7 +1,9 @@
 package server
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +15,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/testing/protocmp"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -277,6 +280,34 @@ func TestExportRestore(t *testing.T) {
 	if diff := cmp.Diff(rules, rulesAgain, protocmp.Transform()); diff != "" {
 		t.Errorf("restored rules (-exported +restored):\n%s", diff)
 	}
+	// The same backup as NDJSON, as twinctl export writes it (the fast
+	// path), and one line in protobuf JSON's lowerCamelCase: the same
+	// fleet.
+	var nd []byte
+	for i, tw := range twins {
+		opts := protojson.MarshalOptions{UseProtoNames: i != 0}
+		b, err := opts.Marshal(tw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nd = append(append(nd, compactLine(t, b)...), '\n')
+	}
+	for _, r := range rules {
+		b, _ := protojson.MarshalOptions{UseProtoNames: true}.Marshal(r)
+		nd = append(append(append(append(nd, `{"rule":`...), compactLine(t, b)...), '}'), '\n')
+	}
+	r2 := startServer(t, nil, nil)
+	resps = importAll(t, r2, &twinv1.ImportTwinsRequest{KeepVersions: true, Ndjson: nd})
+	if got := resps[0]; got.GetImported() != 5 || got.GetRulesImported() != 1 || len(got.GetErrors()) != 0 {
+		t.Fatalf("restore from NDJSON = %v", got)
+	}
+	_, again, _ = export(t, r2)
+	if diff := cmp.Diff(twins, again, protocmp.Transform(), ignore, protocmp.SortRepeated(func(a, b *twinv1.TwinRecord) bool {
+		return a.GetTwin().GetId() < b.GetTwin().GetId()
+	})); diff != "" {
+		t.Errorf("restored from NDJSON (-exported +restored):\n%s", diff)
+	}
+
 	// The device connects with its old token and gets its command.
 	d := connect(t, r, &twinv1.Hello{DeviceId: "fridge-3", Token: tokens["fridge-3"]}, true)
 	if w := d.next().GetWelcome(); w == nil || w.GetVersion() != twins[0].GetTwin().GetVersion() {
@@ -318,4 +349,12 @@ func TestImportSurvivesRestart(t *testing.T) {
 	if n := s.engine.Len(); n != 3000 {
 		t.Errorf("after restart: %d twins; want 3000", n)
 	}
+}
+
+func compactLine(t *testing.T, b []byte) []byte {
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, b); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
