@@ -444,9 +444,13 @@ func plainLeaves(doc map[string]any, path string, set *[]string) bool {
 // op's done channel once durable.
 //
 // What it assumes of the worker: w.current reads the twin in the working
-// state; w.lastLife what a deleted id left; w.setCurrent replaces the twin
-// in the working state; w.sinks, w.cmds, w.expiries, w.ruleStates and
-// w.wakeRules as apply uses them.
+// state (nil if absent from memory), w.gone holds the step's deletions,
+// and the store (e.db) every earlier step's writes, durable or not, as
+// lastLife assumes; w.setCurrent puts the twin into the working state;
+// w.sinks, w.cmds, w.expiries, w.ruleStates and w.wakeRules are used as
+// apply uses them; publish makes c.next (and c.cmds) visible to readers
+// and answers each change on c.op.done; write hands opImport changes to
+// writeImport.
 func (w *worker) importTwins(o *op, now time.Time) []*change {
 	b := o.bulk
 	if b.mark != nil {

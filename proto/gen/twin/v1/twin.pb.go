@@ -128,7 +128,8 @@ type Twin struct {
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When the twin last changed.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
-	// The store-wide revision of the twin's last change.
+	// The store-wide revision of the twin's last change; 0 for a twin
+	// imported by ImportTwins and not changed since.
 	Revision int64 `protobuf:"varint,12,opt,name=revision,proto3" json:"revision,omitempty"`
 	// The highest desired version the device has acknowledged applying, or 0.
 	DesiredAckedVersion int64 `protobuf:"varint,13,opt,name=desired_acked_version,json=desiredAckedVersion,proto3" json:"desired_acked_version,omitempty"`
