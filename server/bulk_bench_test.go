@@ -8,9 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
-	"syscall"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -103,13 +101,4 @@ func importChunks(ctx context.Context, c twinv1.TwinServiceClient, chunks [][]by
 			return <-errc
 		}
 	}
-}
-
-// cpuTime returns the CPU time this process has used, user and system.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

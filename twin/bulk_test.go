@@ -366,3 +366,64 @@ func TestImportDurable(t *testing.T) {
 		t.Errorf("after power loss: %d twins; want %d", got, n)
 	}
 }
+
+// TestImportUpsertConnected: an upsert over a twin whose device is
+// connected ends the device's stream, leaves the twin disconnected with no
+// presence mark, and replaces its commands; nulls in an imported document
+// delete nothing and are dropped. The store passes Check.
+func TestImportUpsertConnected(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{Workers: 2, VShards: 8})
+	if _, err := e.Create(ctx, CreateRequest{ID: "car-1", Type: "car"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: "car-1", Name: "honk"}); err != nil {
+		t.Fatal(err)
+	}
+	s := newRecSink()
+	if _, err := e.Connect(ctx, "car-1", s); err != nil {
+		t.Fatal(err)
+	}
+	it := ImportItem{Twin: &Twin{ID: "car-1", Type: "car", Reported: doc(t, `{"fuel":0.5,"gone":null,"loc":{"lat":null}}`)},
+		Commands: []*Command{{Seq: 5, Name: "navigate", State: CommandQueued}}}
+	if errs, err := e.Import(ctx, []ImportItem{it}, ImportOptions{Upsert: true}); err != nil || len(errs) != 0 {
+		t.Fatal(errs, err)
+	}
+	deadline := time.After(10 * time.Second)
+	for {
+		s.mu.Lock()
+		closed := s.closed
+		s.mu.Unlock()
+		if closed != nil {
+			if !errors.Is(closed, ErrTokenRevoked) {
+				t.Errorf("stream closed with %v; want ErrTokenRevoked", closed)
+			}
+			break
+		}
+		select {
+		case <-s.ch:
+		case <-deadline:
+			t.Fatal("the connected device's stream was not closed")
+		}
+	}
+	tw, err := e.Get("car-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Presence.Connected || tw.Version != 2 {
+		t.Errorf("upserted twin: connected %v, version %d; want disconnected at version 2", tw.Presence.Connected, tw.Version)
+	}
+	if diff := cmp.Diff(doc(t, `{"fuel":0.5,"loc":{}}`), tw.Reported); diff != "" {
+		t.Errorf("reported with nulls (-want +got):\n%s", diff)
+	}
+	if _, ok := tw.ReportedMeta["/loc"]; !ok || len(tw.ReportedMeta) != 2 {
+		t.Errorf("metadata = %v; want /fuel and /loc (an empty object is a leaf)", tw.ReportedMeta)
+	}
+	cmds, _, err := e.ListCommands("car-1", nil, 0, 10)
+	if err != nil || len(cmds) != 1 || cmds[0].ID != "car-1~5" {
+		t.Errorf("commands = %v, %v; want only the imported car-1~5", cmds, err)
+	}
+	e.Close()
+	checkClean(t, fs)
+}
