@@ -117,7 +117,11 @@ terminal, unless --quiet.`,
 					p.elapsed().Round(time.Millisecond), float64(last.GetTotalImported())/p.elapsed().Seconds(), last.GetRevision())
 			}
 			if n := last.GetTotalFailed() + convFailed.Load(); n > 0 {
-				return fmt.Errorf("%d items refused (listed above); the rest are imported", n)
+				what := "items were"
+				if n == 1 {
+					what = "item was"
+				}
+				return fmt.Errorf("%d %s refused (listed above); the rest are imported", n, what)
 			}
 			return nil
 		},

@@ -22,7 +22,7 @@ func TestImportExport(t *testing.T) {
 		t.Fatal(err)
 	}
 	out, err := run(t, addr, "", "import", fleet)
-	if err == nil || !strings.Contains(err.Error(), "1 items refused") {
+	if err == nil || !strings.Contains(err.Error(), "1 item was refused") {
 		t.Errorf("import with a bad line: %v; want 1 refused", err)
 	}
 	if want := fleet + ":2: INVALID_ARGUMENT"; !strings.Contains(out, want) {
