@@ -97,13 +97,13 @@ type importBatch struct {
 
 // preparedImport is an item checked and built outside the worker.
 type preparedImport struct {
-	index      int
-	twin       *Twin
-	cmds       []*Command
-	states     map[string]RuleState
-	stampMeta  bool // the metadata was stamped with twin.Version: restamp if it changes
-	minCmdSeq  int64
-	keepVerson bool
+	index        int
+	twin         *Twin
+	cmds         []*Command
+	states       map[string]RuleState
+	stampMeta    bool // the metadata was stamped with twin.Version: restamp if it changes
+	minCmdSeq    int64
+	keepVersions bool
 }
 
 // Import imports a batch of twins and returns, once every imported twin is
@@ -317,7 +317,7 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 	if t.UpdateTime.IsZero() {
 		t.UpdateTime = now
 	}
-	p := &preparedImport{index: index, twin: t, states: it.RuleStates, keepVerson: opts.KeepVersions}
+	p := &preparedImport{index: index, twin: t, states: it.RuleStates, keepVersions: opts.KeepVersions}
 	stamp := FieldMeta{Time: now, Version: version}
 	for _, side := range []struct {
 		in     Document
@@ -499,7 +499,7 @@ func (w *worker) importTwin(o *op, p *preparedImport, lives map[string]storedLif
 		last = lives[id].gone
 	}
 	t := p.twin
-	if p.keepVerson {
+	if p.keepVersions {
 		if t.Version <= last.version {
 			return nil, fmt.Errorf("%w: twin %q was at version %d already, and versions are never reused; "+
 				"import it without keep_versions, or with a version above %d", ErrVersionMismatch, id, last.version, last.version)
