@@ -163,15 +163,18 @@ var eventKinds = map[twin.EventKind]twinv1.TwinEventKind{
 	twin.KindUpdated:  twinv1.TwinEventKind_TWIN_EVENT_KIND_UPDATED,
 	twin.KindDeleted:  twinv1.TwinEventKind_TWIN_EVENT_KIND_DELETED,
 	twin.KindPresence: twinv1.TwinEventKind_TWIN_EVENT_KIND_PRESENCE,
+	twin.KindImported: twinv1.TwinEventKind_TWIN_EVENT_KIND_IMPORTED,
 }
 
 func eventProto(ev *twin.Event) *twinv1.TwinEvent {
 	out := &twinv1.TwinEvent{
 		Revision: ev.Revision,
 		Kind:     eventKinds[ev.Kind],
-		Twin:     twinProto(ev.Twin),
 		Time:     timeProto(ev.Time),
 		Source:   string(ev.Source),
+	}
+	if ev.Twin != nil { // an import's marker has none
+		out.Twin = twinProto(ev.Twin)
 	}
 	if ev.Patch != nil {
 		out.Patch = structProto(ev.Patch)

@@ -356,6 +356,11 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 	defer send.close()
 	evaluated, failed := 0, 0
 	err = ts.s.engine.Watch(ctx, start, func(ev *twin.Event) error {
+		if ev.Kind == twin.KindImported {
+			// Every watcher learns of an import, whatever its filter:
+			// the imported twins have no events of their own.
+			return send.send(ctx, &twinv1.WatchTwinsResponse{Event: eventProto(ev)})
+		}
 		ok, merr := ts.match(ctx, f, ev.Twin, ev.Time)
 		if f.prg != nil && evaluated < filterProbe {
 			// A filter that fails on every one of the first events it

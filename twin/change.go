@@ -106,6 +106,7 @@ const (
 	opExpire
 	opRuleTimer
 	opPoke
+	opImport // bulk.go
 )
 
 // op is one request to a shard worker. The worker answers on done exactly
@@ -121,7 +122,8 @@ type op struct {
 	sink   Sink   // for opConnect and opDisconnect
 	cmdReq *CommandRequest
 	cmdUpd *CommandUpdate
-	seq    int64 // the command of opCancelCommand
+	seq    int64        // the command of opCancelCommand
+	bulk   *importBatch // for opImport (bulk.go)
 	done   chan Result
 }
 

@@ -24,6 +24,9 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	if c.err != nil || c.op.kind == opPoke {
 		return buf, nil // nothing to write: answered in commit order
 	}
+	if c.op.kind == opImport {
+		return w.writeImport(b, c, buf)
+	}
 	e := w.e
 	id := c.op.id
 	vs := e.VShard(id)

@@ -141,6 +141,10 @@ func (w *worker) step(ops []*op) {
 			changes = append(changes, &change{op: o})
 			continue
 		}
+		if o.kind == opImport {
+			changes = append(changes, w.importTwins(o, now)...)
+			continue
+		}
 		c, err := w.apply(o, now)
 		if err != nil {
 			// Answered, like a success, once everything before it is

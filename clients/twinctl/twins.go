@@ -201,7 +201,7 @@ func twinCmd(a *app) *cobra.Command {
 					}
 					continue
 				}
-				fmt.Fprintf(w, "%d\t%s\t%s\tv%d\t%s\t%s\n", ev.Revision, ts(ev.Time), ev.Twin.Id, ev.Twin.Version,
+				fmt.Fprintf(w, "%d\t%s\t%s\tv%d\t%s\t%s\n", ev.Revision, ts(ev.Time), ev.GetTwin().GetId(), ev.GetTwin().GetVersion(),
 					shortKind(ev.Kind), compact(ev.Patch))
 			}
 			return nil

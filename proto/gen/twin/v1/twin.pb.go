@@ -41,6 +41,11 @@ const (
 	TwinEventKind_TWIN_EVENT_KIND_DELETED TwinEventKind = 5
 	// Presence or the acknowledged desired version changed.
 	TwinEventKind_TWIN_EVENT_KIND_PRESENCE TwinEventKind = 6
+	// An ImportTwins call finished: twins were created or replaced in bulk,
+	// with no event of their own. The event has no twin; its patch is
+	// {"twins": <number imported>}. It is delivered to every watcher,
+	// whatever its filter: a watcher that mirrors the fleet lists it again.
+	TwinEventKind_TWIN_EVENT_KIND_IMPORTED TwinEventKind = 7
 )
 
 // Enum value maps for TwinEventKind.
@@ -53,6 +58,7 @@ var (
 		4: "TWIN_EVENT_KIND_UPDATED",
 		5: "TWIN_EVENT_KIND_DELETED",
 		6: "TWIN_EVENT_KIND_PRESENCE",
+		7: "TWIN_EVENT_KIND_IMPORTED",
 	}
 	TwinEventKind_value = map[string]int32{
 		"TWIN_EVENT_KIND_UNSPECIFIED": 0,
@@ -62,6 +68,7 @@ var (
 		"TWIN_EVENT_KIND_UPDATED":     4,
 		"TWIN_EVENT_KIND_DELETED":     5,
 		"TWIN_EVENT_KIND_PRESENCE":    6,
+		"TWIN_EVENT_KIND_IMPORTED":    7,
 	}
 )
 
@@ -121,7 +128,8 @@ type Twin struct {
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When the twin last changed.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
-	// The store-wide revision of the twin's last change.
+	// The store-wide revision of the twin's last change; 0 for a twin
+	// imported by ImportTwins and not changed since.
 	Revision int64 `protobuf:"varint,12,opt,name=revision,proto3" json:"revision,omitempty"`
 	// The highest desired version the device has acknowledged applying, or 0.
 	DesiredAckedVersion int64 `protobuf:"varint,13,opt,name=desired_acked_version,json=desiredAckedVersion,proto3" json:"desired_acked_version,omitempty"`
@@ -1651,11 +1659,739 @@ func (x *IssueDeviceTokenResponse) GetToken() string {
 	return ""
 }
 
+// ImportTwinsRequest is one message of the TwinService.ImportTwins stream:
+// one batch of twins (and rules), as protobuf records, NDJSON lines, or
+// both. Keep a batch to about 1,000 twins; a message is at most 4 MiB.
+type ImportTwinsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Replace twins that exist (with their commands, rule states and
+	// history) and rules that exist, instead of refusing them. Read from the
+	// first message of the stream only.
+	Upsert bool `protobuf:"varint,1,opt,name=upsert,proto3" json:"upsert,omitempty"`
+	// Give each twin the version it carries (twin.version), which must be
+	// above any version its id ever had, and keep its tombstones and
+	// desired_acked_version: for restoring a backup. Without it each twin
+	// gets version 1, or the next version of the twin it replaces or of a
+	// deleted twin with its id. Read from the first message only.
+	KeepVersions bool `protobuf:"varint,2,opt,name=keep_versions,json=keepVersions,proto3" json:"keep_versions,omitempty"`
+	// Twins to import. Errors name them by their index here.
+	Twins []*TwinRecord `protobuf:"bytes,3,rep,name=twins,proto3" json:"twins,omitempty"`
+	// Rule definitions to import (applied before the twins of the batch).
+	// Errors name them by their index here, with rule set.
+	Rules []*RuleRecord `protobuf:"bytes,4,rep,name=rules,proto3" json:"rules,omitempty"`
+	// NDJSON: whole lines, each a JSON object, one of
+	//
+	//	a Twin in its JSON form: {"id": ..., "type": ..., "labels": {...},
+	//	  "reported": {...}, "desired": {...}} (and, optionally, "version",
+	//	  "metadata", "create_time", "update_time", "desired_acked_version");
+	//	a TwinRecord in its JSON form: {"twin": {...}, "token_hash": ...,
+	//	  "tombstones": {...}, "command_sequence": ..., "commands": [...],
+	//	  "rule_states": [...]}, as `twinctl export` writes;
+	//	{"rule": RuleRecord};
+	//	{"export": ExportHeader}, which is skipped.
+	//
+	// Empty lines are skipped. Lines are numbered from 1 across the whole
+	// stream, and errors name them by that number.
+	Ndjson        []byte `protobuf:"bytes,5,opt,name=ndjson,proto3" json:"ndjson,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportTwinsRequest) Reset() {
+	*x = ImportTwinsRequest{}
+	mi := &file_twin_v1_twin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportTwinsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportTwinsRequest) ProtoMessage() {}
+
+func (x *ImportTwinsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportTwinsRequest.ProtoReflect.Descriptor instead.
+func (*ImportTwinsRequest) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ImportTwinsRequest) GetUpsert() bool {
+	if x != nil {
+		return x.Upsert
+	}
+	return false
+}
+
+func (x *ImportTwinsRequest) GetKeepVersions() bool {
+	if x != nil {
+		return x.KeepVersions
+	}
+	return false
+}
+
+func (x *ImportTwinsRequest) GetTwins() []*TwinRecord {
+	if x != nil {
+		return x.Twins
+	}
+	return nil
+}
+
+func (x *ImportTwinsRequest) GetRules() []*RuleRecord {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+func (x *ImportTwinsRequest) GetNdjson() []byte {
+	if x != nil {
+		return x.Ndjson
+	}
+	return nil
+}
+
+// ImportTwinsResponse acknowledges one ImportTwinsRequest, in order, once
+// every twin it imported is durable; or, with done, ends the import.
+type ImportTwinsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The index of the acknowledged request in the stream, from 0.
+	Batch int64 `protobuf:"varint,1,opt,name=batch,proto3" json:"batch,omitempty"`
+	// How many twins of the batch were imported.
+	Imported int64 `protobuf:"varint,2,opt,name=imported,proto3" json:"imported,omitempty"`
+	// How many rules of the batch were imported.
+	RulesImported int64 `protobuf:"varint,3,opt,name=rules_imported,json=rulesImported,proto3" json:"rules_imported,omitempty"`
+	// Why each refused item of the batch was refused; the others are
+	// imported.
+	Errors []*ImportError `protobuf:"bytes,4,rep,name=errors,proto3" json:"errors,omitempty"`
+	// Twins imported so far by the whole stream.
+	TotalImported int64 `protobuf:"varint,5,opt,name=total_imported,json=totalImported,proto3" json:"total_imported,omitempty"`
+	// Items refused so far by the whole stream.
+	TotalFailed int64 `protobuf:"varint,6,opt,name=total_failed,json=totalFailed,proto3" json:"total_failed,omitempty"`
+	// Set in the last message, sent after the client closed its side: the
+	// import is complete.
+	Done bool `protobuf:"varint,7,opt,name=done,proto3" json:"done,omitempty"`
+	// With done: the revision of the import's TWIN_EVENT_KIND_IMPORTED
+	// event, or 0 if nothing was imported.
+	Revision      int64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportTwinsResponse) Reset() {
+	*x = ImportTwinsResponse{}
+	mi := &file_twin_v1_twin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportTwinsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportTwinsResponse) ProtoMessage() {}
+
+func (x *ImportTwinsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportTwinsResponse.ProtoReflect.Descriptor instead.
+func (*ImportTwinsResponse) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ImportTwinsResponse) GetBatch() int64 {
+	if x != nil {
+		return x.Batch
+	}
+	return 0
+}
+
+func (x *ImportTwinsResponse) GetImported() int64 {
+	if x != nil {
+		return x.Imported
+	}
+	return 0
+}
+
+func (x *ImportTwinsResponse) GetRulesImported() int64 {
+	if x != nil {
+		return x.RulesImported
+	}
+	return 0
+}
+
+func (x *ImportTwinsResponse) GetErrors() []*ImportError {
+	if x != nil {
+		return x.Errors
+	}
+	return nil
+}
+
+func (x *ImportTwinsResponse) GetTotalImported() int64 {
+	if x != nil {
+		return x.TotalImported
+	}
+	return 0
+}
+
+func (x *ImportTwinsResponse) GetTotalFailed() int64 {
+	if x != nil {
+		return x.TotalFailed
+	}
+	return 0
+}
+
+func (x *ImportTwinsResponse) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
+func (x *ImportTwinsResponse) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+// ImportError says why one item of an import was refused.
+type ImportError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// For an NDJSON item: its line number in the stream, from 1; else 0.
+	Line int64 `protobuf:"varint,1,opt,name=line,proto3" json:"line,omitempty"`
+	// For a protobuf item: its index in the request's twins (or rules, with
+	// rule set); else 0.
+	Index int32 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	// The id of the twin (or rule), if the item got as far as naming one.
+	Id string `protobuf:"bytes,3,opt,name=id,proto3" json:"id,omitempty"`
+	// The gRPC status code the error would have as a call of its own, e.g.
+	// "ALREADY_EXISTS", "INVALID_ARGUMENT".
+	Code string `protobuf:"bytes,4,opt,name=code,proto3" json:"code,omitempty"`
+	// What is wrong and what to do about it.
+	Message string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	// The item is a rule, not a twin.
+	Rule          bool `protobuf:"varint,6,opt,name=rule,proto3" json:"rule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportError) Reset() {
+	*x = ImportError{}
+	mi := &file_twin_v1_twin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportError) ProtoMessage() {}
+
+func (x *ImportError) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportError.ProtoReflect.Descriptor instead.
+func (*ImportError) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ImportError) GetLine() int64 {
+	if x != nil {
+		return x.Line
+	}
+	return 0
+}
+
+func (x *ImportError) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ImportError) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ImportError) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *ImportError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ImportError) GetRule() bool {
+	if x != nil {
+		return x.Rule
+	}
+	return false
+}
+
+// TwinRecord is one twin with everything restoring it needs.
+type TwinRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The twin. Used: id, type, labels, reported, desired, metadata (its
+	// times kept if given, else every leaf is stamped with the import's time;
+	// its versions kept with keep_versions, else the twin's), create_time
+	// and update_time (the import's time if unset), presence.last_seen, presence.since (when
+	// not connected: an imported twin is not connected, since then, or else
+	// since the import), and, with keep_versions, version and
+	// desired_acked_version. Ignored: delta (computed) and revision (0 until
+	// the twin next changes).
+	Twin *Twin `protobuf:"bytes,1,opt,name=twin,proto3" json:"twin,omitempty"`
+	// The SHA-256 of the device's token (32 bytes), so that the device
+	// connects with the token it has; empty for none.
+	TokenHash []byte `protobuf:"bytes,2,opt,name=token_hash,json=tokenHash,proto3" json:"token_hash,omitempty"`
+	// Keys removed from desired that the device has not acknowledged yet: the
+	// JSON Pointer of each, to the version that removed it. Kept with
+	// keep_versions.
+	Tombstones map[string]int64 `protobuf:"bytes,3,rep,name=tombstones,proto3" json:"tombstones,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// The sequence of the device's last command: new commands continue after
+	// it. Raised to the highest sequence among commands.
+	CommandSequence int64 `protobuf:"varint,4,opt,name=command_sequence,json=commandSequence,proto3" json:"command_sequence,omitempty"`
+	// The device's retained commands, open and finished. Each needs its
+	// sequence; id and device_id follow from the twin id and sequence.
+	Commands []*Command `protobuf:"bytes,5,rep,name=commands,proto3" json:"commands,omitempty"`
+	// The twin's state for each rule, so that hold_for and cooldown carry
+	// over.
+	RuleStates    []*RuleState `protobuf:"bytes,6,rep,name=rule_states,json=ruleStates,proto3" json:"rule_states,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TwinRecord) Reset() {
+	*x = TwinRecord{}
+	mi := &file_twin_v1_twin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TwinRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TwinRecord) ProtoMessage() {}
+
+func (x *TwinRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TwinRecord.ProtoReflect.Descriptor instead.
+func (*TwinRecord) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *TwinRecord) GetTwin() *Twin {
+	if x != nil {
+		return x.Twin
+	}
+	return nil
+}
+
+func (x *TwinRecord) GetTokenHash() []byte {
+	if x != nil {
+		return x.TokenHash
+	}
+	return nil
+}
+
+func (x *TwinRecord) GetTombstones() map[string]int64 {
+	if x != nil {
+		return x.Tombstones
+	}
+	return nil
+}
+
+func (x *TwinRecord) GetCommandSequence() int64 {
+	if x != nil {
+		return x.CommandSequence
+	}
+	return 0
+}
+
+func (x *TwinRecord) GetCommands() []*Command {
+	if x != nil {
+		return x.Commands
+	}
+	return nil
+}
+
+func (x *TwinRecord) GetRuleStates() []*RuleState {
+	if x != nil {
+		return x.RuleStates
+	}
+	return nil
+}
+
+// RuleState is a twin's state for one rule.
+type RuleState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The rule's id.
+	RuleId string `protobuf:"bytes,1,opt,name=rule_id,json=ruleId,proto3" json:"rule_id,omitempty"`
+	// The generation of the rule the state belongs to; a state of another
+	// generation is void.
+	Generation int64 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The condition held at the last evaluation.
+	Active bool `protobuf:"varint,3,opt,name=active,proto3" json:"active,omitempty"`
+	// When the condition started to hold, while hold_for runs.
+	PendingSince *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=pending_since,json=pendingSince,proto3" json:"pending_since,omitempty"`
+	// The rule fired in the current active period.
+	Fired bool `protobuf:"varint,5,opt,name=fired,proto3" json:"fired,omitempty"`
+	// When the rule last fired for the twin.
+	LastFired     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=last_fired,json=lastFired,proto3" json:"last_fired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RuleState) Reset() {
+	*x = RuleState{}
+	mi := &file_twin_v1_twin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RuleState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RuleState) ProtoMessage() {}
+
+func (x *RuleState) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RuleState.ProtoReflect.Descriptor instead.
+func (*RuleState) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *RuleState) GetRuleId() string {
+	if x != nil {
+		return x.RuleId
+	}
+	return ""
+}
+
+func (x *RuleState) GetGeneration() int64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *RuleState) GetActive() bool {
+	if x != nil {
+		return x.Active
+	}
+	return false
+}
+
+func (x *RuleState) GetPendingSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PendingSince
+	}
+	return nil
+}
+
+func (x *RuleState) GetFired() bool {
+	if x != nil {
+		return x.Fired
+	}
+	return false
+}
+
+func (x *RuleState) GetLastFired() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastFired
+	}
+	return nil
+}
+
+// RuleRecord is a rule definition as the server stores it, with its
+// generation and status, so that restored rule states stay valid.
+type RuleRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The rule's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The stored definition: a JSON object, opaque to clients.
+	DefinitionJson string `protobuf:"bytes,2,opt,name=definition_json,json=definitionJson,proto3" json:"definition_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RuleRecord) Reset() {
+	*x = RuleRecord{}
+	mi := &file_twin_v1_twin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RuleRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RuleRecord) ProtoMessage() {}
+
+func (x *RuleRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RuleRecord.ProtoReflect.Descriptor instead.
+func (*RuleRecord) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *RuleRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RuleRecord) GetDefinitionJson() string {
+	if x != nil {
+		return x.DefinitionJson
+	}
+	return ""
+}
+
+// ExportTwinsRequest is the request of TwinService.ExportTwins.
+type ExportTwinsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Twins per response message: default 500, at most 5000. A message
+	// also ends before its twins pass 3 MiB.
+	BatchSize     int32 `protobuf:"varint,1,opt,name=batch_size,json=batchSize,proto3" json:"batch_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportTwinsRequest) Reset() {
+	*x = ExportTwinsRequest{}
+	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportTwinsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportTwinsRequest) ProtoMessage() {}
+
+func (x *ExportTwinsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportTwinsRequest.ProtoReflect.Descriptor instead.
+func (*ExportTwinsRequest) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ExportTwinsRequest) GetBatchSize() int32 {
+	if x != nil {
+		return x.BatchSize
+	}
+	return 0
+}
+
+// ExportTwinsResponse is one message of the TwinService.ExportTwins stream.
+type ExportTwinsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What the export is; the same in every message.
+	Header *ExportHeader `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	// Twins, in no particular order.
+	Twins []*TwinRecord `protobuf:"bytes,2,rep,name=twins,proto3" json:"twins,omitempty"`
+	// Rule definitions; all of them come before the first twin.
+	Rules         []*RuleRecord `protobuf:"bytes,3,rep,name=rules,proto3" json:"rules,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportTwinsResponse) Reset() {
+	*x = ExportTwinsResponse{}
+	mi := &file_twin_v1_twin_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportTwinsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportTwinsResponse) ProtoMessage() {}
+
+func (x *ExportTwinsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportTwinsResponse.ProtoReflect.Descriptor instead.
+func (*ExportTwinsResponse) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ExportTwinsResponse) GetHeader() *ExportHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *ExportTwinsResponse) GetTwins() []*TwinRecord {
+	if x != nil {
+		return x.Twins
+	}
+	return nil
+}
+
+func (x *ExportTwinsResponse) GetRules() []*RuleRecord {
+	if x != nil {
+		return x.Rules
+	}
+	return nil
+}
+
+// ExportHeader describes an export.
+type ExportHeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision the export is consistent at: it holds every change up to
+	// it and none after it, and all of it is durable.
+	Revision int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
+	// When the export started.
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportHeader) Reset() {
+	*x = ExportHeader{}
+	mi := &file_twin_v1_twin_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportHeader) ProtoMessage() {}
+
+func (x *ExportHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportHeader.ProtoReflect.Descriptor instead.
+func (*ExportHeader) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ExportHeader) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+func (x *ExportHeader) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
 var File_twin_v1_twin_proto protoreflect.FileDescriptor
 
 const file_twin_v1_twin_proto_rawDesc = "" +
 	"\n" +
-	"\x12twin/v1/twin.proto\x12\atwin.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x04\n" +
+	"\x12twin/v1/twin.proto\x12\atwin.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15twin/v1/command.proto\"\xf5\x04\n" +
 	"\x04Twin\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x121\n" +
@@ -1765,7 +2501,68 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x17IssueDeviceTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"0\n" +
 	"\x18IssueDeviceTokenResponse\x12\x14\n" +
-	"\x05token\x18\x01 \x01(\tR\x05token*\xe0\x01\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\"\xbf\x01\n" +
+	"\x12ImportTwinsRequest\x12\x16\n" +
+	"\x06upsert\x18\x01 \x01(\bR\x06upsert\x12#\n" +
+	"\rkeep_versions\x18\x02 \x01(\bR\fkeepVersions\x12)\n" +
+	"\x05twins\x18\x03 \x03(\v2\x13.twin.v1.TwinRecordR\x05twins\x12)\n" +
+	"\x05rules\x18\x04 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\x12\x16\n" +
+	"\x06ndjson\x18\x05 \x01(\fR\x06ndjson\"\x96\x02\n" +
+	"\x13ImportTwinsResponse\x12\x14\n" +
+	"\x05batch\x18\x01 \x01(\x03R\x05batch\x12\x1a\n" +
+	"\bimported\x18\x02 \x01(\x03R\bimported\x12%\n" +
+	"\x0erules_imported\x18\x03 \x01(\x03R\rrulesImported\x12,\n" +
+	"\x06errors\x18\x04 \x03(\v2\x14.twin.v1.ImportErrorR\x06errors\x12%\n" +
+	"\x0etotal_imported\x18\x05 \x01(\x03R\rtotalImported\x12!\n" +
+	"\ftotal_failed\x18\x06 \x01(\x03R\vtotalFailed\x12\x12\n" +
+	"\x04done\x18\a \x01(\bR\x04done\x12\x1a\n" +
+	"\brevision\x18\b \x01(\x03R\brevision\"\x89\x01\n" +
+	"\vImportError\x12\x12\n" +
+	"\x04line\x18\x01 \x01(\x03R\x04line\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x05R\x05index\x12\x0e\n" +
+	"\x02id\x18\x03 \x01(\tR\x02id\x12\x12\n" +
+	"\x04code\x18\x04 \x01(\tR\x04code\x12\x18\n" +
+	"\amessage\x18\x05 \x01(\tR\amessage\x12\x12\n" +
+	"\x04rule\x18\x06 \x01(\bR\x04rule\"\xe0\x02\n" +
+	"\n" +
+	"TwinRecord\x12!\n" +
+	"\x04twin\x18\x01 \x01(\v2\r.twin.v1.TwinR\x04twin\x12\x1d\n" +
+	"\n" +
+	"token_hash\x18\x02 \x01(\fR\ttokenHash\x12C\n" +
+	"\n" +
+	"tombstones\x18\x03 \x03(\v2#.twin.v1.TwinRecord.TombstonesEntryR\n" +
+	"tombstones\x12)\n" +
+	"\x10command_sequence\x18\x04 \x01(\x03R\x0fcommandSequence\x12,\n" +
+	"\bcommands\x18\x05 \x03(\v2\x10.twin.v1.CommandR\bcommands\x123\n" +
+	"\vrule_states\x18\x06 \x03(\v2\x12.twin.v1.RuleStateR\n" +
+	"ruleStates\x1a=\n" +
+	"\x0fTombstonesEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xee\x01\n" +
+	"\tRuleState\x12\x17\n" +
+	"\arule_id\x18\x01 \x01(\tR\x06ruleId\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\x03R\n" +
+	"generation\x12\x16\n" +
+	"\x06active\x18\x03 \x01(\bR\x06active\x12?\n" +
+	"\rpending_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\fpendingSince\x12\x14\n" +
+	"\x05fired\x18\x05 \x01(\bR\x05fired\x129\n" +
+	"\n" +
+	"last_fired\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tlastFired\"E\n" +
+	"\n" +
+	"RuleRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
+	"\x0fdefinition_json\x18\x02 \x01(\tR\x0edefinitionJson\"3\n" +
+	"\x12ExportTwinsRequest\x12\x1d\n" +
+	"\n" +
+	"batch_size\x18\x01 \x01(\x05R\tbatchSize\"\x9a\x01\n" +
+	"\x13ExportTwinsResponse\x12-\n" +
+	"\x06header\x18\x01 \x01(\v2\x15.twin.v1.ExportHeaderR\x06header\x12)\n" +
+	"\x05twins\x18\x02 \x03(\v2\x13.twin.v1.TwinRecordR\x05twins\x12)\n" +
+	"\x05rules\x18\x03 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\"Z\n" +
+	"\fExportHeader\x12\x1a\n" +
+	"\brevision\x18\x01 \x01(\x03R\brevision\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time*\xfe\x01\n" +
 	"\rTwinEventKind\x12\x1f\n" +
 	"\x1bTWIN_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17TWIN_EVENT_KIND_CREATED\x10\x01\x12\x1c\n" +
@@ -1773,7 +2570,8 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x17TWIN_EVENT_KIND_DESIRED\x10\x03\x12\x1b\n" +
 	"\x17TWIN_EVENT_KIND_UPDATED\x10\x04\x12\x1b\n" +
 	"\x17TWIN_EVENT_KIND_DELETED\x10\x05\x12\x1c\n" +
-	"\x18TWIN_EVENT_KIND_PRESENCE\x10\x062\xf6\x05\n" +
+	"\x18TWIN_EVENT_KIND_PRESENCE\x10\x06\x12\x1c\n" +
+	"\x18TWIN_EVENT_KIND_IMPORTED\x10\a2\x90\a\n" +
 	"\vTwinService\x12E\n" +
 	"\n" +
 	"CreateTwin\x12\x1a.twin.v1.CreateTwinRequest\x1a\x1b.twin.v1.CreateTwinResponse\x12<\n" +
@@ -1788,7 +2586,9 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\n" +
 	"WatchTwins\x12\x1a.twin.v1.WatchTwinsRequest\x1a\x1b.twin.v1.WatchTwinsResponse0\x01\x12T\n" +
 	"\x0fListTwinHistory\x12\x1f.twin.v1.ListTwinHistoryRequest\x1a .twin.v1.ListTwinHistoryResponse\x12W\n" +
-	"\x10IssueDeviceToken\x12 .twin.v1.IssueDeviceTokenRequest\x1a!.twin.v1.IssueDeviceTokenResponseB4Z2github.com/twind-io/twind/proto/gen/twin/v1;twinv1b\x06proto3"
+	"\x10IssueDeviceToken\x12 .twin.v1.IssueDeviceTokenRequest\x1a!.twin.v1.IssueDeviceTokenResponse\x12L\n" +
+	"\vImportTwins\x12\x1b.twin.v1.ImportTwinsRequest\x1a\x1c.twin.v1.ImportTwinsResponse(\x010\x01\x12J\n" +
+	"\vExportTwins\x12\x1b.twin.v1.ExportTwinsRequest\x1a\x1c.twin.v1.ExportTwinsResponse0\x01B4Z2github.com/twind-io/twind/proto/gen/twin/v1;twinv1b\x06proto3"
 
 var (
 	file_twin_v1_twin_proto_rawDescOnce sync.Once
@@ -1803,7 +2603,7 @@ func file_twin_v1_twin_proto_rawDescGZIP() []byte {
 }
 
 var file_twin_v1_twin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_twin_v1_twin_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_twin_v1_twin_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_twin_v1_twin_proto_goTypes = []any{
 	(TwinEventKind)(0),               // 0: twin.v1.TwinEventKind
 	(*Twin)(nil),                     // 1: twin.v1.Twin
@@ -1831,70 +2631,98 @@ var file_twin_v1_twin_proto_goTypes = []any{
 	(*ListTwinHistoryResponse)(nil),  // 23: twin.v1.ListTwinHistoryResponse
 	(*IssueDeviceTokenRequest)(nil),  // 24: twin.v1.IssueDeviceTokenRequest
 	(*IssueDeviceTokenResponse)(nil), // 25: twin.v1.IssueDeviceTokenResponse
-	nil,                              // 26: twin.v1.Twin.LabelsEntry
-	nil,                              // 27: twin.v1.TwinMetadata.ReportedEntry
-	nil,                              // 28: twin.v1.TwinMetadata.DesiredEntry
-	nil,                              // 29: twin.v1.UpdateTwinRequest.LabelsEntry
-	(*structpb.Struct)(nil),          // 30: google.protobuf.Struct
-	(*timestamppb.Timestamp)(nil),    // 31: google.protobuf.Timestamp
+	(*ImportTwinsRequest)(nil),       // 26: twin.v1.ImportTwinsRequest
+	(*ImportTwinsResponse)(nil),      // 27: twin.v1.ImportTwinsResponse
+	(*ImportError)(nil),              // 28: twin.v1.ImportError
+	(*TwinRecord)(nil),               // 29: twin.v1.TwinRecord
+	(*RuleState)(nil),                // 30: twin.v1.RuleState
+	(*RuleRecord)(nil),               // 31: twin.v1.RuleRecord
+	(*ExportTwinsRequest)(nil),       // 32: twin.v1.ExportTwinsRequest
+	(*ExportTwinsResponse)(nil),      // 33: twin.v1.ExportTwinsResponse
+	(*ExportHeader)(nil),             // 34: twin.v1.ExportHeader
+	nil,                              // 35: twin.v1.Twin.LabelsEntry
+	nil,                              // 36: twin.v1.TwinMetadata.ReportedEntry
+	nil,                              // 37: twin.v1.TwinMetadata.DesiredEntry
+	nil,                              // 38: twin.v1.UpdateTwinRequest.LabelsEntry
+	nil,                              // 39: twin.v1.TwinRecord.TombstonesEntry
+	(*structpb.Struct)(nil),          // 40: google.protobuf.Struct
+	(*timestamppb.Timestamp)(nil),    // 41: google.protobuf.Timestamp
+	(*Command)(nil),                  // 42: twin.v1.Command
 }
 var file_twin_v1_twin_proto_depIdxs = []int32{
-	26, // 0: twin.v1.Twin.labels:type_name -> twin.v1.Twin.LabelsEntry
-	30, // 1: twin.v1.Twin.reported:type_name -> google.protobuf.Struct
-	30, // 2: twin.v1.Twin.desired:type_name -> google.protobuf.Struct
-	30, // 3: twin.v1.Twin.delta:type_name -> google.protobuf.Struct
+	35, // 0: twin.v1.Twin.labels:type_name -> twin.v1.Twin.LabelsEntry
+	40, // 1: twin.v1.Twin.reported:type_name -> google.protobuf.Struct
+	40, // 2: twin.v1.Twin.desired:type_name -> google.protobuf.Struct
+	40, // 3: twin.v1.Twin.delta:type_name -> google.protobuf.Struct
 	2,  // 4: twin.v1.Twin.metadata:type_name -> twin.v1.TwinMetadata
 	4,  // 5: twin.v1.Twin.presence:type_name -> twin.v1.Presence
-	31, // 6: twin.v1.Twin.create_time:type_name -> google.protobuf.Timestamp
-	31, // 7: twin.v1.Twin.update_time:type_name -> google.protobuf.Timestamp
-	27, // 8: twin.v1.TwinMetadata.reported:type_name -> twin.v1.TwinMetadata.ReportedEntry
-	28, // 9: twin.v1.TwinMetadata.desired:type_name -> twin.v1.TwinMetadata.DesiredEntry
-	31, // 10: twin.v1.FieldMetadata.update_time:type_name -> google.protobuf.Timestamp
-	31, // 11: twin.v1.Presence.since:type_name -> google.protobuf.Timestamp
-	31, // 12: twin.v1.Presence.last_seen:type_name -> google.protobuf.Timestamp
+	41, // 6: twin.v1.Twin.create_time:type_name -> google.protobuf.Timestamp
+	41, // 7: twin.v1.Twin.update_time:type_name -> google.protobuf.Timestamp
+	36, // 8: twin.v1.TwinMetadata.reported:type_name -> twin.v1.TwinMetadata.ReportedEntry
+	37, // 9: twin.v1.TwinMetadata.desired:type_name -> twin.v1.TwinMetadata.DesiredEntry
+	41, // 10: twin.v1.FieldMetadata.update_time:type_name -> google.protobuf.Timestamp
+	41, // 11: twin.v1.Presence.since:type_name -> google.protobuf.Timestamp
+	41, // 12: twin.v1.Presence.last_seen:type_name -> google.protobuf.Timestamp
 	1,  // 13: twin.v1.CreateTwinRequest.twin:type_name -> twin.v1.Twin
 	1,  // 14: twin.v1.CreateTwinResponse.twin:type_name -> twin.v1.Twin
 	1,  // 15: twin.v1.GetTwinResponse.twin:type_name -> twin.v1.Twin
 	1,  // 16: twin.v1.ListTwinsResponse.twins:type_name -> twin.v1.Twin
-	29, // 17: twin.v1.UpdateTwinRequest.labels:type_name -> twin.v1.UpdateTwinRequest.LabelsEntry
+	38, // 17: twin.v1.UpdateTwinRequest.labels:type_name -> twin.v1.UpdateTwinRequest.LabelsEntry
 	1,  // 18: twin.v1.UpdateTwinResponse.twin:type_name -> twin.v1.Twin
-	30, // 19: twin.v1.UpdateDesiredRequest.patch:type_name -> google.protobuf.Struct
+	40, // 19: twin.v1.UpdateDesiredRequest.patch:type_name -> google.protobuf.Struct
 	1,  // 20: twin.v1.UpdateDesiredResponse.twin:type_name -> twin.v1.Twin
-	30, // 21: twin.v1.ReportStateRequest.patch:type_name -> google.protobuf.Struct
+	40, // 21: twin.v1.ReportStateRequest.patch:type_name -> google.protobuf.Struct
 	1,  // 22: twin.v1.ReportStateResponse.twin:type_name -> twin.v1.Twin
 	21, // 23: twin.v1.WatchTwinsResponse.event:type_name -> twin.v1.TwinEvent
 	0,  // 24: twin.v1.TwinEvent.kind:type_name -> twin.v1.TwinEventKind
 	1,  // 25: twin.v1.TwinEvent.twin:type_name -> twin.v1.Twin
-	30, // 26: twin.v1.TwinEvent.patch:type_name -> google.protobuf.Struct
-	31, // 27: twin.v1.TwinEvent.time:type_name -> google.protobuf.Timestamp
+	40, // 26: twin.v1.TwinEvent.patch:type_name -> google.protobuf.Struct
+	41, // 27: twin.v1.TwinEvent.time:type_name -> google.protobuf.Timestamp
 	21, // 28: twin.v1.ListTwinHistoryResponse.events:type_name -> twin.v1.TwinEvent
-	3,  // 29: twin.v1.TwinMetadata.ReportedEntry.value:type_name -> twin.v1.FieldMetadata
-	3,  // 30: twin.v1.TwinMetadata.DesiredEntry.value:type_name -> twin.v1.FieldMetadata
-	5,  // 31: twin.v1.TwinService.CreateTwin:input_type -> twin.v1.CreateTwinRequest
-	7,  // 32: twin.v1.TwinService.GetTwin:input_type -> twin.v1.GetTwinRequest
-	9,  // 33: twin.v1.TwinService.ListTwins:input_type -> twin.v1.ListTwinsRequest
-	11, // 34: twin.v1.TwinService.UpdateTwin:input_type -> twin.v1.UpdateTwinRequest
-	13, // 35: twin.v1.TwinService.UpdateDesired:input_type -> twin.v1.UpdateDesiredRequest
-	15, // 36: twin.v1.TwinService.ReportState:input_type -> twin.v1.ReportStateRequest
-	17, // 37: twin.v1.TwinService.DeleteTwin:input_type -> twin.v1.DeleteTwinRequest
-	19, // 38: twin.v1.TwinService.WatchTwins:input_type -> twin.v1.WatchTwinsRequest
-	22, // 39: twin.v1.TwinService.ListTwinHistory:input_type -> twin.v1.ListTwinHistoryRequest
-	24, // 40: twin.v1.TwinService.IssueDeviceToken:input_type -> twin.v1.IssueDeviceTokenRequest
-	6,  // 41: twin.v1.TwinService.CreateTwin:output_type -> twin.v1.CreateTwinResponse
-	8,  // 42: twin.v1.TwinService.GetTwin:output_type -> twin.v1.GetTwinResponse
-	10, // 43: twin.v1.TwinService.ListTwins:output_type -> twin.v1.ListTwinsResponse
-	12, // 44: twin.v1.TwinService.UpdateTwin:output_type -> twin.v1.UpdateTwinResponse
-	14, // 45: twin.v1.TwinService.UpdateDesired:output_type -> twin.v1.UpdateDesiredResponse
-	16, // 46: twin.v1.TwinService.ReportState:output_type -> twin.v1.ReportStateResponse
-	18, // 47: twin.v1.TwinService.DeleteTwin:output_type -> twin.v1.DeleteTwinResponse
-	20, // 48: twin.v1.TwinService.WatchTwins:output_type -> twin.v1.WatchTwinsResponse
-	23, // 49: twin.v1.TwinService.ListTwinHistory:output_type -> twin.v1.ListTwinHistoryResponse
-	25, // 50: twin.v1.TwinService.IssueDeviceToken:output_type -> twin.v1.IssueDeviceTokenResponse
-	41, // [41:51] is the sub-list for method output_type
-	31, // [31:41] is the sub-list for method input_type
-	31, // [31:31] is the sub-list for extension type_name
-	31, // [31:31] is the sub-list for extension extendee
-	0,  // [0:31] is the sub-list for field type_name
+	29, // 29: twin.v1.ImportTwinsRequest.twins:type_name -> twin.v1.TwinRecord
+	31, // 30: twin.v1.ImportTwinsRequest.rules:type_name -> twin.v1.RuleRecord
+	28, // 31: twin.v1.ImportTwinsResponse.errors:type_name -> twin.v1.ImportError
+	1,  // 32: twin.v1.TwinRecord.twin:type_name -> twin.v1.Twin
+	39, // 33: twin.v1.TwinRecord.tombstones:type_name -> twin.v1.TwinRecord.TombstonesEntry
+	42, // 34: twin.v1.TwinRecord.commands:type_name -> twin.v1.Command
+	30, // 35: twin.v1.TwinRecord.rule_states:type_name -> twin.v1.RuleState
+	41, // 36: twin.v1.RuleState.pending_since:type_name -> google.protobuf.Timestamp
+	41, // 37: twin.v1.RuleState.last_fired:type_name -> google.protobuf.Timestamp
+	34, // 38: twin.v1.ExportTwinsResponse.header:type_name -> twin.v1.ExportHeader
+	29, // 39: twin.v1.ExportTwinsResponse.twins:type_name -> twin.v1.TwinRecord
+	31, // 40: twin.v1.ExportTwinsResponse.rules:type_name -> twin.v1.RuleRecord
+	41, // 41: twin.v1.ExportHeader.time:type_name -> google.protobuf.Timestamp
+	3,  // 42: twin.v1.TwinMetadata.ReportedEntry.value:type_name -> twin.v1.FieldMetadata
+	3,  // 43: twin.v1.TwinMetadata.DesiredEntry.value:type_name -> twin.v1.FieldMetadata
+	5,  // 44: twin.v1.TwinService.CreateTwin:input_type -> twin.v1.CreateTwinRequest
+	7,  // 45: twin.v1.TwinService.GetTwin:input_type -> twin.v1.GetTwinRequest
+	9,  // 46: twin.v1.TwinService.ListTwins:input_type -> twin.v1.ListTwinsRequest
+	11, // 47: twin.v1.TwinService.UpdateTwin:input_type -> twin.v1.UpdateTwinRequest
+	13, // 48: twin.v1.TwinService.UpdateDesired:input_type -> twin.v1.UpdateDesiredRequest
+	15, // 49: twin.v1.TwinService.ReportState:input_type -> twin.v1.ReportStateRequest
+	17, // 50: twin.v1.TwinService.DeleteTwin:input_type -> twin.v1.DeleteTwinRequest
+	19, // 51: twin.v1.TwinService.WatchTwins:input_type -> twin.v1.WatchTwinsRequest
+	22, // 52: twin.v1.TwinService.ListTwinHistory:input_type -> twin.v1.ListTwinHistoryRequest
+	24, // 53: twin.v1.TwinService.IssueDeviceToken:input_type -> twin.v1.IssueDeviceTokenRequest
+	26, // 54: twin.v1.TwinService.ImportTwins:input_type -> twin.v1.ImportTwinsRequest
+	32, // 55: twin.v1.TwinService.ExportTwins:input_type -> twin.v1.ExportTwinsRequest
+	6,  // 56: twin.v1.TwinService.CreateTwin:output_type -> twin.v1.CreateTwinResponse
+	8,  // 57: twin.v1.TwinService.GetTwin:output_type -> twin.v1.GetTwinResponse
+	10, // 58: twin.v1.TwinService.ListTwins:output_type -> twin.v1.ListTwinsResponse
+	12, // 59: twin.v1.TwinService.UpdateTwin:output_type -> twin.v1.UpdateTwinResponse
+	14, // 60: twin.v1.TwinService.UpdateDesired:output_type -> twin.v1.UpdateDesiredResponse
+	16, // 61: twin.v1.TwinService.ReportState:output_type -> twin.v1.ReportStateResponse
+	18, // 62: twin.v1.TwinService.DeleteTwin:output_type -> twin.v1.DeleteTwinResponse
+	20, // 63: twin.v1.TwinService.WatchTwins:output_type -> twin.v1.WatchTwinsResponse
+	23, // 64: twin.v1.TwinService.ListTwinHistory:output_type -> twin.v1.ListTwinHistoryResponse
+	25, // 65: twin.v1.TwinService.IssueDeviceToken:output_type -> twin.v1.IssueDeviceTokenResponse
+	27, // 66: twin.v1.TwinService.ImportTwins:output_type -> twin.v1.ImportTwinsResponse
+	33, // 67: twin.v1.TwinService.ExportTwins:output_type -> twin.v1.ExportTwinsResponse
+	56, // [56:68] is the sub-list for method output_type
+	44, // [44:56] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_twin_v1_twin_proto_init() }
@@ -1902,13 +2730,14 @@ func file_twin_v1_twin_proto_init() {
 	if File_twin_v1_twin_proto != nil {
 		return
 	}
+	file_twin_v1_command_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_twin_v1_twin_proto_rawDesc), len(file_twin_v1_twin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   29,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

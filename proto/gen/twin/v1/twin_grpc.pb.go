@@ -29,6 +29,8 @@ const (
 	TwinService_WatchTwins_FullMethodName       = "/twin.v1.TwinService/WatchTwins"
 	TwinService_ListTwinHistory_FullMethodName  = "/twin.v1.TwinService/ListTwinHistory"
 	TwinService_IssueDeviceToken_FullMethodName = "/twin.v1.TwinService/IssueDeviceToken"
+	TwinService_ImportTwins_FullMethodName      = "/twin.v1.TwinService/ImportTwins"
+	TwinService_ExportTwins_FullMethodName      = "/twin.v1.TwinService/ExportTwins"
 )
 
 // TwinServiceClient is the client API for TwinService service.
@@ -77,6 +79,23 @@ type TwinServiceClient interface {
 	// DeviceService.Connect stream. The token is returned once and stored only
 	// as a hash; issuing a new one revokes the previous token.
 	IssueDeviceToken(ctx context.Context, in *IssueDeviceTokenRequest, opts ...grpc.CallOption) (*IssueDeviceTokenResponse, error)
+	// ImportTwins imports twins in bulk. The client streams batches (about
+	// 1,000 twins each, as TwinRecord messages or as NDJSON lines); the
+	// server answers each batch, in order, once every twin of it is durable,
+	// with a per-item error for each twin it refused. When the client closes
+	// its side, the server writes one TWIN_EVENT_KIND_IMPORTED event to the
+	// watch log (if anything was imported) and sends a last response with
+	// done set. An import creates each twin at version 1 (or at the version
+	// it carries, with keep_versions), fires no rules, refuses ids that exist
+	// unless upsert, and writes no watch event per twin. Importing what
+	// ExportTwins produced restores a backup.
+	ImportTwins(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ImportTwinsRequest, ImportTwinsResponse], error)
+	// ExportTwins streams the whole store consistently at one revision, for a
+	// backup: rule definitions first, then every twin with its metadata,
+	// token hash, retained commands and rule states. Everything exported is
+	// durable. Importing it into an empty store with keep_versions restores
+	// it; devices then connect with their existing tokens.
+	ExportTwins(ctx context.Context, in *ExportTwinsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTwinsResponse], error)
 }
 
 type twinServiceClient struct {
@@ -196,6 +215,38 @@ func (c *twinServiceClient) IssueDeviceToken(ctx context.Context, in *IssueDevic
 	return out, nil
 }
 
+func (c *twinServiceClient) ImportTwins(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ImportTwinsRequest, ImportTwinsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TwinService_ServiceDesc.Streams[1], TwinService_ImportTwins_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ImportTwinsRequest, ImportTwinsResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TwinService_ImportTwinsClient = grpc.BidiStreamingClient[ImportTwinsRequest, ImportTwinsResponse]
+
+func (c *twinServiceClient) ExportTwins(ctx context.Context, in *ExportTwinsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTwinsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TwinService_ServiceDesc.Streams[2], TwinService_ExportTwins_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportTwinsRequest, ExportTwinsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TwinService_ExportTwinsClient = grpc.ServerStreamingClient[ExportTwinsResponse]
+
 // TwinServiceServer is the server API for TwinService service.
 // All implementations must embed UnimplementedTwinServiceServer
 // for forward compatibility.
@@ -242,6 +293,23 @@ type TwinServiceServer interface {
 	// DeviceService.Connect stream. The token is returned once and stored only
 	// as a hash; issuing a new one revokes the previous token.
 	IssueDeviceToken(context.Context, *IssueDeviceTokenRequest) (*IssueDeviceTokenResponse, error)
+	// ImportTwins imports twins in bulk. The client streams batches (about
+	// 1,000 twins each, as TwinRecord messages or as NDJSON lines); the
+	// server answers each batch, in order, once every twin of it is durable,
+	// with a per-item error for each twin it refused. When the client closes
+	// its side, the server writes one TWIN_EVENT_KIND_IMPORTED event to the
+	// watch log (if anything was imported) and sends a last response with
+	// done set. An import creates each twin at version 1 (or at the version
+	// it carries, with keep_versions), fires no rules, refuses ids that exist
+	// unless upsert, and writes no watch event per twin. Importing what
+	// ExportTwins produced restores a backup.
+	ImportTwins(grpc.BidiStreamingServer[ImportTwinsRequest, ImportTwinsResponse]) error
+	// ExportTwins streams the whole store consistently at one revision, for a
+	// backup: rule definitions first, then every twin with its metadata,
+	// token hash, retained commands and rule states. Everything exported is
+	// durable. Importing it into an empty store with keep_versions restores
+	// it; devices then connect with their existing tokens.
+	ExportTwins(*ExportTwinsRequest, grpc.ServerStreamingServer[ExportTwinsResponse]) error
 	mustEmbedUnimplementedTwinServiceServer()
 }
 
@@ -281,6 +349,12 @@ func (UnimplementedTwinServiceServer) ListTwinHistory(context.Context, *ListTwin
 }
 func (UnimplementedTwinServiceServer) IssueDeviceToken(context.Context, *IssueDeviceTokenRequest) (*IssueDeviceTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method IssueDeviceToken not implemented")
+}
+func (UnimplementedTwinServiceServer) ImportTwins(grpc.BidiStreamingServer[ImportTwinsRequest, ImportTwinsResponse]) error {
+	return status.Error(codes.Unimplemented, "method ImportTwins not implemented")
+}
+func (UnimplementedTwinServiceServer) ExportTwins(*ExportTwinsRequest, grpc.ServerStreamingServer[ExportTwinsResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExportTwins not implemented")
 }
 func (UnimplementedTwinServiceServer) mustEmbedUnimplementedTwinServiceServer() {}
 func (UnimplementedTwinServiceServer) testEmbeddedByValue()                     {}
@@ -476,6 +550,24 @@ func _TwinService_IssueDeviceToken_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TwinService_ImportTwins_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(TwinServiceServer).ImportTwins(&grpc.GenericServerStream[ImportTwinsRequest, ImportTwinsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TwinService_ImportTwinsServer = grpc.BidiStreamingServer[ImportTwinsRequest, ImportTwinsResponse]
+
+func _TwinService_ExportTwins_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportTwinsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TwinServiceServer).ExportTwins(m, &grpc.GenericServerStream[ExportTwinsRequest, ExportTwinsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TwinService_ExportTwinsServer = grpc.ServerStreamingServer[ExportTwinsResponse]
+
 // TwinService_ServiceDesc is the grpc.ServiceDesc for TwinService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -524,6 +616,17 @@ var TwinService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchTwins",
 			Handler:       _TwinService_WatchTwins_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ImportTwins",
+			Handler:       _TwinService_ImportTwins_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ExportTwins",
+			Handler:       _TwinService_ExportTwins_Handler,
 			ServerStreams: true,
 		},
 	},
