@@ -3,7 +3,6 @@ package twin
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"runtime"
@@ -443,14 +442,10 @@ func plainLeaves(doc map[string]any, path string, set *[]string) bool {
 // applied in order with its other requests. Each change is answered on the
 // op's done channel once durable.
 //
-// What it assumes of the worker: w.current reads the twin in the working
-// state (nil if absent from memory), w.gone holds the step's deletions,
-// and the store (e.db) every earlier step's writes, durable or not, as
-// lastLife assumes; w.setCurrent puts the twin into the working state;
-// w.sinks, w.cmds, w.expiries, w.ruleStates and w.wakeRules are used as
-// apply uses them; publish makes c.next (and c.cmds) visible to readers
-// and answers each change on c.op.done; write hands opImport changes to
-// writeImport.
+// The items' twins (or what deleted twins left behind) are read into the
+// worker's cache in one pass, like a step's misses; each item then replaces
+// its entry's working state, as apply does, and write hands opImport
+// changes to writeImport.
 func (w *worker) importTwins(o *op, now time.Time) []*change {
 	b := o.bulk
 	if b.mark != nil {
@@ -459,7 +454,11 @@ func (w *worker) importTwins(o *op, now time.Time) []*change {
 		return []*change{{op: o, event: ev}}
 	}
 	changes := make([]*change, 0, len(b.items))
-	lives, err := w.lastLives(b.items)
+	ids := make([]string, len(b.items))
+	for i, p := range b.items {
+		ids[i] = p.twin.ID
+	}
+	err := w.fetch(ids) // every item's twin, or what a deleted one left, in the cache
 	for _, p := range b.items {
 		if err != nil {
 			// The store cannot be read: refuse the batch, item by item.
@@ -470,7 +469,7 @@ func (w *worker) importTwins(o *op, now time.Time) []*change {
 		// Each item is answered on its own: publish sends one result per
 		// change to its op's done channel, which the batch's ops share.
 		io := &op{kind: opImport, id: p.twin.ID, done: o.done, bulk: b}
-		c, err := w.importTwin(io, p, lives, now)
+		c, err := w.importTwin(io, p)
 		if err != nil {
 			c = &change{op: io, err: &ImportError{Index: p.index, ID: p.twin.ID, Err: err}}
 		}
@@ -479,24 +478,17 @@ func (w *worker) importTwins(o *op, now time.Time) []*change {
 	return changes
 }
 
-func (w *worker) importTwin(o *op, p *preparedImport, lives map[string]storedLife, now time.Time) (*change, error) {
+func (w *worker) importTwin(o *op, p *preparedImport) (*change, error) {
 	id := p.twin.ID
-	cur := w.current(id)
-	_, gone := w.gone[id]
-	if l := lives[id]; cur == nil && !gone && l.live != nil {
-		cur = l.live
-	}
+	ent := w.cache.m[id] // fetched by importTwins
+	cur := ent.work
 	if cur != nil && !o.bulk.opts.Upsert {
 		return nil, fmt.Errorf("%w: twin %q already exists at version %d; import with upsert to replace it",
 			ErrAlreadyExists, id, cur.Version)
 	}
-	last := goneTwin{}
+	last := ent.gone
 	if cur != nil {
 		last = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
-	} else if gone {
-		last = w.gone[id]
-	} else {
-		last = lives[id].gone
 	}
 	t := p.twin
 	if p.keepVersions {
@@ -540,9 +532,9 @@ func (w *worker) importTwin(o *op, p *preparedImport, lives map[string]storedLif
 	} else if cur != nil {
 		c.cmds = &commandList{} // the replaced twin's commands are gone
 	}
-	delete(w.ruleStates, id)
+	var states map[string]RuleState
 	if len(p.states) > 0 {
-		states := make(map[string]RuleState, len(p.states))
+		states = make(map[string]RuleState, len(p.states))
 		c.ruleWrites = make(map[string]*RuleState, len(p.states))
 		for r, s := range p.states {
 			states[r] = s
@@ -551,67 +543,10 @@ func (w *worker) importTwin(o *op, p *preparedImport, lives map[string]storedLif
 				w.wakeRules(id, s.PendingSince)
 			}
 		}
-		w.ruleStates[id] = states
 	}
-	w.setCurrent(id, t)
+	ent.work, ent.states, ent.statesLoaded = t, states, true
+	w.touch(ent)
 	return c, nil
-}
-
-// storedLife is what the store holds for an id: a live twin, or what a
-// deleted one left behind.
-type storedLife struct {
-	live *Twin
-	gone goneTwin
-}
-
-// lastLives returns what deleted twins left behind for the ids of a batch
-// that are not in the working state, as lastLife does, read from the store
-// with one iterator in key order rather than one lookup per id.
-func (w *worker) lastLives(items []*preparedImport) (map[string]storedLife, error) {
-	keys := make([][]byte, 0, len(items))
-	for _, p := range items {
-		if w.current(p.twin.ID) == nil {
-			keys = append(keys, twinKey(w.e.VShard(p.twin.ID), p.twin.ID))
-		}
-	}
-	if len(keys) == 0 {
-		return nil, nil
-	}
-	slices.SortFunc(keys, bytes.Compare)
-	it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: keys[0], UpperBound: append(slices.Clone(keys[len(keys)-1]), 0)})
-	if err != nil {
-		return nil, err
-	}
-	defer it.Close()
-	var out map[string]storedLife
-	for _, k := range keys {
-		if !it.SeekGE(k) || !bytes.Equal(it.Key(), k) {
-			continue
-		}
-		r, err := decodeRecord(it.Value())
-		if err != nil {
-			return nil, err
-		}
-		if out == nil {
-			out = map[string]storedLife{}
-		}
-		id := string(k[len(shardPrefix(0, 't')):])
-		// A live record the working state does not hold cannot be
-		// while the engine holds every twin in memory; with a cache
-		// it is a twin not cached.
-		out[id] = storedLife{gone: goneTwin{version: r.LastVersion, cmdSeq: r.LastCommandSeq}, live: r.Twin}
-	}
-	return out, it.Error()
-}
-
-// current returns the twin with the id in the worker's working state, or
-// nil. Only the worker goroutine calls it.
-func (w *worker) current(id string) *Twin { return w.twins[id] }
-
-// setCurrent puts a twin into the worker's working state.
-func (w *worker) setCurrent(id string, t *Twin) {
-	w.twins[id] = t
-	delete(w.gone, id)
 }
 
 // restamp sets the version of every leaf's metadata.
@@ -637,6 +572,29 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	id := c.next.ID
 	vs := w.e.VShard(id)
+	ent := w.cache.m[id] // cached until the step is published
+	w.touch(ent)
+	if ent.seen {
+		ent.seen = false
+		if err := b.Delete(seenKey(vs, id), nil); err != nil {
+			return buf, err
+		}
+	}
+	if c.prev == nil {
+		w.counts[vs]++
+		if err := b.Set(countKey(vs), appendUint64(nil, uint64(w.counts[vs])), nil); err != nil {
+			return buf, err
+		}
+	}
+	if hasPending(ent.states) {
+		if err := b.Set(pendingKey(vs, id), nil, nil); err != nil {
+			return buf, err
+		}
+	} else if c.prev != nil {
+		if err := b.Delete(pendingKey(vs, id), nil); err != nil {
+			return buf, err
+		}
+	}
 	if c.prev != nil {
 		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
 			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
@@ -649,9 +607,11 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 			}
 		}
 	}
-	if err := b.Set(twinKey(vs, id), encodeRecord(record{Twin: c.next}), nil); err != nil {
+	rec := encodeRecord(record{Twin: c.next})
+	if err := b.Set(twinKey(vs, id), rec, nil); err != nil {
 		return buf, err
 	}
+	w.resize(ent, len(rec))
 	// The twin's history starts at its imported version, whose event is
 	// not in the watch log: its entry points at revision 0, as an entry
 	// whose event the log has pruned would (History stops there, Check
@@ -821,9 +781,17 @@ func (x *Export) shard(ctx context.Context, vs uint16, fn func(*ExportItem) erro
 			return err
 		}
 		id := tIt.Key()[head:]
+		if isSubKey(id) {
+			continue // a seen key, read with its twin's record
+		}
 		r, err := decodeRecord(tIt.Value())
 		if err != nil {
 			return fmt.Errorf("twin: export %q: %w", id, err)
+		}
+		if !r.Deleted {
+			if r.Twin, err = readSeen(x.snap, vs, r.Twin); err != nil {
+				return fmt.Errorf("twin: export %q: %w", id, err)
+			}
 		}
 		// Commands and states of ids before this one belong to no live
 		// twin (deleted ones have none): skip them.
@@ -843,8 +811,8 @@ func (x *Export) shard(ctx context.Context, vs uint16, fn func(*ExportItem) erro
 		}
 		for ; xIt.Valid() && bytes.Equal(owner(xIt.Key()), id); xIt.Next() {
 			k := xIt.Key()[head:]
-			var s RuleState
-			if err := json.Unmarshal(xIt.Value(), &s); err != nil {
+			s, err := decodeRuleState(xIt.Value())
+			if err != nil {
 				return fmt.Errorf("twin: export %q: rule state: %w", id, err)
 			}
 			if item.RuleStates == nil {

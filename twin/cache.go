@@ -292,15 +292,20 @@ func readTwin(r pebble.Reader, vs uint16, id string) (*Twin, error) {
 	if err != nil || rec.Deleted {
 		return nil, err // nil for a deletion marker
 	}
-	v, closer, err = r.Get(seenKey(vs, id))
+	return readSeen(r, vs, rec.Twin)
+}
+
+// readSeen returns t with its seen key, if it has one in r, applied.
+func readSeen(r pebble.Reader, vs uint16, t *Twin) (*Twin, error) {
+	v, closer, err := r.Get(seenKey(vs, t.ID))
 	if errors.Is(err, pebble.ErrNotFound) {
-		return rec.Twin, nil
+		return t, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("twin: read twin %q: %w", id, err)
+		return nil, fmt.Errorf("twin: read twin %q: %w", t.ID, err)
 	}
 	defer closer.Close()
-	return withSeen(rec.Twin, v)
+	return withSeen(t, v)
 }
 
 // cacheBytes returns the estimated size of the worker's cache.

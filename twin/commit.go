@@ -185,6 +185,9 @@ func (e *Engine) publish(g *group) {
 		if c.op.kind == opPoke || c.err != nil {
 			continue
 		}
+		if c.prev == nil && c.next == nil {
+			continue // an import's marker event: no twin
+		}
 		// Cached: the entries a step changed stay until it is published.
 		g.w.cache.m[c.op.id].durable = c.next
 		switch {
