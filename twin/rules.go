@@ -392,8 +392,11 @@ type tickScan struct {
 func (s *tickScan) quota(now time.Time, interval time.Duration) int {
 	span := interval * 3 / 4
 	elapsed := now.Sub(s.start)
-	if elapsed >= span {
-		return tickChunk // behind: as fast as steps allow
+	if elapsed >= span || s.walked >= s.total {
+		// Behind, or past the fleet's size at the tick (twins created
+		// since, ahead of the scan): as fast as steps allow. next says
+		// such a scan is due at once, so a quota of 0 here would spin.
+		return tickChunk
 	}
 	target := int64(float64(s.total)*float64(elapsed)/float64(span)) + tickChunk
 	return int(min(max(target-s.walked, 0), tickChunk))

@@ -1,0 +1,70 @@
+package twin
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// tickCounter is an evaluator whose rules read now for every type; it
+// counts the worker steps that consult it (TickTypes is asked once per step
+// with rules).
+type tickCounter struct{ steps atomic.Int64 }
+
+func (c *tickCounter) Evaluate(_, _ *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
+	return Evaluation{}
+}
+func (c *tickCounter) Ticks(string) bool { return true }
+func (c *tickCounter) TickTypes() ([]string, bool) {
+	c.steps.Add(1)
+	return nil, true
+}
+
+// TestReviewTickScanNoSpinWhenFleetGrows shows that a tick scan which walks
+// more twins than the fleet held when the tick began (twins created during
+// the scan, ahead of its cursor) makes the worker spin: tickScan.next
+// returns the scan's start (long past) once walked >= total, so the worker
+// is due at once, again and again, while quota keeps returning 0 until the
+// pace's span has passed. With a real clock the worker burns a core (and
+// opens an iterator per spin) for up to the rest of the span; with this
+// test's fixed clock it spins forever.
+func TestReviewTickScanNoSpinWhenFleetGrows(t *testing.T) {
+	ctx := context.Background()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now, RuleTick: 10 * time.Second})
+	defer e.Close()
+	for i := range 300 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("p-%04d", i), Type: "planter"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ev := &tickCounter{}
+	e.SetEvaluator(ev)
+	if err := e.RunTimers(ctx); err != nil { // starts the ticking
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second)
+	if err := e.RunTimers(ctx); err != nil { // the tick: scan of 300, first chunk
+		t.Fatal(err)
+	}
+	// The fleet grows during the scan, partly ahead of its cursor.
+	for i := range 300 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("z-%04d", i), Type: "planter"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clock.Advance(3750 * time.Millisecond) // half of the pace's span
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	before := ev.steps.Load()
+	time.Sleep(300 * time.Millisecond) // nothing to do: the clock stands still
+	if n := ev.steps.Load() - before; n > 5 {
+		t.Errorf("an idle worker ran %d steps in 300ms with the clock standing still; want none (it spins on a tick scan that walked more twins than its total)", n)
+	}
+}
