@@ -134,6 +134,10 @@ func (w *worker) prefetch(ops []*op) error {
 func (w *worker) fetch(ids []string) error {
 	slices.Sort(ids)
 	ids = slices.Compact(ids)
+	ids = slices.DeleteFunc(ids, func(id string) bool { return w.cache.m[id] != nil })
+	if len(ids) == 0 {
+		return nil // every one cached: no miss, and no iterator
+	}
 	it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: prefixShards, UpperBound: prefixEnd(prefixShards)})
 	if err != nil {
 		return err
@@ -141,9 +145,6 @@ func (w *worker) fetch(ids []string) error {
 	defer it.Close()
 	loaded := make([]*entry, len(ids))
 	for i, id := range ids {
-		if w.cache.m[id] != nil {
-			continue
-		}
 		vs := w.e.VShard(id)
 		ent := &entry{statesLoaded: true}
 		k := twinKey(vs, id)

@@ -68,3 +68,41 @@ func TestReviewTickScanNoSpinWhenFleetGrows(t *testing.T) {
 		t.Errorf("an idle worker ran %d steps in 300ms with the clock standing still; want none (it spins on a tick scan that walked more twins than its total)", n)
 	}
 }
+
+// TestReviewTimerOnCachedTwinIsNoMiss shows that a rule wake-up of a twin
+// that is cached counts as a cache miss: timedRules hands every due twin to
+// fetch, which skips the cached ones but counts them all as misses (and
+// opens a store iterator even when nothing misses, in every step with rules,
+// due twins or not).
+func TestReviewTimerOnCachedTwinIsNoMiss(t *testing.T) {
+	ctx := context.Background()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now})
+	defer e.Close()
+	var timers atomic.Int64
+	e.SetEvaluator(funcEvaluator{eval: func(_, _ *Twin, _ map[string]RuleState, now time.Time, timer bool) Evaluation {
+		if timer {
+			timers.Add(1)
+			return Evaluation{}
+		}
+		return Evaluation{Wake: now.Add(time.Second)}
+	}})
+	if _, err := e.Create(ctx, CreateRequest{ID: "fridge-1", Type: "fridge"}); err != nil {
+		t.Fatal(err)
+	}
+	before := e.Stats()
+	clock.Advance(2 * time.Second)
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if timers.Load() != 1 {
+		t.Fatalf("the wake-up evaluated the rules %d times; want 1", timers.Load())
+	}
+	after := e.Stats()
+	if after.CachedTwins != 1 {
+		t.Fatalf("%d twins cached; want 1", after.CachedTwins)
+	}
+	if d := after.CacheMisses - before.CacheMisses; d != 0 {
+		t.Errorf("the wake-up of a cached twin counted %d cache misses; want 0", d)
+	}
+}
