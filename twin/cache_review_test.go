@@ -3,6 +3,7 @@ package twin
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -104,5 +105,52 @@ func TestReviewTimerOnCachedTwinIsNoMiss(t *testing.T) {
 	}
 	if d := after.CacheMisses - before.CacheMisses; d != 0 {
 		t.Errorf("the wake-up of a cached twin counted %d cache misses; want 0", d)
+	}
+}
+
+// TestReviewTwinSizeEstimate measures the heap a decoded fridge twin (the
+// fields DESIGN.md lists, with labels, desired state and a token) really
+// holds, against twinSize's estimate from its record: the cache's budget is
+// only as good as this estimate.
+func TestReviewTwinSizeEstimate(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2})
+	defer e.Close()
+	const id = "fridge-000001"
+	if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge",
+		Labels:   map[string]string{"site": "berlin-3", "model": "FX-200"},
+		Reported: Document{"temp_c": 4.5, "door": "closed", "power_w": 120.0, "compressor": true},
+		Desired:  Document{"target_c": 4.0, "eco": false}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.SetTokenHash(ctx, id, make([]byte, 32)); err != nil {
+		t.Fatal(err)
+	}
+	v, closer, err := e.db.Get(twinKey(e.VShard(id), id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := append([]byte(nil), v...)
+	closer.Close()
+	const n = 2000
+	keep := make([]*Twin, n)
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	for i := range keep {
+		r, err := decodeRecord(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keep[i] = r.Twin
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	real := int64(m1.HeapAlloc-m0.HeapAlloc) / n
+	est := twinSize(len(rec))
+	runtime.KeepAlive(keep)
+	t.Logf("record %d bytes; decoded twin holds about %d bytes; twinSize estimates %d", len(rec), real, est)
+	if real > est*3/2 || real < est/3 {
+		t.Errorf("a decoded fridge twin holds about %d bytes; twinSize estimates %d from its %d-byte record: off by more than 1.5x", real, est, len(rec))
 	}
 }
