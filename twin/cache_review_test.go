@@ -154,3 +154,46 @@ func TestReviewTwinSizeEstimate(t *testing.T) {
 		t.Errorf("a decoded fridge twin holds about %d bytes; twinSize estimates %d from its %d-byte record: off by more than 1.5x", real, est, len(rec))
 	}
 }
+
+// TestReviewTickScanNoSpinWithDeletedTwins: deleted twins leave deletion
+// markers in the twin section, which the tick scan walks and counts while
+// the tick's total counts live twins only; so the scan reaches walked >=
+// total before its end, and (before the fix to tickScan.quota) the worker
+// spun as in TestReviewTickScanNoSpinWhenFleetGrows, without any twin being
+// created during the scan.
+func TestReviewTickScanNoSpinWithDeletedTwins(t *testing.T) {
+	ctx := context.Background()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now, RuleTick: 10 * time.Second})
+	defer e.Close()
+	for i := range 600 {
+		id := fmt.Sprintf("p-%04d", i)
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "planter"}); err != nil {
+			t.Fatal(err)
+		}
+		if i%2 == 0 {
+			if err := e.Delete(ctx, id, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ev := &tickCounter{}
+	e.SetEvaluator(ev)
+	if err := e.RunTimers(ctx); err != nil { // starts the ticking
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second)
+	if err := e.RunTimers(ctx); err != nil { // the tick: 300 live twins, 600 records
+		t.Fatal(err)
+	}
+	clock.Advance(3750 * time.Millisecond) // half of the pace's span
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	before := ev.steps.Load()
+	time.Sleep(300 * time.Millisecond)
+	if n := ev.steps.Load() - before; n > 5 {
+		t.Errorf("an idle worker ran %d steps in 300ms with the clock standing still; want none", n)
+	}
+}
