@@ -56,6 +56,13 @@ func Open(opts Options) (*Engine, error) {
 		return nil, err
 	}
 	for _, w := range e.workers {
+		if len(w.lost) > 0 {
+			// The grace counts from now, when the engine serves, not from
+			// the moment load met the first mark: loading every shard
+			// takes a while, and a device cannot come back before Open
+			// returns.
+			w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+		}
 		e.workerWG.Add(1)
 		go w.run()
 		e.syncWG.Add(1)
@@ -245,8 +252,7 @@ func (e *Engine) loadPresence(id, _ []byte) error {
 		return nil // noted already
 	}
 	if w.lost == nil {
-		w.lost = map[string]bool{}
-		w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+		w.lost = map[string]bool{} // lostAt is set when load is done (Open)
 	}
 	w.lost[string(id)] = true
 	e.counters.connected.Add(1) // until marked disconnected
