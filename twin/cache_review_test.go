@@ -3,6 +3,7 @@ package twin
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"runtime"
 	"sync/atomic"
 	"testing"
@@ -195,5 +196,60 @@ func TestReviewTickScanNoSpinWithDeletedTwins(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	if n := ev.steps.Load() - before; n > 5 {
 		t.Errorf("an idle worker ran %d steps in 300ms with the clock standing still; want none", n)
+	}
+}
+
+// countSyncFS counts the syncs of WAL files.
+type countSyncFS struct {
+	vfs.FS
+	syncs *atomic.Int64
+}
+
+type countSyncFile struct {
+	vfs.File
+	syncs *atomic.Int64
+}
+
+func (f countSyncFile) Sync() error     { f.syncs.Add(1); return f.File.Sync() }
+func (f countSyncFile) SyncData() error { f.syncs.Add(1); return f.File.SyncData() }
+func (f countSyncFile) SyncTo(n int64) (bool, error) {
+	f.syncs.Add(1)
+	return f.File.SyncTo(n)
+}
+
+func (f countSyncFS) wrap(name string, file vfs.File, err error) (vfs.File, error) {
+	if err != nil || filepath.Ext(name) != ".log" {
+		return file, err
+	}
+	return countSyncFile{file, f.syncs}, nil
+}
+
+func (f countSyncFS) Create(name string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	file, err := f.FS.Create(name, c)
+	return f.wrap(name, file, err)
+}
+
+func (f countSyncFS) ReuseForWrite(oldname, newname string, c vfs.DiskWriteCategory) (vfs.File, error) {
+	file, err := f.FS.ReuseForWrite(oldname, newname, c)
+	return f.wrap(newname, file, err)
+}
+
+func (f countSyncFS) OpenReadWrite(name string, c vfs.DiskWriteCategory, opts ...vfs.OpenOption) (vfs.File, error) {
+	file, err := f.FS.OpenReadWrite(name, c, opts...)
+	return f.wrap(name, file, err)
+}
+
+// TestReviewCreateStoreSyncsOnce shows that creating a store synced the WAL
+// once per virtual shard (259 times with the default 256 shards): a new
+// store had no twin counts, so load took upgradeShard's path for every
+// shard, each with a synced commit of its own. The upgrade of all shards
+// is now one batch, one sync.
+func TestReviewCreateStoreSyncsOnce(t *testing.T) {
+	var syncs atomic.Int64
+	fs := countSyncFS{vfs.NewMem(), &syncs}
+	e := openMem(t, fs, Options{})
+	defer e.Close()
+	if n := syncs.Load(); n > 8 {
+		t.Errorf("creating a store synced the WAL %d times; want a few", n)
 	}
 }
