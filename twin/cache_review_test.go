@@ -253,3 +253,47 @@ func TestReviewCreateStoreSyncsOnce(t *testing.T) {
 		t.Errorf("creating a store synced the WAL %d times; want a few", n)
 	}
 }
+
+// TestReviewFinishedCommandsLoadedAtStart shows that start-up still reads
+// per-twin state of the whole fleet: every retained command, finished ones
+// included (up to CommandRetention, 100 by default, per device), is loaded
+// into the workers' cmds and cmdView maps and stays there, outside the twin
+// cache's budget. A fleet of ten million devices with a few finished
+// commands each holds gigabytes of commands in memory and reads them all
+// at every start, which the cache was meant to end. Only open commands
+// (for the expiry heap) need loading; finished ones can be read from the
+// store when asked for, or cached with their twin.
+func TestReviewFinishedCommandsLoadedAtStart(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	opts := Options{Workers: 1, VShards: 4, CacheBytes: 16 << 10}
+	e := openMem(t, fs, opts)
+	const n = 200
+	for i := range n {
+		id := fmt.Sprintf("fridge-%04d", i)
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge"}); err != nil {
+			t.Fatal(err)
+		}
+		cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: id, Name: "defrost"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.UpdateCommand(ctx, id, CommandUpdate{ID: cmd.ID, State: CommandSucceeded}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts)
+	defer e.Close()
+	loaded := 0
+	for _, w := range e.workers {
+		for _, l := range w.cmds {
+			loaded += len(l.cmds)
+		}
+	}
+	if loaded > 0 {
+		t.Errorf("start-up loaded %d finished commands of %d devices into memory, outside the twin cache; want none", loaded, n)
+	}
+}
