@@ -2,6 +2,7 @@ package twin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"path/filepath"
@@ -236,6 +237,53 @@ func TestReviewListPagingWithSeenKeys(t *testing.T) {
 		}
 		if !slices.Equal(got, want) {
 			t.Errorf("List after %q = %q; want %q", after, got, want)
+		}
+	}
+}
+
+// TestReviewCacheBytesAddUp: after creations, changes, seen-only reports,
+// deletions and re-creations with a cache that evicts all the time, each
+// worker's byte count is the sum of its entries' sizes, and within budget.
+func TestReviewCacheBytesAddUp(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{Workers: 2, VShards: 4, CacheBytes: 32 << 10})
+	defer e.Close()
+	for round := range 4 {
+		for i := range 60 {
+			id := fmt.Sprintf("t-%02d", i)
+			switch (i + round) % 4 {
+			case 0:
+				if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "t", Reported: Document{"big": string(make([]byte, 50*i))}}); err != nil && !errors.Is(err, ErrAlreadyExists) {
+					t.Fatal(err)
+				}
+			case 1:
+				if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"n": float64(round)}}); err != nil && !errors.Is(err, ErrNotFound) {
+					t.Fatal(err)
+				}
+			case 2:
+				if _, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{}, Source: SourceDevice}); err != nil && !errors.Is(err, ErrNotFound) {
+					t.Fatal(err)
+				}
+			case 3:
+				if err := e.Delete(ctx, id, 0); err != nil && !errors.Is(err, ErrNotFound) {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range e.workers {
+		w.mu.RLock()
+		var sum int64
+		for _, ent := range w.cache.m {
+			sum += ent.size
+		}
+		n := len(w.cache.m)
+		w.mu.RUnlock()
+		if b := w.cache.bytes.Load(); b != sum || b > w.cache.limit {
+			t.Errorf("worker %d: cache bytes %d; its %d entries' sizes add up to %d; budget %d", i, b, n, sum, w.cache.limit)
 		}
 	}
 }
