@@ -56,6 +56,13 @@ func Open(opts Options) (*Engine, error) {
 		return nil, err
 	}
 	for _, w := range e.workers {
+		if len(w.lost) > 0 {
+			// The grace counts from now, when the engine serves, not from
+			// the moment load met the first mark: loading every shard
+			// takes a while, and a device cannot come back before Open
+			// returns.
+			w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+		}
 		e.workerWG.Add(1)
 		go w.run()
 		e.syncWG.Add(1)
@@ -123,6 +130,30 @@ func (e *Engine) load() error {
 		return err
 	}
 
+	// What shards written before twind kept their counts lack is written
+	// in one batch, with one sync, rather than one per shard: a new store
+	// has no counts either.
+	up := e.db.NewBatch()
+	defer up.Close()
+	for vs := range e.vshards {
+		_, closer, err := e.db.Get(countKey(uint16(vs)))
+		switch {
+		case errors.Is(err, pebble.ErrNotFound):
+			// A store written before shards kept their counts.
+			if err := e.upgradeShard(uint16(vs), up); err != nil {
+				return fmt.Errorf("twin: upgrade virtual shard %d: %w", vs, err)
+			}
+		case err != nil:
+			return err
+		default:
+			closer.Close()
+		}
+	}
+	if !up.Empty() {
+		if err := up.Commit(pebble.Sync); err != nil {
+			return fmt.Errorf("twin: upgrade the store: %w", err)
+		}
+	}
 	for vs := range e.vshards {
 		if err := e.loadShard(uint16(vs)); err != nil {
 			return err
@@ -136,24 +167,17 @@ func (e *Engine) load() error {
 // twins marked connected or waiting for a hold_for. It reads no twin.
 func (e *Engine) loadShard(vs uint16) error {
 	v, closer, err := e.db.Get(countKey(vs))
-	switch {
-	case errors.Is(err, pebble.ErrNotFound):
-		// A store written before shards kept their counts.
-		if err := e.upgradeShard(vs); err != nil {
-			return fmt.Errorf("twin: upgrade virtual shard %d: %w", vs, err)
-		}
-	case err != nil:
+	if err != nil {
 		return err
-	default:
-		if len(v) != 8 {
-			closer.Close()
-			return fmt.Errorf("twin: corrupt twin count of virtual shard %d: %q", vs, v)
-		}
-		n := int64(binary.BigEndian.Uint64(v))
-		closer.Close()
-		e.workers[int(vs)%len(e.workers)].counts[vs] = n
-		e.twins.Add(n)
 	}
+	if len(v) != 8 {
+		closer.Close()
+		return fmt.Errorf("twin: corrupt twin count of virtual shard %d: %q", vs, v)
+	}
+	n := int64(binary.BigEndian.Uint64(v))
+	closer.Close()
+	e.workers[int(vs)%len(e.workers)].counts[vs] = n
+	e.twins.Add(n)
 	for _, load := range []struct {
 		section byte
 		fn      func(key, value []byte) error
@@ -189,11 +213,9 @@ func (e *Engine) scanSection(vs uint16, section byte, fn func(key, value []byte)
 // upgradeShard writes, once, what a store written before twind kept shard
 // counts and marks lacks: the shard's twin count, a presence mark for each
 // twin whose record says it is connected, and a pending mark for each twin
-// with a rule state waiting for a hold_for. It reads the shard's twins, as
-// every start-up of those versions did.
-func (e *Engine) upgradeShard(vs uint16) error {
-	b := e.db.NewBatch()
-	defer b.Close()
+// with a rule state waiting for a hold_for, to b. It reads the shard's
+// twins, as every start-up of those versions did.
+func (e *Engine) upgradeShard(vs uint16, b *pebble.Batch) error {
 	var n int64
 	err := e.scanSection(vs, 't', func(id, value []byte) error {
 		if isSubKey(id) {
@@ -226,15 +248,7 @@ func (e *Engine) upgradeShard(vs uint16) error {
 	if err != nil {
 		return err
 	}
-	if err := b.Set(countKey(vs), appendUint64(nil, uint64(n)), nil); err != nil {
-		return err
-	}
-	if err := b.Commit(pebble.Sync); err != nil {
-		return err
-	}
-	e.workers[int(vs)%len(e.workers)].counts[vs] = n
-	e.twins.Add(n)
-	return nil
+	return b.Set(countKey(vs), appendUint64(nil, uint64(n)), nil)
 }
 
 // loadPresence notes a device that was connected when the process last
@@ -245,8 +259,7 @@ func (e *Engine) loadPresence(id, _ []byte) error {
 		return nil // noted already
 	}
 	if w.lost == nil {
-		w.lost = map[string]bool{}
-		w.lostAt = e.opts.Clock().Add(e.opts.PresenceGrace)
+		w.lost = map[string]bool{} // lostAt is set when load is done (Open)
 	}
 	w.lost[string(id)] = true
 	e.counters.connected.Add(1) // until marked disconnected

@@ -382,8 +382,9 @@ type tickScan struct {
 	shard int
 	after string
 	start time.Time
-	// walked counts the twins walked; total is how many the worker had
-	// when the tick began.
+	// walked counts the live twins walked (deletion markers are walked
+	// but not counted); total is how many the worker had when the tick
+	// began.
 	walked, total int64
 }
 
@@ -391,8 +392,11 @@ type tickScan struct {
 func (s *tickScan) quota(now time.Time, interval time.Duration) int {
 	span := interval * 3 / 4
 	elapsed := now.Sub(s.start)
-	if elapsed >= span {
-		return tickChunk // behind: as fast as steps allow
+	if elapsed >= span || s.walked >= s.total {
+		// Behind, or past the fleet's size at the tick (twins created
+		// since, ahead of the scan): as fast as steps allow. next says
+		// such a scan is due at once, so a quota of 0 here would spin.
+		return tickChunk
 	}
 	target := int64(float64(s.total)*float64(elapsed)/float64(span)) + tickChunk
 	return int(min(max(target-s.walked, 0), tickChunk))
@@ -413,8 +417,10 @@ func (s *tickScan) next(interval time.Duration) time.Time {
 func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 	shards := w.shards()
 	var ids []string
-	walked := 0
-	for w.scan.shard < len(shards) && walked < n {
+	// keys bounds the records a step reads, deletion markers included;
+	// walked counts the live twins among them, as total does.
+	keys, walked := 0, 0
+	for w.scan.shard < len(shards) && keys < n {
 		vs := shards[w.scan.shard]
 		lower := shardPrefix(vs, 't')
 		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
@@ -425,13 +431,13 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 		if w.scan.after != "" {
 			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
 		}
-		for ; ok && walked < n; ok = it.Next() {
+		for ; ok && keys < n; ok = it.Next() {
 			if isSubKey(it.Key()[len(lower):]) {
 				continue
 			}
 			id := string(it.Key()[len(lower):])
 			w.scan.after = id
-			walked++
+			keys++
 			t := (*Twin)(nil)
 			if ent := w.cache.m[id]; ent != nil {
 				t = ent.work
@@ -442,6 +448,9 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 					return nil, fmt.Errorf("%w (twin %q)", err, id)
 				}
 				t = rec.Twin
+			}
+			if t != nil {
+				walked++
 			}
 			if t != nil && ev.Ticks(t.Type) {
 				ids = append(ids, id)
