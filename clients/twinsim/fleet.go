@@ -47,6 +47,9 @@ type fleetOptions struct {
 	keep bool
 	// skipCreate: the twins are there already (a kept --dir).
 	skipCreate bool
+	// create is how the twins are created: "import" (ImportTwins streams,
+	// batches of 1,000) or "calls" (CreateTwin calls).
+	create string
 	// createClients is how many CreateTwin calls are in flight; clients
 	// how many ReportState calls, over conns connections.
 	createClients, clients, conns int
@@ -75,6 +78,12 @@ func (o *fleetOptions) ensureDefaults() error {
 	}
 	if o.output == "" {
 		o.output = "text"
+	}
+	if o.create == "" {
+		o.create = "import"
+	}
+	if o.create != "import" && o.create != "calls" {
+		return fmt.Errorf("--create must be import or calls, not %q", o.create)
 	}
 	if o.twins <= 0 || o.duration <= 0 {
 		return fmt.Errorf("--twins and --duration must be positive")
@@ -143,8 +152,10 @@ type FleetResult struct {
 	SkipCreate bool    `json:"skip_create,omitempty"`
 	// Create is creating the twins with CreateTwin; Calls counts those
 	// created, Existing those already there (a reused --dir).
-	Create   LoadPhase `json:"create"`
-	Existing int64     `json:"existing"`
+	Create LoadPhase `json:"create"`
+	// CreateMode is how the twins were created: "import" or "calls".
+	CreateMode string `json:"create_mode"`
+	Existing   int64  `json:"existing"`
 	// Uniform and Skewed are durable ReportState calls to random twins:
 	// uniformly, and 80 % of them to the first 20 % of the ids.
 	Uniform LoadPhase `json:"reports_uniform"`
@@ -205,7 +216,7 @@ func runFleetBench(ctx context.Context, o fleetOptions, out, progress io.Writer)
 			d.kill()
 		}
 	}()
-	res.Empty, res.SkipCreate = d.startup(), o.skipCreate
+	res.Empty, res.SkipCreate, res.CreateMode = d.startup(), o.skipCreate, o.create
 	logf("%s: serving after %.2f s, RSS %.0f MiB", firstStart(res), res.Empty.ServingLog, res.Empty.RSSMiB)
 
 	if err := func() error {
@@ -217,9 +228,14 @@ func runFleetBench(ctx context.Context, o fleetOptions, out, progress io.Writer)
 		if o.skipCreate {
 			logf("not creating the twins (--skip-create)")
 		} else {
-			logf("creating %d twins with %d calls in flight...", o.twins, o.createClients)
 			var existing atomic.Int64
-			res.Create, err = createFleet(ctx, conns, o, &existing, progress)
+			if o.create == "import" {
+				logf("importing %d twins over %d streams...", o.twins, len(conns))
+				res.Create, err = importFleet(ctx, conns, o, &existing, progress)
+			} else {
+				logf("creating %d twins with %d calls in flight...", o.twins, o.createClients)
+				res.Create, err = createFleet(ctx, conns, o, &existing, progress)
+			}
 			res.Existing = existing.Load()
 			if err != nil {
 				return err
@@ -331,7 +347,7 @@ func printFleet(w io.Writer, r *FleetResult, output string) error {
 	}
 	start(firstStart(r), r.Empty)
 	if !r.SkipCreate {
-		load("CreateTwin", r.Create)
+		load(map[bool]string{true: "ImportTwins (twins)", false: "CreateTwin"}[r.CreateMode != "calls"], r.Create)
 	}
 	load("ReportState, uniform", r.Uniform)
 	load("ReportState, 80/20", r.Skewed)
@@ -606,6 +622,114 @@ func createFleet(ctx context.Context, conns []*twind.Client, o fleetOptions, exi
 		all = append(all, l...)
 	}
 	p := LoadPhase{Seconds: el.Seconds(), Calls: created.Load(), PerSecond: float64(created.Load()) / el.Seconds(),
+		Errors: failed.Load(), Latency: summarize(all)}
+	if firstErr != nil {
+		p.FirstError = firstErr.Error()
+	}
+	if ctx.Err() != nil {
+		return p, ctx.Err()
+	}
+	return p, firstErr
+}
+
+// importBatch is how many twins one ImportTwins request of the fleet
+// carries.
+const importBatch = 1000
+
+// importFleet creates fridge-0 ... fridge-<N-1> with ImportTwins, one
+// stream per connection, each with a few batches in flight, and counts in
+// existing those that were there already. Calls counts the twins imported;
+// the latency is each batch's, from sending it to its durable answer.
+func importFleet(ctx context.Context, conns []*twind.Client, o fleetOptions, existing *atomic.Int64, progress io.Writer) (LoadPhase, error) {
+	var tmpl twinv1.Twin
+	if err := protojson.Unmarshal([]byte(fridgeDoc), &tmpl); err != nil {
+		panic(err)
+	}
+	var (
+		next, imported, failed atomic.Int64
+		firstErr               error
+		errOnce                sync.Once
+		wg                     sync.WaitGroup
+		lat                    = make([][]time.Duration, len(conns))
+	)
+	fail := func(err error) {
+		failed.Add(1)
+		errOnce.Do(func() { firstErr = err })
+	}
+	start := time.Now()
+	stopProgress := everySecond(func() {
+		n := imported.Load() + existing.Load()
+		fmt.Fprintf(progress, "  %d of %d (%.0f/s)\n", n, o.twins, float64(n)/time.Since(start).Seconds())
+	})
+	const inFlight = 4 // batches sent and not yet answered, per stream
+	for w, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			stream, err := c.Twins.ImportTwins(ctx)
+			if err != nil {
+				fail(fmt.Errorf("import: %w", err))
+				return
+			}
+			sent := make(chan time.Time, inFlight)
+			recvDone := make(chan struct{})
+			go func() {
+				defer close(recvDone)
+				for {
+					resp, err := stream.Recv()
+					if err == io.EOF || (err == nil && resp.GetDone()) {
+						return
+					}
+					if err != nil {
+						fail(fmt.Errorf("import: %w", err))
+						cancel()
+						return
+					}
+					lat[w] = append(lat[w], time.Since(<-sent))
+					imported.Add(resp.GetImported())
+					for _, e := range resp.GetErrors() {
+						if e.GetCode() == "ALREADY_EXISTS" {
+							existing.Add(1)
+						} else {
+							fail(fmt.Errorf("import %s: %s", e.GetId(), e.GetMessage()))
+						}
+					}
+				}
+			}()
+			for failed.Load() == 0 && ctx.Err() == nil {
+				first := int(next.Add(importBatch) - importBatch)
+				if first >= o.twins {
+					break
+				}
+				req := &twinv1.ImportTwinsRequest{}
+				for i := first; i < min(first+importBatch, o.twins); i++ {
+					req.Twins = append(req.Twins, &twinv1.TwinRecord{Twin: &twinv1.Twin{Id: fridgeID(i), Type: tmpl.Type,
+						Labels: tmpl.Labels, Reported: tmpl.Reported, Desired: tmpl.Desired}})
+				}
+				select {
+				case sent <- time.Now():
+				case <-recvDone:
+				}
+				if err := stream.Send(req); err != nil {
+					break // Recv says why
+				}
+			}
+			if err := stream.CloseSend(); err != nil {
+				fail(fmt.Errorf("import: %w", err))
+			}
+			<-recvDone
+		}()
+	}
+	wg.Wait()
+	stopProgress()
+	el := time.Since(start)
+	var all []time.Duration
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	p := LoadPhase{Seconds: el.Seconds(), Calls: imported.Load(), PerSecond: float64(imported.Load()) / el.Seconds(),
 		Errors: failed.Load(), Latency: summarize(all)}
 	if firstErr != nil {
 		p.FirstError = firstErr.Error()

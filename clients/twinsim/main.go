@@ -155,6 +155,7 @@ uniform and 80/20. --addr, --token and --tls are not used.`,
 		},
 	}
 	fleet.Flags().IntVar(&fo.twins, "twins", 10_000, "fridge twins in the fleet")
+	fleet.Flags().StringVar(&fo.create, "create", "import", "how to create the twins: import (ImportTwins, batches of 1,000) or calls (CreateTwin)")
 	fleet.Flags().StringVar(&fo.twind, "twind", "", "twind binary to run (default: go build one into the work directory)")
 	fleet.Flags().StringArrayVar(&fo.twindArgs, "twind-arg", nil, "a further flag for twind, e.g. --twind-arg=--workers=8 (repeatable)")
 	fleet.Flags().StringVar(&fo.dir, "dir", "", "work directory for the store (DIR/data) and twind.log (default: a temporary one, removed unless --keep); twins already there are kept")
