@@ -63,7 +63,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		}
 		c.gone = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
 		kind, source = KindDeleted, SourceAPI
-		if l := w.cmds[o.id]; l != nil {
+		if l := ent.cmds; l != nil {
 			c.cmds = &commandList{}
 			for _, cmd := range l.cmds {
 				c.dropCmds = append(c.dropCmds, cmd.Seq)
@@ -124,13 +124,13 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 	ent.work = next
 	w.touch(ent)
 	if next == nil {
-		delete(w.cmds, o.id)
+		ent.cmds = nil
 		ent.gone, ent.states, ent.statesLoaded = c.gone, nil, true
 	} else if cur == nil {
 		ent.states, ent.statesLoaded = nil, true // a new twin has none
 	}
 	if c.cmds != nil && next != nil {
-		w.cmds[o.id] = c.cmds
+		ent.cmds = c.cmds
 	}
 	return c, nil
 }

@@ -514,16 +514,16 @@ func (w *worker) importTwin(o *op, p *preparedImport) (*change, error) {
 		c.replaced, c.closeErr = s, fmt.Errorf("%w: twin %q was replaced by an import; connect again", ErrTokenRevoked, id)
 		delete(w.sinks, id)
 	}
-	if l := w.cmds[id]; l != nil {
+	if l := ent.cmds; l != nil {
 		for _, cmd := range l.cmds {
 			w.expiries.remove(cmd)
 		}
 	}
-	delete(w.cmds, id)
+	ent.cmds = nil
 	if len(p.cmds) > 0 {
 		c.cmds = &commandList{cmds: p.cmds}
 		c.writeCmds = p.cmds
-		w.cmds[id] = c.cmds
+		ent.cmds = c.cmds
 		for _, cmd := range p.cmds {
 			if !cmd.State.Final() {
 				w.expiries.add(cmd)

@@ -41,6 +41,9 @@ type entry struct {
 	// statesLoaded says they were read from the store.
 	states       map[string]RuleState
 	statesLoaded bool
+	// cmds are the device's retained commands (nil: none), in the
+	// working state.
+	cmds *commandList
 	// seen says the store holds a seen key for the twin (seenKey).
 	seen bool
 	// seq is the last worker step that changed the twin's keys: until
@@ -52,6 +55,9 @@ type entry struct {
 	// durable is the twin as of the worker's last published step, nil if
 	// none. w.mu guards it.
 	durable *Twin
+	// durableCmds are the device's retained commands as of the worker's
+	// last published step. w.mu guards them.
+	durableCmds *commandList
 	// used is the cache clock at the entry's last use, for eviction.
 	used atomic.Int64
 }
@@ -167,18 +173,28 @@ func (w *worker) fetch(ids []string) error {
 		ent.used.Store(w.cache.clock.Load())
 		loaded[i] = ent
 	}
-	if len(found) > 0 && w.e.currentEvaluator() != nil {
+	if len(found) > 0 {
+		// The found twins' commands, and their rule states if rules are
+		// set, with one iterator, in key order.
+		rules := w.e.currentEvaluator() != nil
 		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: prefixShards, UpperBound: prefixEnd(prefixShards)})
 		if err != nil {
 			return err
 		}
 		for _, i := range found {
-			ent := loaded[i]
-			if ent.states, err = readRuleStates(it, w.e.VShard(ids[i]), ids[i]); err != nil {
+			ent, vs := loaded[i], w.e.VShard(ids[i])
+			var size int
+			ent.cmds, size, err = readCommands(it, vs, ids[i])
+			if err == nil && rules {
+				ent.states, err = readRuleStates(it, vs, ids[i])
+				ent.statesLoaded = true
+			}
+			if err != nil {
 				it.Close()
 				return err
 			}
-			ent.statesLoaded = true
+			ent.durableCmds = ent.cmds
+			ent.size += int64(size) * 4
 		}
 		if err := it.Close(); err != nil {
 			return err

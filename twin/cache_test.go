@@ -267,3 +267,75 @@ func BenchmarkListScan(b *testing.B) {
 		})
 	}
 }
+
+// TestCommandsCachedWithTheirTwin: a device's retained commands are read
+// with its twin, not at start-up: a restart holds no finished command in
+// memory, only the expiry of open ones, and the commands still read back,
+// from the store or the cache, and keep working (update, expiry).
+func TestCommandsCachedWithTheirTwin(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Workers: 1, VShards: 4, CacheBytes: 16 << 10, Clock: clock.Now}
+	e := openMem(t, fs, opts)
+	const n = 200
+	ids := make([]string, n)
+	open := make([]string, n) // the id of each device's open command
+	for i := range n {
+		ids[i] = fmt.Sprintf("fridge-%04d", i)
+		if _, err := e.Create(ctx, CreateRequest{ID: ids[i], Type: "fridge"}); err != nil {
+			t.Fatal(err)
+		}
+		cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: ids[i], Name: "defrost"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.UpdateCommand(ctx, ids[i], CommandUpdate{ID: cmd.ID, State: CommandSucceeded}); err != nil {
+			t.Fatal(err)
+		}
+		cmd, err = e.SendCommand(ctx, CommandRequest{DeviceID: ids[i], Name: "eco", TTL: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		open[i] = cmd.ID
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts)
+	defer e.Close()
+	if st := e.Stats(); st.CachedTwins != 0 {
+		t.Errorf("start-up cached %d twins; want 0", st.CachedTwins)
+	}
+	if got := e.workers[0].expiries.Len(); got != n {
+		t.Errorf("start-up scheduled %d expiries; want %d, one per open command", got, n)
+	}
+	for i, id := range ids {
+		cmds, _, err := e.ListCommands(id, nil, 0, 10)
+		if err != nil || len(cmds) != 2 || cmds[0].State != CommandSucceeded || cmds[1].State != CommandQueued {
+			t.Fatalf("ListCommands(%s) = %v, %v; want the finished and the open command", id, cmds, err)
+		}
+		if got, err := e.GetCommand(open[i]); err != nil || got.Name != "eco" {
+			t.Fatalf("GetCommand(%s) = %v, %v", open[i], got, err)
+		}
+	}
+	// Half the open commands finish; the others expire, twins cached or not.
+	for i := range n / 2 {
+		if _, err := e.UpdateCommand(ctx, ids[i], CommandUpdate{ID: open[i], State: CommandRejected}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clock.Advance(2 * time.Minute)
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, id := range open {
+		want := CommandExpired
+		if i < n/2 {
+			want = CommandRejected
+		}
+		if got, err := e.GetCommand(id); err != nil || got.State != want {
+			t.Fatalf("GetCommand(%s) = %v, %v; want %s", id, got, err, want)
+		}
+	}
+}

@@ -189,12 +189,13 @@ func (e *Engine) publish(g *group) {
 			continue // an import's marker event: no twin
 		}
 		// Cached: the entries a step changed stay until it is published.
-		g.w.cache.m[c.op.id].durable = c.next
+		ent := g.w.cache.m[c.op.id]
+		ent.durable = c.next
 		switch {
 		case c.next == nil:
-			delete(g.w.cmdView, c.op.id)
+			ent.durableCmds = nil
 		case c.cmds != nil:
-			g.w.cmdView[c.op.id] = c.cmds
+			ent.durableCmds = c.cmds
 		}
 		e.twins.Add(c.twinsAdded())
 	}

@@ -562,7 +562,7 @@ func TestStepCostBudget(t *testing.T) {
 	// A worker of its own over the store's shards, not running, so that
 	// the test can step it.
 	w := &worker{e: e, cache: twinCache{m: map[string]*entry{}, limit: 1 << 30}, counts: map[uint16]int64{},
-		sinks: map[string]Sink{}, cmds: map[string]*commandList{}, ruleWake: map[string]time.Time{}}
+		sinks: map[string]Sink{}, ruleWake: map[string]time.Time{}}
 	evals := 0
 	ev := funcEvaluator{ticks: true, eval: func(_, _ *Twin, _ map[string]RuleState, _ time.Time, _ bool) Evaluation {
 		evals++

@@ -1,12 +1,16 @@
 package twin
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2"
 )
 
 // Sink receives what a connected device must be told. The engine calls it
@@ -93,7 +97,7 @@ func (w *worker) presence(c *change, cur *Twin, o *op, now time.Time) *Twin {
 	next := cur.clone()
 	next.Presence = Presence{Connected: true, Since: now, LastSeen: now}
 	// Everything unfinished goes (again) to the new stream, in order.
-	for _, cmd := range w.cmds[o.id].open() {
+	for _, cmd := range w.cmdsOf(o.id).open() {
 		if cmd.State == CommandQueued {
 			cmd = cmd.clone()
 			cmd.State, cmd.UpdateTime = CommandSent, now
@@ -107,7 +111,7 @@ func (w *worker) presence(c *change, cur *Twin, o *op, now time.Time) *Twin {
 
 // sendCommand queues a command.
 func (w *worker) sendCommand(c *change, cur *Twin, req *CommandRequest, now time.Time) (*Twin, error) {
-	l := w.cmds[cur.ID]
+	l := w.cmdsOf(cur.ID)
 	if req.RequestID != "" && l != nil {
 		for _, cmd := range l.cmds {
 			if cmd.RequestID != req.RequestID {
@@ -168,7 +172,7 @@ func (w *worker) updateCommand(c *change, cur *Twin, u *CommandUpdate, now time.
 	if dev != cur.ID {
 		return fmt.Errorf("%w: command %q is not one of device %q", ErrInvalidArgument, u.ID, cur.ID)
 	}
-	_, cmd := w.cmds[cur.ID].find(seq)
+	_, cmd := w.cmdsOf(cur.ID).find(seq)
 	if cmd == nil {
 		return fmt.Errorf("%w: command %q does not exist", ErrNotFound, u.ID)
 	}
@@ -189,7 +193,7 @@ func (w *worker) updateCommand(c *change, cur *Twin, u *CommandUpdate, now time.
 // server: canceled or expired.
 func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg string, now time.Time) error {
 	id := CommandID(c.op.id, seq)
-	_, cmd := w.cmds[c.op.id].find(seq)
+	_, cmd := w.cmdsOf(c.op.id).find(seq)
 	if cmd == nil {
 		return fmt.Errorf("%w: command %q does not exist", ErrNotFound, id)
 	}
@@ -214,13 +218,13 @@ func (w *worker) finishCommand(c *change, seq int64, state CommandState, msg str
 func (w *worker) putCommand(c *change, cmd *Command, deliver bool) {
 	l := c.cmds
 	if l == nil {
-		l = w.cmds[cmd.DeviceID]
+		l = w.cmdsOf(cmd.DeviceID)
 	}
 	l = l.with(cmd)
 	var dropped []int64
 	l, dropped = l.prune(w.e.opts.CommandRetention)
 	c.cmds = l
-	w.cmds[cmd.DeviceID] = l
+	w.cache.m[cmd.DeviceID].cmds = l
 	c.dropCmds = append(c.dropCmds, dropped...)
 	c.writeCmds = append(c.writeCmds, cmd)
 	if deliver {
@@ -243,7 +247,7 @@ func (w *worker) expireDue(now time.Time) []*change {
 		if cur == nil {
 			continue
 		}
-		_, cmd := w.cmds[x.device].find(x.seq)
+		_, cmd := w.cmdsOf(x.device).find(x.seq)
 		if cmd == nil || cmd.State.Final() || cmd.ExpireTime.After(now) {
 			continue // cannot happen: finished commands leave the heap
 		}
@@ -320,10 +324,11 @@ func (e *Engine) GetCommand(id string) (*Command, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := e.workerFor(dev)
-	w.mu.RLock()
-	_, cmd := w.cmdView[dev].find(seq)
-	w.mu.RUnlock()
+	l, err := e.durableCommands(dev)
+	if err != nil {
+		return nil, err
+	}
+	_, cmd := l.find(seq)
 	if cmd == nil {
 		return nil, fmt.Errorf("%w: command %q does not exist", ErrNotFound, id)
 	}
@@ -337,12 +342,9 @@ func (e *Engine) ListCommands(deviceID string, states []CommandState, after int6
 	if _, err := e.Get(deviceID); err != nil {
 		return nil, false, err
 	}
-	w := e.workerFor(deviceID)
-	w.mu.RLock()
-	l := w.cmdView[deviceID]
-	w.mu.RUnlock()
-	if l == nil {
-		return nil, false, nil
+	l, err := e.durableCommands(deviceID)
+	if err != nil || l == nil {
+		return nil, false, err
 	}
 	for _, c := range l.cmds {
 		if c.Seq <= after || (len(states) > 0 && !slices.Contains(states, c.State)) {
@@ -426,4 +428,56 @@ func (w *worker) lostDevices(ev Evaluator, now time.Time) []*change {
 		}
 	}
 	return out
+}
+
+// cmdsOf returns the retained commands of a device whose twin the worker
+// read into its cache in this step.
+func (w *worker) cmdsOf(id string) *commandList { return w.cache.m[id].cmds }
+
+// durableCommands returns a device's retained commands as durable: from
+// its worker's cache, or else from the worker's durable snapshot.
+func (e *Engine) durableCommands(id string) (*commandList, error) {
+	w := e.workerFor(id)
+	w.mu.RLock()
+	ent := w.cache.m[id]
+	var l *commandList
+	if ent != nil {
+		l = ent.durableCmds
+	}
+	w.mu.RUnlock()
+	if ent != nil {
+		return l, nil
+	}
+	if !e.startReader() {
+		return nil, ErrClosed
+	}
+	defer e.readerWG.Done()
+	snap := w.durableSnapshot()
+	defer snap.release()
+	it, err := snap.s.NewIter(nil)
+	if err != nil {
+		return nil, err
+	}
+	l, _, err = readCommands(it, e.VShard(id), id)
+	return l, errors.Join(err, it.Close())
+}
+
+// readCommands reads a device's retained commands, in sequence order, and
+// returns them (nil if none) with their encoded size.
+func readCommands(it *pebble.Iterator, vs uint16, id string) (*commandList, int, error) {
+	p := commandPrefix(vs, id)
+	var l *commandList
+	size := 0
+	for ok := it.SeekGE(p); ok && bytes.HasPrefix(it.Key(), p); ok = it.Next() {
+		cmd, err := decodeCommand(it.Value())
+		if err != nil {
+			return nil, 0, fmt.Errorf("%w (key %q)", err, it.Key())
+		}
+		if l == nil {
+			l = &commandList{}
+		}
+		l.cmds = append(l.cmds, cmd)
+		size += len(it.Value())
+	}
+	return l, size, it.Error()
 }

@@ -101,8 +101,6 @@ func (e *Engine) load() error {
 			cache:   twinCache{m: map[string]*entry{}, limit: e.opts.twinCacheBytes() / int64(min(e.opts.Workers, e.vshards))},
 			counts:  map[uint16]int64{},
 			sinks:   map[string]Sink{},
-			cmds:    map[string]*commandList{},
-			cmdView: map[string]*commandList{},
 
 			ruleWake: map[string]time.Time{},
 			// A few commits in flight per worker overlap the next
@@ -266,22 +264,15 @@ func (e *Engine) loadPresence(id, _ []byte) error {
 	return nil
 }
 
-// loadCommand loads a retained command.
+// loadCommand schedules the expiry of a retained command that is not
+// finished. Commands themselves are read with their twin when it is needed.
 func (e *Engine) loadCommand(_, value []byte) error {
 	cmd, err := decodeCommand(value)
 	if err != nil {
 		return err
 	}
-	w := e.workerFor(cmd.DeviceID)
-	l := w.cmds[cmd.DeviceID]
-	if l == nil {
-		l = &commandList{}
-	}
-	l.cmds = append(l.cmds, cmd) // keys, and so commands, are in sequence order
-	w.cmds[cmd.DeviceID] = l
-	w.cmdView[cmd.DeviceID] = l
 	if !cmd.State.Final() {
-		w.expiries.add(cmd)
+		e.workerFor(cmd.DeviceID).expiries.add(cmd)
 	}
 	return nil
 }

@@ -23,7 +23,6 @@ type worker struct {
 	// shards, as of its last step.
 	counts   map[uint16]int64
 	sinks    map[string]Sink         // the streams of connected devices
-	cmds     map[string]*commandList // retained commands by device
 	expiries expiryHeap              // when open commands expire
 	// ruleTimers say when rules want a twin evaluated again.
 	ruleTimers ruleTimerHeap
@@ -42,12 +41,11 @@ type worker struct {
 	lost   map[string]bool
 	lostAt time.Time
 
-	// mu protects the cache's map and its entries' durable states,
-	// cmdView and snap: the committed state that readers see. The syncer
+	// mu protects the cache's map and its entries' durable states, and
+	// snap: the committed state that readers see. The syncer
 	// writes them after each commit; readers take the read lock. snap is
 	// the store as of the last durable step (snapshot.go).
 	mu      sync.RWMutex
-	cmdView map[string]*commandList
 	snap    *sharedSnapshot
 	// applied and published count the steps whose batch the worker has
 	// applied to the store and those its syncer has published (or
