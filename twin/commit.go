@@ -55,6 +55,9 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	var tw []byte // the encoded twin of the event
 	if c.next != c.prev {
+		if err := writeIndex(b, vs, c.prev, c.next); err != nil {
+			return buf, err
+		}
 		rec := record{Twin: c.next}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}

@@ -127,7 +127,7 @@ func (e *Engine) load() error {
 			return err
 		}
 	}
-	return nil
+	return e.ensureIndex()
 }
 
 // loadShard loads the twins of one virtual shard, their commands, presence
