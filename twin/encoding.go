@@ -21,6 +21,10 @@ import (
 //	                               whose Event is in the watch log
 //	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule (JSON)
 //	s/<vs:2>/p/<id>                presence mark: the device is connected (empty)
+//	s/<vs:2>/y/<type>\x00<id>      index: the twin's type (empty; index.go)
+//	s/<vs:2>/b/<key>\x00<value>\x00<id>
+//	                               index: one of the twin's labels (empty)
+//	m/index                        the index is complete
 //	r/<rule>                       rule definitions, owned by the rules package
 //
 // Check (check.go) verifies the invariants between these keys.

@@ -64,6 +64,7 @@ func run(args []string) error {
 	fs.DurationVar(&opts.ShutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a shutdown waits for calls in flight before it cancels them")
 	fs.DurationVar(&opts.DeviceSendTimeout, "device-send-timeout", 30*time.Second, "a device stream that reads nothing for this long is disconnected (its commands stay queued)")
 	fs.DurationVar(&opts.WatchSendTimeout, "watch-send-timeout", 30*time.Second, "a watch whose client reads nothing for this long is ended; it resumes from the revision it is told")
+	fs.Uint64Var(&opts.ListCostBudget, "list-cost-budget", 10_000_000, "CEL cost a ListTwins page may spend on its filter before it answers with a next_page_token (50 per twin plus the filter's cost)")
 	fs.IntVar(&opts.Engine.HistoryLimit, "history-limit", 100, "versions of each twin kept for ListTwinHistory")
 	fs.Int64Var(&opts.Engine.LogRetention, "log-retention", 1_000_000, "revisions kept in the watch log, for resuming watches")
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")
