@@ -244,6 +244,7 @@ func TestListIndexedReadsTheDurableIndex(t *testing.T) {
 		t.Fatal(err)
 	}
 	gate.Hold()
+	defer gate.Release() // before Close, should the test fail while held
 	fridge := "fridge"
 	done := make(chan error, 1)
 	go func() {
@@ -251,9 +252,8 @@ func TestListIndexedReadsTheDurableIndex(t *testing.T) {
 		done <- err
 	}()
 	gate.AwaitHeld(t)
-	if _, _, err := e.db.Get(append(typeIndexPrefix(e.VShard("c1"), "fridge"), "c1"...)); err != nil {
-		t.Fatalf("the store has no fridge index entry for c1 with the change applied: %v", err)
-	}
+	// The sync may start before the batch is visible: wait for it to be.
+	awaitApplied(t, e, append(typeIndexPrefix(e.VShard("c1"), "fridge"), "c1"...))
 	if got := listIDs(t, e, Pin{Types: []string{"car"}}, ""); !slices.Equal(got, []string{"c1"}) {
 		t.Errorf("ListIndexed(cars) with c1's change to fridge not durable = %v; want [c1]", got)
 	}
