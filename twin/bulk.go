@@ -607,6 +607,9 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 			}
 		}
 	}
+	if err := writeIndex(b, vs, c.prev, c.next); err != nil {
+		return buf, err
+	}
 	rec := encodeRecord(record{Twin: c.next})
 	if err := b.Set(twinKey(vs, id), rec, nil); err != nil {
 		return buf, err

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io/fs"
+	"maps"
 	"slices"
 	"strconv"
 
@@ -46,6 +47,9 @@ func (v Violation) String() string { return keyString(v.Key) + ": " + v.Problem 
 //     hold_for;
 //   - a shard's twin count, where the store keeps one, is its number of
 //     twins;
+//   - each index entry is of a twin that exists and has that type or
+//     label, and, once the store records its index complete, each twin
+//     has an index entry for its type and for each of its labels;
 //   - every key is one of the layout's, in the virtual shard of its twin,
 //     and its value decodes (in either store format: a store of format 1
 //     whose conversion was interrupted holds both); in a store of format 2,
@@ -106,6 +110,8 @@ type checker struct {
 	vs    int
 	twins map[string]*checkedTwin
 	hist  historyRun
+	// indexed says that the store records its index complete (m/index).
+	indexed bool
 }
 
 // checkedTwin is what the checker knows of one twin record.
@@ -122,6 +128,12 @@ type checkedTwin struct {
 	// pending says a rule state of the twin waits for a hold_for;
 	// pendingMarked that its pending mark was found.
 	pending, pendingMarked bool
+	// typ and labels are the twin's; typeIndexed says its type index
+	// entry was found, unindexed holds the labels whose entry was not.
+	typ         string
+	labels      map[string]string
+	typeIndexed bool
+	unindexed   map[string]string
 }
 
 // historyRun is the history entries of one twin, which are adjacent in key
@@ -160,6 +172,10 @@ func (c *checker) run() error {
 	}
 	if c.historyLimit <= 0 {
 		c.historyLimit = c.defaultHistoryLimit
+	}
+	if _, closer, err := c.db.Get(keyIndex); err == nil {
+		closer.Close()
+		c.indexed = true
 	}
 	if err := c.checkLog(); err != nil {
 		return err
@@ -318,6 +334,8 @@ func (c *checker) checkShardKey(k, v []byte) error {
 		c.checkHistory(k, rest, v)
 	case 'x':
 		c.checkRuleState(k, rest, v)
+	case sectionTypeIndex, sectionLabelIndex:
+		c.checkIndex(k, rest, v)
 	case 'p':
 		if t := c.owner(k, "presence mark", string(rest)); t != nil {
 			t.marked = true
@@ -385,6 +403,10 @@ func (c *checker) loadTwins(vs int) error {
 		}
 		t := r.Twin
 		ct.version, ct.cmdSeq, ct.connected = t.Version, t.CommandSeq, t.Presence.Connected
+		ct.typ, ct.labels = t.Type, t.Labels
+		if len(t.Labels) > 0 {
+			ct.unindexed = maps.Clone(t.Labels)
+		}
 		switch {
 		case t.ID != id:
 			c.add(k, "the record is of twin %q", t.ID)
@@ -616,6 +638,14 @@ func (c *checker) endShard() {
 		case !t.pending && t.pendingMarked:
 			c.add(t.key, "twin %q has a pending mark but no rule state waits for a hold_for", id)
 		}
+		if c.indexed && !t.typeIndexed {
+			c.add(t.key, "twin %q has no type index entry (for type %q): filters on its type would miss it", id, t.typ)
+		}
+		if c.indexed {
+			for _, k := range slices.Sorted(maps.Keys(t.unindexed)) {
+				c.add(t.key, "twin %q has no label index entry for %s=%q: filters on the label would miss it", id, k, t.unindexed[k])
+			}
+		}
 	}
 	c.twins = nil
 }
@@ -646,6 +676,14 @@ func keyString(k []byte) string {
 			}
 		case 'p', 'w':
 			return head + readable(string(rest))
+		case sectionTypeIndex:
+			if i := bytes.IndexByte(rest, 0); i >= 0 {
+				return head + strconv.Quote(string(rest[:i])) + "/" + readable(string(rest[i+1:]))
+			}
+		case sectionLabelIndex:
+			if i, j := bytes.IndexByte(rest, 0), bytes.LastIndexByte(rest, 0); i >= 0 && j > i {
+				return head + strconv.Quote(string(rest[:i])) + "=" + strconv.Quote(string(rest[i+1:j])) + "/" + readable(string(rest[j+1:]))
+			}
 		case 'x':
 			if i := bytes.IndexByte(rest, 0); i >= 0 {
 				return head + readable(string(rest[:i])) + "/" + readable(string(rest[i+1:]))
@@ -662,4 +700,49 @@ func readable(s string) string {
 		return s
 	}
 	return strconv.Quote(s)
+}
+
+// checkIndex checks an entry of the type or label index: its twin exists
+// and has that type or label.
+func (c *checker) checkIndex(k, rest, v []byte) {
+	if len(v) != 0 {
+		c.add(k, "an index entry's value must be empty, not %d bytes", len(v))
+	}
+	if k[5] == sectionTypeIndex {
+		i := bytes.IndexByte(rest, 0)
+		if i < 0 {
+			c.add(k, "a type index key must be s/<vshard>/y/<type>, a zero byte and the twin id")
+			return
+		}
+		typ, id := string(rest[:i]), string(rest[i+1:])
+		t := c.owner(k, "type index entry", id)
+		if t == nil {
+			return
+		}
+		if t.typ != typ {
+			c.add(k, "type index entry says type %q; twin %q has type %q", typ, id, t.typ)
+			return
+		}
+		t.typeIndexed = true
+		return
+	}
+	i, j := bytes.IndexByte(rest, 0), bytes.LastIndexByte(rest, 0)
+	if i < 0 || j == i {
+		c.add(k, "a label index key must be s/<vshard>/b/<key>, a zero byte, the value, a zero byte and the twin id")
+		return
+	}
+	key, value, id := string(rest[:i]), string(rest[i+1:j]), string(rest[j+1:])
+	t := c.owner(k, "label index entry", id)
+	if t == nil {
+		return
+	}
+	if have, ok := t.labels[key]; !ok || have != value {
+		if ok {
+			c.add(k, "label index entry says %s=%q; twin %q has %s=%q", key, value, id, key, have)
+		} else {
+			c.add(k, "label index entry says %s=%q; twin %q has no label %s", key, value, id, key)
+		}
+		return
+	}
+	delete(t.unindexed, key)
 }

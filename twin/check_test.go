@@ -23,8 +23,8 @@ type checkStore struct {
 	carV3Rev, reV2Rev int64
 }
 
-// newCheckStore makes a store with a live twin car-1 at version 3 with one
-// command, a deleted twin gone, a twin re at version 3, re-created after a
+// newCheckStore makes a store with a live twin car-1 (type car, label
+// site=berlin) at version 3 with one command, a deleted twin gone, a twin re at version 3, re-created after a
 // delete at version 2, and a twin dev-1 whose device is connected. The
 // engine is closed when it returns.
 func newCheckStore(t *testing.T) checkStore {
@@ -37,7 +37,10 @@ func newCheckStore(t *testing.T) checkStore {
 	}
 	s.vs = e.VShard
 	steps := []func() error{
-		func() error { _, err := e.Create(ctx, twin.CreateRequest{ID: "car-1", Type: "car"}); return err },
+		func() error {
+			_, err := e.Create(ctx, twin.CreateRequest{ID: "car-1", Type: "car", Labels: map[string]string{"site": "berlin"}})
+			return err
+		},
 		func() error {
 			_, err := e.Report(ctx, twin.PatchRequest{ID: "car-1", Patch: twin.Document{"speed_kmh": 50.0}})
 			return err
@@ -267,6 +270,48 @@ func TestCheckNamesViolations(t *testing.T) {
 		},
 		wantKey:     "l/2",
 		wantProblem: "the event does not decode",
+	}, {
+		name: "missing type index entry",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("car-1"), 'y', "car\x00car-1"), nil}}
+		},
+		wantKey:     "t/car-1",
+		wantProblem: `twin "car-1" has no type index entry (for type "car")`,
+	}, {
+		name: "stale type index entry",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("car-1"), 'y', "fridge\x00car-1"), []byte{}}}
+		},
+		wantKey:     `y/"fridge"/car-1`,
+		wantProblem: `type index entry says type "fridge"; twin "car-1" has type "car"`,
+	}, {
+		name: "type index entry of a deleted twin",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("gone"), 'y', "\x00gone"), []byte{}}}
+		},
+		wantKey:     `y/""/gone`,
+		wantProblem: `type index entry of twin "gone", which was deleted at version 1`,
+	}, {
+		name: "missing label index entry",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("car-1"), 'b', "site\x00berlin\x00car-1"), nil}}
+		},
+		wantKey:     "t/car-1",
+		wantProblem: `twin "car-1" has no label index entry for site="berlin"`,
+	}, {
+		name: "stale label index entry",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("car-1"), 'b', "site\x00paris\x00car-1"), []byte{}}}
+		},
+		wantKey:     `b/"site"="paris"/car-1`,
+		wantProblem: `label index entry says site="paris"; twin "car-1" has site="berlin"`,
+	}, {
+		name: "label index entry of a label the twin lacks",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{shardKey(s.vs("re"), 'b', "site\x00berlin\x00re"), []byte{}}}
+		},
+		wantKey:     `b/"site"="berlin"/re`,
+		wantProblem: `label index entry says site="berlin"; twin "re" has no label site`,
 	}, {
 		name:        "unknown key",
 		edits:       func(checkStore, *pebble.DB) []edit { return []edit{{[]byte("zz"), []byte("1")}} },

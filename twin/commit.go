@@ -85,6 +85,9 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 				return buf, err
 			}
 		}
+		if err := writeIndex(b, vs, c.prev, c.next); err != nil {
+			return buf, err
+		}
 		rec := record{Twin: c.next}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}

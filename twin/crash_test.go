@@ -643,6 +643,7 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 		id  string
 	}
 	var owned []keyed
+	indexed := map[string]bool{} // the index keys found
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
 		section, rest := k[len(prefixShards)+3], k[len(prefixShards)+5:]
@@ -687,6 +688,8 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 			owned = append(owned, keyed{slices.Clone(k), string(rest)})
 		case 'n':
 			// A shard's twin count: Check compares it with the twins.
+		case sectionTypeIndex, sectionLabelIndex:
+			indexed[string(k)] = true
 		default:
 			report("key %q is in no known section", k)
 		}
@@ -698,6 +701,17 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 		if live[o.id] == nil {
 			report("key %q belongs to twin %s, which does not exist", o.key, o.id)
 		}
+	}
+	for id, t := range live {
+		for _, k := range indexKeys(e.VShard(id), t) {
+			if !indexed[string(k)] {
+				report("twin %s has no index key %q", id, k)
+			}
+			delete(indexed, string(k))
+		}
+	}
+	for k := range indexed {
+		report("index key %q is of no live twin with that type or label", k)
 	}
 	for id, t := range live {
 		vs := history[id]

@@ -28,6 +28,10 @@ import (
 //	s/<vs:2>/w/<id>                pending mark: a rule state of the twin waits for
 //	                               a hold_for to run out (empty)
 //	s/<vs:2>/n/                    the number of twins in the shard (8 bytes)
+//	s/<vs:2>/y/<type>\x00<id>      index: the twin's type (empty; index.go)
+//	s/<vs:2>/b/<key>\x00<value>\x00<id>
+//	                               index: one of the twin's labels (empty)
+//	m/index                        the index is complete
 //	r/<rule>                       rule definitions, owned by the rules package
 //
 // Check (check.go) verifies the invariants between these keys.

@@ -157,7 +157,7 @@ func (e *Engine) load() error {
 			return err
 		}
 	}
-	return nil
+	return e.ensureIndex()
 }
 
 // loadShard loads what a virtual shard's worker must know before it

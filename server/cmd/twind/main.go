@@ -73,6 +73,7 @@ func run(args []string) error {
 	}
 	fs.Var(&cacheSize, "cache-size", "memory for twins in use and the store's block cache together; twins beyond it are read from the store (env TWIND_CACHE_SIZE)")
 	fs.Var(&memoryLimit, "memory-limit", "Go's soft memory limit (GOMEMLIMIT); 0: twice --cache-size plus 512MiB (env TWIND_MEMORY_LIMIT)")
+	fs.Uint64Var(&opts.ListCostBudget, "list-cost-budget", 10_000_000, "CEL cost a ListTwins page may spend on its filter before it answers with a next_page_token (50 per twin plus the filter's cost)")
 	fs.IntVar(&opts.Engine.HistoryLimit, "history-limit", 100, "versions of each twin kept for ListTwinHistory")
 	fs.Int64Var(&opts.Engine.LogRetention, "log-retention", 1_000_000, "revisions kept in the watch log, for resuming watches")
 	fs.IntVar(&opts.Engine.Limits.MaxDocumentBytes, "max-document-bytes", 64<<10, "maximum size of a reported or desired document")

@@ -698,7 +698,9 @@ type ListTwinsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The twins, ordered by id.
 	Twins []*Twin `protobuf:"bytes,1,rep,name=twins,proto3" json:"twins,omitempty"`
-	// Pass as page_token to get the next page; empty on the last page.
+	// Pass as page_token to get the next page; empty on the last page. A page
+	// that spent its filtering budget ends early with a token, however few
+	// twins it holds (maybe none): page on until the token is empty.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	// Every change up to this store revision is reflected in the list (later
 	// ones may be too). To follow changes without a gap, watch from
