@@ -253,4 +253,3 @@ func TestReviewCreateStoreSyncsOnce(t *testing.T) {
 		t.Errorf("creating a store synced the WAL %d times; want a few", n)
 	}
 }
-

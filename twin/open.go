@@ -94,13 +94,13 @@ func (e *Engine) load() error {
 	e.workers = make([]*worker, min(e.opts.Workers, e.vshards))
 	for i := range e.workers {
 		e.workers[i] = &worker{
-			e:       e,
-			index:   i,
-			inbox:   make(chan *op, e.opts.InboxSize),
-			wake:    make(chan struct{}, 1),
-			cache:   twinCache{m: map[string]*entry{}, limit: e.opts.twinCacheBytes() / int64(min(e.opts.Workers, e.vshards))},
-			counts:  map[uint16]int64{},
-			sinks:   map[string]Sink{},
+			e:      e,
+			index:  i,
+			inbox:  make(chan *op, e.opts.InboxSize),
+			wake:   make(chan struct{}, 1),
+			cache:  twinCache{m: map[string]*entry{}, limit: e.opts.twinCacheBytes() / int64(min(e.opts.Workers, e.vshards))},
+			counts: map[uint16]int64{},
+			sinks:  map[string]Sink{},
 
 			ruleWake: map[string]time.Time{},
 			// A few commits in flight per worker overlap the next

@@ -22,8 +22,8 @@ type worker struct {
 	// counts holds the number of twins in each of the worker's virtual
 	// shards, as of its last step.
 	counts   map[uint16]int64
-	sinks    map[string]Sink         // the streams of connected devices
-	expiries expiryHeap              // when open commands expire
+	sinks    map[string]Sink // the streams of connected devices
+	expiries expiryHeap      // when open commands expire
 	// ruleTimers say when rules want a twin evaluated again.
 	ruleTimers ruleTimerHeap
 	ruleWake   map[string]time.Time // each twin's pending wake-up in ruleTimers
@@ -45,8 +45,8 @@ type worker struct {
 	// snap: the committed state that readers see. The syncer
 	// writes them after each commit; readers take the read lock. snap is
 	// the store as of the last durable step (snapshot.go).
-	mu      sync.RWMutex
-	snap    *sharedSnapshot
+	mu   sync.RWMutex
+	snap *sharedSnapshot
 	// applied and published count the steps whose batch the worker has
 	// applied to the store and those its syncer has published (or
 	// failed). While they differ the worker has steps in flight and snap
