@@ -339,3 +339,70 @@ func TestCommandsCachedWithTheirTwin(t *testing.T) {
 		}
 	}
 }
+
+// typeTicker ticks the rules of some types only.
+type typeTicker struct {
+	types []string
+	eval  func(next *Twin)
+}
+
+func (e typeTicker) Evaluate(_, next *Twin, _ map[string]RuleState, _ time.Time, timer bool) Evaluation {
+	if timer {
+		e.eval(next)
+	}
+	return Evaluation{}
+}
+func (e typeTicker) Ticks(typ string) bool       { return slices.Contains(e.types, typ) }
+func (e typeTicker) TickTypes() ([]string, bool) { return e.types, false }
+
+// TestTickWalksOnlyTickingTypes: a tick walks the index of twins by type:
+// twins of types whose rules do not read now are neither evaluated nor read
+// from the store.
+func TestTickWalksOnlyTickingTypes(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Workers: 1, VShards: 4, Clock: clock.Now, RuleTick: 10 * time.Second}
+	e := openMem(t, fs, opts)
+	const n = 300
+	for i := range n {
+		for _, typ := range []string{"planter", "car"} {
+			if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("%s-%03d", typ, i), Type: typ}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts) // nothing cached
+	defer e.Close()
+	var mu sync.Mutex
+	evals := map[string]int{}
+	e.SetEvaluator(typeTicker{types: []string{"planter"}, eval: func(next *Twin) {
+		mu.Lock()
+		evals[next.Type]++
+		mu.Unlock()
+	}})
+	if err := e.RunTimers(ctx); err != nil { // starts the ticking
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second) // a tick
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second) // past its pace
+	for range 4 {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if evals["planter"] != n || evals["car"] != 0 {
+		t.Errorf("a tick of planter rules evaluated %v; want %d planters and no car", evals, n)
+	}
+	if misses := e.Stats().CacheMisses; misses != n {
+		t.Errorf("the tick read %d twins from the store; want the %d planters only", misses, n)
+	}
+}

@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"bytes"
 	"container/heap"
 	"errors"
 	"fmt"
@@ -372,19 +373,22 @@ func (w *worker) timedRules(ev Evaluator, now time.Time, tick bool) []*change {
 // requests that arrive meanwhile in between.
 const tickChunk = 256
 
-// tickScan is a periodic tick's walk over the worker's twins, in key order.
-// It is paced to end by three quarters of the tick interval, a chunk at a
-// time, rather than at once: the cost of a tick over a million twins is
-// spread over the interval instead of stalling the worker's requests.
+// tickScan is a periodic tick's walk over the worker's twins of the types
+// whose rules read `now`, through the index of twins by type, shard by
+// shard and in key order. It is paced to end by three quarters of the tick
+// interval, a chunk at a time, rather than at once: the cost of a tick over
+// a million twins is spread over the interval instead of stalling the
+// worker's requests, and twins of other types cost nothing.
 type tickScan struct {
-	// shard is where the walk is (an index into the worker's shards), and
-	// after the last twin id it walked there.
-	shard int
-	after string
-	start time.Time
-	// walked counts the live twins walked (deletion markers are walked
-	// but not counted); total is how many the worker had when the tick
-	// began.
+	// shard is where the walk is (an index into the worker's shards),
+	// rng the index range in it (one per ticking type, or the whole
+	// type index when every type ticks), and after the key suffix it
+	// walked last there.
+	shard, rng int
+	after      []byte
+	start      time.Time
+	// walked counts the twins walked; total is how many the worker had
+	// when the tick began, all types.
 	walked, total int64
 }
 
@@ -411,59 +415,53 @@ func (s *tickScan) next(interval time.Duration) time.Time {
 	return s.start.Add(time.Duration(float64(span) * float64(s.walked) / float64(s.total)))
 }
 
-// scanTick walks up to n more twins of the tick's scan and returns those
-// whose types have time-dependent rules; it ends the scan when it has seen
-// every twin.
+// scanTick walks up to n more twins of the tick's scan, whose types have
+// time-dependent rules, and returns them; it ends the scan when it has
+// walked them all. It reads only index keys: no twin is decoded to learn
+// its type.
 func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
+	types, all := ev.TickTypes()
 	shards := w.shards()
 	var ids []string
-	// keys bounds the records a step reads, deletion markers included;
-	// walked counts the live twins among them, as total does.
-	keys, walked := 0, 0
-	for w.scan.shard < len(shards) && keys < n {
+	for w.scan.shard < len(shards) && len(ids) < n {
 		vs := shards[w.scan.shard]
-		lower := shardPrefix(vs, 't')
+		ranges := [][]byte{shardPrefix(vs, sectionTypeIndex)} // type\x00id: every twin
+		if !all {
+			ranges = ranges[:0]
+			for _, typ := range types {
+				ranges = append(ranges, typeIndexPrefix(vs, typ)) // id
+			}
+		}
+		if w.scan.rng >= len(ranges) {
+			w.scan.shard, w.scan.rng, w.scan.after = w.scan.shard+1, 0, nil
+			continue
+		}
+		lower := ranges[w.scan.rng]
 		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
 		if err != nil {
 			return nil, err
 		}
 		ok := it.First()
-		if w.scan.after != "" {
-			ok = it.SeekGE(append(twinKey(vs, w.scan.after), 0))
+		if w.scan.after != nil {
+			ok = it.SeekGE(append(append(lower, w.scan.after...), 0))
 		}
-		for ; ok && keys < n; ok = it.Next() {
-			if isSubKey(it.Key()[len(lower):]) {
-				continue
+		for ; ok && len(ids) < n; ok = it.Next() {
+			suffix := it.Key()[len(lower):]
+			w.scan.after = append(w.scan.after[:0], suffix...)
+			id := suffix
+			if all {
+				id = suffix[bytes.IndexByte(suffix, 0)+1:]
 			}
-			id := string(it.Key()[len(lower):])
-			w.scan.after = id
-			keys++
-			t := (*Twin)(nil)
-			if ent := w.cache.m[id]; ent != nil {
-				t = ent.work
-			} else {
-				rec, err := decodeRecord(it.Value())
-				if err != nil {
-					it.Close()
-					return nil, fmt.Errorf("%w (twin %q)", err, id)
-				}
-				t = rec.Twin
-			}
-			if t != nil {
-				walked++
-			}
-			if t != nil && ev.Ticks(t.Type) {
-				ids = append(ids, id)
-			}
+			ids = append(ids, string(id))
 		}
 		if err := errors.Join(it.Error(), it.Close()); err != nil {
 			return nil, err
 		}
 		if !ok {
-			w.scan.shard, w.scan.after = w.scan.shard+1, ""
+			w.scan.rng, w.scan.after = w.scan.rng+1, nil
 		}
 	}
-	w.scan.walked += int64(walked)
+	w.scan.walked += int64(len(ids))
 	if w.scan.shard == len(shards) {
 		w.scan = nil
 	}
