@@ -48,6 +48,10 @@ func NewSet(rules []*Compiled) *Set {
 	return s
 }
 
+// Watches implements twin.Evaluator: whether an enabled rule watches the
+// type.
+func (s *Set) Watches(typ string) bool { return len(s.all) > 0 || len(s.byType[typ]) > 0 }
+
 // Len returns the number of rules.
 func (s *Set) Len() int { return len(s.rules) }
 

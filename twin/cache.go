@@ -173,10 +173,13 @@ func (w *worker) fetch(ids []string) error {
 		ent.used.Store(w.cache.clock.Load())
 		loaded[i] = ent
 	}
+	// Rule states are read only for twins of a type that rules watch.
+	ev := w.e.currentEvaluator()
+	rules := func(t *Twin) bool { return ev != nil && ev.Watches(t.Type) }
+	found = slices.DeleteFunc(found, func(i int) bool { return loaded[i].work.CommandSeq == 0 && !rules(loaded[i].work) })
 	if len(found) > 0 {
 		// The found twins' commands, and their rule states if rules are
 		// set, with one iterator, in key order.
-		rules := w.e.currentEvaluator() != nil
 		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: prefixShards, UpperBound: prefixEnd(prefixShards)})
 		if err != nil {
 			return err
@@ -184,8 +187,11 @@ func (w *worker) fetch(ids []string) error {
 		for _, i := range found {
 			ent, vs := loaded[i], w.e.VShard(ids[i])
 			var size int
-			ent.cmds, size, err = readCommands(it, vs, ids[i])
-			if err == nil && rules {
+			if ent.work.CommandSeq > 0 {
+				// A device that never had a command has none to read.
+				ent.cmds, size, err = readCommands(it, vs, ids[i])
+			}
+			if err == nil && rules(ent.work) {
 				ent.states, err = readRuleStates(it, vs, ids[i])
 				ent.statesLoaded = true
 			}

@@ -25,6 +25,7 @@ func (c *tickCounter) TickTypes() ([]string, bool) {
 	c.steps.Add(1)
 	return nil, true
 }
+func (c *tickCounter) Watches(string) bool { return true }
 
 // TestReviewTickScanNoSpinWhenFleetGrows shows that a tick scan which walks
 // more twins than the fleet held when the tick began (twins created during

@@ -354,6 +354,7 @@ func (e typeTicker) Evaluate(_, next *Twin, _ map[string]RuleState, _ time.Time,
 }
 func (e typeTicker) Ticks(typ string) bool       { return slices.Contains(e.types, typ) }
 func (e typeTicker) TickTypes() ([]string, bool) { return e.types, false }
+func (e typeTicker) Watches(string) bool         { return true }
 
 // TestTickWalksOnlyTickingTypes: a tick walks the index of twins by type:
 // twins of types whose rules do not read now are neither evaluated nor read

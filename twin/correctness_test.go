@@ -31,6 +31,7 @@ func (f funcEvaluator) Evaluate(prev, next *Twin, states map[string]RuleState, n
 }
 func (f funcEvaluator) Ticks(string) bool           { return f.ticks }
 func (f funcEvaluator) TickTypes() ([]string, bool) { return nil, f.ticks }
+func (f funcEvaluator) Watches(string) bool         { return true }
 
 // blockingEvaluator stalls the worker inside a step until released, so that
 // a test can queue several requests for the worker's next step.
@@ -55,6 +56,7 @@ func (b *blockingEvaluator) Evaluate(prev, next *Twin, states map[string]RuleSta
 }
 func (b *blockingEvaluator) Ticks(string) bool           { return false }
 func (b *blockingEvaluator) TickTypes() ([]string, bool) { return nil, false }
+func (b *blockingEvaluator) Watches(string) bool         { return true }
 
 // TestRuleCommandsAllKept: every command of every rule that fires on one
 // change is stored, delivered and survives a restart (item 2), and a command

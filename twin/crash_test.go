@@ -56,6 +56,7 @@ func crashWet(t *Twin) bool {
 
 func (crashRules) Ticks(string) bool           { return false }
 func (crashRules) TickTypes() ([]string, bool) { return nil, false }
+func (crashRules) Watches(string) bool         { return true }
 
 func (crashRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation

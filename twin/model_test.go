@@ -231,6 +231,7 @@ type modelRules struct{}
 
 func (modelRules) Ticks(string) bool           { return false }
 func (modelRules) TickTypes() ([]string, bool) { return nil, false }
+func (modelRules) Watches(string) bool         { return true }
 
 func (modelRules) Evaluate(prev, next *Twin, states map[string]RuleState, now time.Time, timer bool) Evaluation {
 	var ev Evaluation

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 )
 
 // Open opens or creates the store in opts.Dir, loads what the workers must
@@ -25,13 +26,21 @@ func Open(opts Options) (*Engine, error) {
 	cache := pebble.NewCache(opts.blockCacheBytes())
 	defer cache.Unref()
 	health := newStoreHealth(opts.Logger)
-	db, err := pebble.Open(opts.Dir, &pebble.Options{
+	popts := &pebble.Options{
 		FS:            opts.FS,
 		Cache:         cache,
 		Logger:        healthLogger{pebbleLogger{opts.Logger}, health},
 		EventListener: health.listener(),
 		MemTableSize:  opts.MemTableBytes,
-	})
+	}
+	for i := range popts.Levels {
+		// Most reads are point lookups of one twin's keys, many of them
+		// of keys that do not exist (a twin being created, a twin with no
+		// seen key): a bloom filter answers those without reading data
+		// blocks.
+		popts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	db, err := pebble.Open(opts.Dir, popts)
 	// Another process holds the lock (EAGAIN), or this one does (Pebble
 	// says so in words).
 	if errors.Is(err, syscall.EWOULDBLOCK) || errors.Is(err, syscall.EAGAIN) ||

@@ -33,6 +33,10 @@ type Evaluator interface {
 	// all: a rule for every type does. A periodic tick walks the twins of
 	// these types only, and with none there is no tick at all.
 	TickTypes() (types []string, all bool)
+	// Watches reports whether any rule watches twins of a device type.
+	// The rule states of a twin whose type no rule watches are not read:
+	// no rule would use them.
+	Watches(typ string) bool
 }
 
 // Evaluation is the outcome of evaluating the rules of one change.
@@ -146,6 +150,9 @@ func (w *worker) runRules(ev Evaluator, c *change, now time.Time, timer bool) []
 			return extra
 		}
 		id := c.next.ID
+		if !ev.Watches(c.next.Type) {
+			return extra // no rule for the type: nothing to evaluate
+		}
 		ent, err := w.withStates(id)
 		if err != nil {
 			w.e.fail(err)
