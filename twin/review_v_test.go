@@ -1,0 +1,177 @@
+package twin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"math/rand/v2"
+
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+)
+
+// reviewVConsistent closes e, runs Check, reopens the store and checks
+// that the index, the counts and the reads agree with a full scan.
+func reviewVConsistent(t *testing.T, e *Engine, fs vfs.FS, opts Options, when string) *Engine {
+	t.Helper()
+	if err := e.Close(); err != nil {
+		t.Fatalf("%s: Close: %v", when, err)
+	}
+	vs, err := Check(Options{FS: fs, Dir: "db"})
+	if err != nil {
+		t.Fatalf("%s: Check: %v", when, err)
+	}
+	for _, v := range vs {
+		t.Errorf("%s: Check: %v", when, v)
+	}
+	e = openMem(t, fs, opts)
+	n := 0
+	if _, err := e.List(context.Background(), "", func(*Twin) bool { n++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if e.Len() != n {
+		t.Errorf("%s: Len() = %d; List finds %d", when, e.Len(), n)
+	}
+	compareIndexed(t, e, rand.New(rand.NewPCG(1, 2)), when)
+	for _, typ := range []string{"car", "fridge", "planter"} {
+		pin := Pin{Types: []string{typ}}
+		if diff := cmp.Diff(scanIDs(t, e, pin, ""), listIDs(t, e, pin, "")); diff != "" {
+			t.Errorf("%s: ListIndexed(type %s) differs from the scan (-scan +indexed):\n%s", when, typ, diff)
+		}
+	}
+	return e
+}
+
+// TestReviewVImportConsistency: imports with and without upsert and
+// keep_versions, over twins that are connected, have a seen key, open
+// commands, pending rule states, a deleted predecessor, or change type,
+// and duplicates within a batch, each leave a store that Check accepts,
+// whose counts, index and commands agree with the reads, before and after
+// a restart, and whose export restores into a store that Check accepts
+// and that reads the same.
+func TestReviewVImportConsistency(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	opts := Options{Workers: 2, VShards: 8, CacheBytes: 1 << 20}
+	e := openMem(t, fs, opts)
+	for _, id := range []string{"a", "b", "c", "d"} {
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge", Labels: map[string]string{"site": "berlin"},
+			Reported: doc(t, `{"temp_c":3}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old, err := e.SendCommand(ctx, CommandRequest{DeviceID: "a", Name: "defrost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newRecSink()
+	if _, err := e.Connect(ctx, "b", s); err != nil {
+		t.Fatal(err)
+	}
+	// A report that changes nothing but last_seen: a seen key.
+	if _, err := e.Report(ctx, PatchRequest{ID: "b", Patch: doc(t, `{"temp_c":3}`), Source: SourceDevice, Stream: s}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Delete(ctx, "c", 0); err != nil {
+		t.Fatal(err)
+	}
+	pending := RuleState{Gen: 1, Active: true, PendingSince: time.Now().UTC().Add(-time.Second).Truncate(time.Millisecond)}
+	if errs, err := e.Import(ctx, []ImportItem{{Twin: &Twin{ID: "p", Type: "planter"},
+		RuleStates: map[string]RuleState{"r": pending}}}, ImportOptions{}); err != nil || len(errs) != 0 {
+		t.Fatal(errs, err)
+	}
+	e = reviewVConsistent(t, e, fs, opts, "before the imports")
+
+	// Upsert with keep_versions: a changes type and labels and gets a
+	// new command, b (connected before the restart) is replaced, c
+	// comes back after its deletion, e comes twice in one batch.
+	car := func(id string, version int64) ImportItem {
+		return ImportItem{Twin: &Twin{ID: id, Type: "car", Labels: map[string]string{"site": "paris"},
+			Reported: doc(t, `{"fuel":0.5}`), Version: version}}
+	}
+	a := car("a", 10)
+	a.Commands = []*Command{{Seq: 5, Name: "honk", State: CommandQueued}}
+	items := []ImportItem{a, car("b", 20), car("c", 30), car("e", 3), car("e", 4), car("p", 9)}
+	errs, err := e.Import(ctx, items, ImportOptions{Upsert: true, KeepVersions: true})
+	if err != nil || len(errs) != 0 {
+		t.Fatalf("import with upsert and keep_versions = %v, %v", errs, err)
+	}
+	for id, want := range map[string]int64{"a": 10, "b": 20, "c": 30, "e": 4, "p": 9} {
+		if tw, err := e.Get(id); err != nil || tw.Version != want || tw.Type != "car" || tw.Presence.Connected {
+			t.Errorf("Get(%s) after import = %+v, %v; want a disconnected car at version %d", id, tw, err, want)
+		}
+	}
+	if _, err := e.GetCommand(old.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("GetCommand(%s) of the replaced twin = %v; want not found", old.ID, err)
+	}
+	e = reviewVConsistent(t, e, fs, opts, "after the upsert with keep_versions")
+	if _, err := e.GetCommand(old.ID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("after restart: GetCommand(%s) of the replaced twin = %v; want not found", old.ID, err)
+	}
+	if cmds, _, err := e.ListCommands("a", nil, 0, 10); err != nil || len(cmds) != 1 || cmds[0].ID != "a~5" {
+		t.Errorf("after restart: ListCommands(a) = %v, %v; want a~5 alone", cmds, err)
+	}
+
+	// Without upsert, existing ids are refused and nothing of them
+	// changes; without keep_versions the versions follow.
+	errs, err = e.Import(ctx, []ImportItem{car("a", 1), car("f", 1)}, ImportOptions{})
+	if err != nil || len(errs) != 1 || errs[0].Index != 0 || !errors.Is(errs[0], ErrAlreadyExists) {
+		t.Fatalf("import without upsert = %v, %v; want item 0 refused", errs, err)
+	}
+	f := fridgeItem(t, "a")
+	errs, err = e.Import(ctx, []ImportItem{f, fridgeItem(t, "p"), fridgeItem(t, "d")}, ImportOptions{Upsert: true})
+	if err != nil || len(errs) != 0 {
+		t.Fatalf("upsert = %v, %v", errs, err)
+	}
+	if tw, _ := e.Get("a"); tw.Version != 11 || tw.Type != "fridge" {
+		t.Errorf("upserted a = %+v; want a fridge at version 11", tw)
+	}
+	if cmds, _, err := e.ListCommands("a", nil, 0, 10); err != nil || len(cmds) != 0 {
+		t.Errorf("ListCommands(a) after an upsert without commands = %v, %v; want none", cmds, err)
+	}
+	e = reviewVConsistent(t, e, fs, opts, "after the upsert without keep_versions")
+
+	// Export, restore into a new store, compare.
+	x, err := e.Export(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restore []ImportItem
+	want := map[string]*Twin{}
+	if err := x.Each(ctx, func(it *ExportItem) error {
+		if it.Twin != nil {
+			restore = append(restore, ImportItem{Twin: it.Twin, Commands: it.Commands, RuleStates: it.RuleStates})
+			want[it.Twin.ID] = it.Twin.clone()
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	x.Close()
+	e.Close()
+	fs2 := vfs.NewMem()
+	r := openMem(t, fs2, Options{Workers: 3, VShards: 16})
+	if errs, err := r.Import(ctx, restore, ImportOptions{KeepVersions: true}); err != nil || len(errs) != 0 {
+		t.Fatal(errs, err)
+	}
+	r = reviewVConsistent(t, r, fs2, Options{Workers: 3, VShards: 16}, "after the restore")
+	defer r.Close()
+	for id, w := range want {
+		got, err := r.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(w, got, cmpopts.IgnoreFields(Twin{}, "Revision", "Presence"), cmpopts.EquateEmpty()); diff != "" {
+			t.Errorf("restored %q (-exported +restored):\n%s", id, diff)
+		}
+	}
+	if got := r.Len(); got != len(want) {
+		t.Errorf("restored Len = %d; want %d", got, len(want))
+	}
+	_ = fmt.Sprint
+}
