@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 
+	"log/slog"
 	"math/rand/v2"
+	"strings"
+	"sync"
 
 	"testing"
 	"time"
@@ -174,4 +177,39 @@ func TestReviewVImportConsistency(t *testing.T) {
 		t.Errorf("restored Len = %d; want %d", got, len(want))
 	}
 	_ = fmt.Sprint
+}
+
+// logRecorder keeps the messages of the records it handles.
+type logRecorder struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (r *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	r.msgs = append(r.msgs, rec.Message)
+	r.mu.Unlock()
+	return nil
+}
+func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
+
+// TestReviewVNewStoreBuildsNoIndex: a new store is not taken for one
+// written before the index existed (load writes every shard's count
+// before ensureIndex looks for keys): Open neither builds an index nor
+// logs that it does.
+func TestReviewVNewStoreBuildsNoIndex(t *testing.T) {
+	rec := &logRecorder{}
+	fs := vfs.NewMem()
+	for range 2 {
+		e := openMem(t, fs, Options{VShards: 8, Logger: slog.New(rec)})
+		e.Close()
+	}
+	for _, m := range rec.msgs {
+		if strings.Contains(m, "building the index") {
+			t.Errorf("Open of a new store logged %q; want no index build", m)
+		}
+	}
+	checkClean(t, fs)
 }
