@@ -517,6 +517,9 @@ func (w *worker) importTwin(o *op, p *preparedImport) (*change, error) {
 	if l := ent.cmds; l != nil {
 		for _, cmd := range l.cmds {
 			w.expiries.remove(cmd)
+			// Gone with the twin it replaces (writeImport deletes
+			// them by range): their waiters learn it once durable.
+			c.dropCmds = append(c.dropCmds, cmd.Seq)
 		}
 	}
 	ent.cmds = nil

@@ -213,3 +213,61 @@ func TestReviewVNewStoreBuildsNoIndex(t *testing.T) {
 	}
 	checkClean(t, fs)
 }
+
+// TestReviewVUpsertWakesCommandWaiters: an import that replaces a twin
+// drops its commands, as a deletion does; a WaitCommand on one of them
+// learns it then (not found), not only when its own deadline passes.
+func TestReviewVUpsertWakesCommandWaiters(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 4})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "f", Type: "fridge"}); err != nil {
+		t.Fatal(err)
+	}
+	cmd, err := e.SendCommand(ctx, CommandRequest{DeviceID: "f", Name: "defrost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		cmd *Command
+		err error
+	}
+	done := make(chan result, 1)
+	waiting := make(chan struct{})
+	go func() {
+		// Registered before the import: WaitCommand reads the command
+		// after it registers.
+		close(waiting)
+		c, err := e.WaitCommand(wctx, cmd.ID)
+		done <- result{c, err}
+	}()
+	<-waiting
+	// The waiter is registered once the engine lists it.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		e.waitMu.Lock()
+		n := len(e.waiters[cmd.ID])
+		e.waitMu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("WaitCommand never registered")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if errs, err := e.Import(ctx, []ImportItem{fridgeItem(t, "f")}, ImportOptions{Upsert: true}); err != nil || len(errs) != 0 {
+		t.Fatal(errs, err)
+	}
+	select {
+	case r := <-done:
+		if !errors.Is(r.err, ErrNotFound) {
+			t.Errorf("WaitCommand(%s) after the upsert = %v, %v; want not found", cmd.ID, r.cmd, r.err)
+		}
+	case <-time.After(10 * time.Second):
+		cancel()
+		r := <-done
+		t.Errorf("WaitCommand(%s) still waited 10s after an upsert dropped the command (then: %v, %v)", cmd.ID, r.cmd, r.err)
+	}
+}
