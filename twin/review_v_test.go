@@ -271,3 +271,70 @@ func TestReviewVUpsertWakesCommandWaiters(t *testing.T) {
 		t.Errorf("WaitCommand(%s) still waited 10s after an upsert dropped the command (then: %v, %v)", cmd.ID, r.cmd, r.err)
 	}
 }
+
+// TestReviewVTickTypeChangeDuringScan: a tick's scan walks the index of
+// twins by type, a range per ticking type; a twin whose type changes
+// (UpdateTwin) while the scan is under way should still be evaluated once
+// by that tick. It is not: a twin moved from a range the scan has walked
+// to one it has not is evaluated twice, and one moved the other way not
+// at all.
+func TestReviewVTickTypeChangeDuringScan(t *testing.T) {
+	ctx := context.Background()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Workers: 1, VShards: 1, Clock: clock.Now, RuleTick: 10 * time.Second}
+	e := openMem(t, vfs.NewMem(), opts)
+	defer e.Close()
+	ids := []string{"a-planter"}
+	if _, err := e.Create(ctx, CreateRequest{ID: "a-planter", Type: "planter"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 300 {
+		for _, typ := range []string{"car", "planter"} {
+			id := fmt.Sprintf("%s-%03d", typ, i)
+			ids = append(ids, id)
+			if _, err := e.Create(ctx, CreateRequest{ID: id, Type: typ}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	var mu sync.Mutex
+	evals := map[string]int{}
+	e.SetEvaluator(typeTicker{types: []string{"car", "planter"}, eval: func(next *Twin) {
+		mu.Lock()
+		evals[next.ID]++
+		mu.Unlock()
+	}})
+	if err := e.RunTimers(ctx); err != nil { // starts the ticking
+		t.Fatal(err)
+	}
+	clock.Advance(10 * time.Second) // a tick: its first chunk walks car-000 to car-255
+	if err := e.RunTimers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	first := evals["car-000"]
+	mu.Unlock()
+	if first != 1 {
+		t.Fatalf("the tick's first chunk evaluated car-000 %d times; want 1 (the test expects it walked first)", first)
+	}
+	planter, car := "planter", "car"
+	if _, err := e.Update(ctx, UpdateRequest{ID: "car-000", Type: &planter}); err != nil { // walked, into a range ahead
+		t.Fatal(err)
+	}
+	if _, err := e.Update(ctx, UpdateRequest{ID: "a-planter", Type: &car}); err != nil { // ahead, into the walked part
+		t.Fatal(err)
+	}
+	clock.Advance(9 * time.Second) // past the scan's pace, before the next tick
+	for range 6 {
+		if err := e.RunTimers(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, id := range ids {
+		if evals[id] != 1 {
+			t.Errorf("one tick evaluated %s %d times; want once", id, evals[id])
+		}
+	}
+}
