@@ -273,12 +273,24 @@ func TestReviewVUpsertWakesCommandWaiters(t *testing.T) {
 }
 
 // TestReviewVTickTypeChangeDuringScan: a tick's scan walks the index of
-// twins by type, a range per ticking type; a twin whose type changes
-// (UpdateTwin) while the scan is under way should still be evaluated once
-// by that tick. It is not: a twin moved from a range the scan has walked
-// to one it has not is evaluated twice, and one moved the other way not
-// at all.
+// twins by type; a twin whose type changes (UpdateTwin) between two
+// ticking types while the scan is under way is evaluated once by that
+// tick, whether some types tick or all do. (The scan walked one type's
+// range after another's: a twin moved from a range it had walked to one it
+// had not was evaluated twice, and one moved the other way not at all.)
 func TestReviewVTickTypeChangeDuringScan(t *testing.T) {
+	for _, all := range []bool{false, true} {
+		t.Run(fmt.Sprintf("all=%v", all), func(t *testing.T) { testTickTypeChangeDuringScan(t, all) })
+	}
+}
+
+// allTicker is a typeTicker whose rules all read now, whatever the type.
+type allTicker struct{ typeTicker }
+
+func (allTicker) Ticks(string) bool           { return true }
+func (allTicker) TickTypes() ([]string, bool) { return nil, true }
+
+func testTickTypeChangeDuringScan(t *testing.T, all bool) {
 	ctx := context.Background()
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	opts := Options{Workers: 1, VShards: 1, Clock: clock.Now, RuleTick: 10 * time.Second}
@@ -299,11 +311,15 @@ func TestReviewVTickTypeChangeDuringScan(t *testing.T) {
 	}
 	var mu sync.Mutex
 	evals := map[string]int{}
-	e.SetEvaluator(typeTicker{types: []string{"car", "planter"}, eval: func(next *Twin) {
+	var ev Evaluator = typeTicker{types: []string{"car", "planter"}, eval: func(next *Twin) {
 		mu.Lock()
 		evals[next.ID]++
 		mu.Unlock()
-	}})
+	}}
+	if all {
+		ev = allTicker{ev.(typeTicker)}
+	}
+	e.SetEvaluator(ev)
 	if err := e.RunTimers(ctx); err != nil { // starts the ticking
 		t.Fatal(err)
 	}
