@@ -354,3 +354,65 @@ func testTickTypeChangeDuringScan(t *testing.T, all bool) {
 		}
 	}
 }
+
+// TestReviewVWaitCommandOfTwinNotCached: after a restart, with a cache too
+// small for the fleet, GetCommand, ListCommands and WaitCommand of twins
+// that are not cached read their commands from the store, and a waiter is
+// woken when the device finishes the command (which reads the twin back).
+func TestReviewVWaitCommandOfTwinNotCached(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	opts := Options{Workers: 1, VShards: 4, CacheBytes: 64 << 10}
+	e := openMem(t, fs, opts)
+	const n = 200
+	for i := range n {
+		id := fmt.Sprintf("f-%03d", i)
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "fridge", Reported: doc(t, `{"temp_c":3,"door":"closed","power_w":80}`)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.SendCommand(ctx, CommandRequest{DeviceID: id, Name: "defrost"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts)
+	defer e.Close()
+	for i := range n {
+		id := fmt.Sprintf("f-%03d", i)
+		cmds, _, err := e.ListCommands(id, nil, 0, 10)
+		if err != nil || len(cmds) != 1 || cmds[0].ID != id+"~1" || cmds[0].State != CommandQueued {
+			t.Fatalf("ListCommands(%s) = %v, %v; want its queued defrost", id, cmds, err)
+		}
+	}
+	// Waiters on commands of twins the cache cannot all hold.
+	type result struct {
+		cmd *Command
+		err error
+	}
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	results := make(chan result, n)
+	for i := range n {
+		go func() {
+			c, err := e.WaitCommand(wctx, fmt.Sprintf("f-%03d~1", i))
+			results <- result{c, err}
+		}()
+	}
+	for i := range n {
+		id := fmt.Sprintf("f-%03d", i)
+		if _, err := e.UpdateCommand(ctx, id, CommandUpdate{ID: id + "~1", State: CommandSucceeded}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range n {
+		r := <-results
+		if r.err != nil || r.cmd.State != CommandSucceeded {
+			t.Errorf("WaitCommand = %v, %v; want SUCCEEDED", r.cmd, r.err)
+		}
+	}
+	if st := e.Stats(); st.CachedTwins >= n {
+		t.Errorf("the cache held %d twins of %d; the test wants a cache smaller than the fleet", st.CachedTwins, n)
+	}
+}
