@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
@@ -414,5 +415,35 @@ func TestReviewVWaitCommandOfTwinNotCached(t *testing.T) {
 	}
 	if st := e.Stats(); st.CachedTwins >= n {
 		t.Errorf("the cache held %d twins of %d; the test wants a cache smaller than the fleet", st.CachedTwins, n)
+	}
+}
+
+// TestReviewVListIndexedReportsReadErrors: a twin record that cannot be
+// read fails ListIndexed, as it fails List, rather than vanishing from
+// the answer.
+func TestReviewVListIndexedReportsReadErrors(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	opts := Options{Workers: 1, VShards: 4, Logger: quiet}
+	e := openMem(t, fs, opts)
+	for _, id := range []string{"car-1", "car-2", "car-3"} {
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Type: "car"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.Close()
+	e = openMem(t, fs, opts) // nothing cached
+	defer e.Close()
+	if err := e.db.Set(twinKey(e.VShard("car-2"), "car-2"), []byte{0x01, 0xff, 0xff}, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	_, listErr := e.List(ctx, "", func(*Twin) bool { return true })
+	var ids []string
+	_, err := e.ListIndexed(ctx, Pin{Types: []string{"car"}}, "", func(tw *Twin) bool { ids = append(ids, tw.ID); return true })
+	if listErr == nil {
+		t.Fatalf("List over a corrupt record = nil error; the test expects it to fail")
+	}
+	if err == nil {
+		t.Errorf("ListIndexed over a corrupt record = %v, nil error; want an error, as List gives (%v)", ids, listErr)
 	}
 }
