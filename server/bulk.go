@@ -55,8 +55,9 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 	)
 	queue := make(chan *inFlightBatch, importInFlight-1)
 	answered := make(chan error, 1)
+	var waiting *inFlightBatch // the batch answerImport was waiting for when it ended
 	go func() {
-		answered <- ts.answerImport(ctx, stream, queue, &imported, &failed)
+		answered <- ts.answerImport(ctx, stream, queue, &imported, &failed, &waiting)
 	}()
 	// stop ends the answering goroutine and returns its error.
 	stopped := false
@@ -72,9 +73,30 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 	defer func() {
 		cancel()
 		stop()
-		if imported > 0 && !marked {
-			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			defer cancel()
+		if marked {
+			return
+		}
+		mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		// Batches handed to the engine but not answered (the client
+		// left, or the stream broke) are imported all the same: the
+		// marker counts them, once they are durable.
+		var late []*inFlightBatch
+		if waiting != nil {
+			late = append(late, waiting)
+		}
+		for f := range queue {
+			late = append(late, f)
+		}
+		for _, f := range late {
+			errs, err := f.pending.Wait(mctx)
+			if err != nil {
+				ts.s.opts.Logger.Warn("import ended early; some of its twins may be imported but not counted in its marker event", "err", err)
+				break
+			}
+			imported += int64(len(f.b.items) - len(errs))
+		}
+		if imported > 0 {
 			if _, err := ts.s.engine.MarkImport(mctx, int(imported)); err != nil {
 				ts.s.opts.Logger.Warn("import ended early; its marker event could not be written", "twins", imported, "err", err)
 			}
@@ -109,6 +131,7 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 		case queue <- &inFlightBatch{resp: resp, b: b, pending: p}:
 		case err := <-answered:
 			stopped = true
+			close(queue) // for the batches the deferred marker counts
 			return ts.s.streamStatus(method, ctx, err)
 		}
 	}
@@ -130,12 +153,14 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 // answerImport answers the batches of the queue in order, each once it is
 // durable, until the queue is closed or an error ends the stream.
 func (ts *twinService) answerImport(ctx context.Context, stream twinv1.TwinService_ImportTwinsServer,
-	queue <-chan *inFlightBatch, imported, failed *int64) error {
+	queue <-chan *inFlightBatch, imported, failed *int64, waiting **inFlightBatch) error {
 	for f := range queue {
+		*waiting = f
 		errs, err := f.pending.Wait(ctx)
 		if err != nil {
 			return err
 		}
+		*waiting = nil
 		resp := f.resp
 		for _, e := range errs {
 			src := f.b.src[e.Index]

@@ -126,6 +126,10 @@ func (e *Engine) Import(ctx context.Context, items []ImportItem, opts ImportOpti
 type PendingImport struct {
 	errs []*ImportError
 	ops  []sentImport
+	// next and got say how far Wait has read the answers: the op it is
+	// at and how many of that op's answers it has, so that a Wait that
+	// its ctx cut short can be called again to go on.
+	next, got int
 }
 
 type sentImport struct {
@@ -194,11 +198,13 @@ func parallel(n int, fn func(lo, hi int)) {
 }
 
 // Wait returns once every item of the batch is durable or refused, as
-// Import does.
+// Import does. A Wait that returned ctx's error may be called again, with
+// another ctx, to go on waiting: the batch is applied whether or not
+// anyone waits. Wait must not be called concurrently.
 func (p *PendingImport) Wait(ctx context.Context) ([]*ImportError, error) {
-	errs := p.errs
-	for _, s := range p.ops {
-		for range s.n {
+	for ; p.next < len(p.ops); p.next, p.got = p.next+1, 0 {
+		s := p.ops[p.next]
+		for ; p.got < s.n; p.got++ {
 			select {
 			case r := <-s.o.done:
 				if r.Err == nil {
@@ -208,14 +214,14 @@ func (p *PendingImport) Wait(ctx context.Context) ([]*ImportError, error) {
 				if !errors.As(r.Err, &ie) {
 					return nil, r.Err // the engine failed: no more answers come
 				}
-				errs = append(errs, ie)
+				p.errs = append(p.errs, ie)
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
 		}
 	}
-	slices.SortFunc(errs, func(a, b *ImportError) int { return a.Index - b.Index })
-	return errs, nil
+	slices.SortFunc(p.errs, func(a, b *ImportError) int { return a.Index - b.Index })
+	return p.errs, nil
 }
 
 func itemID(it *ImportItem) string {
@@ -517,6 +523,9 @@ func (w *worker) importTwin(o *op, p *preparedImport) (*change, error) {
 	if l := ent.cmds; l != nil {
 		for _, cmd := range l.cmds {
 			w.expiries.remove(cmd)
+			// Gone with the twin it replaces (writeImport deletes
+			// them by range): their waiters learn it once durable.
+			c.dropCmds = append(c.dropCmds, cmd.Seq)
 		}
 	}
 	ent.cmds = nil

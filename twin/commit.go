@@ -225,9 +225,10 @@ func (e *Engine) publish(g *group) {
 				e.notifyCommand(cmd.ID, cmd)
 			}
 		}
-		if c.next == nil && c.prev != nil && c.err == nil {
-			// The twin was deleted, and its commands with it: their
-			// waiters learn it now, not at the end of their wait.
+		if (c.next == nil || c.op.kind == opImport) && c.prev != nil && c.err == nil {
+			// The twin was deleted, or replaced by an import, and its
+			// commands with it: their waiters learn it now, not at the
+			// end of their wait.
 			for _, seq := range c.dropCmds {
 				e.notifyCommand(CommandID(c.prev.ID, seq), nil)
 			}

@@ -428,8 +428,14 @@ func (e *Engine) ListIndexed(ctx context.Context, pin Pin, after string, fn func
 		}
 		last = id
 		t, err := e.Get(id)
-		if err != nil || !pin.Matches(t) {
-			continue // deleted or changed since the index was read
+		if errors.Is(err, ErrNotFound) {
+			continue // deleted since the index was read
+		}
+		if err != nil {
+			return rev, err // as List fails on a twin it cannot read
+		}
+		if !pin.Matches(t) {
+			continue // changed since the index was read
 		}
 		if err := e.readStopped(ctx); err != nil {
 			return rev, err

@@ -291,7 +291,17 @@ func (e *Engine) readFormat() (storeFormat, error) {
 	if errors.Is(err, pebble.ErrNotFound) {
 		f := storeFormat{VShards: e.opts.VShards, Format: formatVersion, MaxHistoryLimit: e.opts.HistoryLimit}
 		b, _ := json.Marshal(f)
-		if err := e.db.Set(keyFormat, b, pebble.Sync); err != nil {
+		// A new store has its (empty) index complete from the start:
+		// ensureIndex, which runs after load has written the shards'
+		// counts, could not tell it from a store written before the
+		// index existed.
+		batch := e.db.NewBatch()
+		defer batch.Close()
+		err := errors.Join(batch.Set(keyFormat, b, nil), batch.Set(keyIndex, []byte("1"), nil))
+		if err == nil {
+			err = batch.Commit(pebble.Sync)
+		}
+		if err != nil {
 			return f, fmt.Errorf("twin: initialize store: %w", err)
 		}
 		return f, nil

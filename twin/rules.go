@@ -388,12 +388,10 @@ const tickChunk = 256
 // worker's requests, and twins of other types cost nothing.
 type tickScan struct {
 	// shard is where the walk is (an index into the worker's shards),
-	// rng the index range in it (one per ticking type, or the whole
-	// type index when every type ticks), and after the key suffix it
-	// walked last there.
-	shard, rng int
-	after      []byte
-	start      time.Time
+	// and after the last twin id it walked there.
+	shard int
+	after []byte
+	start time.Time
 	// walked counts the twins walked; total is how many the worker had
 	// when the tick began, all types.
 	walked, total int64
@@ -423,49 +421,27 @@ func (s *tickScan) next(interval time.Duration) time.Time {
 }
 
 // scanTick walks up to n more twins of the tick's scan, whose types have
-// time-dependent rules, and returns them; it ends the scan when it has
-// walked them all. It reads only index keys: no twin is decoded to learn
-// its type.
+// rules that read now, and returns their ids. Within a virtual shard it
+// merges the ranges of the ticking types in id order and goes on after the
+// last id it walked, so that a twin whose type changes from one ticking
+// type to another while the scan is under way keeps its place: it is
+// walked once, neither twice nor not at all. It reads only index keys: no
+// twin is decoded to learn its type.
 func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 	types, all := ev.TickTypes()
 	shards := w.shards()
 	var ids []string
 	for w.scan.shard < len(shards) && len(ids) < n {
-		vs := shards[w.scan.shard]
-		ranges := [][]byte{shardPrefix(vs, sectionTypeIndex)} // type\x00id: every twin
-		if !all {
-			ranges = ranges[:0]
-			for _, typ := range types {
-				ranges = append(ranges, typeIndexPrefix(vs, typ)) // id
-			}
-		}
-		if w.scan.rng >= len(ranges) {
-			w.scan.shard, w.scan.rng, w.scan.after = w.scan.shard+1, 0, nil
-			continue
-		}
-		lower := ranges[w.scan.rng]
-		it, err := w.e.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
+		got, done, err := w.scanShard(shards[w.scan.shard], types, all, n-len(ids))
 		if err != nil {
 			return nil, err
 		}
-		ok := it.First()
-		if w.scan.after != nil {
-			ok = it.SeekGE(append(append(lower, w.scan.after...), 0))
-		}
-		for ; ok && len(ids) < n; ok = it.Next() {
-			suffix := it.Key()[len(lower):]
-			w.scan.after = append(w.scan.after[:0], suffix...)
-			id := suffix
-			if all {
-				id = suffix[bytes.IndexByte(suffix, 0)+1:]
-			}
-			ids = append(ids, string(id))
-		}
-		if err := errors.Join(it.Error(), it.Close()); err != nil {
-			return nil, err
-		}
-		if !ok {
-			w.scan.rng, w.scan.after = w.scan.rng+1, nil
+		ids = append(ids, got...)
+		switch {
+		case done:
+			w.scan.shard, w.scan.after = w.scan.shard+1, nil
+		case len(got) > 0:
+			w.scan.after = []byte(got[len(got)-1])
 		}
 	}
 	w.scan.walked += int64(len(ids))
@@ -473,6 +449,85 @@ func (w *worker) scanTick(ev Evaluator, n int) ([]string, error) {
 		w.scan = nil
 	}
 	return ids, nil
+}
+
+// scanShard returns up to n ids, in order, after w.scan.after, of the twins
+// of virtual shard vs whose types are types (all: any), from the index of
+// twins by type, and whether it reached the shard's end.
+func (w *worker) scanShard(vs uint16, types []string, all bool, n int) (ids []string, done bool, err error) {
+	db := w.e.db
+	if all {
+		if types, err = indexedTypes(db, vs); err != nil {
+			return nil, false, err
+		}
+	}
+	type cursor struct {
+		it   *pebble.Iterator
+		head int // the length of the key before the id
+		ok   bool
+	}
+	cs := make([]cursor, 0, len(types))
+	defer func() {
+		for _, c := range cs {
+			err = errors.Join(err, c.it.Error(), c.it.Close())
+		}
+	}()
+	for _, typ := range types {
+		p := typeIndexPrefix(vs, typ)
+		it, err := db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)})
+		if err != nil {
+			return nil, false, err
+		}
+		c := cursor{it: it, head: len(p)}
+		if w.scan.after == nil {
+			c.ok = it.First()
+		} else {
+			c.ok = it.SeekGE(append(append(p[:len(p):len(p)], w.scan.after...), 0))
+		}
+		cs = append(cs, c)
+	}
+	id := func(c cursor) []byte { return c.it.Key()[c.head:] }
+	for len(ids) < n {
+		best := -1
+		for i, c := range cs {
+			if c.ok && (best < 0 || bytes.Compare(id(c), id(cs[best])) < 0) {
+				best = i
+			}
+		}
+		if best < 0 {
+			return ids, true, nil
+		}
+		next := string(id(cs[best]))
+		ids = append(ids, next)
+		for i := range cs {
+			for cs[i].ok && string(id(cs[i])) == next {
+				cs[i].ok = cs[i].it.Next()
+			}
+		}
+	}
+	return ids, false, nil
+}
+
+// indexedTypes returns the types of the twins of virtual shard vs, as its
+// index of twins by type holds them, in order: one seek per type.
+func indexedTypes(db *pebble.DB, vs uint16) (types []string, err error) {
+	p := shardPrefix(vs, sectionTypeIndex)
+	it, err := db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)})
+	if err != nil {
+		return nil, err
+	}
+	for ok := it.First(); ok; {
+		rest := it.Key()[len(p):]
+		i := bytes.IndexByte(rest, 0)
+		if i < 0 {
+			ok = it.Next() // not an index entry (Check reports it)
+			continue
+		}
+		types = append(types, string(rest[:i]))
+		// Past every entry of this type: type\x00id < type\x01.
+		ok = it.SeekGE(append(append(p[:len(p):len(p)], rest[:i]...), 1))
+	}
+	return types, errors.Join(it.Error(), it.Close())
 }
 
 // shards returns the virtual shards the worker serves.
