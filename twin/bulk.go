@@ -166,7 +166,7 @@ func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts Impor
 			continue
 		}
 		o := &op{kind: opImport, bulk: &importBatch{items: ps, opts: opts}, done: make(chan Result, len(ps))}
-		if err := e.startBulk(ctx, e.workers[wi], o); err != nil {
+		if err := e.enqueue(ctx, e.workers[wi], o); err != nil {
 			return nil, err
 		}
 		p.ops = append(p.ops, sentImport{o, len(ps)})
@@ -239,7 +239,7 @@ func (e *Engine) MarkImport(ctx context.Context, n int) (int64, error) {
 	o := &op{kind: opImport, bulk: &importBatch{mark: &Event{
 		Kind: KindImported, Source: SourceImport, Patch: Document{"twins": float64(n)},
 	}}, done: make(chan Result, 1)}
-	if err := e.startBulk(ctx, e.workers[0], o); err != nil {
+	if err := e.enqueue(ctx, e.workers[0], o); err != nil {
 		return 0, err
 	}
 	select {
@@ -253,8 +253,9 @@ func (e *Engine) MarkImport(ctx context.Context, n int) (int64, error) {
 	}
 }
 
-// startBulk hands a bulk op to a worker.
-func (e *Engine) startBulk(ctx context.Context, w *worker, o *op) error {
+// enqueue hands an op to a worker (start's, and each of a bulk
+// import's). A full inbox blocks until there is room or ctx is done.
+func (e *Engine) enqueue(ctx context.Context, w *worker, o *op) error {
 	if err := e.err(); err != nil {
 		return err
 	}
@@ -632,14 +633,8 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 	if err := b.Set(historyKey(vs, id, c.next.Version), rev0[:], nil); err != nil {
 		return buf, err
 	}
-	for _, cmd := range c.writeCmds {
-		v, err := encodeCommand(cmd)
-		if err != nil {
-			return buf, err
-		}
-		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
-			return buf, err
-		}
+	if err := writeCommands(b, vs, id, c.writeCmds); err != nil {
+		return buf, err
 	}
 	return buf, writeRuleStates(b, vs, id, c.ruleWrites)
 }

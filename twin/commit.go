@@ -34,14 +34,8 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	// there until the step is published.
 	ent := w.cache.m[id]
 	w.touch(ent)
-	for _, cmd := range c.writeCmds {
-		v, err := encodeCommand(cmd)
-		if err != nil {
-			return buf, err
-		}
-		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
-			return buf, err
-		}
+	if err := writeCommands(b, vs, id, c.writeCmds); err != nil {
+		return buf, err
 	}
 	if err := writeRuleStates(b, vs, id, c.ruleWrites); err != nil {
 		return buf, err
@@ -308,4 +302,18 @@ func (c *change) twinsAdded() int64 {
 		return -1
 	}
 	return 0
+}
+
+// writeCommands adds a device's written commands to b.
+func writeCommands(b writer, vs uint16, id string, cmds []*Command) error {
+	for _, cmd := range cmds {
+		v, err := encodeCommand(cmd)
+		if err != nil {
+			return err
+		}
+		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
+			return err
+		}
+	}
+	return nil
 }

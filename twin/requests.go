@@ -28,22 +28,8 @@ func (e *Engine) start(ctx context.Context, o *op) error {
 	if err := ValidateID(o.id); err != nil {
 		return err
 	}
-	if err := e.err(); err != nil {
-		return err
-	}
 	o.done = make(chan Result, 1)
-	w := e.workerFor(o.id)
-	e.closeMu.RLock()
-	defer e.closeMu.RUnlock()
-	if e.closed {
-		return ErrClosed
-	}
-	select {
-	case w.inbox <- o:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return e.enqueue(ctx, e.workerFor(o.id), o)
 }
 
 // Pending is a request handed to the engine whose answer has not been
