@@ -79,7 +79,7 @@ const entryOverhead = 160
 // twinSize estimates the memory a decoded twin holds from the size of its
 // stored record: maps of interfaces take about ten times their binary
 // encoding (a fridge twin of 278 bytes holds about 2.7 KB decoded,
-// TestReviewTwinSizeEstimate).
+// TestTwinSizeEstimate).
 func twinSize(recordBytes int) int64 { return int64(recordBytes)*9 + entryOverhead }
 
 // cached returns the worker's entry for id without reading the store.

@@ -64,14 +64,14 @@ func (f hookSyncFS) OpenReadWrite(name string, c vfs.DiskWriteCategory, opts ...
 	return f.wrap(name, file, err)
 }
 
-// TestReviewVFixtureFirstOpenCrashes: the first Open of the format-1
+// TestFixtureFirstOpenCrashes: the first Open of the format-1
 // fixture runs three one-time steps in sequence: the conversion of its
 // values, the shards' counts and marks (upgradeShard) and the index
 // (ensureIndex). A power loss after any WAL sync of that Open (keeping a
 // random part of what was not synced) leaves a store that the next Open
 // finishes: Check finds nothing wrong, and it holds what an Open that was
 // not interrupted leaves.
-func TestReviewVFixtureFirstOpenCrashes(t *testing.T) {
+func TestFixtureFirstOpenCrashes(t *testing.T) {
 	smallConvertBatches(t, 3)
 	b, err := os.ReadFile("../server/testdata/store-fe533d2/expected.json")
 	if err != nil {

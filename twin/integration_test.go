@@ -51,14 +51,14 @@ func reviewVConsistent(t *testing.T, e *Engine, fs vfs.FS, opts Options, when st
 	return e
 }
 
-// TestReviewVImportConsistency: imports with and without upsert and
+// TestImportConsistency: imports with and without upsert and
 // keep_versions, over twins that are connected, have a seen key, open
 // commands, pending rule states, a deleted predecessor, or change type,
 // and duplicates within a batch, each leave a store that Check accepts,
 // whose counts, index and commands agree with the reads, before and after
 // a restart, and whose export restores into a store that Check accepts
 // and that reads the same.
-func TestReviewVImportConsistency(t *testing.T) {
+func TestImportConsistency(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
 	opts := Options{Workers: 2, VShards: 8, CacheBytes: 1 << 20}
@@ -196,11 +196,11 @@ func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
 func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
 func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
 
-// TestReviewVNewStoreBuildsNoIndex: a new store is not taken for one
+// TestNewStoreBuildsNoIndex: a new store is not taken for one
 // written before the index existed (load writes every shard's count
 // before ensureIndex looks for keys): Open neither builds an index nor
 // logs that it does.
-func TestReviewVNewStoreBuildsNoIndex(t *testing.T) {
+func TestNewStoreBuildsNoIndex(t *testing.T) {
 	rec := &logRecorder{}
 	fs := vfs.NewMem()
 	for range 2 {
@@ -215,10 +215,10 @@ func TestReviewVNewStoreBuildsNoIndex(t *testing.T) {
 	checkClean(t, fs)
 }
 
-// TestReviewVUpsertWakesCommandWaiters: an import that replaces a twin
+// TestUpsertWakesCommandWaiters: an import that replaces a twin
 // drops its commands, as a deletion does; a WaitCommand on one of them
 // learns it then (not found), not only when its own deadline passes.
-func TestReviewVUpsertWakesCommandWaiters(t *testing.T) {
+func TestUpsertWakesCommandWaiters(t *testing.T) {
 	ctx := context.Background()
 	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 4})
 	defer e.Close()
@@ -273,13 +273,13 @@ func TestReviewVUpsertWakesCommandWaiters(t *testing.T) {
 	}
 }
 
-// TestReviewVTickTypeChangeDuringScan: a tick's scan walks the index of
+// TestTickTypeChangeDuringScan: a tick's scan walks the index of
 // twins by type; a twin whose type changes (UpdateTwin) between two
 // ticking types while the scan is under way is evaluated once by that
 // tick, whether some types tick or all do. (The scan walked one type's
 // range after another's: a twin moved from a range it had walked to one it
 // had not was evaluated twice, and one moved the other way not at all.)
-func TestReviewVTickTypeChangeDuringScan(t *testing.T) {
+func TestTickTypeChangeDuringScan(t *testing.T) {
 	for _, all := range []bool{false, true} {
 		t.Run(fmt.Sprintf("all=%v", all), func(t *testing.T) { testTickTypeChangeDuringScan(t, all) })
 	}
@@ -356,11 +356,11 @@ func testTickTypeChangeDuringScan(t *testing.T, all bool) {
 	}
 }
 
-// TestReviewVWaitCommandOfTwinNotCached: after a restart, with a cache too
+// TestWaitCommandOfTwinNotCached: after a restart, with a cache too
 // small for the fleet, GetCommand, ListCommands and WaitCommand of twins
 // that are not cached read their commands from the store, and a waiter is
 // woken when the device finishes the command (which reads the twin back).
-func TestReviewVWaitCommandOfTwinNotCached(t *testing.T) {
+func TestWaitCommandOfTwinNotCached(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
 	opts := Options{Workers: 1, VShards: 4, CacheBytes: 64 << 10}
@@ -418,10 +418,10 @@ func TestReviewVWaitCommandOfTwinNotCached(t *testing.T) {
 	}
 }
 
-// TestReviewVListIndexedReportsReadErrors: a twin record that cannot be
+// TestListIndexedReportsReadErrors: a twin record that cannot be
 // read fails ListIndexed, as it fails List, rather than vanishing from
 // the answer.
-func TestReviewVListIndexedReportsReadErrors(t *testing.T) {
+func TestListIndexedReportsReadErrors(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
 	opts := Options{Workers: 1, VShards: 4, Logger: quiet}

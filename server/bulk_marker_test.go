@@ -10,11 +10,11 @@ import (
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 )
 
-// TestReviewVImportCanceledBeforeAnswer: a client that goes away before
+// TestImportCanceledBeforeAnswer: a client that goes away before
 // its batch is answered leaves the batch imported (the workers had it),
 // and watchers must still get the import's marker, or a mirror never
 // learns of those twins. The marker counted only answered batches.
-func TestReviewVImportCanceledBeforeAnswer(t *testing.T) {
+func TestImportCanceledBeforeAnswer(t *testing.T) {
 	s := startServer(t, nil, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

@@ -85,11 +85,11 @@ func (f gateSyncFS) OpenReadWrite(name string, c vfs.DiskWriteCategory, opts ...
 	return f.wrap(name, file, err)
 }
 
-// TestReviewReadsWhileStepsNotDurable: with the WAL's syncs held, a tiny
+// TestReadsWhileStepsNotDurable: with the WAL's syncs held, a tiny
 // twin cache and steps applied but not durable (changes, deletions,
 // re-creations), no reader (Get, List, History, Len) sees any of them;
 // once the syncs go through, every reader sees them all.
-func TestReviewReadsWhileStepsNotDurable(t *testing.T) {
+func TestReadsWhileStepsNotDurable(t *testing.T) {
 	ctx := context.Background()
 	gate := newSyncGate()
 	fs := gateSyncFS{vfs.NewMem(), gate}
@@ -190,11 +190,11 @@ func TestReviewReadsWhileStepsNotDurable(t *testing.T) {
 	}
 }
 
-// TestReviewListPagingWithSeenKeys: List from every `after` (existing ids,
+// TestListPagingWithSeenKeys: List from every `after` (existing ids,
 // ids between, deleted ids) returns exactly the live twins sorted after it,
 // with ids that prefix one another, seen keys on some, across shards,
 // cached or not.
-func TestReviewListPagingWithSeenKeys(t *testing.T) {
+func TestListPagingWithSeenKeys(t *testing.T) {
 	ctx := context.Background()
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	e := openMem(t, vfs.NewMem(), Options{Workers: 2, VShards: 8, Clock: clock.Now, CacheBytes: 8 << 10})
@@ -241,10 +241,10 @@ func TestReviewListPagingWithSeenKeys(t *testing.T) {
 	}
 }
 
-// TestReviewCacheBytesAddUp: after creations, changes, seen-only reports,
+// TestCacheBytesAddUp: after creations, changes, seen-only reports,
 // deletions and re-creations with a cache that evicts all the time, each
 // worker's byte count is the sum of its entries' sizes, and within budget.
-func TestReviewCacheBytesAddUp(t *testing.T) {
+func TestCacheBytesAddUp(t *testing.T) {
 	ctx := context.Background()
 	e := openMem(t, vfs.NewMem(), Options{Workers: 2, VShards: 4, CacheBytes: 32 << 10})
 	defer e.Close()

@@ -27,7 +27,7 @@ func (c *tickCounter) TickTypes() ([]string, bool) {
 }
 func (c *tickCounter) Watches(string) bool { return true }
 
-// TestReviewTickScanNoSpinWhenFleetGrows shows that a tick scan which walks
+// TestTickScanNoSpinWhenFleetGrows shows that a tick scan which walks
 // more twins than the fleet held when the tick began (twins created during
 // the scan, ahead of its cursor) makes the worker spin: tickScan.next
 // returns the scan's start (long past) once walked >= total, so the worker
@@ -35,7 +35,7 @@ func (c *tickCounter) Watches(string) bool { return true }
 // pace's span has passed. With a real clock the worker burns a core (and
 // opens an iterator per spin) for up to the rest of the span; with this
 // test's fixed clock it spins forever.
-func TestReviewTickScanNoSpinWhenFleetGrows(t *testing.T) {
+func TestTickScanNoSpinWhenFleetGrows(t *testing.T) {
 	ctx := context.Background()
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now, RuleTick: 10 * time.Second})
@@ -72,12 +72,12 @@ func TestReviewTickScanNoSpinWhenFleetGrows(t *testing.T) {
 	}
 }
 
-// TestReviewTimerOnCachedTwinIsNoMiss shows that a rule wake-up of a twin
+// TestTimerOnCachedTwinIsNoMiss shows that a rule wake-up of a twin
 // that is cached counts as a cache miss: timedRules hands every due twin to
 // fetch, which skips the cached ones but counts them all as misses (and
 // opens a store iterator even when nothing misses, in every step with rules,
 // due twins or not).
-func TestReviewTimerOnCachedTwinIsNoMiss(t *testing.T) {
+func TestTimerOnCachedTwinIsNoMiss(t *testing.T) {
 	ctx := context.Background()
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now})
@@ -110,11 +110,11 @@ func TestReviewTimerOnCachedTwinIsNoMiss(t *testing.T) {
 	}
 }
 
-// TestReviewTwinSizeEstimate measures the heap a decoded fridge twin (the
+// TestTwinSizeEstimate measures the heap a decoded fridge twin (the
 // fields DESIGN.md lists, with labels, desired state and a token) really
 // holds, against twinSize's estimate from its record: the cache's budget is
 // only as good as this estimate.
-func TestReviewTwinSizeEstimate(t *testing.T) {
+func TestTwinSizeEstimate(t *testing.T) {
 	ctx := context.Background()
 	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2})
 	defer e.Close()
@@ -157,13 +157,13 @@ func TestReviewTwinSizeEstimate(t *testing.T) {
 	}
 }
 
-// TestReviewTickScanNoSpinWithDeletedTwins: deleted twins leave deletion
+// TestTickScanNoSpinWithDeletedTwins: deleted twins leave deletion
 // markers in the twin section, which the tick scan walks and counts while
 // the tick's total counts live twins only; so the scan reaches walked >=
 // total before its end, and (before the fix to tickScan.quota) the worker
-// spun as in TestReviewTickScanNoSpinWhenFleetGrows, without any twin being
+// spun as in TestTickScanNoSpinWhenFleetGrows, without any twin being
 // created during the scan.
-func TestReviewTickScanNoSpinWithDeletedTwins(t *testing.T) {
+func TestTickScanNoSpinWithDeletedTwins(t *testing.T) {
 	ctx := context.Background()
 	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
 	e := openMem(t, vfs.NewMem(), Options{Workers: 1, VShards: 2, Clock: clock.Now, RuleTick: 10 * time.Second})
@@ -240,12 +240,12 @@ func (f countSyncFS) OpenReadWrite(name string, c vfs.DiskWriteCategory, opts ..
 	return f.wrap(name, file, err)
 }
 
-// TestReviewCreateStoreSyncsOnce shows that creating a store synced the WAL
+// TestCreateStoreSyncsOnce shows that creating a store synced the WAL
 // once per virtual shard (259 times with the default 256 shards): a new
 // store had no twin counts, so load took upgradeShard's path for every
 // shard, each with a synced commit of its own. The upgrade of all shards
 // is now one batch, one sync.
-func TestReviewCreateStoreSyncsOnce(t *testing.T) {
+func TestCreateStoreSyncsOnce(t *testing.T) {
 	var syncs atomic.Int64
 	fs := countSyncFS{vfs.NewMem(), &syncs}
 	e := openMem(t, fs, Options{})
