@@ -113,7 +113,11 @@ terminal, unless --quiet.`,
 				return fmt.Errorf("%s: %w", name, err)
 			}
 			if !quiet {
-				fmt.Fprintf(errOut, "imported %d twins in %v (%.0f/s), revision %d\n", last.GetTotalImported(),
+				twins := "twins"
+				if last.GetTotalImported() == 1 {
+					twins = "twin"
+				}
+				fmt.Fprintf(errOut, "imported %d %s in %v (%.0f/s), revision %d\n", last.GetTotalImported(), twins,
 					p.elapsed().Round(time.Millisecond), float64(last.GetTotalImported())/p.elapsed().Seconds(), last.GetRevision())
 			}
 			if n := last.GetTotalFailed() + convFailed.Load(); n > 0 {
