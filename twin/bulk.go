@@ -606,7 +606,7 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 		}
 	}
 	if c.prev != nil {
-		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
+		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), openPrefix(vs, id), ruleStatePrefix(vs, id)} {
 			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
 				return buf, err
 			}

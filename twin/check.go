@@ -11,6 +11,7 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -106,10 +107,13 @@ type checker struct {
 	heads        []logHead
 	out          []Violation
 
-	// The virtual shard being checked and its twins, by id.
-	vs    int
-	twins map[string]*checkedTwin
-	hist  historyRun
+	// The virtual shard being checked and its twins, by id; counted says
+	// it has a twin count, as every shard of a store upgraded for the twin
+	// cache does (and with it open-command marks).
+	counted bool
+	vs      int
+	twins   map[string]*checkedTwin
+	hist    historyRun
 	// indexed says that the store records its index complete (m/index).
 	indexed bool
 }
@@ -125,6 +129,9 @@ type checkedTwin struct {
 	// connected says the twin's device is connected; marked that its
 	// presence mark was found.
 	connected, marked bool
+	// open holds the twin's commands that are not finished, by sequence,
+	// with their expiry, until their open-command marks are found.
+	open map[int64]time.Time
 	// pending says a rule state of the twin waits for a hold_for;
 	// pendingMarked that its pending mark was found.
 	pending, pendingMarked bool
@@ -349,6 +356,8 @@ func (c *checker) checkShardKey(k, v []byte) error {
 		}
 	case 'n':
 		c.checkCount(k, rest, v)
+	case 'o':
+		c.checkOpenMark(k, rest, v)
 	default:
 		c.add(k, "unknown section %q of a shard", k[5])
 	}
@@ -358,7 +367,7 @@ func (c *checker) checkShardKey(k, v []byte) error {
 // loadTwins checks the twin records of virtual shard vs and keeps what the
 // other keys of the shard are checked against.
 func (c *checker) loadTwins(vs int) error {
-	c.vs = vs
+	c.vs, c.counted = vs, false
 	c.twins = map[string]*checkedTwin{}
 	lower := shardPrefix(uint16(vs), 't')
 	it, err := c.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(lower)})
@@ -517,6 +526,35 @@ func (c *checker) checkCommand(k, rest, v []byte) {
 	if cmd.State < CommandQueued || cmd.State > CommandCanceled {
 		c.add(k, "command state %d is not valid", cmd.State)
 	}
+	if !cmd.State.Final() {
+		if t.open == nil {
+			t.open = map[int64]time.Time{}
+		}
+		t.open[seq] = cmd.ExpireTime
+	}
+}
+
+// checkOpenMark checks an open-command mark against the command, read
+// before it (c sorts before o).
+func (c *checker) checkOpenMark(k, rest, v []byte) {
+	id, seq, ok := splitSeqKey(rest)
+	if !ok || len(v) != 8 {
+		c.add(k, "an open-command mark must be s/<vshard>/o/<id>, a zero byte and an 8-byte sequence, with an 8-byte expiry")
+		return
+	}
+	t := c.owner(k, "open-command mark", id)
+	if t == nil {
+		return
+	}
+	at, open := t.open[seq]
+	switch {
+	case !open:
+		c.add(k, "open-command mark of command %s, which is finished or does not exist", CommandID(id, seq))
+	case at.UnixNano() != int64(binary.BigEndian.Uint64(v)):
+		c.add(k, "open-command mark of command %s says it expires at %v; the command says %v", CommandID(id, seq),
+			time.Unix(0, int64(binary.BigEndian.Uint64(v))).UTC(), at)
+	}
+	delete(t.open, seq)
 }
 
 func (c *checker) checkHistory(k, rest, v []byte) {
@@ -581,6 +619,7 @@ func (c *checker) checkRuleState(k, rest, v []byte) {
 
 // checkCount checks a shard's twin count.
 func (c *checker) checkCount(k, rest, v []byte) {
+	c.counted = true
 	if len(rest) != 0 || len(v) != 8 {
 		c.add(k, "a twin count is s/<vshard>/n/ with 8 bytes; found %d bytes after the key and a value of %d", len(rest), len(v))
 		return
@@ -629,6 +668,12 @@ func (c *checker) endShard() {
 		if t.lastHist != t.version {
 			c.add(t.key, "twin %q has no history entry for its version %d", id, t.version)
 		}
+		for _, seq := range slices.Sorted(maps.Keys(t.open)) {
+			if !c.counted {
+				break // a store from before the marks: its first start adds them
+			}
+			c.add(t.key, "command %s is not finished but has no open-command mark: a restart would not expire it", CommandID(id, seq))
+		}
 		if t.connected && !t.marked {
 			c.add(t.key, "twin %q is connected but has no presence mark: a restart would not find it connected", id)
 		}
@@ -670,7 +715,7 @@ func keyString(k []byte) string {
 		switch k[5] {
 		case 't':
 			return head + readable(string(rest))
-		case 'c', 'h':
+		case 'c', 'h', 'o':
 			if id, n, ok := splitSeqKey(rest); ok {
 				return head + readable(id) + "/" + strconv.FormatInt(n, 10)
 			}

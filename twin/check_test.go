@@ -259,6 +259,18 @@ func TestCheckNamesViolations(t *testing.T) {
 		wantKey:     "p/car-1",
 		wantProblem: `twin "car-1" has a presence mark but is not connected`,
 	}, {
+		name:        "open command without an open-command mark",
+		edits:       func(s checkStore, db *pebble.DB) []edit { return []edit{{seqKey(s.vs("car-1"), 'o', "car-1", 1), nil}} },
+		wantKey:     "t/car-1",
+		wantProblem: `command car-1~1 is not finished but has no open-command mark`,
+	}, {
+		name: "open-command mark of a command that does not exist",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{seqKey(s.vs("car-1"), 'o', "car-1", 7), make([]byte, 8)}}
+		},
+		wantKey:     "o/car-1/7",
+		wantProblem: `open-command mark of command car-1~7, which is finished or does not exist`,
+	}, {
 		name:        "connected twin without a presence mark",
 		edits:       func(s checkStore, db *pebble.DB) []edit { return []edit{{shardKey(s.vs("dev-1"), 'p', "dev-1"), nil}} },
 		wantKey:     "t/dev-1",

@@ -244,17 +244,21 @@ func (h *expiryHeap) Pop() any {
 func (h *expiryHeap) next() expiry { return h.h[0] }
 
 // add schedules an open command's expiry, or reschedules it.
-func (h *expiryHeap) add(c *Command) {
+func (h *expiryHeap) add(c *Command) { h.addAt(c.DeviceID, c.Seq, c.ExpireTime) }
+
+// addAt schedules the expiry of a device's open command at a time, or
+// reschedules it.
+func (h *expiryHeap) addAt(device string, seq int64, at time.Time) {
 	if h.pos == nil {
 		h.pos = map[expiryKey]int{}
 	}
-	k := expiryKey{c.DeviceID, c.Seq}
+	k := expiryKey{device, seq}
 	if i, ok := h.pos[k]; ok {
-		h.h[i].at = c.ExpireTime
+		h.h[i].at = at
 		heap.Fix(h, i)
 		return
 	}
-	heap.Push(h, expiry{at: c.ExpireTime, key: k})
+	heap.Push(h, expiry{at: at, key: k})
 }
 
 // remove drops a command's entry, if it has one.

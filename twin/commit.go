@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"errors"
 	"encoding/binary"
 	"fmt"
 	"time"
@@ -52,7 +53,7 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		}
 	}
 	for _, seq := range c.dropCmds {
-		if err := b.Delete(commandKey(vs, id, seq), nil); err != nil {
+		if err := errors.Join(b.Delete(commandKey(vs, id, seq), nil), b.Delete(openKey(vs, id, seq), nil)); err != nil {
 			return buf, err
 		}
 	}
@@ -118,7 +119,7 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		if err := b.Delete(pendingKey(vs, id), nil); err != nil {
 			return buf, err
 		}
-		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), ruleStatePrefix(vs, id)} {
+		for _, p := range [][]byte{historyPrefix(vs, id), commandPrefix(vs, id), openPrefix(vs, id), ruleStatePrefix(vs, id)} {
 			if err := b.DeleteRange(p, prefixEnd(p), nil); err != nil {
 				return buf, err
 			}
@@ -312,6 +313,14 @@ func writeCommands(b writer, vs uint16, id string, cmds []*Command) error {
 			return err
 		}
 		if err := b.Set(commandKey(vs, id, cmd.Seq), v, nil); err != nil {
+			return err
+		}
+		if cmd.State.Final() {
+			err = b.Delete(openKey(vs, id, cmd.Seq), nil)
+		} else {
+			err = b.Set(openKey(vs, id, cmd.Seq), appendUint64(nil, uint64(cmd.ExpireTime.UnixNano())), nil)
+		}
+		if err != nil {
 			return err
 		}
 	}

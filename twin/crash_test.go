@@ -687,6 +687,8 @@ func checkStore(e *Engine, log map[int64]logEntry) []string {
 			}
 		case 'p', 'w':
 			owned = append(owned, keyed{slices.Clone(k), string(rest)})
+		case 'o':
+			owned = append(owned, keyed{slices.Clone(k), string(rest[:bytes.IndexByte(rest, 0)])})
 		case 'n':
 			// A shard's twin count: Check compares it with the twins.
 		case sectionTypeIndex, sectionLabelIndex:

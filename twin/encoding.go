@@ -21,6 +21,8 @@ import (
 //	                               a report that changed nothing else moved it since
 //	                               the record was written
 //	s/<vs:2>/c/<id>\x00<seq:8>     the device's retained commands, by sequence
+//	s/<vs:2>/o/<id>\x00<seq:8>     open-command mark: the command is not finished; its
+//	                               expiry (Unix nanoseconds, 8 bytes)
 //	s/<vs:2>/h/<id>\x00<ver:8>     history: the revision of each version of a twin,
 //	                               whose Event is in the watch log
 //	s/<vs:2>/x/<id>\x00<rule>      the twin's state for a rule
@@ -128,6 +130,17 @@ func commandPrefix(vs uint16, id string) []byte {
 
 func commandKey(vs uint16, id string, seq int64) []byte {
 	return appendUint64(commandPrefix(vs, id), uint64(seq))
+}
+
+// openPrefix and openKey mark a device's commands that are not finished,
+// with their expiry: start-up schedules the expiries from these marks
+// without reading the commands.
+func openPrefix(vs uint16, id string) []byte {
+	return append(append(shardPrefix(vs, 'o'), id...), 0)
+}
+
+func openKey(vs uint16, id string, seq int64) []byte {
+	return appendUint64(openPrefix(vs, id), uint64(seq))
 }
 
 func logKey(rev int64) []byte {

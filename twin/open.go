@@ -189,7 +189,7 @@ func (e *Engine) loadShard(vs uint16) error {
 		section byte
 		fn      func(key, value []byte) error
 	}{
-		{'c', e.loadCommand},
+		{'o', e.loadOpenCommand},
 		{'p', e.loadPresence},
 		{'w', e.loadPending},
 	} {
@@ -219,9 +219,10 @@ func (e *Engine) scanSection(vs uint16, section byte, fn func(key, value []byte)
 
 // upgradeShard writes, once, what a store written before twind kept shard
 // counts and marks lacks: the shard's twin count, a presence mark for each
-// twin whose record says it is connected, and a pending mark for each twin
-// with a rule state waiting for a hold_for, to b. It reads the shard's
-// twins, as every start-up of those versions did.
+// twin whose record says it is connected, a pending mark for each twin
+// with a rule state waiting for a hold_for, and an open-command mark for
+// each command not finished, to b. It reads the shard's twins and
+// commands, as every start-up of those versions did.
 func (e *Engine) upgradeShard(vs uint16, b *pebble.Batch) error {
 	var n int64
 	err := e.scanSection(vs, 't', func(id, value []byte) error {
@@ -237,6 +238,16 @@ func (e *Engine) upgradeShard(vs uint16, b *pebble.Batch) error {
 			return b.Set(presenceKey(vs, string(id)), nil, nil)
 		}
 		return nil
+	})
+	if err != nil {
+		return err
+	}
+	err = e.scanSection(vs, 'c', func(_, value []byte) error {
+		cmd, err := decodeCommand(value)
+		if err != nil || cmd.State.Final() {
+			return err
+		}
+		return b.Set(openKey(vs, cmd.DeviceID, cmd.Seq), appendUint64(nil, uint64(cmd.ExpireTime.UnixNano())), nil)
 	})
 	if err != nil {
 		return err
@@ -273,16 +284,15 @@ func (e *Engine) loadPresence(id, _ []byte) error {
 	return nil
 }
 
-// loadCommand schedules the expiry of a retained command that is not
-// finished. Commands themselves are read with their twin when it is needed.
-func (e *Engine) loadCommand(_, value []byte) error {
-	cmd, err := decodeCommand(value)
-	if err != nil {
-		return err
+// loadOpenCommand schedules the expiry of a command that is not finished,
+// from its mark (openKey): start-up reads no command.
+func (e *Engine) loadOpenCommand(k, value []byte) error {
+	id, seq, ok := splitSeqKey(k)
+	if !ok || len(value) != 8 {
+		return fmt.Errorf("twin: corrupt open-command mark")
 	}
-	if !cmd.State.Final() {
-		e.workerFor(cmd.DeviceID).expiries.add(cmd)
-	}
+	at := time.Unix(0, int64(binary.BigEndian.Uint64(value))).UTC()
+	e.workerFor(id).expiries.addAt(id, seq, at)
 	return nil
 }
 
