@@ -1,8 +1,8 @@
 package twin
 
 import (
-	"errors"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 
