@@ -117,6 +117,9 @@ func run(args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if cacheSize == 0 {
+		cacheSize = 512 << 20 // 0 means the default
+	}
 	opts.Engine.CacheBytes = int64(cacheSize)
 	if memoryLimit == 0 {
 		memoryLimit = 2*cacheSize + 512<<20
