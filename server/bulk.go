@@ -8,10 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 
@@ -21,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/twind-io/twind/internal/parallel"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/twin"
 )
@@ -256,7 +255,7 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 			text = append(text, l)
 		}
 	}
-	parallel(len(lines), func(lo, hi int) {
+	parallel.Ranges(len(lines), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			p := &lines[i]
 			p.it, p.rule, p.id, p.err = parseLine(text[i])
@@ -274,24 +273,6 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 		}
 	}
 	return b
-}
-
-// parallel calls fn on ranges [lo, hi) that cover [0, n), from up to
-// GOMAXPROCS goroutines at once, and returns when every call has returned:
-// for CPU-bound work on the independent lines of a batch.
-func parallel(n int, fn func(lo, hi int)) {
-	const minPart = 64
-	parts := min(runtime.GOMAXPROCS(0), n/minPart)
-	if parts <= 1 {
-		fn(0, n)
-		return
-	}
-	var wg sync.WaitGroup
-	for i := range parts - 1 {
-		wg.Go(func() { fn(n*i/parts, n*(i+1)/parts) })
-	}
-	fn(n*(parts-1)/parts, n) // on the caller's goroutine
-	wg.Wait()
 }
 
 // jsonTwin is a plain twin line, decoded with encoding/json for speed.

@@ -5,12 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/twind-io/twind/internal/parallel"
 )
 
 // Bulk import and export.
@@ -147,7 +147,7 @@ func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts Impor
 	p := &PendingImport{}
 	prepared := make([]*preparedImport, len(items))
 	errs := make([]error, len(items))
-	parallel(len(items), func(lo, hi int) {
+	parallel.Ranges(len(items), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			prepared[i], errs[i] = e.prepareImport(i, &items[i], opts, now)
 		}
@@ -172,29 +172,6 @@ func (e *Engine) StartImport(ctx context.Context, items []ImportItem, opts Impor
 		p.ops = append(p.ops, sentImport{o, len(ps)})
 	}
 	return p, nil
-}
-
-// parallel calls fn on ranges [lo, hi) that cover [0, n), from up to
-// GOMAXPROCS goroutines at once, and returns when every call has returned.
-// It is for CPU-bound work on independent items, such as checking the
-// items of an import batch.
-func parallel(n int, fn func(lo, hi int)) {
-	const minPart = 64
-	parts := min(runtime.GOMAXPROCS(0), n/minPart)
-	if parts <= 1 {
-		fn(0, n)
-		return
-	}
-	var wg sync.WaitGroup
-	for i := range parts {
-		lo, hi := n*i/parts, n*(i+1)/parts
-		if i == parts-1 {
-			fn(lo, hi) // on the caller's goroutine
-			continue
-		}
-		wg.Go(func() { fn(lo, hi) })
-	}
-	wg.Wait()
 }
 
 // Wait returns once every item of the batch is durable or refused, as
