@@ -302,6 +302,34 @@ func (w *worker) resize(ent *entry, recordBytes int) {
 	ent.size = int64(size)
 }
 
+// readDurable returns part of a twin's durable state, for a reader: from
+// the worker's cache entry if the twin is cached (cached), or else read
+// from the worker's durable snapshot (stored), which holds exactly what
+// the worker's published steps wrote.
+func readDurable[T any](e *Engine, id string, cached func(*entry) T, stored func(r pebble.Reader, vs uint16, id string) (T, error)) (T, error) {
+	w := e.workerFor(id)
+	w.mu.RLock()
+	ent := w.cache.m[id]
+	var v T
+	if ent != nil {
+		v = cached(ent)
+		ent.used.Store(w.cache.clock.Load())
+	}
+	w.mu.RUnlock()
+	if ent != nil {
+		return v, nil
+	}
+	if !e.startReader() {
+		return v, ErrClosed
+	}
+	defer e.readerWG.Done()
+	snap := w.durableSnapshot()
+	defer snap.release()
+	return stored(snap.s, e.VShard(id), id)
+}
+
+func durableTwin(ent *entry) *Twin { return ent.durable }
+
 // readTwin reads a twin's record, and its seen key, from a store or
 // snapshot: the twin, or nil if there is none.
 func readTwin(r pebble.Reader, vs uint16, id string) (*Twin, error) {

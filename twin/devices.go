@@ -437,28 +437,19 @@ func (w *worker) cmdsOf(id string) *commandList { return w.cache.m[id].cmds }
 // durableCommands returns a device's retained commands as durable: from
 // its worker's cache, or else from the worker's durable snapshot.
 func (e *Engine) durableCommands(id string) (*commandList, error) {
-	w := e.workerFor(id)
-	w.mu.RLock()
-	ent := w.cache.m[id]
-	var l *commandList
-	if ent != nil {
-		l = ent.durableCmds
-	}
-	w.mu.RUnlock()
-	if ent != nil {
-		return l, nil
-	}
-	if !e.startReader() {
-		return nil, ErrClosed
-	}
-	defer e.readerWG.Done()
-	snap := w.durableSnapshot()
-	defer snap.release()
-	it, err := snap.s.NewIter(nil)
+	return readDurable(e, id, durableCommandList, readCommandList)
+}
+
+func durableCommandList(ent *entry) *commandList { return ent.durableCmds }
+
+// readCommandList reads a device's retained commands from a store or
+// snapshot.
+func readCommandList(r pebble.Reader, vs uint16, id string) (*commandList, error) {
+	it, err := r.NewIter(nil)
 	if err != nil {
 		return nil, err
 	}
-	l, _, err = readCommands(it, e.VShard(id), id)
+	l, _, err := readCommands(it, vs, id)
 	return l, errors.Join(err, it.Close())
 }
 

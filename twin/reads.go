@@ -16,27 +16,9 @@ func (e *Engine) Get(id string) (*Twin, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
-	w := e.workerFor(id)
-	w.mu.RLock()
-	ent := w.cache.m[id]
-	var t *Twin
-	if ent != nil {
-		t = ent.durable
-		ent.used.Store(w.cache.clock.Load())
-	}
-	w.mu.RUnlock()
-	if ent == nil {
-		// Not cached: read it as durable from the store.
-		if !e.startReader() {
-			return nil, ErrClosed
-		}
-		defer e.readerWG.Done()
-		snap := w.durableSnapshot()
-		defer snap.release()
-		var err error
-		if t, err = readTwin(snap.s, e.VShard(id), id); err != nil {
-			return nil, err
-		}
+	t, err := readDurable(e, id, durableTwin, readTwin)
+	if err != nil {
+		return nil, err
 	}
 	if t == nil {
 		return nil, notFound(id)
