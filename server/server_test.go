@@ -444,6 +444,11 @@ func TestMetrics(t *testing.T) {
 	for _, want := range []string{
 		"twind_twins 1",
 		"twind_changes_total 1",
+		// Creating m1 read it (there was none) into the twin cache.
+		"twind_cached_twins 1",
+		"twind_twin_cache_misses_total 1",
+		"twind_twin_cache_bytes ",
+		"twind_twin_cache_hits_total ",
 		`grpc_server_handled_total{grpc_code="OK",grpc_method="CreateTwin",grpc_service="twin.v1.TwinService",grpc_type="unary"} 1`,
 		`grpc_server_handled_total{grpc_code="NotFound",grpc_method="GetTwin",grpc_service="twin.v1.TwinService",grpc_type="unary"} 1`,
 		"go_goroutines",

@@ -117,13 +117,8 @@ func run(args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if cacheSize == 0 {
-		cacheSize = 512 << 20 // 0 means the default
-	}
+	cacheSize, memoryLimit = memorySizes(cacheSize, memoryLimit)
 	opts.Engine.CacheBytes = int64(cacheSize)
-	if memoryLimit == 0 {
-		memoryLimit = 2*cacheSize + 512<<20
-	}
 	if _, ok := os.LookupEnv("GOMEMLIMIT"); !ok {
 		// The heap is bounded by the cache, not by the fleet: the limit
 		// makes the collector work harder only as the heap nears it.

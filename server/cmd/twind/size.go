@@ -50,3 +50,15 @@ func (b *byteSize) String() string {
 }
 
 func (b *byteSize) Get() any { return int64(*b) }
+
+// memorySizes fills in the defaults of --cache-size (512MiB) and
+// --memory-limit (twice the cache plus 512MiB), 0 meaning the default.
+func memorySizes(cache, limit byteSize) (byteSize, byteSize) {
+	if cache == 0 {
+		cache = 512 << 20
+	}
+	if limit == 0 {
+		limit = 2*cache + 512<<20
+	}
+	return cache, limit
+}

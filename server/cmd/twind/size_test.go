@@ -34,3 +34,16 @@ func TestByteSize(t *testing.T) {
 		}
 	}
 }
+
+func TestMemorySizes(t *testing.T) {
+	for _, tc := range []struct{ cache, limit, wantCache, wantLimit byteSize }{
+		{0, 0, 512 << 20, 1536 << 20},
+		{2 << 30, 0, 2 << 30, 4<<30 + 512<<20},
+		{2 << 30, 3 << 30, 2 << 30, 3 << 30},
+		{0, 1 << 30, 512 << 20, 1 << 30},
+	} {
+		if c, l := memorySizes(tc.cache, tc.limit); c != tc.wantCache || l != tc.wantLimit {
+			t.Errorf("memorySizes(%s, %s) = %s, %s; want %s, %s", &tc.cache, &tc.limit, &c, &l, &tc.wantCache, &tc.wantLimit)
+		}
+	}
+}
