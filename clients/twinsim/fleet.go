@@ -616,20 +616,7 @@ func createFleet(ctx context.Context, conns []*twind.Client, o fleetOptions, exi
 	}
 	wg.Wait()
 	stopProgress()
-	el := time.Since(start)
-	var all []time.Duration
-	for _, l := range lat {
-		all = append(all, l...)
-	}
-	p := LoadPhase{Seconds: el.Seconds(), Calls: created.Load(), PerSecond: float64(created.Load()) / el.Seconds(),
-		Errors: failed.Load(), Latency: summarize(all)}
-	if firstErr != nil {
-		p.FirstError = firstErr.Error()
-	}
-	if ctx.Err() != nil {
-		return p, ctx.Err()
-	}
-	return p, firstErr
+	return creationPhase(ctx, time.Since(start), created.Load(), failed.Load(), lat, firstErr)
 }
 
 // importBatch is how many twins one ImportTwins request of the fleet
@@ -724,13 +711,17 @@ func importFleet(ctx context.Context, conns []*twind.Client, o fleetOptions, exi
 	}
 	wg.Wait()
 	stopProgress()
-	el := time.Since(start)
+	return creationPhase(ctx, time.Since(start), imported.Load(), failed.Load(), lat, firstErr)
+}
+
+// creationPhase sums up a phase that created the fleet: n twins in el, with
+// each worker's latencies, and the first error that stopped it.
+func creationPhase(ctx context.Context, el time.Duration, n, failed int64, lat [][]time.Duration, firstErr error) (LoadPhase, error) {
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
 	}
-	p := LoadPhase{Seconds: el.Seconds(), Calls: imported.Load(), PerSecond: float64(imported.Load()) / el.Seconds(),
-		Errors: failed.Load(), Latency: summarize(all)}
+	p := LoadPhase{Seconds: el.Seconds(), Calls: n, PerSecond: float64(n) / el.Seconds(), Errors: failed, Latency: summarize(all)}
 	if firstErr != nil {
 		p.FirstError = firstErr.Error()
 	}
