@@ -407,3 +407,71 @@ func TestTickWalksOnlyTickingTypes(t *testing.T) {
 		t.Errorf("the tick read %d twins from the store; want the %d planters only", misses, n)
 	}
 }
+
+// TestSeenOnlyReportsInSteps: device reports that change nothing but
+// last_seen, mixed in the same steps with reports that do change their twin,
+// across many twins at once, leave every twin's last_seen durable: a
+// restart with a cache of a few twins reads it back from the store.
+func TestSeenOnlyReportsInSteps(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	clock := &modelClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	opts := Options{Workers: 2, VShards: 8, Clock: clock.Now, CacheBytes: 16 << 10}
+	e := openMem(t, fs, opts)
+	const n = 60
+	for i := range n {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprintf("p-%02d", i), Reported: Document{"on": true}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clock.Advance(time.Minute)
+	seen := clock.Now().UTC()
+	// Every twin gets a report that changes nothing; a third also a real
+	// change, after it, and then one more that changes nothing: all
+	// handed to the workers before any is answered.
+	var pending []Pending
+	report := func(id string, on bool) {
+		p, err := e.StartReport(ctx, PatchRequest{ID: id, Patch: Document{"on": on}, Source: SourceDevice})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pending = append(pending, p)
+	}
+	for i := range n {
+		id := fmt.Sprintf("p-%02d", i)
+		report(id, true)
+		if i%3 == 0 {
+			report(id, false)
+			report(id, false)
+		}
+	}
+	for _, p := range pending {
+		if r := <-p.Done(); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e = openMem(t, fs, opts)
+	for i := range n {
+		id := fmt.Sprintf("p-%02d", i)
+		tw, err := e.Get(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantVersion := int64(1)
+		if i%3 == 0 {
+			wantVersion = 2
+		}
+		if !tw.Presence.LastSeen.Equal(seen) || tw.Version != wantVersion {
+			t.Errorf("%s after a restart: last_seen %v, version %d; want %v, version %d", id, tw.Presence.LastSeen, tw.Version, seen, wantVersion)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if vs, err := Check(Options{FS: fs, Dir: "db"}); err != nil || len(vs) > 0 {
+		t.Errorf("Check = %v, %v; want no violations", vs, err)
+	}
+}

@@ -272,10 +272,14 @@ type mTwin struct {
 	cmds    []*mCmd // retained, by sequence
 	r1      bool    // rule r1's state exists
 	hist    []mVersion
-	sink    *mSink // the connected stream
-	sinks   []*mSink
-	trace   []string // the ops and their answers
-	clock   *modelClock
+	// lastSeen is when the device was last seen, as the engine answered
+	// it last: the model checks that it survives restarts (a report that
+	// changes nothing else writes it apart from the record).
+	lastSeen time.Time
+	sink     *mSink // the connected stream
+	sinks    []*mSink
+	trace    []string // the ops and their answers
+	clock    *modelClock
 	// events are the watch events of the twin since the last round was
 	// compared, presence changes aside.
 	events []string
@@ -426,6 +430,9 @@ func (mt *mTwin) run(ctx context.Context, e *Engine, rng *rand.Rand, n int) erro
 			mt.trace = append(mt.trace, fmt.Sprintf("%s: %s (model after: %s)", describe(o), answer(r), models[i]))
 			if err := checkAnswer(r, wants[i]); err != nil {
 				return fmt.Errorf("twin %s: %s: %v\n%s", mt.id, describe(o), err, mt.lastTrace())
+			}
+			if r.Err == nil && r.Twin != nil {
+				mt.lastSeen = r.Twin.Presence.LastSeen
 			}
 		}
 	}
@@ -1026,9 +1033,10 @@ func compareTwin(e *Engine, mt *mTwin, opt cmp.Option) []error {
 			TokenHash           []byte
 			CommandSeq          int64
 			DesiredAckedVersion int64
+			LastSeen            time.Time
 		}
-		got := view{tw.Version, tw.Type, tw.Labels, tw.Reported, tw.Desired, tw.Delta, tw.Presence.Connected, tw.TokenHash, tw.CommandSeq, tw.DesiredAckedVersion}
-		want := view{mt.version, mt.typ, mt.labels, mt.rep, mt.des, mt.delta(), mt.sink != nil, mt.token, mt.cmdSeq, mt.acked}
+		got := view{tw.Version, tw.Type, tw.Labels, tw.Reported, tw.Desired, tw.Delta, tw.Presence.Connected, tw.TokenHash, tw.CommandSeq, tw.DesiredAckedVersion, tw.Presence.LastSeen}
+		want := view{mt.version, mt.typ, mt.labels, mt.rep, mt.des, mt.delta(), mt.sink != nil, mt.token, mt.cmdSeq, mt.acked, mt.lastSeen}
 		if diff := cmp.Diff(want, got, opt); diff != "" {
 			errs = append(errs, fmt.Errorf("twin %s (-model +engine):\n%s", mt.id, diff))
 		}
