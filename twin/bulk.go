@@ -597,6 +597,8 @@ func (w *worker) writeImport(b writer, c *change, buf []byte) ([]byte, error) {
 	if err := writeIndex(b, vs, c.prev, c.next); err != nil {
 		return buf, err
 	}
+	// An imported twin has no event: its next one holds the whole twin.
+	ent.log = logPosition{}
 	rec := encodeRecord(record{Twin: c.next})
 	if err := b.Set(twinKey(vs, id), rec, nil); err != nil {
 		return buf, err

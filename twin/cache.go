@@ -46,6 +46,9 @@ type entry struct {
 	cmds *commandList
 	// seen says the store holds a seen key for the twin (seenKey).
 	seen bool
+	// log is where the twin stands in the watch log's chains, as its
+	// record says.
+	log logPosition
 	// seq is the last worker step that changed the twin's keys: until
 	// that step is published the entry stays.
 	seq int64
@@ -161,7 +164,7 @@ func (w *worker) fetch(ids []string) error {
 		}
 		switch {
 		case rec.Twin != nil:
-			ent.work, ent.durable, ent.seen = rec.Twin, rec.Twin, seen
+			ent.work, ent.durable, ent.seen, ent.log = rec.Twin, rec.Twin, seen, rec.Log
 			ent.size += twinSize(size)
 			found = append(found, i)
 		case rec.Deleted:

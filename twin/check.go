@@ -231,13 +231,40 @@ func (c *checker) checkLog() error {
 			c.add(k, "the event says revision %d", ev.Revision)
 		}
 		if i := rev - c.oldest; i < int64(len(c.heads)) {
-			c.heads[i] = logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, ok: true}
+			c.heads[i] = logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, previous: ev.Previous, ok: true}
+		}
+		if ev.Previous != 0 {
+			// A change: its chain goes back to a whole twin
+			// (logchain.go), unless it reaches below the log.
+			if ev.Previous >= rev {
+				c.add(k, "the change applies to revision %d, not an earlier one", ev.Previous)
+			} else if ev.Previous >= c.oldest {
+				c.checkChain(k, rev, ev)
+			}
 		}
 	}
 	if c.oldest == 0 {
 		c.oldest = 1
 	}
 	return it.Error()
+}
+
+// checkChain checks that the entry a change applies to is of the same
+// twin.
+func (c *checker) checkChain(k []byte, rev int64, ev eventHead) {
+	prev, err := c.event(ev.Previous)
+	if err != nil {
+		if _, closer, err := c.db.Get(logKey(ev.Previous)); err == nil {
+			closer.Close()
+			return // there, but it does not decode: reported for its key
+		}
+		c.add(k, "the change applies to revision %d, which the watch log lacks", ev.Previous)
+		return
+	}
+	if prev.id != ev.TwinID || prev.version > ev.Version {
+		c.add(k, "the change of twin %q (version %d) applies to revision %d, version %d of twin %q",
+			ev.TwinID, ev.Version, ev.Previous, prev.version, prev.id)
+	}
 }
 
 // maxCachedLog bounds how many revisions of the watch log the checker keeps
@@ -250,7 +277,9 @@ type logHead struct {
 	id      string
 	version int64
 	kind    EventKind
-	ok      bool // the entry exists and decodes
+	// previous is, for a change, the revision it applies to.
+	previous int64
+	ok       bool // the entry exists and decodes
 }
 
 // event returns the head of the watch log's entry at rev, or why it has
@@ -271,7 +300,7 @@ func (c *checker) event(rev int64) (logHead, error) {
 	if err != nil {
 		return logHead{}, pebble.ErrNotFound // reported by checkLog
 	}
-	return logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, ok: true}, nil
+	return logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, previous: ev.Previous, ok: true}, nil
 }
 
 // checkKeys checks every key outside the watch log, in key order.
@@ -428,8 +457,29 @@ func (c *checker) loadTwins(vs int) error {
 		default:
 			c.checkEvent(k, "the twin's revision", t.Revision, id, t.Version)
 		}
+		c.checkLogPosition(k, id, r.Log)
 	}
 	return it.Error()
+}
+
+// checkLogPosition checks where a record says its twin stands in the
+// watch log's chains: at a whole entry of the twin, fewer than
+// logCheckpointEvery changes ago.
+func (c *checker) checkLogPosition(k []byte, id string, pos logPosition) {
+	switch {
+	case pos.Base == 0 && pos.Chain == 0, pos.Base < c.oldest && pos.Base > 0:
+		return // the next entry is whole, or the base was pruned
+	case pos.Base < 0 || pos.Chain < 0 || pos.Chain >= logCheckpointEvery || pos.Base > c.last:
+		c.add(k, "the record's place in the watch log (base %d, %d changes since) is impossible", pos.Base, pos.Chain)
+		return
+	}
+	ev, err := c.event(pos.Base)
+	switch {
+	case err != nil:
+		c.add(k, "the record's log base %d is missing from the watch log", pos.Base)
+	case ev.id != id || ev.previous != 0:
+		c.add(k, "the record's log base %d is not a whole entry of twin %q", pos.Base, id)
+	}
 }
 
 // checkEncoding reports a value (that decodes) of a store of format 2 that

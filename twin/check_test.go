@@ -283,6 +283,13 @@ func TestCheckNamesViolations(t *testing.T) {
 		wantKey:     "l/2",
 		wantProblem: "the event does not decode",
 	}, {
+		name: "change whose previous entry is gone",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{[]byte("l/\x00\x00\x00\x00\x00\x00\x00\x02"), nil}}
+		},
+		wantKey:     "l/3",
+		wantProblem: "the change applies to revision 2, which the watch log lacks",
+	}, {
 		name: "missing type index entry",
 		edits: func(s checkStore, db *pebble.DB) []edit {
 			return []edit{{shardKey(s.vs("car-1"), 'y', "car\x00car-1"), nil}}

@@ -72,6 +72,22 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		ent.seen = true
 		return buf, b.Set(seenKey(vs, id), appendUint64(nil, uint64(c.next.Presence.LastSeen.UnixNano())), nil)
 	}
+	// The event's log entry holds the change since the twin's previous
+	// entry, if the chain may grow (logchain.go), else the whole twin.
+	complete := c.event != nil
+	if c.event != nil && c.next != nil {
+		var pos logPosition
+		pos, complete = ent.log.next(c.event.Revision, e.logMargin())
+		if !complete {
+			var ok bool
+			buf, ok = appendChangeEvent(buf[:0], c.event, c.prev, c.next, c.prev.Revision)
+			complete = !ok
+		}
+		if complete {
+			pos = logPosition{Base: c.event.Revision}
+		}
+		ent.log = pos
+	}
 	if c.next != c.prev {
 		if ent.seen {
 			// The record holds last_seen again.
@@ -83,7 +99,7 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 		if err := writeIndex(b, vs, c.prev, c.next); err != nil {
 			return buf, err
 		}
-		rec := record{Twin: c.next}
+		rec := record{Twin: c.next, Log: ent.log}
 		if c.next == nil {
 			rec = record{Deleted: true, LastVersion: c.gone.version, LastCommandSeq: c.gone.cmdSeq}
 		}
@@ -109,9 +125,13 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	if c.next == nil {
 		tw = appendTwin(nil, c.prev)
+		ent.log = logPosition{}
 	}
-	buf = appendEvent(buf[:0], c.event, tw)
-	c.eventBytes = len(buf)
+	if complete {
+		buf = appendEvent(buf[:0], c.event, tw)
+	}
+	// A change entry is small, but watchers keep its twin decoded.
+	c.eventBytes = max(len(buf), len(tw))
 	if err := b.Set(logKey(c.event.Revision), buf, nil); err != nil {
 		return buf, err
 	}
@@ -277,20 +297,27 @@ func (e *Engine) publish(g *group) {
 }
 
 // pruneLog drops the watch log's revisions older than the retention, in
-// steps, so that one range deletion covers many revisions. e.revMu is held.
+// steps, so that one range deletion covers many revisions. It keeps
+// logMargin revisions below the oldest retained one, which the chains of
+// retained entries may reach (logchain.go). e.revMu is held.
 func (e *Engine) pruneLog() {
 	const pruneStep = 1024
 	keep := e.rev - e.opts.LogRetention + 1
-	from := e.oldest.Load()
-	if keep-from < pruneStep || e.err() != nil {
+	if keep-e.oldest.Load() < pruneStep || e.err() != nil {
 		return
 	}
 	// Watchers learn of the pruning before it happens, so none reads a
 	// partly pruned range and takes it for complete.
 	e.oldest.Store(keep)
-	if err := e.db.DeleteRange(logKey(from), logKey(keep), pebble.NoSync); err != nil {
-		e.opts.Logger.Error("pruning the watch log failed", "err", err)
+	floor := keep - e.logMargin()
+	if floor <= e.logFloor {
+		return
 	}
+	if err := e.db.DeleteRange(logKey(e.logFloor), logKey(floor), pebble.NoSync); err != nil {
+		e.opts.Logger.Error("pruning the watch log failed", "err", err)
+		return
+	}
+	e.logFloor = floor
 }
 
 // twinsAdded returns how the change changes the number of twins: 1 for a

@@ -96,6 +96,7 @@ func storeContents(t *testing.T, fs vfs.FS) map[string]any {
 	}
 	defer it.Close()
 	out := map[string]any{}
+	lr := newLogReader(db)
 	for it.First(); it.Valid(); it.Next() {
 		k, v := it.Key(), it.Value()
 		var got any
@@ -109,9 +110,14 @@ func storeContents(t *testing.T, fs vfs.FS) map[string]any {
 			f.Format, f.MaxHistoryLimit = 0, 0
 			got = f
 		case bytes.HasPrefix(k, prefixLog):
-			got, err = decodeEvent(v)
+			got, err = lr.event(v)
 		case bytes.HasPrefix(k, prefixShards) && k[5] == 't' && !isSubKey(k[7:]):
-			got, err = decodeRecord(v)
+			var r record
+			r, err = decodeRecord(v)
+			// A converted log holds whole twins only: each twin's next
+			// entry starts a chain (logchain.go).
+			r.Log = logPosition{}
+			got = r
 		case bytes.HasPrefix(k, prefixShards) && k[5] == 'c':
 			got, err = decodeCommand(v)
 		case bytes.HasPrefix(k, prefixShards) && k[5] == 'x':
@@ -141,6 +147,7 @@ func downgradeStore(t *testing.T, fs vfs.FS) {
 		t.Fatal(err)
 	}
 	b := db.NewBatch()
+	lr := newLogReader(db)
 	for it.First(); it.Valid(); it.Next() {
 		k, v := it.Key(), it.Value()
 		var nv []byte
@@ -153,7 +160,7 @@ func downgradeStore(t *testing.T, fs vfs.FS) {
 			f.Format = 1
 			nv, _ = json.Marshal(f)
 		case bytes.HasPrefix(k, prefixLog):
-			ev, err := decodeEvent(v)
+			ev, err := lr.event(v)
 			if err != nil {
 				t.Fatal(err)
 			}

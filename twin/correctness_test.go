@@ -750,7 +750,7 @@ func TestRecentEventsAreTheLog(t *testing.T) {
 	if err := e.RunTimers(ctx); err != nil {
 		t.Fatal(err)
 	}
-	stored, _, err := e.readLog(nil, 1, e.Revision())
+	stored, _, err := e.readLog(newLogReader(e.db), nil, 1, e.Revision())
 	if err != nil {
 		t.Fatal(err)
 	}

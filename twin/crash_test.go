@@ -341,10 +341,11 @@ func readLog(db *pebble.DB) (map[int64]logEntry, error) {
 	}
 	defer it.Close()
 	out := map[int64]logEntry{}
+	lr := newLogReader(db)
 	for it.First(); it.Valid(); it.Next() {
 		rev := int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 		raw := slices.Clone(it.Value())
-		ev, err := decodeEvent(raw)
+		ev, err := lr.event(raw)
 		if err != nil {
 			return nil, fmt.Errorf("log entry %d: %w", rev, err)
 		}

@@ -165,6 +165,8 @@ type record struct {
 	Deleted        bool
 	LastVersion    int64
 	LastCommandSeq int64
+	// Log is where a live twin stands in the watch log's chains.
+	Log logPosition
 }
 
 // twinJSON is the stored form of a Twin in store format 1 (JSON).

@@ -58,8 +58,11 @@ type Engine struct {
 	// recent holds the newest durable events, by revision modulo its size,
 	// for watchers (watch.go).
 	recent [recentEvents]atomic.Pointer[Event]
-	// oldest is the oldest revision still in the watch log.
+	// oldest is the oldest revision watchers may resume from.
 	oldest atomic.Int64
+	// logFloor is the oldest revision the watch log still holds: pruning
+	// keeps logMargin more below oldest, for chains. revMu guards it.
+	logFloor int64
 
 	counters counters
 

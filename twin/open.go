@@ -119,7 +119,9 @@ func (e *Engine) load() error {
 	}
 	// Every committed change is in the watch log, and pruning never
 	// reaches the newest entries, so the log's last key is the store's
-	// revision and its first the oldest that watchers can resume from.
+	// revision. Its first is the oldest that watchers can resume from
+	// unless the log was pruned: pruning keeps logMargin revisions more
+	// for the chains of the entries above them (logchain.go).
 	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: prefixLog, UpperBound: prefixEnd(prefixLog)})
 	if err != nil {
 		return err
@@ -128,10 +130,15 @@ func (e *Engine) load() error {
 		e.rev = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 	}
 	e.nextRev.Store(e.rev)
+	e.oldest.Store(e.rev + 1)
+	e.logFloor = e.rev + 1
 	if it.First() {
-		e.oldest.Store(int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):])))
-	} else {
-		e.oldest.Store(e.rev + 1)
+		e.logFloor = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
+		oldest := e.logFloor
+		if oldest > 1 {
+			oldest = min(oldest+e.logMargin(), e.rev+1)
+		}
+		e.oldest.Store(oldest)
 	}
 	if err := it.Close(); err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 )
@@ -124,29 +125,50 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 		return nil, err
 	}
 	defer it.Close()
-	var evs []*Event
-	for it.Last(); it.Valid() && len(evs) < limit; it.Prev() {
+	// The revisions of the page's versions, newest first, up to the first
+	// that has left the watch log (or, for an imported version, was never
+	// in it).
+	var revs []int64
+	for it.Last(); it.Valid() && len(revs) < limit; it.Prev() {
 		if len(it.Value()) != 8 {
 			return nil, fmt.Errorf("twin: corrupt history entry %q", it.Key())
 		}
-		// Every entry the twin's history points to in the snapshot was
-		// written by a durable step of its worker.
 		rev := int64(binary.BigEndian.Uint64(it.Value()))
+		if rev < e.oldest.Load() {
+			break
+		}
+		revs = append(revs, rev)
+	}
+	if err := it.Error(); err != nil {
+		return nil, err
+	}
+	// Read oldest first, so that each event's twin is rebuilt from the
+	// one before it (logReader). Every entry the twin's history points to
+	// in the snapshot was written by a durable step of its worker.
+	lr := newLogReader(snap.s)
+	evs := make([]*Event, 0, len(revs))
+	for _, rev := range slices.Backward(revs) {
 		v, closer, err := snap.s.Get(logKey(rev))
 		if errors.Is(err, pebble.ErrNotFound) {
-			break // older entries have left the watch log
+			evs = evs[:0] // it and older ones have left the watch log
+			continue
 		}
 		if err != nil {
 			return nil, err
 		}
-		ev, err := decodeEvent(v)
+		ev, err := lr.event(v)
 		closer.Close()
+		if errors.Is(err, errBrokenChain) {
+			evs = evs[:0] // its chain has left the watch log
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
 		evs = append(evs, ev)
 	}
-	return evs, it.Error()
+	slices.Reverse(evs)
+	return evs, nil
 }
 
 // Len returns the number of twins.

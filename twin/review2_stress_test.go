@@ -112,12 +112,12 @@ func TestWatchRingStress(t *testing.T) {
 	}
 	cancel()
 	wwg.Wait()
-	stored, _, err := e.readLog(nil, 1, last)
+	stored, _, err := e.readLog(newLogReader(e.db), nil, 1, last)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for len(stored) < int(last) {
-		more, _, err := e.readLog(nil, int64(len(stored))+1, last)
+		more, _, err := e.readLog(newLogReader(e.db), nil, int64(len(stored))+1, last)
 		if err != nil {
 			t.Fatal(err)
 		}

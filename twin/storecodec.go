@@ -36,6 +36,8 @@ func isBinary(v []byte) bool { return len(v) > 0 && v[0] == storeEncoding }
 const (
 	recordTwin     protowire.Number = 1
 	recordDeletion protowire.Number = 2
+	recordLogBase  protowire.Number = 3
+	recordLogChain protowire.Number = 4
 
 	deletionLastVersion    protowire.Number = 1
 	deletionLastCommandSeq protowire.Number = 2
@@ -86,6 +88,13 @@ const (
 	eventSource   protowire.Number = 4
 	eventPatch    protowire.Number = 5
 	eventTwin     protowire.Number = 6
+	eventChange   protowire.Number = 7
+
+	changePreviousRevision protowire.Number = 1
+	changeHead             protowire.Number = 2
+	changeReported         protowire.Number = 3
+	changeDesired          protowire.Number = 4
+	changeSameTypeLabels   protowire.Number = 5
 
 	commandID         protowire.Number = 1
 	commandDeviceID   protowire.Number = 2
@@ -119,14 +128,15 @@ var errTruncated = errors.New("truncated or malformed field")
 // number: B length-delimited, V varint, F 64-bit. A field beyond the end
 // is one a later format added, which readers skip.
 const (
-	recordWire    = "-BB"
+	recordWire    = "-BBVV"
 	deletionWire  = "-VV"
 	twinWire      = "-BBBBBBBBVVVVFFFFBV"
 	labelWire     = "-BB"
 	tombstoneWire = "-BV"
 	pathMetaWire  = "-BFV"
 	nodeWire      = "-BVVFVBBBFV"
-	eventWire     = "-VVFBBB"
+	eventWire     = "-VVFBBBB"
+	changeWire    = "-VBBBV"
 	commandWire   = "-BBVBBVBBBBVFFF"
 	ruleStateWire = "-VVFVF"
 )
@@ -412,7 +422,9 @@ func appendTwin(b []byte, t *Twin) []byte {
 // encodeRecord encodes a twin's record: the twin, or its deletion marker.
 func encodeRecord(r record) []byte {
 	if !r.Deleted {
-		return appendTwin(make([]byte, 0, 256), r.Twin)
+		b := appendTwin(make([]byte, 0, 256), r.Twin)
+		b = appendIntField(b, recordLogBase, r.Log.Base)
+		return appendIntField(b, recordLogChain, r.Log.Chain)
 	}
 	b := []byte{storeEncoding}
 	b, start := openLen(b, recordDeletion)
@@ -432,7 +444,7 @@ func twinOfRecord(rec []byte) ([]byte, bool) {
 		return nil, false
 	}
 	msg, m := protowire.ConsumeBytes(rec[1+n:])
-	if m < 0 || 1+n+m != len(rec) {
+	if m < 0 {
 		return nil, false
 	}
 	return msg, true
@@ -442,6 +454,12 @@ func twinOfRecord(rec []byte) ([]byte, bool) {
 // encoded as tw, a record written by encodeRecord or appendTwin (whose
 // Twin message the event takes as it is).
 func appendEvent(b []byte, ev *Event, tw []byte) []byte {
+	return appendEventTwin(appendEventHead(b, ev), ev, tw)
+}
+
+// appendEventHead appends the encoding byte and the fields of an event
+// other than its twin.
+func appendEventHead(b []byte, ev *Event) []byte {
 	b = append(b, storeEncoding)
 	b = appendIntField(b, eventRevision, ev.Revision)
 	b = appendIntField(b, eventKind, int64(ev.Kind))
@@ -453,6 +471,12 @@ func appendEvent(b []byte, ev *Event, tw []byte) []byte {
 		b = appendObject(b, ev.Patch, nil)
 		b = closeLen(b, start)
 	}
+	return b
+}
+
+// appendEventTwin appends an event's twin, tw or else ev.Twin, to an
+// event head.
+func appendEventTwin(b []byte, ev *Event, tw []byte) []byte {
 	if msg, ok := twinOfRecord(tw); ok {
 		b = protowire.AppendTag(b, eventTwin, protowire.BytesType)
 		return protowire.AppendBytes(b, msg)
@@ -945,9 +969,9 @@ func parseRecord(b []byte) (record, error) {
 			if err != nil {
 				return r, err
 			}
-			r, found = record{Twin: t}, true
+			r.Twin, found = t, true
 		case recordDeletion:
-			r, found = record{Deleted: true}, true
+			r.Deleted, found = true, true
 			for d := f.bytes; len(d) > 0; {
 				g, rest, err := nextFieldOf(deletionWire, d)
 				if err != nil {
@@ -961,6 +985,10 @@ func parseRecord(b []byte) (record, error) {
 					r.LastCommandSeq = g.int()
 				}
 			}
+		case recordLogBase:
+			r.Log.Base = f.int()
+		case recordLogChain:
+			r.Log.Chain = f.int()
 		}
 	}
 	if !found {
@@ -969,24 +997,27 @@ func parseRecord(b []byte) (record, error) {
 	return r, nil
 }
 
-// decodeEvent decodes a watch log entry, in either store format.
-func decodeEvent(b []byte) (*Event, error) {
+// decodeLogEntry decodes a watch log entry, in either store format: its
+// event with the twin, or, for an entry that holds a change, its event
+// without the twin and the change (logReader rebuilds the twin).
+func decodeLogEntry(b []byte) (*Event, *twinChange, error) {
 	if !isBinary(b) {
-		return decodeEventJSON(b)
+		ev, err := decodeEventJSON(b)
+		return ev, nil, err
 	}
-	ev, err := parseEvent(b[1:])
+	ev, ch, err := parseEvent(b[1:])
 	if err != nil {
-		return nil, fmt.Errorf("twin: corrupt event: %w", err)
+		return nil, nil, fmt.Errorf("twin: corrupt event: %w", err)
 	}
-	return ev, nil
+	return ev, ch, nil
 }
 
-func parseEvent(b []byte) (*Event, error) {
-	ev := new(Event)
+func parseEvent(b []byte) (ev *Event, ch *twinChange, err error) {
+	ev = new(Event)
 	for len(b) > 0 {
 		f, rest, err := nextFieldOf(eventWire, b)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		b = rest
 		switch f.num {
@@ -1002,12 +1033,14 @@ func parseEvent(b []byte) (*Event, error) {
 			ev.Patch, err = readDocument(f.bytes)
 		case eventTwin:
 			ev.Twin, err = parseTwin(f.bytes)
+		case eventChange:
+			ch, err = parseTwinChange(f.bytes)
 		}
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return ev, nil
+	return ev, ch, nil
 }
 
 // eventHead is the part of a stored event that Check reads.
@@ -1016,6 +1049,9 @@ type eventHead struct {
 	Kind     EventKind
 	TwinID   string
 	Version  int64
+	// Previous is, for an entry that holds a change, the revision of the
+	// twin's entry it applies to; 0 for an entry with the whole twin.
+	Previous int64
 }
 
 // decodeEventHead reads the revision and kind of a stored event and the id
@@ -1037,8 +1073,25 @@ func decodeEventHead(b []byte) (eventHead, error) {
 			h.Revision = f.int()
 		case eventKind:
 			h.Kind = EventKind(f.u)
-		case eventTwin:
-			for t := f.bytes; len(t) > 0; {
+		case eventTwin, eventChange:
+			t := f.bytes
+			if f.num == eventChange {
+				t = nil
+				for c := f.bytes; len(c) > 0; {
+					g, rest, err := nextFieldOf(changeWire, c)
+					if err != nil {
+						return h, err
+					}
+					c = rest
+					switch g.num {
+					case changeHead:
+						t = g.bytes
+					case changePreviousRevision:
+						h.Previous = g.int()
+					}
+				}
+			}
+			for len(t) > 0 {
 				g, rest, err := nextFieldOf(twinWire, t)
 				if err != nil {
 					return h, err

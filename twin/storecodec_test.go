@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -596,6 +597,7 @@ func TestStoreWireTables(t *testing.T) {
 		{pathMetaWire, (&storev1.PathMeta{}).ProtoReflect().Descriptor()},
 		{nodeWire, (&storev1.Node{}).ProtoReflect().Descriptor()},
 		{eventWire, (&storev1.Event{}).ProtoReflect().Descriptor()},
+		{changeWire, (&storev1.TwinChange{}).ProtoReflect().Descriptor()},
 		{commandWire, (&storev1.Command{}).ProtoReflect().Descriptor()},
 		{ruleStateWire, (&storev1.RuleState{}).ProtoReflect().Descriptor()},
 	} {
@@ -619,4 +621,13 @@ func TestStoreWireTables(t *testing.T) {
 			t.Errorf("%s: the readers' wire types are %q; store.proto's %q", tc.msg.FullName(), tc.wire, want)
 		}
 	}
+}
+
+// decodeEvent decodes a watch log entry that holds the whole twin.
+func decodeEvent(b []byte) (*Event, error) {
+	ev, ch, err := decodeLogEntry(b)
+	if err == nil && ch != nil {
+		err = errors.New("the entry holds a change, not the whole twin")
+	}
+	return ev, err
 }

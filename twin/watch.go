@@ -3,6 +3,7 @@ package twin
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -38,6 +39,7 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 	e.revMu.Unlock()
 	next := from
 	var evs []*Event
+	lr := newLogReader(e.db)
 	for {
 		e.revMu.Lock()
 		upto, wait := e.rev, e.revWait
@@ -48,7 +50,7 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 			}
 			var err error
 			if evs, next = e.readRecent(evs[:0], next, upto); len(evs) == 0 {
-				evs, next, err = e.readLog(evs, next, upto)
+				evs, next, err = e.readLog(lr, evs, next, upto)
 			}
 			if err != nil {
 				return err
@@ -129,8 +131,9 @@ func (e *Engine) readRecent(evs []*Event, from, upto int64) (_ []*Event, next in
 
 // readLog appends to evs the logged events from revision from on, up to
 // upto and at most one batch of them, and returns the revision to read
-// next. It closes its iterator before it returns.
-func (e *Engine) readLog(evs []*Event, from, upto int64) (_ []*Event, next int64, err error) {
+// next. lr rebuilds their twins (and may be kept for the next batch). It
+// closes its iterator before it returns.
+func (e *Engine) readLog(lr *logReader, evs []*Event, from, upto int64) (_ []*Event, next int64, err error) {
 	if !e.startReader() {
 		return evs, 0, ErrClosed
 	}
@@ -150,7 +153,12 @@ func (e *Engine) readLog(evs []*Event, from, upto int64) (_ []*Event, next int64
 			next = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 			break
 		}
-		ev, err := decodeEvent(it.Value())
+		ev, err := lr.event(it.Value())
+		if errors.Is(err, errBrokenChain) {
+			// Pruned under the iterator, or written under a longer
+			// retention: the watcher cannot resume here.
+			return evs, 0, fmt.Errorf("%w: %v", ErrCompacted, err)
+		}
 		if err != nil {
 			return evs, 0, err
 		}

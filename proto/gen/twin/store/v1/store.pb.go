@@ -245,7 +245,13 @@ type Record struct {
 	//
 	//	*Record_Twin
 	//	*Record_Deletion
-	Record        isRecord_Record `protobuf_oneof:"record"`
+	Record isRecord_Record `protobuf_oneof:"record"`
+	// The revision of the twin's last complete watch log entry (one whose
+	// Event holds the whole twin), if the entries since then each hold a
+	// TwinChange; 0 if the twin's next entry must be complete.
+	LogBase int64 `protobuf:"varint,3,opt,name=log_base,json=logBase,proto3" json:"log_base,omitempty"`
+	// How many entries of the twin hold a TwinChange since log_base.
+	LogChain      int64 `protobuf:"varint,4,opt,name=log_chain,json=logChain,proto3" json:"log_chain,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -303,6 +309,20 @@ func (x *Record) GetDeletion() *Deletion {
 		}
 	}
 	return nil
+}
+
+func (x *Record) GetLogBase() int64 {
+	if x != nil {
+		return x.LogBase
+	}
+	return 0
+}
+
+func (x *Record) GetLogChain() int64 {
+	if x != nil {
+		return x.LogChain
+	}
+	return 0
 }
 
 type isRecord_Record interface {
@@ -949,11 +969,13 @@ func (*Node_ObjectValue) isNode_Value() {}
 
 // Event is the value of a watch log entry: one committed change.
 //
-// Today every event carries the whole twin after the change (before it, for
-// a deletion). The message is meant to grow: a later format may carry the
-// change itself (a patch, the new version, the metadata it touched) in new
-// fields and the whole twin only now and then, so readers must not assume
-// that twin is always present in every future format.
+// An entry holds either the whole twin (twin) or only what changed since
+// the twin's previous entry (change). A twin's entries form a chain: each
+// change names the entry it applies to, back to a complete one. twind
+// writes a complete entry for a twin's first entry, a deletion, every 16th
+// entry of a twin, and when the chain's complete entry is older than half
+// the log's retention, so that a reader rebuilds any retained event from a
+// few entries and the chain never reaches below what the log keeps.
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The store revision of the change.
@@ -967,8 +989,12 @@ type Event struct {
 	// The merge patch the change applied, if any (present, even if empty,
 	// when the change had a patch).
 	Patch *Object `protobuf:"bytes,5,opt,name=patch,proto3" json:"patch,omitempty"`
-	// The twin after the change; for a deletion, as it was before.
-	Twin          *Twin `protobuf:"bytes,6,opt,name=twin,proto3" json:"twin,omitempty"`
+	// The twin after the change; for a deletion, as it was before. Absent
+	// when change is present.
+	Twin *Twin `protobuf:"bytes,6,opt,name=twin,proto3" json:"twin,omitempty"`
+	// The twin after the change, as the change from the twin of its previous
+	// entry.
+	Change        *TwinChange `protobuf:"bytes,7,opt,name=change,proto3" json:"change,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1045,6 +1071,102 @@ func (x *Event) GetTwin() *Twin {
 	return nil
 }
 
+func (x *Event) GetChange() *TwinChange {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+// TwinChange is a twin after a change, stored as what differs from the
+// twin as of its previous watch log entry.
+type TwinChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The revision of the twin's previous entry, which this one applies to.
+	PreviousRevision int64 `protobuf:"varint,1,opt,name=previous_revision,json=previousRevision,proto3" json:"previous_revision,omitempty"`
+	// The twin after the change without its documents (reported, desired,
+	// their metadata) and without its token hash: every other field whole.
+	Head *Twin `protobuf:"bytes,2,opt,name=head,proto3" json:"head,omitempty"`
+	// The members of reported that changed, as a merge patch with metadata
+	// inline: a member with a null value was removed (documents hold no null
+	// member), an object member whose value and metadata are otherwise the
+	// same recurses, and any other member is the new value, whole, with the
+	// metadata of its leaves. Absent: reported did not change.
+	Reported *Object `protobuf:"bytes,3,opt,name=reported,proto3" json:"reported,omitempty"`
+	// The members of desired that changed, likewise.
+	Desired *Object `protobuf:"bytes,4,opt,name=desired,proto3" json:"desired,omitempty"`
+	// The twin's type and labels are those of the previous entry's twin:
+	// head leaves them out.
+	SameTypeAndLabels bool `protobuf:"varint,5,opt,name=same_type_and_labels,json=sameTypeAndLabels,proto3" json:"same_type_and_labels,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *TwinChange) Reset() {
+	*x = TwinChange{}
+	mi := &file_twin_store_v1_store_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TwinChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TwinChange) ProtoMessage() {}
+
+func (x *TwinChange) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_store_v1_store_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TwinChange.ProtoReflect.Descriptor instead.
+func (*TwinChange) Descriptor() ([]byte, []int) {
+	return file_twin_store_v1_store_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *TwinChange) GetPreviousRevision() int64 {
+	if x != nil {
+		return x.PreviousRevision
+	}
+	return 0
+}
+
+func (x *TwinChange) GetHead() *Twin {
+	if x != nil {
+		return x.Head
+	}
+	return nil
+}
+
+func (x *TwinChange) GetReported() *Object {
+	if x != nil {
+		return x.Reported
+	}
+	return nil
+}
+
+func (x *TwinChange) GetDesired() *Object {
+	if x != nil {
+		return x.Desired
+	}
+	return nil
+}
+
+func (x *TwinChange) GetSameTypeAndLabels() bool {
+	if x != nil {
+		return x.SameTypeAndLabels
+	}
+	return false
+}
+
 // Command is the value of a retained command's key.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1082,7 +1204,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_twin_store_v1_store_proto_msgTypes[8]
+	mi := &file_twin_store_v1_store_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1216,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_twin_store_v1_store_proto_msgTypes[8]
+	mi := &file_twin_store_v1_store_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1229,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_twin_store_v1_store_proto_rawDescGZIP(), []int{8}
+	return file_twin_store_v1_store_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Command) GetId() string {
@@ -1227,7 +1349,7 @@ type RuleState struct {
 
 func (x *RuleState) Reset() {
 	*x = RuleState{}
-	mi := &file_twin_store_v1_store_proto_msgTypes[9]
+	mi := &file_twin_store_v1_store_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1361,7 @@ func (x *RuleState) String() string {
 func (*RuleState) ProtoMessage() {}
 
 func (x *RuleState) ProtoReflect() protoreflect.Message {
-	mi := &file_twin_store_v1_store_proto_msgTypes[9]
+	mi := &file_twin_store_v1_store_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1374,7 @@ func (x *RuleState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RuleState.ProtoReflect.Descriptor instead.
 func (*RuleState) Descriptor() ([]byte, []int) {
-	return file_twin_store_v1_store_proto_rawDescGZIP(), []int{9}
+	return file_twin_store_v1_store_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RuleState) GetGen() int64 {
@@ -1294,10 +1416,12 @@ var File_twin_store_v1_store_proto protoreflect.FileDescriptor
 
 const file_twin_store_v1_store_proto_rawDesc = "" +
 	"\n" +
-	"\x19twin/store/v1/store.proto\x12\rtwin.store.v1\"t\n" +
+	"\x19twin/store/v1/store.proto\x12\rtwin.store.v1\"\xac\x01\n" +
 	"\x06Record\x12)\n" +
 	"\x04twin\x18\x01 \x01(\v2\x13.twin.store.v1.TwinH\x00R\x04twin\x125\n" +
-	"\bdeletion\x18\x02 \x01(\v2\x17.twin.store.v1.DeletionH\x00R\bdeletionB\b\n" +
+	"\bdeletion\x18\x02 \x01(\v2\x17.twin.store.v1.DeletionH\x00R\bdeletion\x12\x19\n" +
+	"\blog_base\x18\x03 \x01(\x03R\alogBase\x12\x1b\n" +
+	"\tlog_chain\x18\x04 \x01(\x03R\blogChainB\b\n" +
 	"\x06record\"W\n" +
 	"\bDeletion\x12!\n" +
 	"\flast_version\x18\x01 \x01(\x03R\vlastVersion\x12(\n" +
@@ -1363,15 +1487,23 @@ const file_twin_store_v1_store_proto_rawDesc = "" +
 	"\x0fchanged_version\x18\n" +
 	" \x01(\x03R\x0echangedVersionB\a\n" +
 	"\x05valueB\x0f\n" +
-	"\r_changed_time\"\xe1\x01\n" +
+	"\r_changed_time\"\x94\x02\n" +
 	"\x05Event\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12,\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x18.twin.store.v1.EventKindR\x04kind\x12\x17\n" +
 	"\x04time\x18\x03 \x01(\x10H\x00R\x04time\x88\x01\x01\x12\x16\n" +
 	"\x06source\x18\x04 \x01(\tR\x06source\x12+\n" +
 	"\x05patch\x18\x05 \x01(\v2\x15.twin.store.v1.ObjectR\x05patch\x12'\n" +
-	"\x04twin\x18\x06 \x01(\v2\x13.twin.store.v1.TwinR\x04twinB\a\n" +
-	"\x05_time\"\xfd\x03\n" +
+	"\x04twin\x18\x06 \x01(\v2\x13.twin.store.v1.TwinR\x04twin\x121\n" +
+	"\x06change\x18\a \x01(\v2\x19.twin.store.v1.TwinChangeR\x06changeB\a\n" +
+	"\x05_time\"\xf7\x01\n" +
+	"\n" +
+	"TwinChange\x12+\n" +
+	"\x11previous_revision\x18\x01 \x01(\x03R\x10previousRevision\x12'\n" +
+	"\x04head\x18\x02 \x01(\v2\x13.twin.store.v1.TwinR\x04head\x121\n" +
+	"\breported\x18\x03 \x01(\v2\x15.twin.store.v1.ObjectR\breported\x12/\n" +
+	"\adesired\x18\x04 \x01(\v2\x15.twin.store.v1.ObjectR\adesired\x12/\n" +
+	"\x14same_type_and_labels\x18\x05 \x01(\bR\x11sameTypeAndLabels\"\xfd\x03\n" +
 	"\aCommand\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x10\n" +
@@ -1438,33 +1570,34 @@ func file_twin_store_v1_store_proto_rawDescGZIP() []byte {
 }
 
 var file_twin_store_v1_store_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_twin_store_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_twin_store_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_twin_store_v1_store_proto_goTypes = []any{
-	(NullValue)(0),    // 0: twin.store.v1.NullValue
-	(EventKind)(0),    // 1: twin.store.v1.EventKind
-	(CommandState)(0), // 2: twin.store.v1.CommandState
-	(*Record)(nil),    // 3: twin.store.v1.Record
-	(*Deletion)(nil),  // 4: twin.store.v1.Deletion
-	(*Twin)(nil),      // 5: twin.store.v1.Twin
-	(*PathMeta)(nil),  // 6: twin.store.v1.PathMeta
-	(*Object)(nil),    // 7: twin.store.v1.Object
-	(*Array)(nil),     // 8: twin.store.v1.Array
-	(*Node)(nil),      // 9: twin.store.v1.Node
-	(*Event)(nil),     // 10: twin.store.v1.Event
-	(*Command)(nil),   // 11: twin.store.v1.Command
-	(*RuleState)(nil), // 12: twin.store.v1.RuleState
-	nil,               // 13: twin.store.v1.Twin.LabelsEntry
-	nil,               // 14: twin.store.v1.Twin.TombstonesEntry
+	(NullValue)(0),     // 0: twin.store.v1.NullValue
+	(EventKind)(0),     // 1: twin.store.v1.EventKind
+	(CommandState)(0),  // 2: twin.store.v1.CommandState
+	(*Record)(nil),     // 3: twin.store.v1.Record
+	(*Deletion)(nil),   // 4: twin.store.v1.Deletion
+	(*Twin)(nil),       // 5: twin.store.v1.Twin
+	(*PathMeta)(nil),   // 6: twin.store.v1.PathMeta
+	(*Object)(nil),     // 7: twin.store.v1.Object
+	(*Array)(nil),      // 8: twin.store.v1.Array
+	(*Node)(nil),       // 9: twin.store.v1.Node
+	(*Event)(nil),      // 10: twin.store.v1.Event
+	(*TwinChange)(nil), // 11: twin.store.v1.TwinChange
+	(*Command)(nil),    // 12: twin.store.v1.Command
+	(*RuleState)(nil),  // 13: twin.store.v1.RuleState
+	nil,                // 14: twin.store.v1.Twin.LabelsEntry
+	nil,                // 15: twin.store.v1.Twin.TombstonesEntry
 }
 var file_twin_store_v1_store_proto_depIdxs = []int32{
 	5,  // 0: twin.store.v1.Record.twin:type_name -> twin.store.v1.Twin
 	4,  // 1: twin.store.v1.Record.deletion:type_name -> twin.store.v1.Deletion
-	13, // 2: twin.store.v1.Twin.labels:type_name -> twin.store.v1.Twin.LabelsEntry
+	14, // 2: twin.store.v1.Twin.labels:type_name -> twin.store.v1.Twin.LabelsEntry
 	7,  // 3: twin.store.v1.Twin.reported:type_name -> twin.store.v1.Object
 	7,  // 4: twin.store.v1.Twin.desired:type_name -> twin.store.v1.Object
 	6,  // 5: twin.store.v1.Twin.reported_meta:type_name -> twin.store.v1.PathMeta
 	6,  // 6: twin.store.v1.Twin.desired_meta:type_name -> twin.store.v1.PathMeta
-	14, // 7: twin.store.v1.Twin.tombstones:type_name -> twin.store.v1.Twin.TombstonesEntry
+	15, // 7: twin.store.v1.Twin.tombstones:type_name -> twin.store.v1.Twin.TombstonesEntry
 	9,  // 8: twin.store.v1.Object.members:type_name -> twin.store.v1.Node
 	9,  // 9: twin.store.v1.Array.elements:type_name -> twin.store.v1.Node
 	0,  // 10: twin.store.v1.Node.null_value:type_name -> twin.store.v1.NullValue
@@ -1473,14 +1606,18 @@ var file_twin_store_v1_store_proto_depIdxs = []int32{
 	1,  // 13: twin.store.v1.Event.kind:type_name -> twin.store.v1.EventKind
 	7,  // 14: twin.store.v1.Event.patch:type_name -> twin.store.v1.Object
 	5,  // 15: twin.store.v1.Event.twin:type_name -> twin.store.v1.Twin
-	7,  // 16: twin.store.v1.Command.params:type_name -> twin.store.v1.Object
-	2,  // 17: twin.store.v1.Command.state:type_name -> twin.store.v1.CommandState
-	7,  // 18: twin.store.v1.Command.result:type_name -> twin.store.v1.Object
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	11, // 16: twin.store.v1.Event.change:type_name -> twin.store.v1.TwinChange
+	5,  // 17: twin.store.v1.TwinChange.head:type_name -> twin.store.v1.Twin
+	7,  // 18: twin.store.v1.TwinChange.reported:type_name -> twin.store.v1.Object
+	7,  // 19: twin.store.v1.TwinChange.desired:type_name -> twin.store.v1.Object
+	7,  // 20: twin.store.v1.Command.params:type_name -> twin.store.v1.Object
+	2,  // 21: twin.store.v1.Command.state:type_name -> twin.store.v1.CommandState
+	7,  // 22: twin.store.v1.Command.result:type_name -> twin.store.v1.Object
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_twin_store_v1_store_proto_init() }
@@ -1503,15 +1640,15 @@ func file_twin_store_v1_store_proto_init() {
 		(*Node_ObjectValue)(nil),
 	}
 	file_twin_store_v1_store_proto_msgTypes[7].OneofWrappers = []any{}
-	file_twin_store_v1_store_proto_msgTypes[8].OneofWrappers = []any{}
 	file_twin_store_v1_store_proto_msgTypes[9].OneofWrappers = []any{}
+	file_twin_store_v1_store_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_twin_store_v1_store_proto_rawDesc), len(file_twin_store_v1_store_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
