@@ -33,6 +33,8 @@ type twinService struct {
 	sendTimeout time.Duration
 	// filterEvals counts evaluations of ListTwins and WatchTwins filters.
 	filterEvals atomic.Int64
+	// memo shares watch filters' results among watchers.
+	memo filterMemo
 	// listVisits counts the twins that ListTwins pages looked at.
 	listVisits atomic.Int64
 }
@@ -215,6 +217,7 @@ const twinEvalCost = 50
 // filter is a compiled ListTwins or WatchTwins filter. It is safe for
 // concurrent use.
 type filter struct {
+	src string      // the expression
 	prg cel.Program // nil matches every twin
 	// pin is what the filter requires of a twin's type and labels: a twin
 	// that does not meet it does not match, and the index finds those that
@@ -252,7 +255,7 @@ func compileFilter(expr string) (*filter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", rules.ErrInvalid, err)
 	}
-	return &filter{prg: prg, pin: rules.FilterPin(ast)}, nil
+	return &filter{src: expr, prg: prg, pin: rules.FilterPin(ast)}, nil
 }
 
 // match reports whether f holds for t. Reading a field or key that t does
@@ -408,7 +411,7 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 			// the imported twins have no events of their own.
 			return send.send(ctx, &twinv1.WatchTwinsResponse{Event: eventProto(ev)})
 		}
-		ok, merr := ts.match(ctx, f, ev.Twin, ev.Time)
+		ok, _, merr := ts.memo.match(ctx, f, ev, func() (bool, uint64, error) { return ts.matchCost(ctx, f, ev.Twin, ev.Time) })
 		if f.prg != nil && evaluated < filterProbe {
 			// A filter that fails on every one of the first events it
 			// sees is a mistake, not a quiet stream: say so, as

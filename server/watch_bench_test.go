@@ -33,6 +33,13 @@ func BenchmarkWatchers(b *testing.B) {
 		`twin.type in ["planter", "oven"]`,
 	}
 	mixed := append(slices.Clone(pinned), `twin.type == "fridge" && twin.reported.temp_c > 1000.0`)
+	// The same, but each of the 25 fridge watchers with a filter of its
+	// own: none shares another's evaluation (filterMemo).
+	var distinct []string
+	for i := range 25 {
+		distinct = append(distinct, pinned...)
+		distinct = append(distinct, fmt.Sprintf(`twin.type == "fridge" && twin.reported.temp_c > %d.0`, 1000+i))
+	}
 	for _, bc := range []struct {
 		name     string
 		watchers int
@@ -45,6 +52,7 @@ func BenchmarkWatchers(b *testing.B) {
 		// A quarter watch fridges with a condition that is evaluated on
 		// every change and rarely holds.
 		{"watchers=100/quarter-evaluate", 100, mixed},
+		{"watchers=100/quarter-evaluate-distinct", 100, distinct},
 	} {
 		watchers, filters := bc.watchers, bc.filters
 		b.Run(bc.name, func(b *testing.B) {
