@@ -6,8 +6,8 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/twind-io/twind/twin"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
 )
 
 // TestWatchersShareFilters: watchers with the same filter each get exactly
