@@ -55,11 +55,12 @@ func (p logPosition) next(rev, margin int64) (_ logPosition, complete bool) {
 // stored so (a document holds a null member, or metadata of an object
 // changed); the caller then stores the whole twin.
 func appendChangeEvent(b []byte, ev *Event, prev, next *Twin, prevRev int64) ([]byte, bool) {
-	rep, ok := diffObject(prev.Reported, next.Reported, prev.ReportedMeta, next.ReportedMeta, nil)
+	path := make([]byte, 0, 64) // scratch for the members' pointers
+	rep, ok := diffObject(prev.Reported, next.Reported, prev.ReportedMeta, next.ReportedMeta, path)
 	if !ok {
 		return b, false
 	}
-	des, ok := diffObject(prev.Desired, next.Desired, prev.DesiredMeta, next.DesiredMeta, nil)
+	des, ok := diffObject(prev.Desired, next.Desired, prev.DesiredMeta, next.DesiredMeta, path)
 	if !ok {
 		return b, false
 	}
@@ -98,7 +99,8 @@ func appendChangeEvent(b []byte, ev *Event, prev, next *Twin, prevRev int64) ([]
 
 // diffObject returns the members of next that differ from prev, as
 // TwinChange stores them (nil if none), or false if the difference cannot
-// be stored so. path is the objects' JSON Pointer.
+// be stored so. path is the objects' JSON Pointer; diffObject appends to
+// it, in place when it has room, and leaves path itself as it was.
 func diffObject(prev, next map[string]any, pm, nm map[string]FieldMeta, path []byte) (map[string]any, bool) {
 	var out map[string]any
 	set := func(k string, v any) {
