@@ -228,11 +228,11 @@ func TestStoreOfFe533d2(t *testing.T) {
 		t.Fatalf("Check(the fixture, format 1) = %v, %v; want no violations", vs, err)
 	}
 	_, stop := fixtureServer(t, dir, exp.Clock)
-	stop() // opened and closed once: converted to format 2
-	if f := storeFormat(t, dir); f != 2 {
-		t.Errorf("the fixture's format after an open = %d; want 2", f)
+	stop() // opened and closed once: converted to format 3
+	if f := storeFormat(t, dir); f != 3 {
+		t.Errorf("the fixture's format after an open = %d; want 3", f)
 	}
-	// Check reports a value of format 1 left in a store of format 2.
+	// Check reports a value of format 1 left in a store of format 3.
 	if vs, err := twin.Check(twin.Options{Dir: dir}); err != nil || len(vs) != 0 {
 		t.Errorf("Check(the converted fixture) = %v, %v; want no violations", vs, err)
 	}

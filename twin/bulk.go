@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -330,6 +331,12 @@ func (e *Engine) prepareImport(index int, it *ImportItem, opts ImportOptions, no
 			return nil, err
 		}
 		*side.doc = doc
+		// Metadata is of the document's members: of a path that names
+		// none, as of a leaf the document no longer has, it is dropped.
+		maps.DeleteFunc(side.inMeta, func(p string, _ FieldMeta) bool {
+			_, ok := lookup(doc, p)
+			return p == "" || !ok
+		})
 		switch {
 		case len(side.inMeta) > 0 && opts.KeepVersions:
 			*side.meta = side.inMeta

@@ -210,6 +210,17 @@ func (c *checker) checkLog() error {
 			}
 		}
 	}
+	// The oldest revision watchers may resume from (logchain.go): as
+	// pruning recorded it, or the log's first.
+	var servable int64
+	if v, closer, err := c.db.Get(keyLogOldest); err == nil {
+		if len(v) == 8 {
+			servable = int64(binary.BigEndian.Uint64(v))
+		} else {
+			c.add(keyLogOldest, "the oldest revision must be 8 bytes, not %d", len(v))
+		}
+		closer.Close()
+	}
 	for it.First(); it.Valid(); it.Next() {
 		k := it.Key()
 		rev, ok := revOf(k)
@@ -230,17 +241,30 @@ func (c *checker) checkLog() error {
 		if ev.Revision != rev {
 			c.add(k, "the event says revision %d", ev.Revision)
 		}
-		if i := rev - c.oldest; i < int64(len(c.heads)) {
-			c.heads[i] = logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, previous: ev.Previous, ok: true}
-		}
+		h := logHead{id: ev.TwinID, version: ev.Version, kind: ev.Kind, previous: ev.Previous, base: rev, ok: true}
 		if ev.Previous != 0 {
 			// A change: its chain goes back to a whole twin
-			// (logchain.go), unless it reaches below the log.
-			if ev.Previous >= rev {
+			// (logchain.go), within the log for every revision
+			// watchers may resume from.
+			h.base = 0
+			switch {
+			case ev.Previous >= rev:
 				c.add(k, "the change applies to revision %d, not an earlier one", ev.Previous)
-			} else if ev.Previous >= c.oldest {
-				c.checkChain(k, rev, ev)
+			case ev.Previous < c.oldest:
+				if rev >= servable {
+					c.add(k, "the change applies to revision %d, below the watch log's first entry %d: watchers that resume here cannot rebuild the twin", ev.Previous, c.oldest)
+				}
+			default:
+				if prev, ok := c.checkChain(k, ev); ok && prev.base != 0 {
+					h.base, h.depth = prev.base, prev.depth+1
+					if h.depth >= logCheckpointEvery {
+						c.add(k, "the change is the %dth of its chain; a chain holds at most %d", h.depth, logCheckpointEvery-1)
+					}
+				}
 			}
+		}
+		if i := rev - c.oldest; i < int64(len(c.heads)) {
+			c.heads[i] = h
 		}
 	}
 	if c.oldest == 0 {
@@ -250,21 +274,23 @@ func (c *checker) checkLog() error {
 }
 
 // checkChain checks that the entry a change applies to is of the same
-// twin.
-func (c *checker) checkChain(k []byte, rev int64, ev eventHead) {
+// twin, and returns it.
+func (c *checker) checkChain(k []byte, ev eventHead) (logHead, bool) {
 	prev, err := c.event(ev.Previous)
 	if err != nil {
 		if _, closer, err := c.db.Get(logKey(ev.Previous)); err == nil {
 			closer.Close()
-			return // there, but it does not decode: reported for its key
+			return prev, false // there, but it does not decode: reported for its key
 		}
 		c.add(k, "the change applies to revision %d, which the watch log lacks", ev.Previous)
-		return
+		return prev, false
 	}
 	if prev.id != ev.TwinID || prev.version > ev.Version {
 		c.add(k, "the change of twin %q (version %d) applies to revision %d, version %d of twin %q",
 			ev.TwinID, ev.Version, ev.Previous, prev.version, prev.id)
+		return prev, false
 	}
+	return prev, true
 }
 
 // maxCachedLog bounds how many revisions of the watch log the checker keeps
@@ -279,7 +305,13 @@ type logHead struct {
 	kind    EventKind
 	// previous is, for a change, the revision it applies to.
 	previous int64
-	ok       bool // the entry exists and decodes
+	// base is the revision of the whole entry its chain starts at (its
+	// own, for a whole entry; 0 if unknown), and depth how many changes
+	// the chain holds up to it. Known only while the checker keeps the
+	// heads in memory (maxCachedLog).
+	base  int64
+	depth int64
+	ok    bool // the entry exists and decodes
 }
 
 // event returns the head of the watch log's entry at rev, or why it has
@@ -457,7 +489,7 @@ func (c *checker) loadTwins(vs int) error {
 		default:
 			c.checkEvent(k, "the twin's revision", t.Revision, id, t.Version)
 		}
-		c.checkLogPosition(k, id, r.Log)
+		c.checkLogPosition(k, id, t.Revision, r.Log)
 	}
 	return it.Error()
 }
@@ -465,7 +497,7 @@ func (c *checker) loadTwins(vs int) error {
 // checkLogPosition checks where a record says its twin stands in the
 // watch log's chains: at a whole entry of the twin, fewer than
 // logCheckpointEvery changes ago.
-func (c *checker) checkLogPosition(k []byte, id string, pos logPosition) {
+func (c *checker) checkLogPosition(k []byte, id string, rev int64, pos logPosition) {
 	switch {
 	case pos.Base == 0 && pos.Chain == 0, pos.Base < c.oldest && pos.Base > 0:
 		return // the next entry is whole, or the base was pruned
@@ -479,6 +511,13 @@ func (c *checker) checkLogPosition(k []byte, id string, pos logPosition) {
 		c.add(k, "the record's log base %d is missing from the watch log", pos.Base)
 	case ev.id != id || ev.previous != 0:
 		c.add(k, "the record's log base %d is not a whole entry of twin %q", pos.Base, id)
+	}
+	// The twin's last entry is where the record says.
+	if i := rev - c.oldest; rev >= c.oldest && i < int64(len(c.heads)) && c.heads[i].ok && c.heads[i].base != 0 {
+		if h := c.heads[i]; h.base != pos.Base || h.depth != pos.Chain {
+			c.add(k, "the record puts the twin %d changes after revision %d in the watch log; its entry at revision %d is %d after %d",
+				pos.Chain, pos.Base, rev, h.depth, h.base)
+		}
 	}
 }
 

@@ -290,6 +290,13 @@ func TestCheckNamesViolations(t *testing.T) {
 		wantKey:     "l/3",
 		wantProblem: "the change applies to revision 2, which the watch log lacks",
 	}, {
+		name: "change below the log's first entry",
+		edits: func(s checkStore, db *pebble.DB) []edit {
+			return []edit{{[]byte("l/\x00\x00\x00\x00\x00\x00\x00\x01"), nil}, {[]byte("l/\x00\x00\x00\x00\x00\x00\x00\x02"), nil}}
+		},
+		wantKey:     "l/3",
+		wantProblem: "the change applies to revision 2, below the watch log's first entry 3",
+	}, {
 		name: "missing type index entry",
 		edits: func(s checkStore, db *pebble.DB) []edit {
 			return []edit{{shardKey(s.vs("car-1"), 'y', "car\x00car-1"), nil}}

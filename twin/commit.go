@@ -75,12 +75,13 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	// The event's log entry holds the change since the twin's previous
 	// entry, if the chain may grow (logchain.go), else the whole twin.
 	complete := c.event != nil
+	var diff twinDiff
 	if c.event != nil && c.next != nil {
 		var pos logPosition
-		pos, complete = ent.log.next(c.event.Revision, e.logMargin())
+		pos, complete = ent.log.next(c.event.Revision)
 		if !complete {
 			var ok bool
-			buf, ok = appendChangeEvent(buf[:0], c.event, c.prev, c.next, c.prev.Revision)
+			diff, ok = diffTwins(c.prev, c.next)
 			complete = !ok
 		}
 		if complete {
@@ -129,6 +130,8 @@ func (w *worker) write(b writer, c *change, buf []byte) ([]byte, error) {
 	}
 	if complete {
 		buf = appendEvent(buf[:0], c.event, tw)
+	} else {
+		buf = appendChangeEvent(buf[:0], c.event, diff, c.prev.Revision, len(tw))
 	}
 	// A change entry is small, but watchers keep its twin decoded.
 	c.eventBytes = max(len(buf), len(tw))
@@ -298,8 +301,9 @@ func (e *Engine) publish(g *group) {
 
 // pruneLog drops the watch log's revisions older than the retention, in
 // steps, so that one range deletion covers many revisions. It keeps
-// logMargin revisions below the oldest retained one, which the chains of
-// retained entries may reach (logchain.go). e.revMu is held.
+// logChainSpan revisions below the oldest retained one, which the chains of
+// retained entries may reach (logchain.go), and records the oldest
+// retained one with the deletion. e.revMu is held.
 func (e *Engine) pruneLog() {
 	const pruneStep = 1024
 	keep := e.rev - e.opts.LogRetention + 1
@@ -309,11 +313,19 @@ func (e *Engine) pruneLog() {
 	// Watchers learn of the pruning before it happens, so none reads a
 	// partly pruned range and takes it for complete.
 	e.oldest.Store(keep)
-	floor := keep - e.logMargin()
-	if floor <= e.logFloor {
-		return
+	floor := max(keep-logChainSpan, e.logFloor)
+	b := e.db.NewBatch()
+	defer b.Close()
+	err := b.Set(keyLogOldest, appendUint64(nil, uint64(keep)), nil)
+	if err == nil && floor > e.logFloor {
+		err = b.DeleteRange(logKey(e.logFloor), logKey(floor), nil)
 	}
-	if err := e.db.DeleteRange(logKey(e.logFloor), logKey(floor), pebble.NoSync); err != nil {
+	if err == nil {
+		// Not synced: a crash that loses it leaves a longer log, and the
+		// oldest revision it had before.
+		err = b.Commit(pebble.NoSync)
+	}
+	if err != nil {
 		e.opts.Logger.Error("pruning the watch log failed", "err", err)
 		return
 	}

@@ -20,13 +20,27 @@ import (
 // the readers accept both encodings meanwhile.
 //
 // Format 1 stored JSON values; format 2 stores the binary encoding of
-// storecodec.go.
+// storecodec.go; format 3 is format 2 whose watch log may hold changes
+// (logchain.go), which a build of format 2 would misread: a store of
+// format 2 becomes format 3 as it is.
 func convertStore(db *pebble.DB, f storeFormat, log *slog.Logger) error {
-	if f.Format == formatVersion {
+	switch f.Format {
+	case formatVersion:
 		return nil
-	}
-	if f.Format != 1 {
-		return fmt.Errorf("twin: store format %d is not supported (this build reads formats 1 and %d; a newer twind wrote it?)", f.Format, formatVersion)
+	case 2:
+		f.Format = formatVersion
+		b, err := json.Marshal(f)
+		if err != nil {
+			return err
+		}
+		if err := db.Set(keyFormat, b, pebble.Sync); err != nil {
+			return fmt.Errorf("twin: record the store format: %w", err)
+		}
+		log.Info("the store's format is now 3: its watch log may hold changes, and older builds refuse it")
+		return nil
+	case 1:
+	default:
+		return fmt.Errorf("twin: store format %d is not supported (this build reads formats 1 to %d; a newer twind wrote it?)", f.Format, formatVersion)
 	}
 	start := time.Now()
 	log.Info("converting the store to a new format; this happens once", "from", f.Format, "to", formatVersion)

@@ -110,7 +110,7 @@ func storeContents(t *testing.T, fs vfs.FS) map[string]any {
 			f.Format, f.MaxHistoryLimit = 0, 0
 			got = f
 		case bytes.HasPrefix(k, prefixLog):
-			got, err = lr.event(v)
+			got, _, err = lr.event(v)
 		case bytes.HasPrefix(k, prefixShards) && k[5] == 't' && !isSubKey(k[7:]):
 			var r record
 			r, err = decodeRecord(v)
@@ -160,7 +160,7 @@ func downgradeStore(t *testing.T, fs vfs.FS) {
 			f.Format = 1
 			nv, _ = json.Marshal(f)
 		case bytes.HasPrefix(k, prefixLog):
-			ev, err := lr.event(v)
+			ev, _, err := lr.event(v)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -339,10 +339,45 @@ func TestConvertStoreNewerFormat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	db.Set(keyFormat, []byte(`{"vshards":256,"format":3}`), pebble.Sync)
+	newer := formatVersion + 1
+	db.Set(keyFormat, fmt.Appendf(nil, `{"vshards":256,"format":%d}`, newer), pebble.Sync)
 	db.Close()
-	if _, err := Open(Options{Dir: "db", FS: fs}); err == nil || !bytes.Contains([]byte(err.Error()), []byte("store format 3 is not supported")) {
-		t.Errorf("Open(a store of format 3) = %v; want an error saying the format is not supported", err)
+	if _, err := Open(Options{Dir: "db", FS: fs}); err == nil || !bytes.Contains(fmt.Append(nil, err), fmt.Appendf(nil, "store format %d is not supported", newer)) {
+		t.Errorf("Open(a store of format %d) = %v; want an error saying the format is not supported", newer, err)
+	}
+}
+
+// A store of format 2 (binary values, whole twins in the watch log) is
+// format 3 as it is: Open records format 3, so that a build of format 2
+// refuses it from then on, and serves what it holds.
+func TestConvertStoreFormat2(t *testing.T) {
+	ctx := context.Background()
+	fs := vfs.NewMem()
+	e := openMem(t, fs, Options{})
+	for i := range 3 {
+		if _, err := e.Create(ctx, CreateRequest{ID: fmt.Sprint("f", i), Reported: Document{"t": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.Close()
+	db, err := pebble.Open("db", &pebble.Options{FS: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Set(keyFormat, []byte(`{"vshards":256,"format":2,"max_history_limit":100}`), pebble.Sync)
+	db.Close()
+	openMem(t, fs, Options{}).Close()
+	if f, _, _ := storeFormatOf(t, fs); f != formatVersion {
+		t.Errorf("format %d after opening a store of format 2; want %d", f, formatVersion)
+	}
+	e = openMem(t, fs, Options{})
+	defer e.Close()
+	if tw, err := e.Get("f2"); err != nil || tw.Reported["t"] != 2.0 {
+		t.Errorf("Get(f2) = %v, %v after the conversion", tw, err)
+	}
+	evs, err := e.History("f1", 0, 10)
+	if err != nil || len(evs) != 1 || evs[0].Twin.Reported["t"] != 1.0 {
+		t.Errorf("History(f1) = %v, %v after the conversion", evs, err)
 	}
 }
 

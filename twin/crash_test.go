@@ -345,7 +345,7 @@ func readLog(db *pebble.DB) (map[int64]logEntry, error) {
 	for it.First(); it.Valid(); it.Next() {
 		rev := int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 		raw := slices.Clone(it.Value())
-		ev, err := lr.event(raw)
+		ev, _, err := lr.event(raw)
 		if err != nil {
 			return nil, fmt.Errorf("log entry %d: %w", rev, err)
 		}

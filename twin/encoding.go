@@ -14,7 +14,9 @@ import (
 // Key layout. Every key of a twin lives under its virtual shard's prefix, so
 // that a shard's keys and state can be moved as one range:
 //
-//	m/format                       store format (JSON): {"vshards": 256, "format": 2, "max_history_limit": 100}
+//	m/format                       store format (JSON): {"vshards": 256, "format": 3, "max_history_limit": 100}
+//	m/log                          the oldest revision watchers may resume from, once
+//	                               the watch log was pruned (8 bytes; logchain.go)
 //	l/<rev:8>                      watch log: the Event of each revision
 //	s/<vs:2>/t/<id>                the twin record, or a deletion marker
 //	s/<vs:2>/t/<id>\x00s           the twin's last_seen (Unix nanoseconds, 8 bytes), when
@@ -43,13 +45,15 @@ import (
 // wrote JSON (storejson.go), which Open converts once (convert.go).
 var (
 	keyFormat    = []byte("m/format")
+	keyLogOldest = []byte("m/log")
 	prefixLog    = []byte("l/")
 	prefixShards = []byte("s/")
 )
 
-// formatVersion is the store format this build writes: 2 since the values
-// are binary. Format 1 (JSON values) is converted at Open.
-const formatVersion = 2
+// formatVersion is the store format this build writes: 3 since the watch
+// log holds changes (logchain.go), 2 since the values are binary. Format 1
+// (JSON values) is converted at Open, and format 2 is format 3 as it is.
+const formatVersion = 3
 
 type storeFormat struct {
 	VShards int `json:"vshards"`

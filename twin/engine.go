@@ -61,7 +61,7 @@ type Engine struct {
 	// oldest is the oldest revision watchers may resume from.
 	oldest atomic.Int64
 	// logFloor is the oldest revision the watch log still holds: pruning
-	// keeps logMargin more below oldest, for chains. revMu guards it.
+	// keeps logChainSpan more below oldest, for chains. revMu guards it.
 	logFloor int64
 
 	counters counters

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"reflect"
 
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -17,20 +18,25 @@ import (
 // any entry from its chain (logReader).
 //
 // The writer keeps chains short and within the log: an entry is complete
-// when it is the twin's first, a deletion, the logCheckpointEvery-th of
-// its chain, or when the chain's complete entry is more than logMargin
-// revisions old. Pruning leaves logMargin revisions below the oldest one
-// watchers may resume from, so the complete entry of every retained chain
-// is still there.
+// when it is the twin's first, a deletion, the first after an import, the
+// logCheckpointEvery-th of its chain, or when the chain's complete entry is
+// more than logChainSpan revisions old. Pruning leaves logChainSpan
+// revisions below the oldest one watchers may resume from, so the complete
+// entry of every retained chain is still there, whatever the retention
+// was when it was written. The oldest revision watchers may resume from is
+// recorded (m/log) as pruning moves it.
 
 // logCheckpointEvery bounds a chain: every so many entries of a twin, one
 // holds the whole twin. A reader rebuilding one event reads at most this
 // many entries.
 const logCheckpointEvery = 16
 
-// logMargin is how many revisions older than the oldest retained one the
-// log keeps for chains, and so the oldest a chain's complete entry may be.
-func (e *Engine) logMargin() int64 { return max(e.opts.LogRetention/2, 1) }
+// logChainSpan is how many revisions older than the oldest retained one
+// the log keeps for chains, and so the oldest a chain's complete entry may
+// be: a twin that changes less often than that logs whole entries. A
+// constant, so that changing the retention between runs breaks no chain.
+// Tests lower it.
+var logChainSpan int64 = 1 << 16
 
 // logPosition is where a twin stands in the watch log: the revision of its
 // last complete entry and the number of change entries since, as its
@@ -42,59 +48,87 @@ type logPosition struct {
 
 // next returns the position after an entry at revision rev, and whether
 // that entry must be complete.
-func (p logPosition) next(rev, margin int64) (_ logPosition, complete bool) {
-	if p.Base == 0 || p.Chain+1 >= logCheckpointEvery || rev-p.Base > margin {
+func (p logPosition) next(rev int64) (_ logPosition, complete bool) {
+	if p.Base == 0 || p.Chain+1 >= logCheckpointEvery || rev-p.Base > logChainSpan {
 		return logPosition{Base: rev}, true
 	}
 	return logPosition{Base: p.Base, Chain: p.Chain + 1}, false
 }
 
-// appendChangeEvent appends the stored form of an event whose entry holds
-// the change from prev, the twin as of its entry at revision prevRev, to
-// next. It returns false, and b as it was, when the change cannot be
-// stored so (a document holds a null member, or metadata of an object
-// changed); the caller then stores the whole twin.
-func appendChangeEvent(b []byte, ev *Event, prev, next *Twin, prevRev int64) ([]byte, bool) {
+// twinDiff is what changed between two twins, as a change entry stores it.
+type twinDiff struct {
+	prev, next        *Twin
+	reported, desired map[string]any // the documents' changed members, nil if none
+}
+
+// diffTwins returns what changed from prev, the twin as of its previous log
+// entry, to next, or false when the change cannot be stored as a change (a
+// document holds a null member, or metadata of an object changed): the
+// entry then holds the whole twin.
+func diffTwins(prev, next *Twin) (twinDiff, bool) {
+	d := twinDiff{prev: prev, next: next}
 	path := make([]byte, 0, 64) // scratch for the members' pointers
-	rep, ok := diffObject(prev.Reported, next.Reported, prev.ReportedMeta, next.ReportedMeta, path)
-	if !ok {
-		return b, false
+	var ok bool
+	if d.reported, ok = diffDocument(prev.Reported, next.Reported, prev.ReportedMeta, next.ReportedMeta, path); !ok {
+		return d, false
 	}
-	des, ok := diffObject(prev.Desired, next.Desired, prev.DesiredMeta, next.DesiredMeta, path)
-	if !ok {
-		return b, false
+	d.desired, ok = diffDocument(prev.Desired, next.Desired, prev.DesiredMeta, next.DesiredMeta, path)
+	return d, ok
+}
+
+// diffDocument is diffObject for a whole document, which a change that did
+// not touch it shares, with its metadata, with the twin before.
+func diffDocument(prev, next Document, pm, nm map[string]FieldMeta, path []byte) (map[string]any, bool) {
+	if sameMap(prev, next) && sameMap(pm, nm) {
+		return nil, true
 	}
+	return diffObject(prev, next, pm, nm, path)
+}
+
+// sameMap reports whether a and b are the same map (or both empty).
+func sameMap[M ~map[K]V, K comparable, V any](a, b M) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	return len(a) == 0 || reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
+}
+
+// appendChangeEvent appends the stored form of an event whose entry holds
+// the change d, applied to the twin's entry at revision prevRev. twinBytes
+// is the size of the whole twin's encoding, which readers count as the
+// memory the event takes once rebuilt.
+func appendChangeEvent(b []byte, ev *Event, d twinDiff, prevRev int64, twinBytes int) []byte {
 	b = appendEventHead(b, ev)
 	b, start := openLen(b, eventChange)
 	b = appendIntField(b, changePreviousRevision, prevRev)
-	head := *next
+	head := *d.next
 	head.Reported, head.Desired, head.ReportedMeta, head.DesiredMeta, head.TokenHash = nil, nil, nil, nil, nil
-	same := next.Type == prev.Type && equalLabels(next.Labels, prev.Labels)
-	if same {
+	if d.next.Type == d.prev.Type && equalLabels(d.next.Labels, d.prev.Labels) {
 		b = appendBoolField(b, changeSameTypeLabels, true)
 		head.Type, head.Labels = "", nil
 	}
+	b = appendIntField(b, changeTwinBytes, int64(twinBytes))
 	var s int
 	b, s = openLen(b, changeHead)
 	b = appendTwinMessage(b, &head)
 	b = closeLen(b, s)
-	for _, d := range []struct {
+	for _, doc := range []struct {
 		num   protowire.Number
 		patch map[string]any
 		meta  map[string]FieldMeta
-	}{{changeReported, rep, next.ReportedMeta}, {changeDesired, des, next.DesiredMeta}} {
-		if d.patch == nil {
+	}{{changeReported, d.reported, d.next.ReportedMeta}, {changeDesired, d.desired, d.next.DesiredMeta}} {
+		if doc.patch == nil {
 			continue
 		}
 		var mw *metaWriter
-		if len(d.meta) > 0 {
-			mw = &metaWriter{meta: d.meta, path: make([]byte, 0, 64)}
+		if len(doc.meta) > 0 {
+			mw = &metaWriter{meta: doc.meta, path: make([]byte, 0, 64)}
 		}
-		b, s = openLen(b, d.num)
-		b = appendObject(b, d.patch, mw)
+		b, s = openLen(b, doc.num)
+		b = appendObject(b, doc.patch, mw)
 		b = closeLen(b, s)
 	}
-	return closeLen(b, start), true
+	return closeLen(b, start)
 }
 
 // diffObject returns the members of next that differ from prev, as
@@ -126,6 +160,9 @@ func diffObject(prev, next map[string]any, pm, nm map[string]FieldMeta, path []b
 		case pObj && nObj:
 			if !sameMeta {
 				return nil, false // a reader would keep the old metadata
+			}
+			if sameMap(po, no) && sameMap(pm, nm) {
+				continue
 			}
 			sub, ok := diffObject(po, no, pm, nm, p)
 			if !ok {
@@ -173,6 +210,8 @@ type twinChange struct {
 	reportedMeta, desiredMeta map[string]FieldMeta
 	hasReported, hasDesired   bool
 	sameTypeAndLabels         bool
+	// twinBytes is the size of the whole twin's encoding.
+	twinBytes int
 }
 
 func parseTwinChange(b []byte) (*twinChange, error) {
@@ -202,6 +241,8 @@ func parseTwinChange(b []byte) (*twinChange, error) {
 			c.hasDesired = true
 		case changeSameTypeLabels:
 			c.sameTypeAndLabels = f.u != 0
+		case changeTwinBytes:
+			c.twinBytes = int(f.u)
 		}
 	}
 	if c.head == nil {
@@ -279,50 +320,75 @@ func applyObject(dst, patch map[string]any, path []byte, replaced *[]string) map
 var errBrokenChain = errors.New("a change's chain reaches below the watch log's oldest entry")
 
 // logReader reads watch log entries and rebuilds the twin of each. It
-// remembers the last twin it rebuilt of each id, so that a reader going
-// forward through the log applies each change once.
+// remembers the last twin it rebuilt of each id, within a memory budget, so
+// that a reader going forward through the log applies each change once.
 type logReader struct {
-	r    pebble.Reader
-	last map[string]loggedTwin
+	r     pebble.Reader
+	last  map[string]loggedTwin
+	bytes int64 // the estimated memory of the twins in last
 }
 
 type loggedTwin struct {
 	rev  int64
 	twin *Twin
+	size int64
 }
 
-// logReaderMemory bounds how many twins a logReader remembers.
-const logReaderMemory = 4096
+// logReaderBytes bounds the estimated memory of the twins a logReader
+// remembers: a few thousand fridges. Beyond it, it forgets twins at
+// random, so that a fleet a little larger than the budget still finds
+// most of its twins.
+const logReaderBytes = 16 << 20
 
 func newLogReader(r pebble.Reader) *logReader {
 	return &logReader{r: r, last: map[string]loggedTwin{}}
 }
 
-// event decodes v, the entry at revision rev, with its twin.
-func (lr *logReader) event(v []byte) (*Event, error) {
+// reset forgets the twins remembered.
+func (lr *logReader) reset() {
+	clear(lr.last)
+	lr.bytes = 0
+}
+
+// event decodes v, a log entry, with its twin, and returns the encoded
+// size of the entry or, if larger, of its twin: what the event weighs.
+func (lr *logReader) event(v []byte) (*Event, int, error) {
 	ev, ch, err := decodeLogEntry(v)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	size := len(v)
 	if ch != nil {
 		base, err := lr.twinAt(ch.head.ID, ch.prevRev)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		ev.Twin = ch.apply(base)
+		size = max(size, ch.twinBytes)
 	}
 	if ev.Twin != nil {
 		ev.Twin.TokenHash = nil // the log does not hold it
-		lr.remember(ev.Twin.ID, ev.Revision, ev.Twin)
+		lr.remember(ev.Twin.ID, ev.Revision, ev.Twin, size)
 	}
-	return ev, nil
+	return ev, size, nil
 }
 
-func (lr *logReader) remember(id string, rev int64, t *Twin) {
-	if len(lr.last) >= logReaderMemory {
-		clear(lr.last)
+func (lr *logReader) remember(id string, rev int64, t *Twin, encoded int) {
+	if old, ok := lr.last[id]; ok {
+		lr.bytes -= old.size
 	}
-	lr.last[id] = loggedTwin{rev: rev, twin: t}
+	l := loggedTwin{rev: rev, twin: t, size: twinSize(encoded)}
+	lr.last[id] = l
+	lr.bytes += l.size
+	for k, v := range lr.last { // in random order
+		if lr.bytes <= logReaderBytes {
+			break
+		}
+		if k != id {
+			delete(lr.last, k)
+			lr.bytes -= v.size
+		}
+	}
 }
 
 // twinAt returns the twin of id as of its entry at revision rev.

@@ -119,9 +119,8 @@ func (e *Engine) load() error {
 	}
 	// Every committed change is in the watch log, and pruning never
 	// reaches the newest entries, so the log's last key is the store's
-	// revision. Its first is the oldest that watchers can resume from
-	// unless the log was pruned: pruning keeps logMargin revisions more
-	// for the chains of the entries above them (logchain.go).
+	// revision. The oldest revision watchers may resume from is the one
+	// pruning recorded, or, if it never did, the log's first (logchain.go).
 	it, err := e.db.NewIter(&pebble.IterOptions{LowerBound: prefixLog, UpperBound: prefixEnd(prefixLog)})
 	if err != nil {
 		return err
@@ -130,16 +129,21 @@ func (e *Engine) load() error {
 		e.rev = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 	}
 	e.nextRev.Store(e.rev)
-	e.oldest.Store(e.rev + 1)
 	e.logFloor = e.rev + 1
 	if it.First() {
 		e.logFloor = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
-		oldest := e.logFloor
-		if oldest > 1 {
-			oldest = min(oldest+e.logMargin(), e.rev+1)
-		}
-		e.oldest.Store(oldest)
 	}
+	oldest := e.logFloor
+	if v, closer, err := e.db.Get(keyLogOldest); err == nil {
+		if len(v) == 8 {
+			oldest = max(oldest, min(int64(binary.BigEndian.Uint64(v)), e.rev+1))
+		}
+		closer.Close()
+	} else if !errors.Is(err, pebble.ErrNotFound) {
+		it.Close()
+		return err
+	}
+	e.oldest.Store(oldest)
 	if err := it.Close(); err != nil {
 		return err
 	}

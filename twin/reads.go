@@ -156,7 +156,7 @@ func (e *Engine) History(id string, before int64, limit int) ([]*Event, error) {
 		if err != nil {
 			return nil, err
 		}
-		ev, err := lr.event(v)
+		ev, _, err := lr.event(v)
 		closer.Close()
 		if errors.Is(err, errBrokenChain) {
 			evs = evs[:0] // its chain has left the watch log

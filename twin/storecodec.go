@@ -95,6 +95,7 @@ const (
 	changeReported         protowire.Number = 3
 	changeDesired          protowire.Number = 4
 	changeSameTypeLabels   protowire.Number = 5
+	changeTwinBytes        protowire.Number = 6
 
 	commandID         protowire.Number = 1
 	commandDeviceID   protowire.Number = 2
@@ -136,7 +137,7 @@ const (
 	pathMetaWire  = "-BFV"
 	nodeWire      = "-BVVFVBBBFV"
 	eventWire     = "-VVFBBBB"
-	changeWire    = "-VBBBV"
+	changeWire    = "-VBBBVV"
 	commandWire   = "-BBVBBVBBBBVFFF"
 	ruleStateWire = "-VVFVF"
 )

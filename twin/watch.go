@@ -51,6 +51,8 @@ func (e *Engine) Watch(ctx context.Context, from int64, fn func(*Event) error) e
 			var err error
 			if evs, next = e.readRecent(evs[:0], next, upto); len(evs) == 0 {
 				evs, next, err = e.readLog(lr, evs, next, upto)
+			} else {
+				lr.reset() // caught up: the twins it rebuilt are not needed
 			}
 			if err != nil {
 				return err
@@ -149,11 +151,11 @@ func (e *Engine) readLog(lr *logReader, evs []*Event, from, upto int64) (_ []*Ev
 	defer it.Close()
 	next, size, n := upto+1, 0, 0
 	for it.First(); it.Valid(); it.Next() {
-		if n == watchBatchEvents || (n > 0 && size+len(it.Value()) > watchBatchBytes) {
+		if n == watchBatchEvents || (n > 0 && size >= watchBatchBytes) {
 			next = int64(binary.BigEndian.Uint64(it.Key()[len(prefixLog):]))
 			break
 		}
-		ev, err := lr.event(it.Value())
+		ev, evSize, err := lr.event(it.Value())
 		if errors.Is(err, errBrokenChain) {
 			// Pruned under the iterator, or written under a longer
 			// retention: the watcher cannot resume here.
@@ -162,7 +164,7 @@ func (e *Engine) readLog(lr *logReader, evs []*Event, from, upto int64) (_ []*Ev
 		if err != nil {
 			return evs, 0, err
 		}
-		size += len(it.Value())
+		size += evSize // a change entry weighs as its whole twin
 		n++
 		evs = append(evs, ev)
 	}
@@ -177,5 +179,5 @@ func (e *Engine) readLog(lr *logReader, evs []*Event, from, upto int64) (_ []*Ev
 	return evs, next, nil
 }
 
-// OldestRevision returns the oldest revision the watch log still holds.
+// OldestRevision returns the oldest revision watchers may resume from.
 func (e *Engine) OldestRevision() int64 { return e.oldest.Load() }

@@ -1098,8 +1098,11 @@ type TwinChange struct {
 	// The twin's type and labels are those of the previous entry's twin:
 	// head leaves them out.
 	SameTypeAndLabels bool `protobuf:"varint,5,opt,name=same_type_and_labels,json=sameTypeAndLabels,proto3" json:"same_type_and_labels,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The size of the whole twin's encoding (its Record): what a reader
+	// counts for the memory the event takes once it rebuilt the twin.
+	TwinBytes     int64 `protobuf:"varint,6,opt,name=twin_bytes,json=twinBytes,proto3" json:"twin_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TwinChange) Reset() {
@@ -1165,6 +1168,13 @@ func (x *TwinChange) GetSameTypeAndLabels() bool {
 		return x.SameTypeAndLabels
 	}
 	return false
+}
+
+func (x *TwinChange) GetTwinBytes() int64 {
+	if x != nil {
+		return x.TwinBytes
+	}
+	return 0
 }
 
 // Command is the value of a retained command's key.
@@ -1496,14 +1506,16 @@ const file_twin_store_v1_store_proto_rawDesc = "" +
 	"\x05patch\x18\x05 \x01(\v2\x15.twin.store.v1.ObjectR\x05patch\x12'\n" +
 	"\x04twin\x18\x06 \x01(\v2\x13.twin.store.v1.TwinR\x04twin\x121\n" +
 	"\x06change\x18\a \x01(\v2\x19.twin.store.v1.TwinChangeR\x06changeB\a\n" +
-	"\x05_time\"\xf7\x01\n" +
+	"\x05_time\"\x96\x02\n" +
 	"\n" +
 	"TwinChange\x12+\n" +
 	"\x11previous_revision\x18\x01 \x01(\x03R\x10previousRevision\x12'\n" +
 	"\x04head\x18\x02 \x01(\v2\x13.twin.store.v1.TwinR\x04head\x121\n" +
 	"\breported\x18\x03 \x01(\v2\x15.twin.store.v1.ObjectR\breported\x12/\n" +
 	"\adesired\x18\x04 \x01(\v2\x15.twin.store.v1.ObjectR\adesired\x12/\n" +
-	"\x14same_type_and_labels\x18\x05 \x01(\bR\x11sameTypeAndLabels\"\xfd\x03\n" +
+	"\x14same_type_and_labels\x18\x05 \x01(\bR\x11sameTypeAndLabels\x12\x1d\n" +
+	"\n" +
+	"twin_bytes\x18\x06 \x01(\x03R\ttwinBytes\"\xfd\x03\n" +
 	"\aCommand\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x10\n" +
