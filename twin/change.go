@@ -117,7 +117,7 @@ type op struct {
 	create *CreateRequest
 	patch  *PatchRequest
 	update *UpdateRequest
-	expect int64  // for deletes
+	expect int64 // for deletes
 	// source is who asked, for opDelete, opToken and opCancelCommand
 	// (SourceAPI if empty).
 	source Source
