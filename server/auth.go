@@ -218,6 +218,14 @@ func (a *apiAuth) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 		a.refused(ss.Context(), info.FullMethod, err)
 		return err
 	}
+	if k := callerFrom(ctx).key; k != nil {
+		// A stream outlives its authorization: it ends when its key is
+		// revoked or no longer allows it.
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		defer a.keys.track(k, methodRoles[info.FullMethod], cancel)()
+	}
 	if ctx != ss.Context() {
 		ss = contextStream{ServerStream: ss, ctx: ctx}
 	}

@@ -99,6 +99,62 @@ type keyring struct {
 
 	mu  sync.Mutex // serializes changes of set
 	set atomic.Pointer[keySet]
+
+	streamsMu sync.Mutex                // protects streams
+	streams   map[*keyStream]struct{} // the streams in progress with a key
+}
+
+// keyStream is a stream in progress with a key, which needs the role need.
+type keyStream struct {
+	key    *apiKey
+	need   role
+	cancel context.CancelCauseFunc
+}
+
+// errKeyRevoked ends the streams of a key that was revoked, or whose role
+// no longer allows them.
+var errKeyRevoked = errors.New("server: the API key of this stream was revoked or lost its role")
+
+// allowedBy reports whether set still has the stream's key with a role that
+// allows it.
+func (st *keyStream) allowedBy(set *keySet) bool {
+	k := set.byName(st.key.name)
+	return k != nil && k.digest == st.key.digest && k.role.allows(st.need)
+}
+
+// track registers a stream made with key k: install ends it (with
+// errKeyRevoked) once k no longer allows it. The caller must call the
+// function returned when the stream ends.
+func (kr *keyring) track(k *apiKey, need role, cancel context.CancelCauseFunc) (untrack func()) {
+	st := &keyStream{key: k, need: need, cancel: cancel}
+	kr.streamsMu.Lock()
+	if kr.streams == nil {
+		kr.streams = map[*keyStream]struct{}{}
+	}
+	kr.streams[st] = struct{}{}
+	kr.streamsMu.Unlock()
+	// Keys that changed since the call was authorized, before it was
+	// registered, are seen here; later ones by install.
+	if !st.allowedBy(kr.current()) {
+		cancel(errKeyRevoked)
+	}
+	return func() {
+		kr.streamsMu.Lock()
+		delete(kr.streams, st)
+		kr.streamsMu.Unlock()
+	}
+}
+
+// install puts set in force and ends the streams it no longer allows.
+func (kr *keyring) install(set *keySet) {
+	kr.set.Store(set)
+	kr.streamsMu.Lock()
+	defer kr.streamsMu.Unlock()
+	for st := range kr.streams {
+		if !st.allowedBy(set) {
+			st.cancel(errKeyRevoked)
+		}
+	}
 }
 
 func (kr *keyring) current() *keySet { return kr.set.Load() }
@@ -162,7 +218,7 @@ func (kr *keyring) reload() error {
 	if err != nil {
 		return err
 	}
-	kr.set.Store(set)
+	kr.install(set)
 	return nil
 }
 
@@ -298,7 +354,7 @@ func (kr *keyring) create(name string, r role) (*apiKey, string, error) {
 	}
 	keys := append(slices.Clone(cur.keys), k)
 	slices.SortFunc(keys, func(a, b *apiKey) int { return strings.Compare(a.name, b.name) })
-	kr.set.Store(&keySet{keys: keys})
+	kr.install(&keySet{keys: keys})
 	return k, secret, nil
 }
 
@@ -322,7 +378,7 @@ func (kr *keyring) revoke(name string) error {
 		return err
 	}
 	keys := slices.DeleteFunc(slices.Clone(cur.keys), func(o *apiKey) bool { return o == k })
-	kr.set.Store(&keySet{keys: keys})
+	kr.install(&keySet{keys: keys})
 	return nil
 }
 

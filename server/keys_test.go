@@ -581,3 +581,52 @@ func TestDeviceReportState(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRevokeEndsStreams: a watch made with a key ends with UNAUTHENTICATED
+// when the key is revoked, or reloaded away, and keeps going when the
+// reload keeps it.
+func TestRevokeEndsStreams(t *testing.T) {
+	file := writeKeys(t, "", roleKeys)
+	s := startServer(t, nil, func(o *Options) { o.APIKeysFile = file })
+	c := clients(s)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	k, err := c.keys.CreateKey(as("admin-secret"), &twinv1.CreateKeyRequest{Name: "w", Role: twinv1.Role_ROLE_VIEWER})
+	if err != nil {
+		t.Fatal(err)
+	}
+	watch := func(key string) twinv1.TwinService_WatchTwinsClient {
+		st, err := c.twins.WatchTwins(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key), &twinv1.WatchTwinsRequest{StartRevision: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The first event says the stream is set up.
+		if _, err := st.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	if _, err := c.twins.CreateTwin(as("admin-secret"), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1"}}); err != nil {
+		t.Fatal(err)
+	}
+	byAPI, byFile, kept := watch(k.Secret), watch("viewer-secret"), watch("operator-secret")
+	if _, err := c.keys.RevokeKey(as("admin-secret"), &twinv1.RevokeKeyRequest{Name: "w"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := byAPI.Recv(); status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
+		t.Errorf("a watch whose key was revoked = %v; want UNAUTHENTICATED saying so", err)
+	}
+	writeKeys(t, file, strings.ReplaceAll(roleKeys, keyLine("viewer", "viewer-secret", "vera"), ""))
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := byFile.Recv(); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("a watch whose key left the file = %v; want UNAUTHENTICATED", err)
+	}
+	if _, err := c.twins.UpdateDesired(as("admin-secret"), &twinv1.UpdateDesiredRequest{Id: "f1", Patch: mustStruct(t, map[string]any{"a": 1.0})}); err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := kept.Recv(); err != nil || ev.Event.Kind != twinv1.TwinEventKind_TWIN_EVENT_KIND_DESIRED {
+		t.Errorf("a watch whose key the reload kept = %v, %v; want the next event", ev, err)
+	}
+}

@@ -438,6 +438,9 @@ func (s *Server) streamStatus(method string, ctx context.Context, err error) err
 	if cause := context.Cause(ctx); errors.Is(cause, errShutdown) {
 		return s.status(method, fmt.Errorf("%w: reconnect to another server or retry", errShutdown))
 	}
+	if cause := context.Cause(ctx); errors.Is(cause, errKeyRevoked) {
+		return s.status(method, cause)
+	}
 	if errors.Is(err, twin.ErrClosed) {
 		return s.status(method, errShutdown)
 	}
