@@ -100,7 +100,7 @@ type keyring struct {
 	mu  sync.Mutex // serializes changes of set
 	set atomic.Pointer[keySet]
 
-	streamsMu sync.Mutex                // protects streams
+	streamsMu sync.Mutex              // protects streams
 	streams   map[*keyStream]struct{} // the streams in progress with a key
 }
 
