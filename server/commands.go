@@ -45,7 +45,7 @@ func (cs *commandService) SendCommand(ctx context.Context, req *twinv1.SendComma
 		Params:    documentOrNil(req.GetParams()),
 		TTL:       req.GetTtl().AsDuration(),
 		RequestID: req.GetRequestId(),
-		Source:    twin.SourceAPI,
+		Source:    sourceOf(ctx, twin.SourceAPI),
 	})
 	if err != nil {
 		return nil, cs.s.status("SendCommand", err)
@@ -125,7 +125,7 @@ func (cs *commandService) ListCommands(ctx context.Context, req *twinv1.ListComm
 }
 
 func (cs *commandService) CancelCommand(ctx context.Context, req *twinv1.CancelCommandRequest) (*twinv1.CancelCommandResponse, error) {
-	cmd, err := cs.s.engine.CancelCommand(ctx, req.GetId())
+	cmd, err := cs.s.engine.CancelCommandBy(ctx, req.GetId(), sourceOf(ctx, twin.SourceAPI))
 	if err != nil {
 		return nil, cs.s.status("CancelCommand", err)
 	}

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/subtle"
 	"errors"
 	"io"
 	"log/slog"
@@ -739,8 +738,7 @@ func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.Conne
 	if h.GetToken() == "" {
 		return nil, status.Error(codes.Unauthenticated, "hello has no token; issue one with TwinService.IssueDeviceToken")
 	}
-	tw, err := s.engine.Get(h.GetDeviceId())
-	if err != nil || tw.TokenHash == nil || subtle.ConstantTimeCompare(tw.TokenHash, hashToken(h.GetToken())) != 1 {
+	if !s.deviceTokenValid(h.GetDeviceId(), h.GetToken()) {
 		// The same answer for an unknown device and a wrong token, so
 		// that a stranger cannot probe for device ids.
 		return nil, status.Errorf(codes.Unauthenticated, "device %.130q: unknown device or wrong token", h.GetDeviceId())

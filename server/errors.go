@@ -54,7 +54,7 @@ func toStatus(log *slog.Logger, method string, err error) error {
 		code = codes.ResourceExhausted
 	case errors.Is(err, twin.ErrClosed), errors.Is(err, errShutdown):
 		code = codes.Unavailable
-	case errors.Is(err, errUnauthorized), errors.Is(err, twin.ErrTokenRevoked):
+	case errors.Is(err, errUnauthorized), errors.Is(err, twin.ErrTokenRevoked), errors.Is(err, errKeyRevoked):
 		code = codes.Unauthenticated
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled

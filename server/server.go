@@ -14,7 +14,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
+	"os"
+	"os/signal"
 	"runtime"
 	"slices"
 	"strings"
@@ -43,13 +44,26 @@ type Options struct {
 	// TLSCertFile and TLSKeyFile, if set, make the server speak TLS with
 	// this certificate chain and key (PEM). Default: plaintext.
 	TLSCertFile, TLSKeyFile string
-	// APIToken, if set, is the bearer token that every call of the
-	// operator services (TwinService, CommandService, RuleService) must
-	// carry as 'authorization: Bearer <token>'. Devices use their own
-	// tokens. Default: none, and the operator API is open.
+	// APIKeysFile, if set, is a file of API keys, one a line:
+	// '<role> <sha256 of the key, hex> <name>', with blank lines and '#'
+	// comments. Reload re-reads it. Once any key exists (from this file,
+	// APIToken or KeyService.CreateKey), every call of the operator
+	// services must carry a key as 'authorization: Bearer <key>' whose role
+	// allows it. Devices use their own tokens. Default: none; with no key
+	// at all, the operator API is open.
+	APIKeysFile string
+	// APIToken, if set, is an admin key named "api-token".
 	APIToken string
+	// APITokenFile, if set, is a file holding an admin key named
+	// "api-token" (instead of APIToken, which the process list shows).
+	// Reload re-reads it.
+	APITokenFile string
+	// ReloadOn are the signals on which Run calls Reload. Default none.
+	ReloadOn []os.Signal
 	// DebugAddr, if set, is an HTTP address on which Run serves /metrics
-	// (Prometheus) and /debug/pprof (Go's profiles).
+	// (Prometheus) and /debug/pprof (Go's profiles) to callers with an API
+	// key of any role; with no key configured, it must be a loopback
+	// address, and serves anyone who can reach it.
 	DebugAddr string
 	// Listener, if set, is used instead of listening on Addr.
 	Listener net.Listener
@@ -148,6 +162,7 @@ func (o *Options) EnsureDefaults() {
 type Server struct {
 	opts       Options
 	engine     *twin.Engine
+	keys       *keyring
 	rules      *rules.Registry
 	ruleEvents *ruleHub
 	devices    *deviceService
@@ -248,9 +263,15 @@ func New(opts Options) (*Server, error) {
 		e.Close()
 		return nil, err
 	}
+	keys, err := newKeyring(e, opts.Clock, opts.APIKeysFile, opts.APIToken, opts.APITokenFile)
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
 	s := &Server{
 		opts:        opts,
 		engine:      e,
+		keys:        keys,
 		rules:       reg,
 		ruleEvents:  hub,
 		health:      health.NewServer(),
@@ -258,7 +279,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.inflight.calls = map[string]int{}
-	auth := apiAuth{token: []byte(opts.APIToken), logger: opts.Logger, failures: newSampledLog()}
+	auth := &apiAuth{keys: keys, logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	var serverOpts []grpc.ServerOption
 	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
@@ -285,6 +306,7 @@ func New(opts Options) (*Server, error) {
 	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
+	twinv1.RegisterKeyServiceServer(s.grpc, &keyService{s: s})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	grpcMetrics.InitializeMetrics(s.grpc)
 	if err := opts.Metrics.Register(grpcMetrics); err != nil {
@@ -416,6 +438,9 @@ func (s *Server) streamStatus(method string, ctx context.Context, err error) err
 	if cause := context.Cause(ctx); errors.Is(cause, errShutdown) {
 		return s.status(method, fmt.Errorf("%w: reconnect to another server or retry", errShutdown))
 	}
+	if cause := context.Cause(ctx); errors.Is(cause, errKeyRevoked) {
+		return s.status(method, cause)
+	}
 	if errors.Is(err, twin.ErrClosed) {
 		return s.status(method, errShutdown)
 	}
@@ -445,27 +470,38 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	if opts.DebugAddr != "" {
+		loopback := loopbackHost(opts.DebugAddr)
+		if !loopback && s.keys.current().empty() {
+			s.Shutdown()
+			return fmt.Errorf("--debug-addr %s is not a loopback address, and no API key is configured: "+
+				"configure keys (--api-keys, --api-token-file) so that the debug endpoints require one, or serve them on localhost", opts.DebugAddr)
+		}
 		dl, err := net.Listen("tcp", opts.DebugAddr)
 		if err != nil {
 			s.Shutdown()
 			return fmt.Errorf("listen on the debug address %s: %w", opts.DebugAddr, err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", s.MetricsHandler())
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		hs := &http.Server{Handler: s.debugHandler(loopback), ReadHeaderTimeout: 10 * time.Second}
 		var wg sync.WaitGroup
 		wg.Add(1)
 		go func() { defer wg.Done(); hs.Serve(dl) }()
 		defer func() { hs.Close(); wg.Wait() }()
-		opts.Logger.Info("serving metrics and profiles", "addr", "http://"+dl.Addr().String()+"/metrics")
+		opts.Logger.Info("serving metrics and profiles", "addr", "http://"+dl.Addr().String()+"/metrics",
+			"key_required", !s.keys.current().empty())
 	}
-	if opts.APIToken == "" {
-		opts.Logger.Warn("the operator API is open to anyone who can reach it; set --api-token to require a token")
+	if opts.APIToken != "" {
+		opts.Logger.Warn("--api-token is visible in the process list to every user of this machine; prefer --api-token-file or --api-keys")
+	}
+	if set := s.keys.current(); set.empty() {
+		opts.Logger.Warn("the operator API is open to anyone who can reach it; configure API keys (--api-keys, --api-token-file) to require one")
+	} else {
+		opts.Logger.Info("operator calls need an API key", "keys", len(set.keys))
+	}
+	var reload chan os.Signal
+	if len(opts.ReloadOn) > 0 {
+		reload = make(chan os.Signal, 1)
+		signal.Notify(reload, opts.ReloadOn...)
+		defer signal.Stop(reload)
 	}
 	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "tls", opts.TLSCertFile != "", "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())
@@ -475,15 +511,21 @@ func Run(ctx context.Context, opts Options) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.Serve(l) }()
 	served := false
-	select {
-	case <-ctx.Done():
-		opts.Logger.Info("shutting down")
-	case err = <-serveErr:
-		served = true
-		opts.Logger.Error("serving failed; shutting down", "err", err)
-	case <-s.storeFailed:
-		err = s.engine.Health().Fatal
-		opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
+	for stop := false; !stop; {
+		stop = true
+		select {
+		case <-reload:
+			s.Reload() // logs what it did
+			stop = false
+		case <-ctx.Done():
+			opts.Logger.Info("shutting down")
+		case err = <-serveErr:
+			served = true
+			opts.Logger.Error("serving failed; shutting down", "err", err)
+		case <-s.storeFailed:
+			err = s.engine.Health().Fatal
+			opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
+		}
 	}
 	if cerr := s.Shutdown(); cerr != nil && !errors.Is(cerr, twin.ErrClosed) {
 		err = errors.Join(err, cerr)

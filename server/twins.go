@@ -15,6 +15,8 @@ import (
 
 	"cel.dev/cel-go/cel"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -59,6 +61,7 @@ func (ts *twinService) CreateTwin(ctx context.Context, req *twinv1.CreateTwinReq
 		Labels:   t.GetLabels(),
 		Reported: document(t.GetReported()),
 		Desired:  document(t.GetDesired()),
+		Source:   sourceOf(ctx, twin.SourceAPI),
 	})
 	if err != nil {
 		return nil, ts.s.status("CreateTwin", err)
@@ -323,6 +326,7 @@ func (ts *twinService) UpdateTwin(ctx context.Context, req *twinv1.UpdateTwinReq
 		Labels:          req.GetLabels(),
 		RemoveLabels:    req.GetRemoveLabels(),
 		ExpectedVersion: req.GetExpectedVersion(),
+		Source:          sourceOf(ctx, twin.SourceAPI),
 	}
 	if req.GetUpdateType() {
 		typ := req.GetType()
@@ -346,7 +350,7 @@ func (ts *twinService) UpdateDesired(ctx context.Context, req *twinv1.UpdateDesi
 		ID:              req.GetId(),
 		Patch:           document(req.GetPatch()),
 		ExpectedVersion: req.GetExpectedVersion(),
-		Source:          twin.SourceAPI,
+		Source:          sourceOf(ctx, twin.SourceAPI),
 	})
 	if err != nil {
 		return nil, ts.s.status("UpdateDesired", err)
@@ -361,12 +365,24 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 	if err := checkFinite("patch", req.GetPatch()); err != nil {
 		return nil, err
 	}
+	// A device without a stream reports with its own token instead of an
+	// API key; on an open server, a report is the device's as before.
+	source := twin.SourceDevice
+	switch c := callerFrom(ctx); {
+	case c.key != nil:
+		source = twin.KeySource(c.key.name)
+	case c.deviceToken != "":
+		if !ts.s.deviceTokenValid(req.GetId(), c.deviceToken) {
+			return nil, status.Errorf(codes.Unauthenticated, "the bearer token is neither an API key nor the device token of twin %.130q "+
+				"(unknown twin or wrong token): a device reports for its own twin with the token from IssueDeviceToken", req.GetId())
+		}
+	}
 	t, err := ts.s.engine.Report(ctx, twin.PatchRequest{
 		ID:                  req.GetId(),
 		Patch:               document(req.GetPatch()),
 		ExpectedVersion:     req.GetExpectedVersion(),
 		DesiredAckedVersion: req.GetDesiredAckedVersion(),
-		Source:              twin.SourceDevice,
+		Source:              source,
 	})
 	if err != nil {
 		return nil, ts.s.status("ReportState", err)
@@ -375,7 +391,7 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 }
 
 func (ts *twinService) DeleteTwin(ctx context.Context, req *twinv1.DeleteTwinRequest) (*twinv1.DeleteTwinResponse, error) {
-	if err := ts.s.engine.Delete(ctx, req.GetId(), req.GetExpectedVersion()); err != nil {
+	if err := ts.s.engine.DeleteBy(ctx, req.GetId(), req.GetExpectedVersion(), sourceOf(ctx, twin.SourceAPI)); err != nil {
 		return nil, ts.s.status("DeleteTwin", err)
 	}
 	return &twinv1.DeleteTwinResponse{}, nil
@@ -396,6 +412,7 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 		return ts.s.status("WatchTwins", fmt.Errorf("%w: start_revision %d is beyond the current revision %d; "+
 			"give at most %d, or 0 for changes from now on", errFutureRevision, start, rev, rev+1))
 	}
+	match := sourceMatch(req.GetSource())
 	ctx, cancel := ts.s.streamContext(stream.Context())
 	defer cancel()
 	timeout := ts.sendTimeout
@@ -410,6 +427,9 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 			// Every watcher learns of an import, whatever its filter:
 			// the imported twins have no events of their own.
 			return send.send(ctx, &twinv1.WatchTwinsResponse{Event: eventProto(ev)})
+		}
+		if !match(ev.Source) {
+			return nil
 		}
 		ok, _, merr := ts.memo.match(ctx, f, ev, func() (bool, uint64, error) { return ts.matchCost(ctx, f, ev.Twin, ev.Time) })
 		if f.prg != nil && evaluated < filterProbe {
@@ -503,6 +523,9 @@ func (ts *twinService) ListTwinHistory(ctx context.Context, req *twinv1.ListTwin
 		return nil, err
 	}
 	query := "history:" + req.GetId()
+	if req.GetSource() != "" {
+		query += "\x00" + req.GetSource()
+	}
 	tok, err := decodePageToken(query, req.GetPageToken())
 	if err != nil {
 		return nil, err
@@ -511,9 +534,22 @@ func (ts *twinService) ListTwinHistory(ctx context.Context, req *twinv1.ListTwin
 	if tok != "" {
 		before = int64(binary.BigEndian.Uint64([]byte((tok + "\x00\x00\x00\x00\x00\x00\x00\x00")[:8])))
 	}
-	evs, err := ts.s.engine.History(req.GetId(), before, size+1)
-	if err != nil {
-		return nil, ts.s.status("ListTwinHistory", err)
+	match := sourceMatch(req.GetSource())
+	var evs []*twin.Event
+	for {
+		chunk, err := ts.s.engine.History(req.GetId(), before, size+1)
+		if err != nil {
+			return nil, ts.s.status("ListTwinHistory", err)
+		}
+		for _, ev := range chunk {
+			if match(ev.Source) {
+				evs = append(evs, ev)
+			}
+		}
+		if len(chunk) < size+1 || len(evs) > size {
+			break
+		}
+		before = chunk[len(chunk)-1].Twin.Version
 	}
 	resp := &twinv1.ListTwinHistoryResponse{}
 	bytes := 0
@@ -533,7 +569,7 @@ func (ts *twinService) ListTwinHistory(ctx context.Context, req *twinv1.ListTwin
 
 func (ts *twinService) IssueDeviceToken(ctx context.Context, req *twinv1.IssueDeviceTokenRequest) (*twinv1.IssueDeviceTokenResponse, error) {
 	token := "twd_" + strings.TrimRight(base64.RawURLEncoding.EncodeToString(randomBytes(32)), "=")
-	if err := ts.s.engine.SetTokenHash(ctx, req.GetId(), hashToken(token)); err != nil {
+	if err := ts.s.engine.SetTokenHashBy(ctx, req.GetId(), hashToken(token), sourceOf(ctx, twin.SourceAPI)); err != nil {
 		return nil, ts.s.status("IssueDeviceToken", err)
 	}
 	return &twinv1.IssueDeviceTokenResponse{Token: token}, nil
@@ -548,4 +584,17 @@ func randomBytes(n int) []byte {
 func hashToken(token string) []byte {
 	h := sha256.Sum256([]byte(token))
 	return h[:]
+}
+
+// sourceMatch returns the test of a source filter (WatchTwins.source,
+// ListTwinHistory.source): empty matches every source, "key:*" every
+// source that starts with "key:", anything else itself only.
+func sourceMatch(filter string) func(twin.Source) bool {
+	if filter == "" {
+		return func(twin.Source) bool { return true }
+	}
+	if p, ok := strings.CutSuffix(filter, "*"); ok {
+		return func(s twin.Source) bool { return strings.HasPrefix(string(s), p) }
+	}
+	return func(s twin.Source) bool { return string(s) == filter }
 }

@@ -45,7 +45,9 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		kind, patch, source = KindReported, o.patch.Patch, o.patch.Source
 		if desired {
 			kind = KindDesired
-		} else if err == nil && o.patch.Source == SourceDevice {
+		} else if err == nil && !o.patch.Source.IsRule() {
+			// A report is what the device said, whoever carried it (its
+			// stream, ReportState with its token or with an API key).
 			if next == cur {
 				// Nothing changed but when the device was last seen:
 				// that goes to a small key of its own (seenKey).
@@ -62,7 +64,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			return nil, err
 		}
 		c.gone = goneTwin{version: cur.Version, cmdSeq: cur.CommandSeq}
-		kind, source = KindDeleted, SourceAPI
+		kind, source = KindDeleted, o.sourceOr(SourceAPI)
 		if l := ent.cmds; l != nil {
 			c.cmds = &commandList{}
 			for _, cmd := range l.cmds {
@@ -86,7 +88,7 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 			delete(w.sinks, o.id)
 			c.sink = nil
 			next.Presence = Presence{Connected: false, Since: now, LastSeen: cur.Presence.LastSeen}
-			kind, source, emit = KindPresence, SourceAPI, true
+			kind, source, emit = KindPresence, o.sourceOr(SourceAPI), true
 		}
 	case opConnect, opDisconnect:
 		if o.kind == opConnect && o.token != nil && subtle.ConstantTimeCompare(cur.TokenHash, o.token) != 1 {
@@ -100,7 +102,11 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		err = w.updateCommand(c, cur, o.cmdUpd, now)
 		next = cur
 	case opCancelCommand:
-		err = w.finishCommand(c, o.seq, CommandCanceled, "canceled by an operator", now)
+		msg := "canceled by an operator"
+		if o.source != "" && o.source != SourceAPI {
+			msg = "canceled by " + string(o.source)
+		}
+		err = w.finishCommand(c, o.seq, CommandCanceled, msg, now)
 		next = cur
 	default:
 		return nil, fmt.Errorf("twin: unknown op %d", o.kind)

@@ -117,7 +117,10 @@ type op struct {
 	create *CreateRequest
 	patch  *PatchRequest
 	update *UpdateRequest
-	expect int64  // for deletes
+	expect int64 // for deletes
+	// source is who asked, for opDelete, opToken and opCancelCommand
+	// (SourceAPI if empty).
+	source Source
 	token  []byte // for opToken: the new hash; for opConnect: the hash the stream authenticated with
 	sink   Sink   // for opConnect and opDisconnect
 	cmdReq *CommandRequest
@@ -390,4 +393,12 @@ func equalLabels(a, b map[string]string) bool {
 		}
 	}
 	return true
+}
+
+// sourceOr is o.source, or def if it is not set.
+func (o *op) sourceOr(def Source) Source {
+	if o.source == "" {
+		return def
+	}
+	return o.source
 }

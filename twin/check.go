@@ -351,8 +351,9 @@ func (c *checker) checkKeys() error {
 			if !it.SeekLT(prefixEnd(prefixLog)) {
 				return it.Error()
 			}
-		case bytes.Equal(k, keyFormat), bytes.HasPrefix(k, prefixRules):
-			// Rule definitions are the rules package's.
+		case bytes.Equal(k, keyFormat), bytes.HasPrefix(k, prefixRules), bytes.HasPrefix(k, prefixAPIKeys):
+			// Rule definitions are the rules package's, API keys the
+			// server's.
 		case bytes.HasPrefix(k, []byte("m/")):
 			// Store metadata other than the format: kept for newer
 			// features; nothing to check.

@@ -309,11 +309,17 @@ func (e *Engine) UpdateCommand(ctx context.Context, deviceID string, u CommandUp
 
 // CancelCommand cancels an unfinished command.
 func (e *Engine) CancelCommand(ctx context.Context, id string) (*Command, error) {
+	return e.CancelCommandBy(ctx, id, SourceAPI)
+}
+
+// CancelCommandBy is CancelCommand; the command's message names source
+// unless it is SourceAPI ("canceled by key:ops").
+func (e *Engine) CancelCommandBy(ctx context.Context, id string, source Source) (*Command, error) {
 	dev, seq, err := ParseCommandID(id)
 	if err != nil {
 		return nil, err
 	}
-	o := &op{kind: opCancelCommand, id: dev, seq: seq}
+	o := &op{kind: opCancelCommand, id: dev, seq: seq, source: source}
 	r, err := e.submit(ctx, o)
 	return r.Command, err
 }

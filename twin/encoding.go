@@ -37,6 +37,8 @@ import (
 //	                               index: one of the twin's labels (empty)
 //	m/index                        the index is complete
 //	r/<rule>                       rule definitions, owned by the rules package
+//	k/<name>                       API keys made through the API, owned by the server
+//	                               package (keys.go)
 //
 // Check (check.go) verifies the invariants between these keys.
 // Numbers in keys are big-endian so that keys sort in numeric order. Values

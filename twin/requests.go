@@ -120,13 +120,24 @@ func (e *Engine) Update(ctx context.Context, req UpdateRequest) (*Twin, error) {
 // Delete deletes a twin and its history. expectedVersion, if not 0, must be
 // the twin's version.
 func (e *Engine) Delete(ctx context.Context, id string, expectedVersion int64) error {
-	_, err := e.do(ctx, &op{kind: opDelete, id: id, expect: expectedVersion})
+	return e.DeleteBy(ctx, id, expectedVersion, SourceAPI)
+}
+
+// DeleteBy is Delete, with the source its event names.
+func (e *Engine) DeleteBy(ctx context.Context, id string, expectedVersion int64, source Source) error {
+	_, err := e.do(ctx, &op{kind: opDelete, id: id, expect: expectedVersion, source: source})
 	return err
 }
 
 // SetTokenHash durably replaces the hash of a twin's device token. It does
 // not change the twin's version.
 func (e *Engine) SetTokenHash(ctx context.Context, id string, hash []byte) error {
-	_, err := e.do(ctx, &op{kind: opToken, id: id, token: hash})
+	return e.SetTokenHashBy(ctx, id, hash, SourceAPI)
+}
+
+// SetTokenHashBy is SetTokenHash, with the source named by the presence
+// event of a stream that the new token disconnects.
+func (e *Engine) SetTokenHashBy(ctx context.Context, id string, hash []byte, source Source) error {
+	_, err := e.do(ctx, &op{kind: opToken, id: id, token: hash, source: source})
 	return err
 }

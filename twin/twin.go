@@ -265,7 +265,9 @@ func cloneLabels(labels, set map[string]string, remove []string) map[string]stri
 	return out
 }
 
-// Source names who made a change: "api", "device", or "rule:<id>".
+// Source names who made a change: "api" (the operator API, when it asks
+// for no key), "key:<name>" (the operator API key named), "device", or
+// "rule:<id>".
 type Source string
 
 // Sources of changes.
@@ -276,6 +278,10 @@ const (
 
 // RuleSource is the source of a change made by a rule.
 func RuleSource(ruleID string) Source { return Source("rule:" + ruleID) }
+
+// KeySource is the source of a change made through the operator API with
+// the API key named.
+func KeySource(name string) Source { return Source("key:" + name) }
 
 // IsRule reports whether s is a rule's source.
 func (s Source) IsRule() bool { return strings.HasPrefix(string(s), "rule:") }

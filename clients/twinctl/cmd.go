@@ -86,12 +86,12 @@ func newRoot() *cobra.Command {
 		},
 	}
 	root.PersistentFlags().StringVar(&a.addr, "addr", a.addr, "twind address (env TWIND_ADDR)")
-	root.PersistentFlags().StringVar(&a.token, "token", a.token, "API token, if the server requires one (env TWIND_TOKEN)")
+	root.PersistentFlags().StringVar(&a.token, "token", a.token, "API key, if the server requires one (env TWIND_TOKEN)")
 	root.PersistentFlags().BoolVar(&a.tls, "tls", false, "connect with TLS, trusting the system's certificate authorities")
 	root.PersistentFlags().StringVar(&a.tlsCA, "tls-ca", a.tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", outTable,
 		"output: table, json (one document; a list is {kind, items, next_page_token}) or jsonl (one compact object per line)")
-	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a), importCmd(a), exportCmd(a))
+	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a), keyCmd(a), importCmd(a), exportCmd(a))
 	return root
 }
 

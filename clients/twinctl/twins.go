@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -178,7 +179,7 @@ func twinCmd(a *app) *cobra.Command {
 	}
 	del.Flags().Int64Var(&delExpect, "expect-version", 0, "fail unless the twin is at this version")
 
-	var watchFilter string
+	var watchFilter, watchSource string
 	var from int64
 	watch := &cobra.Command{
 		Use: "watch", Short: "Stream changes as they commit (resuming across breaks)", Args: cobra.NoArgs,
@@ -195,23 +196,27 @@ func twinCmd(a *app) *cobra.Command {
 					}
 					return err
 				}
+				if !sourceMatches(watchSource, ev.Source) {
+					continue
+				}
 				if a.output != outTable {
 					if err := printLine(w, ev); err != nil {
 						return err
 					}
 					continue
 				}
-				fmt.Fprintf(w, "%d\t%s\t%s\tv%d\t%s\t%s\n", ev.Revision, ts(ev.Time), ev.GetTwin().GetId(), ev.GetTwin().GetVersion(),
-					shortKind(ev.Kind), compact(ev.Patch))
+				fmt.Fprintf(w, "%d\t%s\t%s\tv%d\t%s\t%s\t%s\n", ev.Revision, ts(ev.Time), ev.GetTwin().GetId(), ev.GetTwin().GetVersion(),
+					shortKind(ev.Kind), ev.Source, compact(ev.Patch))
 			}
 			return nil
 		},
 	}
 	watch.Flags().StringVar(&watchFilter, "filter", "", "CEL filter over twin")
 	watch.Flags().Int64Var(&from, "from", 0, "replay from this revision (0: only new changes)")
+	watch.Flags().StringVar(&watchSource, "source", "", `only changes made by this source: "key:ops", "device", "rule:<id>"; "key:*" for every key`)
 
 	var histLimit int
-	var histPage string
+	var histPage, histSource string
 	history := &cobra.Command{
 		Use: "history ID", Short: "Show a twin's retained changes, newest first", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -222,7 +227,7 @@ func twinCmd(a *app) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			req := &twinv1.ListTwinHistoryRequest{Id: args[0], PageToken: histPage}
+			req := &twinv1.ListTwinHistoryRequest{Id: args[0], PageToken: histPage, Source: histSource}
 			var evs []*twinv1.TwinEvent
 			for {
 				req.PageSize = pageSize(histLimit, len(evs))
@@ -254,6 +259,7 @@ func twinCmd(a *app) *cobra.Command {
 	}
 	history.Flags().IntVar(&histLimit, "limit", 20, "show at most this many, newest first (0: all retained)")
 	history.Flags().StringVar(&histPage, "page-token", "", "go on where a history stopped short (its next_page_token)")
+	history.Flags().StringVar(&histSource, "source", "", `only changes made by this source: "key:ops", "device", "rule:<id>"; "key:*" for every key`)
 
 	token := &cobra.Command{
 		Use: "token ID", Short: "Issue a device token (shown once; revokes the previous one)", Args: cobra.ExactArgs(1),
@@ -311,4 +317,14 @@ func pageSize(limit, have int) int32 {
 		return most
 	}
 	return int32(min(most, limit-have))
+}
+
+// sourceMatches reports whether a change's source passes a --source filter,
+// as the server filters history: empty passes all, "key:*" every source
+// starting with "key:".
+func sourceMatches(filter, source string) bool {
+	if p, ok := strings.CutSuffix(filter, "*"); ok {
+		return strings.HasPrefix(source, p)
+	}
+	return filter == "" || filter == source
 }

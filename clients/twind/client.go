@@ -37,6 +37,7 @@ type Client struct {
 	Commands twinv1.CommandServiceClient
 	Rules    twinv1.RuleServiceClient
 	Devices  twinv1.DeviceServiceClient
+	Keys     twinv1.KeyServiceClient
 }
 
 // Dial connects to a server at addr ("localhost:50051"). Without transport
@@ -59,6 +60,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Commands: twinv1.NewCommandServiceClient(conn),
 		Rules:    twinv1.NewRuleServiceClient(conn),
 		Devices:  twinv1.NewDeviceServiceClient(conn),
+		Keys:     twinv1.NewKeyServiceClient(conn),
 	}
 }
 
@@ -80,9 +82,10 @@ func WithTLS(caFile string) (grpc.DialOption, error) {
 	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
 }
 
-// WithToken makes every call carry the server's API token (twind
-// --api-token) as 'authorization: Bearer <token>'. An empty token sends
-// nothing.
+// WithToken makes every call carry an API key of the server (from twind's
+// --api-keys, --api-token or KeyService.CreateKey) as 'authorization:
+// Bearer <token>'; a device without a stream may send its own device token
+// instead, for ReportState only. An empty token sends nothing.
 func WithToken(token string) grpc.DialOption {
 	return grpc.WithPerRPCCredentials(bearer(token))
 }

@@ -1,14 +1,15 @@
 // Command twind is the twind daemon: a digital-twin server for fleets of
 // devices, with its store embedded.
 //
-//	twind [--addr localhost:50051] [--data ./twind-data]
+//	twind [--addr localhost:50051] [--data ./twind-data] [--api-keys FILE]
 //	twind check [--data ./twind-data] [--history-limit 0]
 //
 // `twind check` checks a stopped twind's store offline: it prints each key
 // that breaks an invariant of the store, and exits 1 if there is any.
 //
 // Every flag can also be set in the environment: --addr as TWIND_ADDR,
-// --data as TWIND_DATA. Flags win over the environment.
+// --data as TWIND_DATA. Flags win over the environment. SIGHUP re-reads
+// --api-keys and --api-token-file.
 package main
 
 import (
@@ -81,7 +82,9 @@ func run(args []string) error {
 	fs.IntVar(&opts.Engine.Limits.MaxKeyBytes, "max-key-bytes", 256, "maximum length of a document key")
 	fs.StringVar(&opts.TLSCertFile, "tls-cert", envOr("TWIND_TLS_CERT", ""), "serve TLS with this certificate chain (PEM; env TWIND_TLS_CERT)")
 	fs.StringVar(&opts.TLSKeyFile, "tls-key", envOr("TWIND_TLS_KEY", ""), "the key of --tls-cert (PEM; env TWIND_TLS_KEY)")
-	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "if set, operator calls must carry 'authorization: Bearer <token>' (env TWIND_API_TOKEN)")
+	fs.StringVar(&opts.APIKeysFile, "api-keys", envOr("TWIND_API_KEYS", ""), "file of API keys, one a line: '<role> <sha256 of the key, hex> <name>'; re-read on SIGHUP (env TWIND_API_KEYS)")
+	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "an admin API key named api-token; visible in the process list, prefer --api-token-file (env TWIND_API_TOKEN)")
+	fs.StringVar(&opts.APITokenFile, "api-token-file", envOr("TWIND_API_TOKEN_FILE", ""), "file holding an admin API key named api-token; re-read on SIGHUP (env TWIND_API_TOKEN_FILE)")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -130,6 +133,7 @@ func run(args []string) error {
 		// two cores), and the memory limit, not GOGC, bounds the heap.
 		debug.SetGCPercent(400)
 	}
+	opts.ReloadOn = []os.Signal{syscall.SIGHUP}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return server.Run(ctx, opts)

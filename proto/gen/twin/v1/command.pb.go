@@ -121,7 +121,8 @@ type Command struct {
 	Result *structpb.Struct `protobuf:"bytes,6,opt,name=result,proto3" json:"result,omitempty"`
 	// The message the device gave with its last state update.
 	Message string `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
-	// Who sent it: "api" or "rule:<rule id>".
+	// Who sent it: "key:<name>" (the operator API key named), "rule:<rule
+	// id>", or "api" (the operator API on a server with no keys).
 	Source string `protobuf:"bytes,8,opt,name=source,proto3" json:"source,omitempty"`
 	// The caller's idempotency key, if any.
 	RequestId string `protobuf:"bytes,9,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`

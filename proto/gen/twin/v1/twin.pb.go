@@ -1262,6 +1262,10 @@ type WatchTwinsRequest struct {
 	// one beyond the current revision + 1 fails with OUT_OF_RANGE naming the
 	// current revision.
 	StartRevision int64 `protobuf:"varint,2,opt,name=start_revision,json=startRevision,proto3" json:"start_revision,omitempty"`
+	// If set, only changes whose source is this ("key:ops", "device",
+	// "rule:planter-dry"), or, ending in "*", starts with what precedes it
+	// ("key:*", "rule:*"). Import events come whatever the source.
+	Source        string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1308,6 +1312,13 @@ func (x *WatchTwinsRequest) GetStartRevision() int64 {
 		return x.StartRevision
 	}
 	return 0
+}
+
+func (x *WatchTwinsRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
 }
 
 // WatchTwinsResponse is one message of the TwinService.WatchTwins stream.
@@ -1369,7 +1380,9 @@ type TwinEvent struct {
 	Patch *structpb.Struct `protobuf:"bytes,4,opt,name=patch,proto3" json:"patch,omitempty"`
 	// When the change was committed.
 	Time *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
-	// Who made the change, e.g. "api", "device" or "rule:<id>".
+	// Who made the change: "key:<name>" (the operator API key named),
+	// "device", "rule:<id>", or "api" (the operator API on a server with no
+	// keys).
 	Source        string `protobuf:"bytes,6,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1457,7 +1470,10 @@ type ListTwinHistoryRequest struct {
 	// continues it.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The next_page_token of a previous call.
-	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// If set, only changes whose source is this, or, ending in "*", starts
+	// with what precedes it; as WatchTwinsRequest.source.
+	Source        string `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1509,6 +1525,13 @@ func (x *ListTwinHistoryRequest) GetPageSize() int32 {
 func (x *ListTwinHistoryRequest) GetPageToken() string {
 	if x != nil {
 		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListTwinHistoryRequest) GetSource() string {
+	if x != nil {
+		return x.Source
 	}
 	return ""
 }
@@ -2479,10 +2502,11 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x11DeleteTwinRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12)\n" +
 	"\x10expected_version\x18\x02 \x01(\x03R\x0fexpectedVersion\"\x14\n" +
-	"\x12DeleteTwinResponse\"R\n" +
+	"\x12DeleteTwinResponse\"j\n" +
 	"\x11WatchTwinsRequest\x12\x16\n" +
 	"\x06filter\x18\x01 \x01(\tR\x06filter\x12%\n" +
-	"\x0estart_revision\x18\x02 \x01(\x03R\rstartRevision\">\n" +
+	"\x0estart_revision\x18\x02 \x01(\x03R\rstartRevision\x12\x16\n" +
+	"\x06source\x18\x03 \x01(\tR\x06source\">\n" +
 	"\x12WatchTwinsResponse\x12(\n" +
 	"\x05event\x18\x01 \x01(\v2\x12.twin.v1.TwinEventR\x05event\"\xed\x01\n" +
 	"\tTwinEvent\x12\x1a\n" +
@@ -2491,12 +2515,13 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x04twin\x18\x03 \x01(\v2\r.twin.v1.TwinR\x04twin\x12-\n" +
 	"\x05patch\x18\x04 \x01(\v2\x17.google.protobuf.StructR\x05patch\x12.\n" +
 	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
-	"\x06source\x18\x06 \x01(\tR\x06source\"d\n" +
+	"\x06source\x18\x06 \x01(\tR\x06source\"|\n" +
 	"\x16ListTwinHistoryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x03 \x01(\tR\tpageToken\"m\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\"m\n" +
 	"\x17ListTwinHistoryResponse\x12*\n" +
 	"\x06events\x18\x01 \x03(\v2\x12.twin.v1.TwinEventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\")\n" +
