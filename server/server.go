@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -25,8 +26,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -101,6 +102,21 @@ type Options struct {
 	// Ready, if set, is called with the address the server listens on once
 	// it accepts connections.
 	Ready func(addr net.Addr)
+
+	// Limits keeps twind up when clients misbehave (see the README's
+	// Limits table); they are documented in limits.go.
+	Limits Limits
+	// DeviceCAFile, if set, is a PEM bundle of the certificate authorities
+	// whose client certificates authenticate devices (see devicecert.go).
+	// It needs TLSCertFile and TLSKeyFile. Default: none, and client
+	// certificates are ignored.
+	DeviceCAFile string
+	// DeviceCRLFile, if set, is a certificate revocation list (PEM or
+	// DER) signed by a CA of DeviceCAFile. Reload re-reads it.
+	DeviceCRLFile string
+	// Reload, if set, makes Run call Reload each time it receives (twind
+	// sends it SIGHUP).
+	Reload <-chan os.Signal
 }
 
 // EnsureDefaults fills the zero fields of o with their defaults.
@@ -139,6 +155,7 @@ func (o *Options) EnsureDefaults() {
 	if o.ListCostBudget == 0 {
 		o.ListCostBudget = defaultListCostBudget
 	}
+	o.Limits.ensureDefaults()
 	o.Engine.Dir = o.DataDir
 	o.Engine.Logger = o.Logger
 	o.Engine.Clock = o.Clock
@@ -153,6 +170,10 @@ type Server struct {
 	devices    *deviceService
 	grpc       *grpc.Server
 	health     *health.Server
+	// reports is each device's report rate limit; certs, if set,
+	// authenticates devices by their client certificates.
+	reports *reportLimits
+	certs   *deviceCerts
 
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
@@ -260,19 +281,25 @@ func New(opts Options) (*Server, error) {
 	s.inflight.calls = map[string]int{}
 	auth := apiAuth{token: []byte(opts.APIToken), logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
-	var serverOpts []grpc.ServerOption
-	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
-		creds, err := credentials.NewServerTLSFromFile(opts.TLSCertFile, opts.TLSKeyFile)
+	if err := opts.Limits.check(opts.Engine.Limits); err != nil {
+		e.Close()
+		return nil, err
+	}
+	s.reports = newReportLimits(opts.Limits.ReportRate, opts.Limits.ReportBurst)
+	watchers := &watchLimits{perConn: int64(opts.Limits.MaxWatchersPerConn), all: int64(opts.Limits.MaxWatchers)}
+	serverOpts := opts.Limits.serverOptions()
+	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" || opts.DeviceCAFile != "" {
+		creds, certs, err := serverTLS(opts)
 		if err != nil {
 			e.Close()
-			return nil, fmt.Errorf("TLS certificate: %w", err)
+			return nil, err
 		}
+		s.certs = certs
 		serverOpts = append(serverOpts, grpc.Creds(creds))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.MaxRecvMsgSize(4<<20),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream, watchers.stream),
 		grpc.StatsHandler(rpcLog{logger: opts.Logger, decode: newSampledLog()}),
 		// Stop, after the shutdown timeout, waits for the handlers it
 		// cancels: the store closes under none of them.
@@ -281,7 +308,7 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
-	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog()}
+	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog(), hellos: &helloGate{max: int64(opts.Limits.MaxHelloWaiting)}}
 	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
@@ -317,8 +344,10 @@ func (s *Server) MetricsHandler() http.Handler {
 func (s *Server) Engine() *twin.Engine { return s.engine }
 
 // Serve serves on l until Shutdown. It returns nil after a shutdown.
+// At most Limits.MaxConnections connections are served at once; further
+// ones wait to be accepted.
 func (s *Server) Serve(l net.Listener) error {
-	err := s.grpc.Serve(l)
+	err := s.grpc.Serve(netutil.LimitListener(l, s.opts.Limits.MaxConnections))
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
 	}
@@ -475,15 +504,24 @@ func Run(ctx context.Context, opts Options) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.Serve(l) }()
 	served := false
-	select {
-	case <-ctx.Done():
-		opts.Logger.Info("shutting down")
-	case err = <-serveErr:
-		served = true
-		opts.Logger.Error("serving failed; shutting down", "err", err)
-	case <-s.storeFailed:
-		err = s.engine.Health().Fatal
-		opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
+serving:
+	for {
+		select {
+		case <-opts.Reload:
+			if err := s.Reload(); err != nil {
+				opts.Logger.Error("reload failed; keeping what was in force", "err", err)
+			}
+			continue
+		case <-ctx.Done():
+			opts.Logger.Info("shutting down")
+		case err = <-serveErr:
+			served = true
+			opts.Logger.Error("serving failed; shutting down", "err", err)
+		case <-s.storeFailed:
+			err = s.engine.Health().Fatal
+			opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
+		}
+		break serving
 	}
 	if cerr := s.Shutdown(); cerr != nil && !errors.Is(cerr, twin.ErrClosed) {
 		err = errors.Join(err, cerr)

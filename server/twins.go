@@ -358,6 +358,12 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 	if err := checkFinite("patch", req.GetPatch()); err != nil {
 		return nil, err
 	}
+	if err := ts.s.checkDeviceReport(ctx, req.GetId()); err != nil {
+		return nil, err
+	}
+	if !ts.s.reports.allow(req.GetId()) {
+		return nil, ts.s.status("ReportState", ts.s.reports.refusal(req.GetId()))
+	}
 	t, err := ts.s.engine.Report(ctx, twin.PatchRequest{
 		ID:                  req.GetId(),
 		Patch:               document(req.GetPatch()),

@@ -83,6 +83,7 @@ func run(args []string) error {
 	fs.StringVar(&opts.TLSKeyFile, "tls-key", envOr("TWIND_TLS_KEY", ""), "the key of --tls-cert (PEM; env TWIND_TLS_KEY)")
 	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "if set, operator calls must carry 'authorization: Bearer <token>' (env TWIND_API_TOKEN)")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
+	finishLimits := limitFlags(fs, &opts)
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
@@ -90,6 +91,9 @@ func run(args []string) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q; see twind --help", fs.Args())
+	}
+	if err := finishLimits(); err != nil {
+		return err
 	}
 	// 0 means the default; a negative value is a mistake, not a default.
 	var bad []string
@@ -132,6 +136,9 @@ func run(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	var stopHangups func()
+	opts.Reload, stopHangups = hangups()
+	defer stopHangups()
 	return server.Run(ctx, opts)
 }
 
