@@ -217,7 +217,9 @@ func TestWatcherLimits(t *testing.T) {
 		t.Errorf("a third watch on a connection = %v; want RESOURCE_EXHAUSTED naming --max-watchers-per-conn", err)
 	}
 	rules := twinv1.NewRuleServiceClient(other)
-	rctx, rcancel := context.WithCancel(ctx)
+	// A watch that is let in waits for events: its Recv ends at the
+	// deadline, which fails the check below.
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
 	defer rcancel()
 	rw, err := rules.WatchRuleEvents(rctx, &twinv1.WatchRuleEventsRequest{})
 	if err == nil {
@@ -301,7 +303,7 @@ func TestReportRate(t *testing.T) {
 }
 
 func TestReportLimitsForget(t *testing.T) {
-	l := newReportLimits(1000, 1)
+	l := newReportLimits(1e9, 1) // a bucket is full again a nanosecond after a report
 	for i := range 5000 {
 		l.allow(string(rune('a' + i%26)))
 		l.allow(strings.Repeat("x", i%50+1) + string(rune(i)))
@@ -447,7 +449,9 @@ func TestKeepaliveDeadConnection(t *testing.T) {
 	if err != nil || m.GetWelcome() == nil {
 		t.Fatalf("welcome = %v, %v", m, err)
 	}
-	w, err := direct.WatchTwins(dctx, &twinv1.WatchTwinsRequest{StartRevision: s.Engine().Revision() + 1})
+	wctx, wcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer wcancel()
+	w, err := direct.WatchTwins(wctx, &twinv1.WatchTwinsRequest{StartRevision: s.Engine().Revision() + 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -455,7 +459,7 @@ func TestKeepaliveDeadConnection(t *testing.T) {
 	died := time.Now()
 	ev, err := w.Recv()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("no presence change within 20s of the connection's death: %v", err)
 	}
 	took := time.Since(died)
 	if ev.Event.GetTwin().GetPresence().GetConnected() {
@@ -468,16 +472,18 @@ func TestKeepaliveDeadConnection(t *testing.T) {
 	}
 }
 
-// TestKeepaliveEnforcement disconnects a client that pings more often than
-// the policy allows.
+// TestKeepaliveEnforcement lets a client ping as often as the policy
+// allows, with no call in progress, and disconnects one that pings more
+// often.
 func TestKeepaliveEnforcement(t *testing.T) {
-	_, addr := startTCP(t, func(o *Options) { o.Limits.KeepaliveMinTime = time.Hour })
+	const minTime = 200 * time.Millisecond
+	_, addr := startTCP(t, func(o *Options) { o.Limits.KeepaliveMinTime = minTime })
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(20 * time.Second))
 	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
@@ -485,24 +491,49 @@ func TestKeepaliveEnforcement(t *testing.T) {
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
+	// next returns the next ping ack or GOAWAY.
+	next := func() http2.Frame {
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("the connection ended: %v", err)
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.PingFrame:
+				if f.IsAck() {
+					return f
+				}
+			case *http2.GoAwayFrame:
+				return f
+			}
+		}
+	}
 	for i := range 5 {
+		if i > 0 {
+			time.Sleep(minTime + 100*time.Millisecond) // a client pinging at the pace allowed
+		}
 		if err := fr.WritePing(false, [8]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if f, ok := next().(*http2.GoAwayFrame); ok {
+			t.Fatalf("ping %d, %v after the one before: GOAWAY %v %q; want it allowed", i, minTime+100*time.Millisecond, f.ErrCode, f.DebugData())
+		}
+	}
+	for i := range 5 {
+		if err := fr.WritePing(false, [8]byte{byte(10 + i)}); err != nil {
 			break // the server may have closed already
 		}
 	}
 	for {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			t.Fatalf("the connection ended (%v) without a GOAWAY for too many pings", err)
-		}
-		if ga, ok := f.(*http2.GoAwayFrame); ok {
+		if ga, ok := next().(*http2.GoAwayFrame); ok {
 			if ga.ErrCode != http2.ErrCodeEnhanceYourCalm || string(ga.DebugData()) != "too_many_pings" {
 				t.Errorf("GOAWAY %v %q; want ENHANCE_YOUR_CALM too_many_pings", ga.ErrCode, ga.DebugData())
 			}
 			return
-		}
-		if s, ok := f.(*http2.SettingsFrame); ok && !s.IsAck() {
-			fr.WriteSettingsAck()
 		}
 	}
 }
