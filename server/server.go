@@ -510,6 +510,8 @@ serving:
 		case <-opts.Reload:
 			if err := s.Reload(); err != nil {
 				opts.Logger.Error("reload failed; keeping what was in force", "err", err)
+			} else {
+				opts.Logger.Info("reloaded")
 			}
 			continue
 		case <-ctx.Done():

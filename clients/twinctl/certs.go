@@ -226,7 +226,7 @@ on SIGHUP and ends the streams of the devices it now revokes.`,
 			if err := writeFileAtomic(crlPath, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o644); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s: %d revoked certificates; send twind SIGHUP to apply it\n", crlPath, len(entries))
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %s, revoking %d certificate(s); send twind SIGHUP to apply it\n", crlPath, len(entries))
 			return nil
 		},
 	}
