@@ -237,6 +237,13 @@ func TestDeviceCertificates(t *testing.T) {
 		t.Fatalf("car-1, named by its DNS name: %v, %v; want a welcome", m, err)
 	}
 
+	// A certificate of a device whose twin does not exist (yet).
+	ca.device("ghost")
+	ghost := openStream(t, ca.dial(addr, "ghost"), &twinv1.Hello{DeviceId: "ghost"})
+	if _, err := ghost.recv(); status.Code(err) != codes.NotFound {
+		t.Errorf("a certificate of a device without a twin = %v; want NOT_FOUND", err)
+	}
+
 	// Another device's id is refused, naming both.
 	wrong := openStream(t, conn1, &twinv1.Hello{DeviceId: "fridge-2"})
 	if _, err := wrong.recv(); status.Code(err) != codes.PermissionDenied ||
