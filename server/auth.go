@@ -125,6 +125,9 @@ func openMethod(method string) bool {
 type caller struct {
 	key         *apiKey
 	deviceToken string
+	// device is, for ReportState without a bearer token, the device id
+	// of the call's verified client certificate (devicecert.go).
+	device string
 }
 
 type callerKey struct{}
@@ -150,6 +153,9 @@ func sourceOf(ctx context.Context, def twin.Source) twin.Source {
 // the keyring is empty, the operator API is open.
 type apiAuth struct {
 	keys *keyring
+	// certDevice, if set, returns the device id of a call's verified
+	// client certificate.
+	certDevice func(context.Context) (string, bool)
 	// logger and failures log refused calls, sampled.
 	logger   *slog.Logger
 	failures *sampledLog
@@ -184,6 +190,13 @@ func (a *apiAuth) authorize(ctx context.Context, method string) (context.Context
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	tok, ok := bearer(md)
+	if !ok && len(md.Get("authorization")) == 0 && method == twinv1.TwinService_ReportState_FullMethodName && a.certDevice != nil {
+		// A device with a certificate reports for its own twin, which
+		// the handler checks.
+		if dev, ok := a.certDevice(ctx); ok {
+			return context.WithValue(ctx, callerKey{}, caller{device: dev}), nil
+		}
+	}
 	if !ok {
 		return nil, status.Error(codes.Unauthenticated, "this server requires an API key: send the metadata 'authorization: Bearer <key>'")
 	}

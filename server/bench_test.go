@@ -21,7 +21,7 @@ import (
 // clients sharing 4 connections.
 func BenchmarkReportState(b *testing.B) {
 	ctx := context.Background()
-	s, err := New(Options{DataDir: b.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, err := New(Options{DataDir: b.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Limits: benchLimits})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -31,7 +31,7 @@ type benchFleet struct {
 
 func startFleet(b *testing.B, n, conns int) *benchFleet {
 	b.Helper()
-	s, err := New(Options{DataDir: b.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	s, err := New(Options{DataDir: b.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Limits: benchLimits})
 	if err != nil {
 		b.Fatal(err)
 	}

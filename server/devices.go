@@ -35,6 +35,8 @@ type deviceService struct {
 	// refusals and ends log streams refused at hello and streams that
 	// ended, sampled so that a misbehaving fleet cannot flood the log.
 	refusals, ends *sampledLog
+	// hellos bounds the streams waiting for their hello.
+	hellos *helloGate
 }
 
 // logEnd logs why a device's stream ended: at info level when the device
@@ -237,6 +239,17 @@ type pendingReport struct {
 	seq    int64
 	p      twin.Pending
 	silent bool // a desired ack: the device gets no answer
+	// refused, if set, holds the answer of a report refused before it
+	// reached the engine (over the device's report rate).
+	refused chan twin.Result
+}
+
+// done delivers the report's answer.
+func (pr pendingReport) done() <-chan twin.Result {
+	if pr.refused != nil {
+		return pr.refused
+	}
+	return pr.p.Done()
 }
 
 // errStreamGone says that the engine refused a report because the stream
@@ -262,6 +275,10 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	ctx, cancel := s.streamContext(stream.Context())
 	defer cancel()
 
+	if err := ds.hellos.enter(); err != nil {
+		ds.logRefused(ctx, err)
+		return err
+	}
 	hello := make(chan *twinv1.ConnectRequest, 1)
 	start := make(chan *session, 1) // the session once authenticated; closed otherwise
 	readErr := make(chan error, 1)  // why the reader stopped; io.EOF when the device closed its side
@@ -289,9 +306,11 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 		}
 	}()
 
-	h, err := ds.awaitHello(ctx, hello, readErr)
+	h, cert, err := ds.awaitHello(ctx, hello, readErr)
+	ds.hellos.leave()
 	if err != nil {
-		if status.Code(err) == codes.Unauthenticated {
+		switch status.Code(err) {
+		case codes.Unauthenticated, codes.PermissionDenied:
 			ds.logRefused(ctx, err)
 		}
 		return err
@@ -299,7 +318,18 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	id := h.GetDeviceId()
 	ss := newSession(id, h.GetLastVersion(), s.opts.DeviceSendTimeout)
 	defer ss.sendTimer.Stop()
-	if _, err := s.engine.ConnectWithToken(ctx, id, hashToken(h.GetToken()), ss); err != nil {
+	if cert != nil {
+		// Revoking the certificate from now on ends the stream.
+		if err := s.certs.track(ss, cert.key, cert.serial); err != nil {
+			ds.logRefused(ctx, err)
+			return err
+		}
+		defer s.certs.untrack(ss)
+		_, err = s.engine.Connect(ctx, id, ss)
+	} else {
+		_, err = s.engine.ConnectWithToken(ctx, id, hashToken(h.GetToken()), ss)
+	}
+	if err != nil {
 		// The connection may commit after all (the context ended while it
 		// was queued): a disconnection queued behind it undoes it.
 		ss.end(err)
@@ -500,6 +530,13 @@ func (ds *deviceService) startReport(ctx context.Context, ss *session, pending c
 	if ds.reportStarted != nil {
 		ds.reportStarted(ss.deviceID, len(slots))
 	}
+	if !pr.silent && !ds.s.reports.allow(ss.deviceID) {
+		// Answered in its turn, with an error; the stream goes on.
+		pr.refused = make(chan twin.Result, 1)
+		pr.refused <- twin.Result{Err: ds.s.reports.refusal(ss.deviceID)}
+		pending <- pr
+		return nil
+	}
 	p, err := ds.s.engine.StartReport(ctx, req)
 	if err != nil {
 		<-slots
@@ -537,7 +574,7 @@ func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_
 		}
 		var head <-chan twin.Result
 		if len(queue) > 0 {
-			head = queue[0].p.Done()
+			head = queue[0].done()
 		}
 		select {
 		case p, ok := <-in:
@@ -713,8 +750,10 @@ func sameMap(a, b map[string]any) bool {
 	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
 
-// awaitHello reads the stream's first message and authenticates it.
-func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.ConnectRequest, recvErr <-chan error) (*twinv1.Hello, error) {
+// awaitHello reads the stream's first message and authenticates it: by the
+// device's client certificate if it presented one (then cert is set), else
+// by the hello's token.
+func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.ConnectRequest, recvErr <-chan error) (h *twinv1.Hello, cert *liveCert, err error) {
 	s := ds.s
 	t := time.NewTimer(s.opts.HelloTimeout)
 	defer t.Stop()
@@ -723,27 +762,38 @@ func (ds *deviceService) awaitHello(ctx context.Context, in <-chan *twinv1.Conne
 	case m = <-in:
 	case err := <-recvErr:
 		if errors.Is(err, io.EOF) {
-			return nil, status.Error(codes.Unauthenticated, "stream closed before hello")
+			return nil, nil, status.Error(codes.Unauthenticated, "stream closed before hello")
 		}
-		return nil, s.streamStatus("Connect", ctx, err)
+		return nil, nil, s.streamStatus("Connect", ctx, err)
 	case <-t.C:
-		return nil, status.Errorf(codes.Unauthenticated, "no hello within %v", s.opts.HelloTimeout)
+		return nil, nil, status.Errorf(codes.Unauthenticated, "no hello within %v", s.opts.HelloTimeout)
 	case <-ctx.Done():
-		return nil, s.streamStatus("Connect", ctx, ctx.Err())
+		return nil, nil, s.streamStatus("Connect", ctx, ctx.Err())
 	}
-	h := m.GetHello()
+	h = m.GetHello()
 	if h == nil {
-		return nil, status.Error(codes.Unauthenticated, "the first message must be a hello with device_id and token")
+		return nil, nil, status.Error(codes.Unauthenticated, "the first message must be a hello with device_id and token")
+	}
+	switch certID, key, serial, err := s.certs.identity(ctx); {
+	case err == nil:
+		if h.GetDeviceId() != certID {
+			return nil, nil, status.Errorf(codes.PermissionDenied,
+				"the client certificate (serial %s) is device %.130q's, but the hello names device %.130q; a certificate connects only its own device",
+				serial, certID, h.GetDeviceId())
+		}
+		return h, &liveCert{key: key, serial: serial}, nil
+	case !errors.Is(err, errNoDeviceCert):
+		return nil, nil, err // a revoked certificate does not fall back to a token
 	}
 	if h.GetToken() == "" {
-		return nil, status.Error(codes.Unauthenticated, "hello has no token; issue one with TwinService.IssueDeviceToken")
+		return nil, nil, status.Error(codes.Unauthenticated, "hello has no token; issue one with TwinService.IssueDeviceToken")
 	}
 	if !s.deviceTokenValid(h.GetDeviceId(), h.GetToken()) {
 		// The same answer for an unknown device and a wrong token, so
 		// that a stranger cannot probe for device ids.
-		return nil, status.Errorf(codes.Unauthenticated, "device %.130q: unknown device or wrong token", h.GetDeviceId())
+		return nil, nil, status.Errorf(codes.Unauthenticated, "device %.130q: unknown device or wrong token", h.GetDeviceId())
 	}
-	return h, nil
+	return h, nil, nil
 }
 
 // desiredVersion is the version of the twin's last desired change.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"runtime"
 	"strings"
 	"sync"
@@ -519,7 +520,7 @@ func TestConnectBacklog(t *testing.T) {
 // desired state.
 func TestDesiredBurst(t *testing.T) {
 	ctx := context.Background()
-	s := startServer(t, nil, nil)
+	s := startServer(t, nil, func(o *Options) { o.Limits.ReportRate = math.Inf(1) })
 	rc := twinv1.NewRuleServiceClient(s.conn)
 	_, err := rc.CreateRule(ctx, &twinv1.CreateRuleRequest{Rule: &twinv1.Rule{Id: "echo", Types: []string{"planter"},
 		Condition: "has(twin.reported.n)", Trigger: twinv1.Trigger_TRIGGER_WHILE_TRUE,
@@ -930,7 +931,7 @@ func deviceGoroutines() []string {
 // other device's reports wait behind at most that many.
 func TestReportWindow(t *testing.T) {
 	const window = 32 // the default
-	s := startServer(t, nil, func(o *Options) { o.Engine.Workers = 1 })
+	s := startServer(t, nil, func(o *Options) { o.Engine.Workers = 1; o.Limits.ReportRate = math.Inf(1) })
 	var mu sync.Mutex
 	most := map[string]int{}
 	s.devices.reportStarted = func(id string, inFlight int) {

@@ -50,7 +50,7 @@ func toStatus(log *slog.Logger, method string, err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, twin.ErrCompacted), errors.Is(err, errFutureRevision):
 		code = codes.OutOfRange
-	case errors.Is(err, twin.ErrOverloaded), errors.Is(err, errSlowReader):
+	case errors.Is(err, twin.ErrOverloaded), errors.Is(err, errSlowReader), errors.Is(err, errRateLimited):
 		code = codes.ResourceExhausted
 	case errors.Is(err, twin.ErrClosed), errors.Is(err, errShutdown):
 		code = codes.Unavailable

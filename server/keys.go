@@ -438,17 +438,22 @@ func (ks *keyService) WhoAmI(ctx context.Context, req *twinv1.WhoAmIRequest) (*t
 }
 
 // Reload re-reads what twind reads from files at run time: the --api-keys
-// file and --api-token-file. If a file is bad, it returns the error and
-// keeps what is in force. twind calls it on SIGHUP.
+// file and --api-token-file, and the device certificate revocation list
+// (--device-crl), whose newly revoked certificates' streams end at once.
+// What fails to load keeps what was in force, and the error says why. It
+// logs what it did. twind calls it on SIGHUP. It is safe for concurrent
+// use.
 func (s *Server) Reload() error {
-	if err := s.keys.reload(); err != nil {
-		s.opts.Logger.Error("reload failed; the API keys in force stay", "err", err)
-		return err
-	}
+	had := !s.keys.current().empty()
+	err := errors.Join(s.keys.reload(), s.certs.reload())
 	set := s.keys.current()
-	s.opts.Logger.Info("reloaded the API keys", "keys", len(set.keys))
-	if set.empty() {
+	if err != nil {
+		s.opts.Logger.Error("reload failed; what was in force stays", "err", err)
+	} else {
+		s.opts.Logger.Info("reloaded", "keys", len(set.keys), "device_crl", s.opts.DeviceCRLFile)
+	}
+	if had && set.empty() {
 		s.opts.Logger.Warn("no API key remains: the operator API is open to anyone who can reach it")
 	}
-	return nil
+	return err
 }

@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"runtime"
 	"slices"
 	"strings"
@@ -26,8 +25,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -58,8 +57,6 @@ type Options struct {
 	// "api-token" (instead of APIToken, which the process list shows).
 	// Reload re-reads it.
 	APITokenFile string
-	// ReloadOn are the signals on which Run calls Reload. Default none.
-	ReloadOn []os.Signal
 	// DebugAddr, if set, is an HTTP address on which Run serves /metrics
 	// (Prometheus) and /debug/pprof (Go's profiles) to callers with an API
 	// key of any role; with no key configured, it must be a loopback
@@ -115,6 +112,21 @@ type Options struct {
 	// Ready, if set, is called with the address the server listens on once
 	// it accepts connections.
 	Ready func(addr net.Addr)
+
+	// Limits keeps twind up when clients misbehave (see the README's
+	// Limits table); they are documented in limits.go.
+	Limits Limits
+	// DeviceCAFile, if set, is a PEM bundle of the certificate authorities
+	// whose client certificates authenticate devices (see devicecert.go).
+	// It needs TLSCertFile and TLSKeyFile. Default: none, and client
+	// certificates are ignored.
+	DeviceCAFile string
+	// DeviceCRLFile, if set, is a certificate revocation list (PEM or
+	// DER) signed by a CA of DeviceCAFile. Reload re-reads it.
+	DeviceCRLFile string
+	// Reload, if set, makes Run call Reload each time it receives (twind
+	// sends it SIGHUP).
+	Reload <-chan os.Signal
 }
 
 // EnsureDefaults fills the zero fields of o with their defaults.
@@ -153,6 +165,7 @@ func (o *Options) EnsureDefaults() {
 	if o.ListCostBudget == 0 {
 		o.ListCostBudget = defaultListCostBudget
 	}
+	o.Limits.ensureDefaults()
 	o.Engine.Dir = o.DataDir
 	o.Engine.Logger = o.Logger
 	o.Engine.Clock = o.Clock
@@ -168,6 +181,10 @@ type Server struct {
 	devices    *deviceService
 	grpc       *grpc.Server
 	health     *health.Server
+	// reports is each device's report rate limit; certs, if set,
+	// authenticates devices by their client certificates.
+	reports *reportLimits
+	certs   *deviceCerts
 
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
@@ -279,21 +296,27 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.inflight.calls = map[string]int{}
-	auth := &apiAuth{keys: keys, logger: opts.Logger, failures: newSampledLog()}
+	auth := &apiAuth{keys: keys, certDevice: s.deviceFromCert, logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
-	var serverOpts []grpc.ServerOption
-	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
-		creds, err := credentials.NewServerTLSFromFile(opts.TLSCertFile, opts.TLSKeyFile)
+	if err := opts.Limits.check(opts.Engine.Limits); err != nil {
+		e.Close()
+		return nil, err
+	}
+	s.reports = newReportLimits(opts.Limits.ReportRate, opts.Limits.ReportBurst)
+	watchers := &watchLimits{perConn: int64(opts.Limits.MaxWatchersPerConn), all: int64(opts.Limits.MaxWatchers)}
+	serverOpts := opts.Limits.serverOptions()
+	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" || opts.DeviceCAFile != "" {
+		creds, certs, err := serverTLS(opts)
 		if err != nil {
 			e.Close()
-			return nil, fmt.Errorf("TLS certificate: %w", err)
+			return nil, err
 		}
+		s.certs = certs
 		serverOpts = append(serverOpts, grpc.Creds(creds))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.MaxRecvMsgSize(4<<20),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream, watchers.stream),
 		grpc.StatsHandler(rpcLog{logger: opts.Logger, decode: newSampledLog()}),
 		// Stop, after the shutdown timeout, waits for the handlers it
 		// cancels: the store closes under none of them.
@@ -302,7 +325,7 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
-	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog()}
+	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog(), hellos: &helloGate{max: int64(opts.Limits.MaxHelloWaiting)}}
 	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
@@ -339,8 +362,10 @@ func (s *Server) MetricsHandler() http.Handler {
 func (s *Server) Engine() *twin.Engine { return s.engine }
 
 // Serve serves on l until Shutdown. It returns nil after a shutdown.
+// At most Limits.MaxConnections connections are served at once; further
+// ones wait to be accepted.
 func (s *Server) Serve(l net.Listener) error {
-	err := s.grpc.Serve(l)
+	err := s.grpc.Serve(netutil.LimitListener(l, s.opts.Limits.MaxConnections))
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
 	}
@@ -497,12 +522,6 @@ func Run(ctx context.Context, opts Options) error {
 	} else {
 		opts.Logger.Info("operator calls need an API key", "keys", len(set.keys))
 	}
-	var reload chan os.Signal
-	if len(opts.ReloadOn) > 0 {
-		reload = make(chan os.Signal, 1)
-		signal.Notify(reload, opts.ReloadOn...)
-		defer signal.Stop(reload)
-	}
 	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "tls", opts.TLSCertFile != "", "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())
 	if opts.Ready != nil {
@@ -511,12 +530,12 @@ func Run(ctx context.Context, opts Options) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.Serve(l) }()
 	served := false
-	for stop := false; !stop; {
-		stop = true
+serving:
+	for {
 		select {
-		case <-reload:
+		case <-opts.Reload:
 			s.Reload() // logs what it did
-			stop = false
+			continue
 		case <-ctx.Done():
 			opts.Logger.Info("shutting down")
 		case err = <-serveErr:
@@ -526,6 +545,7 @@ func Run(ctx context.Context, opts Options) error {
 			err = s.engine.Health().Fatal
 			opts.Logger.Error("shutting down after a fatal store error; restart twind to recover", "err", err.Error())
 		}
+		break serving
 	}
 	if cerr := s.Shutdown(); cerr != nil && !errors.Is(cerr, twin.ErrClosed) {
 		err = errors.Join(err, cerr)

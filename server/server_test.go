@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http/httptest"
 	"strings"
@@ -32,6 +33,8 @@ type testServer struct {
 	*Server
 	conn  *grpc.ClientConn
 	twins twinv1.TwinServiceClient
+	// dialer dials the server, for more connections.
+	dialer func(context.Context, string) (net.Conn, error)
 }
 
 func startServer(t testing.TB, fs vfs.FS, mod func(*Options)) *testServer {
@@ -51,13 +54,13 @@ func startServer(t testing.TB, fs vfs.FS, mod func(*Options)) *testServer {
 	l := bufconn.Listen(1 << 20)
 	served := make(chan error, 1)
 	go func() { served <- s.Serve(l) }()
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return l.DialContext(ctx) }),
+	dialer := func(ctx context.Context, _ string) (net.Conn, error) { return l.DialContext(ctx) }
+	conn, err := grpc.NewClient("passthrough:///bufnet", grpc.WithContextDialer(dialer),
 		grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := &testServer{Server: s, conn: conn, twins: twinv1.NewTwinServiceClient(conn)}
+	ts := &testServer{Server: s, conn: conn, twins: twinv1.NewTwinServiceClient(conn), dialer: dialer}
 	t.Cleanup(func() {
 		conn.Close()
 		if err := s.Shutdown(); err != nil && !strings.Contains(err.Error(), "closed") {
@@ -344,7 +347,7 @@ func TestWatchTwins(t *testing.T) {
 
 func TestWatchCompacted(t *testing.T) {
 	ctx := context.Background()
-	s := startServer(t, nil, func(o *Options) { o.Engine.LogRetention = 100 })
+	s := startServer(t, nil, func(o *Options) { o.Engine.LogRetention = 100; o.Limits.ReportRate = math.Inf(1) })
 	c := s.twins
 	if _, err := c.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "t"}}); err != nil {
 		t.Fatal(err)

@@ -365,17 +365,30 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 	if err := checkFinite("patch", req.GetPatch()); err != nil {
 		return nil, err
 	}
-	// A device without a stream reports with its own token instead of an
-	// API key; on an open server, a report is the device's as before.
+	// A device without a stream reports with its own token or its client
+	// certificate instead of an API key, for its own twin only; on an open
+	// server, a report is the device's as before.
 	source := twin.SourceDevice
 	switch c := callerFrom(ctx); {
 	case c.key != nil:
 		source = twin.KeySource(c.key.name)
+	case c.device != "":
+		if c.device != req.GetId() {
+			return nil, status.Errorf(codes.PermissionDenied,
+				"the client certificate is device %.130q's, which may report only for its own twin, not for %.130q", c.device, req.GetId())
+		}
 	case c.deviceToken != "":
 		if !ts.s.deviceTokenValid(req.GetId(), c.deviceToken) {
 			return nil, status.Errorf(codes.Unauthenticated, "the bearer token is neither an API key nor the device token of twin %.130q "+
 				"(unknown twin or wrong token): a device reports for its own twin with the token from IssueDeviceToken", req.GetId())
 		}
+	default:
+		if err := ts.s.checkDeviceReport(ctx, req.GetId()); err != nil {
+			return nil, err
+		}
+	}
+	if !ts.s.reports.allow(req.GetId()) {
+		return nil, ts.s.status("ReportState", ts.s.reports.refusal(req.GetId()))
 	}
 	t, err := ts.s.engine.Report(ctx, twin.PatchRequest{
 		ID:                  req.GetId(),

@@ -67,6 +67,31 @@ func New(conn *grpc.ClientConn) *Client {
 // WithTLS makes the connection use TLS, trusting the certificate
 // authorities in the PEM file caFile, or the system's if caFile is empty.
 func WithTLS(caFile string) (grpc.DialOption, error) {
+	cfg, err := tlsConfig(caFile)
+	if err != nil {
+		return nil, err
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+}
+
+// WithClientCert is WithTLS with a client certificate: the device
+// certificate and key (PEM files) of a device of a twind run with
+// --device-ca. Such a device connects without a token: its Hello (and
+// DeviceConfig) needs only its id, the certificate's name.
+func WithClientCert(caFile, certFile, keyFile string) (grpc.DialOption, error) {
+	cfg, err := tlsConfig(caFile)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("twind: client certificate: %w", err)
+	}
+	cfg.Certificates = []tls.Certificate{cert}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+}
+
+func tlsConfig(caFile string) (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
 		pem, err := os.ReadFile(caFile)
@@ -79,7 +104,7 @@ func WithTLS(caFile string) (grpc.DialOption, error) {
 		}
 		cfg.RootCAs = pool
 	}
-	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+	return cfg, nil
 }
 
 // WithToken makes every call carry an API key of the server (from twind's

@@ -40,7 +40,9 @@ type CommandResult struct {
 // DeviceConfig configures a device session.
 type DeviceConfig struct {
 	DeviceID string
-	Token    string
+	// Token is the device token; empty for a device that dials with its
+	// client certificate (WithClientCert).
+	Token string
 	// OnDesired is called, one at a time, for each change of desired state
 	// and for the catch-up after each connection. Returning nil
 	// acknowledges the version.

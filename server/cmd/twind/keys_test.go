@@ -48,7 +48,7 @@ func TestSIGHUPReloadsKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP)
-	d.waitLog(t, "reloaded the API keys")
+	d.waitLog(t, "msg=reloaded keys=1")
 	if err := list("first"); status.Code(err) != codes.Unauthenticated {
 		t.Errorf("after SIGHUP, the removed key = %v; want UNAUTHENTICATED", err)
 	}

@@ -86,6 +86,7 @@ func run(args []string) error {
 	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "an admin API key named api-token; visible in the process list, prefer --api-token-file (env TWIND_API_TOKEN)")
 	fs.StringVar(&opts.APITokenFile, "api-token-file", envOr("TWIND_API_TOKEN_FILE", ""), "file holding an admin API key named api-token; re-read on SIGHUP (env TWIND_API_TOKEN_FILE)")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
+	finishLimits := limitFlags(fs, &opts)
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
@@ -93,6 +94,9 @@ func run(args []string) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q; see twind --help", fs.Args())
+	}
+	if err := finishLimits(); err != nil {
+		return err
 	}
 	// 0 means the default; a negative value is a mistake, not a default.
 	var bad []string
@@ -133,9 +137,11 @@ func run(args []string) error {
 		// two cores), and the memory limit, not GOGC, bounds the heap.
 		debug.SetGCPercent(400)
 	}
-	opts.ReloadOn = []os.Signal{syscall.SIGHUP}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	var stopHangups func()
+	opts.Reload, stopHangups = hangups()
+	defer stopHangups()
 	return server.Run(ctx, opts)
 }
 

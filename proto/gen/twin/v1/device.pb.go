@@ -270,7 +270,8 @@ type Hello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Id of the device's twin.
 	DeviceId string `protobuf:"bytes,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	// The token from TwinService.IssueDeviceToken.
+	// The token from TwinService.IssueDeviceToken; empty for a device
+	// authenticated by its client certificate.
 	Token string `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
 	// The twin version whose desired state the device last applied, or 0 if
 	// it has applied none.
@@ -469,7 +470,8 @@ func (x *Report) GetPatch() *structpb.Struct {
 
 // ReportAck answers one Report once it is durable. Reports are answered in
 // the order they were sent. A report that was refused (a bad patch, a
-// violated limit) gets a ReportAck with an error and does not end the stream.
+// violated limit, a device reporting faster than the server's report rate
+// allows) gets a ReportAck with an error and does not end the stream.
 type ReportAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The seq of the report.

@@ -45,7 +45,12 @@ type DeviceServiceClient interface {
 	//	  |-------------------------------------->|
 	//
 	// The first message must be a Hello; a bad token or unknown device ends the
-	// stream with UNAUTHENTICATED. A new stream for the same device replaces
+	// stream with UNAUTHENTICATED. A device that presented a client
+	// certificate of the server's device authority (twind --device-ca) needs
+	// no token; a hello naming another device than its certificate ends with
+	// PERMISSION_DENIED, and revoking the certificate ends the stream with
+	// UNAUTHENTICATED. While too many streams wait for their hello, a new
+	// one ends at once with RESOURCE_EXHAUSTED. A new stream for the same device replaces
 	// the old one, which ends with ABORTED. A device that reads nothing for
 	// the server's send timeout (30s by default) is disconnected with
 	// RESOURCE_EXHAUSTED; its commands stay queued. Rotating the device's
@@ -98,7 +103,12 @@ type DeviceServiceServer interface {
 	//	  |-------------------------------------->|
 	//
 	// The first message must be a Hello; a bad token or unknown device ends the
-	// stream with UNAUTHENTICATED. A new stream for the same device replaces
+	// stream with UNAUTHENTICATED. A device that presented a client
+	// certificate of the server's device authority (twind --device-ca) needs
+	// no token; a hello naming another device than its certificate ends with
+	// PERMISSION_DENIED, and revoking the certificate ends the stream with
+	// UNAUTHENTICATED. While too many streams wait for their hello, a new
+	// one ends at once with RESOURCE_EXHAUSTED. A new stream for the same device replaces
 	// the old one, which ends with ABORTED. A device that reads nothing for
 	// the server's send timeout (30s by default) is disconnected with
 	// RESOURCE_EXHAUSTED; its commands stay queued. Rotating the device's

@@ -63,6 +63,10 @@ type TwinServiceClient interface {
 	UpdateDesired(ctx context.Context, in *UpdateDesiredRequest, opts ...grpc.CallOption) (*UpdateDesiredResponse, error)
 	// ReportState merges an RFC 7396 JSON merge patch into the reported
 	// document, for devices that do not hold a DeviceService.Connect stream.
+	// A caller with a device client certificate and no operator credentials
+	// may report only for its own twin (PERMISSION_DENIED otherwise). A
+	// device reporting faster than the server's report rate allows gets
+	// RESOURCE_EXHAUSTED.
 	ReportState(ctx context.Context, in *ReportStateRequest, opts ...grpc.CallOption) (*ReportStateResponse, error)
 	// DeleteTwin deletes a twin and its history. Its version is remembered: a
 	// twin re-created with the same id continues from the next version.
@@ -277,6 +281,10 @@ type TwinServiceServer interface {
 	UpdateDesired(context.Context, *UpdateDesiredRequest) (*UpdateDesiredResponse, error)
 	// ReportState merges an RFC 7396 JSON merge patch into the reported
 	// document, for devices that do not hold a DeviceService.Connect stream.
+	// A caller with a device client certificate and no operator credentials
+	// may report only for its own twin (PERMISSION_DENIED otherwise). A
+	// device reporting faster than the server's report rate allows gets
+	// RESOURCE_EXHAUSTED.
 	ReportState(context.Context, *ReportStateRequest) (*ReportStateResponse, error)
 	// DeleteTwin deletes a twin and its history. Its version is remembered: a
 	// twin re-created with the same id continues from the next version.
