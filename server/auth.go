@@ -154,8 +154,10 @@ func sourceOf(ctx context.Context, def twin.Source) twin.Source {
 type apiAuth struct {
 	keys *keyring
 	// certDevice, if set, returns the device id of a call's verified
-	// client certificate.
-	certDevice func(context.Context) (string, bool)
+	// client certificate; certRefusal why a certificate presented cannot
+	// be used (revoked, or naming no device).
+	certDevice  func(context.Context) (string, bool)
+	certRefusal func(context.Context) error
 	// logger and failures log refused calls, sampled.
 	logger   *slog.Logger
 	failures *sampledLog
@@ -190,6 +192,13 @@ func (a *apiAuth) authorize(ctx context.Context, method string) (context.Context
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	tok, ok := bearer(md)
+	if method == twinv1.TwinService_ReportState_FullMethodName && a.certRefusal != nil {
+		// A device whose certificate is revoked is refused, whatever
+		// token it also sends.
+		if err := a.certRefusal(ctx); err != nil {
+			return nil, err
+		}
+	}
 	if !ok && len(md.Get("authorization")) == 0 && method == twinv1.TwinService_ReportState_FullMethodName && a.certDevice != nil {
 		// A device with a certificate reports for its own twin, which
 		// the handler checks.
@@ -198,6 +207,9 @@ func (a *apiAuth) authorize(ctx context.Context, method string) (context.Context
 		}
 	}
 	if !ok {
+		if len(md.Get("authorization")) > 0 {
+			return nil, status.Error(codes.Unauthenticated, "the authorization metadata must be 'Bearer <key>' (the scheme Bearer, a space, the key)")
+		}
 		return nil, status.Error(codes.Unauthenticated, "this server requires an API key: send the metadata 'authorization: Bearer <key>'")
 	}
 	k := set.lookup(tok)

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -26,7 +27,7 @@ func (s *Server) debugHandler(loopback bool) http.Handler {
 		set := s.keys.current()
 		if set.empty() {
 			if !loopback {
-				http.Error(w, "no API key is configured, and this address is not a loopback one", http.StatusForbidden)
+				http.Error(w, "no API key is configured, and this address is not a loopback one: configure keys (--api-keys, --api-token-file), or serve --debug-addr on localhost", http.StatusForbidden)
 				return
 			}
 			mux.ServeHTTP(w, r)
@@ -38,13 +39,27 @@ func (s *Server) debugHandler(loopback bool) http.Handler {
 			http.Error(w, "an API key is required: send the header 'Authorization: Bearer <key>'", http.StatusUnauthorized)
 			return
 		}
-		if set.lookup(strings.TrimSpace(tok)) == nil {
+		k := set.lookup(strings.TrimSpace(tok))
+		if k == nil {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="twind", error="invalid_token"`)
 			http.Error(w, "the API key is not valid: it is unknown or was revoked", http.StatusUnauthorized)
 			return
 		}
+		if strings.HasPrefix(r.URL.Path, "/debug/") && k.role != roleAdmin {
+			// Profiles show the server's insides (every goroutine's
+			// stack, the heap): for admins, not for a dashboard's key.
+			http.Error(w, fmt.Sprintf("profiles need an admin key; key %q has the %s role (/metrics takes any key)", k.name, k.role), http.StatusForbidden)
+			return
+		}
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// exposedAddr reports whether a listener's address can be reached from
+// other machines: a TCP address that is not a loopback one.
+func exposedAddr(a net.Addr) bool {
+	t, ok := a.(*net.TCPAddr)
+	return ok && !t.IP.IsLoopback()
 }
 
 // loopbackHost reports whether the host of addr (host:port) names only

@@ -32,9 +32,9 @@ func get(t *testing.T, srv *httptest.Server, path, key string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-// TestDebugEndpoints: with keys, /metrics and /debug/pprof/ need one (any
-// role); without, they are served only on a loopback listener; the command
-// line is never served.
+// TestDebugEndpoints: with keys, /metrics needs one (any role) and
+// /debug/pprof/ an admin's; without, they are served only on a loopback
+// listener; the command line is never served.
 func TestDebugEndpoints(t *testing.T) {
 	file := writeKeys(t, "", roleKeys)
 	s := startServer(t, nil, func(o *Options) { o.APIKeysFile = file })
@@ -47,8 +47,16 @@ func TestDebugEndpoints(t *testing.T) {
 		if code, _ := get(t, srv, path, "viewer-secreT"); code != http.StatusUnauthorized {
 			t.Errorf("GET %s with a wrong key = %d; want 401", path, code)
 		}
-		if code, _ := get(t, srv, path, "viewer-secret"); code != http.StatusOK {
-			t.Errorf("GET %s with a viewer's key = %d; want 200", path, code)
+		// Metrics for any key; profiles for admins.
+		want := http.StatusOK
+		if path != "/metrics" {
+			want = http.StatusForbidden
+		}
+		if code, _ := get(t, srv, path, "viewer-secret"); code != want {
+			t.Errorf("GET %s with a viewer's key = %d; want %d", path, code, want)
+		}
+		if code, _ := get(t, srv, path, "admin-secret"); code != http.StatusOK {
+			t.Errorf("GET %s with an admin's key = %d; want 200", path, code)
 		}
 	}
 	if _, body := get(t, srv, "/metrics", "viewer-secret"); !strings.Contains(body, "twind_twins") {
@@ -73,6 +81,28 @@ func TestDebugEndpoints(t *testing.T) {
 	defer wide.Close()
 	if code, _ := get(t, wide, "/metrics", ""); code != http.StatusForbidden {
 		t.Errorf("GET /metrics on a non-loopback listener with no key configured = %d; want 403", code)
+	}
+}
+
+// TestOpenAPINeedsLoopback: without API keys, Run serves the operator API
+// only on a loopback address, unless told to accept an open one.
+func TestOpenAPINeedsLoopback(t *testing.T) {
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, addr := range []string{":0", "0.0.0.0:0"} {
+		err := Run(context.Background(), Options{Addr: addr, DataDir: t.TempDir(), Logger: quiet})
+		if err == nil || !strings.Contains(err.Error(), "--allow-open-api") {
+			t.Errorf("Run on %s without keys = %v; want a refusal naming --allow-open-api", addr, err)
+		}
+	}
+	for _, o := range []Options{{Addr: "0.0.0.0:0", AllowOpenAPI: true}, {Addr: "0.0.0.0:0", APIToken: "t"}, {Addr: "127.0.0.1:0"}} {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		o.DataDir, o.Logger, o.Ready = t.TempDir(), quiet, func(net.Addr) { cancel() }
+		go func() { done <- Run(ctx, o) }()
+		if err := <-done; err != nil {
+			t.Errorf("Run on %s (open allowed %v, token %q) = %v; want it served", o.Addr, o.AllowOpenAPI, o.APIToken, err)
+		}
+		cancel()
 	}
 }
 

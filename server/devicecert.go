@@ -264,6 +264,17 @@ func (s *Server) deviceFromCert(ctx context.Context) (id string, ok bool) {
 	return id, err == nil
 }
 
+// certRefusal returns why the caller's client certificate cannot be used,
+// if it presented one that names no device or is revoked: such a caller is
+// refused whatever else it sends. nil if it presented none or a good one.
+func (s *Server) certRefusal(ctx context.Context) error {
+	_, _, _, err := s.certs.identity(ctx)
+	if err == nil || errors.Is(err, errNoDeviceCert) {
+		return nil
+	}
+	return err
+}
+
 // checkDeviceReport lets a ReportState call that carries no operator
 // credentials (no 'authorization' metadata) but a device certificate report
 // only for the certificate's own twin. A call with operator credentials

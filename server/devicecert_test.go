@@ -408,7 +408,9 @@ func TestDeviceCAOptions(t *testing.T) {
 func TestDeviceCertificateReportStateWithKeys(t *testing.T) {
 	ctx := context.Background()
 	ca := newTestCA(t, t.TempDir(), "ca")
-	_, addr := certServer(t, ca, func(o *Options) { o.APIToken = "op-token" })
+	crl := filepath.Join(t.TempDir(), "crl.pem")
+	ca.writeCRL(crl, false)
+	s, addr := certServer(t, ca, func(o *Options) { o.APIToken, o.DeviceCRLFile = "op-token", crl })
 	opCtx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer op-token")
 	op := twinv1.NewTwinServiceClient(ca.dial(addr, ""))
 	for _, id := range []string{"fridge-1", "fridge-2"} {
@@ -416,7 +418,7 @@ func TestDeviceCertificateReportStateWithKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ca.device("fridge-1")
+	cert := ca.device("fridge-1")
 	dev := twinv1.NewTwinServiceClient(ca.dial(addr, "fridge-1"))
 	r, err := dev.ReportState(ctx, &twinv1.ReportStateRequest{Id: "fridge-1", Patch: jsonStruct(t, `{"door": "open"}`)})
 	if err != nil {
@@ -435,5 +437,22 @@ func TestDeviceCertificateReportStateWithKeys(t *testing.T) {
 	h, err := op.ListTwinHistory(opCtx, &twinv1.ListTwinHistoryRequest{Id: "fridge-1", PageSize: 1})
 	if err != nil || len(h.GetEvents()) != 1 || h.GetEvents()[0].GetSource() != "device" {
 		t.Errorf("history of fridge-1 = %v, %v; want the report, by the device", h, err)
+	}
+
+	// A revoked certificate is refused, saying so, whatever token comes
+	// with it.
+	tok, err := op.IssueDeviceToken(opCtx, &twinv1.IssueDeviceTokenRequest{Id: "fridge-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca.writeCRL(crl, false, cert)
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []context.Context{ctx, metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok.GetToken())} {
+		_, err := dev.ReportState(c, &twinv1.ReportStateRequest{Id: "fridge-1", Patch: jsonStruct(t, `{"door": "shut"}`)})
+		if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
+			t.Errorf("ReportState with a revoked certificate = %v; want UNAUTHENTICATED saying it is revoked", err)
+		}
 	}
 }

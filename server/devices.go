@@ -275,7 +275,8 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	ctx, cancel := s.streamContext(stream.Context())
 	defer cancel()
 
-	if err := ds.hellos.enter(); err != nil {
+	leaveHello, err := ds.hellos.enter(ctx)
+	if err != nil {
 		ds.logRefused(ctx, err)
 		return err
 	}
@@ -307,7 +308,7 @@ func (ds *deviceService) Connect(stream twinv1.DeviceService_ConnectServer) erro
 	}()
 
 	h, cert, err := ds.awaitHello(ctx, hello, readErr)
-	ds.hellos.leave()
+	leaveHello()
 	if err != nil {
 		switch status.Code(err) {
 		case codes.Unauthenticated, codes.PermissionDenied:

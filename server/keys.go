@@ -58,6 +58,28 @@ type keySet struct {
 
 func (ks *keySet) empty() bool { return ks == nil || len(ks.keys) == 0 }
 
+// admins returns the number of admin keys.
+func (ks *keySet) admins() int {
+	n := 0
+	for _, k := range ks.keys {
+		if k.role == roleAdmin {
+			n++
+		}
+	}
+	return n
+}
+
+// sendableToken reports whether a token can be sent as a bearer token: one
+// line of printable ASCII without spaces.
+func sendableToken(t string) bool {
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
 // lookup returns the key whose digest is the digest of token, or nil. It
 // compares the digest with every key's in constant time, so that its time
 // tells nothing about the keys.
@@ -255,6 +277,12 @@ func (kr *keyring) build(stored []*apiKey, prev *keySet) (*keySet, error) {
 		if err != nil {
 			return nil, err
 		}
+		if len(fileKeys) == 0 {
+			// An emptied file (a truncating redirect, a config tool)
+			// must not open the API to anyone.
+			return nil, fmt.Errorf("--api-keys %s holds no key: with it, the operator API would be open to anyone; "+
+				"add a key line, or run twind without --api-keys", kr.file)
+		}
 		for _, fk := range fileKeys {
 			if err := add(fk.key, fk.at); err != nil {
 				return nil, err
@@ -270,6 +298,9 @@ func (kr *keyring) build(stored []*apiKey, prev *keySet) (*keySet, error) {
 		if token, at = strings.TrimSpace(string(b)), kr.tokenFile; token == "" {
 			return nil, fmt.Errorf("--api-token-file %s is empty; write the token in it", kr.tokenFile)
 		}
+	}
+	if token != "" && !sendableToken(token) {
+		return nil, fmt.Errorf("%s: the token must be one line of printable characters without spaces (a client sends it as 'authorization: Bearer <token>')", at)
 	}
 	if token != "" {
 		if err := add(&apiKey{name: tokenKeyName, role: roleAdmin, digest: digest(token), source: fromFlag}, at); err != nil {
@@ -343,6 +374,10 @@ func (kr *keyring) create(name string, r role) (*apiKey, string, error) {
 		return nil, "", status.Errorf(codes.AlreadyExists, "a key named %q exists already (%s); choose another name, or revoke it first",
 			name, k.sourceText())
 	}
+	if cur.empty() && r != roleAdmin {
+		return nil, "", status.Errorf(codes.FailedPrecondition, "the first key closes the operator API to callers without a key, so it must be an admin key, "+
+			"which can manage the others: create %q with the admin role", name)
+	}
 	secret := "twk_" + base64.RawURLEncoding.EncodeToString(randomBytes(32))
 	k := &apiKey{name: name, role: r, digest: digest(secret), source: fromAPI, created: kr.clock()}
 	b, err := json.Marshal(keyRecord{Role: r.String(), SHA256: hex.EncodeToString(k.digest[:]), CreateTime: k.created})
@@ -373,6 +408,8 @@ func (kr *keyring) revoke(name string) error {
 		return status.Errorf(codes.FailedPrecondition, "key %q comes from twind's --api-token or --api-token-file: restart twind without it (or change the file and send twind SIGHUP)", name)
 	case len(cur.keys) == 1:
 		return status.Errorf(codes.FailedPrecondition, "key %q is the last key: without keys the operator API is open to anyone; create another key first", name)
+	case k.role == roleAdmin && cur.admins() == 1:
+		return status.Errorf(codes.FailedPrecondition, "key %q is the last admin key: without it nobody could manage keys or rules; create another admin key first", name)
 	}
 	if err := kr.store.DeleteAPIKey(name); err != nil {
 		return err
@@ -404,7 +441,10 @@ func (ks *keyService) CreateKey(ctx context.Context, req *twinv1.CreateKeyReques
 	}
 	r := role(req.GetRole())
 	if _, ok := roleNames[r]; !ok {
-		return nil, invalid("role is required: ROLE_VIEWER, ROLE_OPERATOR, ROLE_PROVISIONER or ROLE_ADMIN")
+		if req.GetRole() == 0 {
+			return nil, invalid("role is required: ROLE_VIEWER, ROLE_OPERATOR, ROLE_PROVISIONER or ROLE_ADMIN")
+		}
+		return nil, invalid("role %d is not a role: give ROLE_VIEWER, ROLE_OPERATOR, ROLE_PROVISIONER or ROLE_ADMIN", req.GetRole())
 	}
 	k, secret, err := ks.s.keys.create(req.GetName(), r)
 	if err != nil {
@@ -423,6 +463,9 @@ func (ks *keyService) ListKeys(ctx context.Context, req *twinv1.ListKeysRequest)
 }
 
 func (ks *keyService) RevokeKey(ctx context.Context, req *twinv1.RevokeKeyRequest) (*twinv1.RevokeKeyResponse, error) {
+	if req.GetName() == "" {
+		return nil, invalid("name is required: the name of the key to revoke (ListKeys lists them)")
+	}
 	if err := ks.s.keys.revoke(req.GetName()); err != nil {
 		return nil, ks.s.status("RevokeKey", err)
 	}

@@ -267,6 +267,28 @@ func TestKeyFileErrors(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "give one") {
 		t.Errorf("New with --api-token and --api-token-file = %v", err)
 	}
+	// A file with no key, or a token that cannot be sent, would leave
+	// the API open or unusable: refused.
+	for _, tc := range []struct{ content, want string }{
+		{"", "holds no key"},
+		{"# only a comment\n\n", "holds no key"},
+	} {
+		file := writeKeys(t, "", tc.content)
+		_, err := New(Options{DataDir: "db", APIKeysFile: file, Engine: twin.Options{FS: vfs.NewMem()}})
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New with a key file of %q = %v; want an error containing %q", tc.content, err, tc.want)
+		}
+	}
+	for _, token := range []string{" ", "two words", "x\ny"} {
+		tf := writeKeys(t, "", token)
+		_, err := New(Options{DataDir: "db", APITokenFile: tf, Engine: twin.Options{FS: vfs.NewMem()}})
+		if token != " " && (err == nil || !strings.Contains(err.Error(), "one line of printable characters")) {
+			t.Errorf("New with the token file %q = %v; want it refused as not sendable", token, err)
+		}
+		if token == " " && (err == nil || !strings.Contains(err.Error(), "is empty")) {
+			t.Errorf("New with a blank token file = %v; want it refused as empty", err)
+		}
+	}
 	// The flag's key takes the name api-token.
 	file := writeKeys(t, "", keyLine("admin", "k1", "api-token"))
 	_, err = New(Options{DataDir: "db", APIKeysFile: file, APIToken: "k2", Engine: twin.Options{FS: vfs.NewMem()}})
@@ -308,6 +330,15 @@ func TestReload(t *testing.T) {
 	}
 	if err := list("new-key"); err != nil {
 		t.Errorf("after a failed reload, the keys in force: %v; want them kept", err)
+	}
+	// An emptied file (a truncating redirect before the SIGHUP) would open
+	// the API: refused, the keys in force stay.
+	writeKeys(t, file, "")
+	if err := s.Reload(); err == nil || !strings.Contains(err.Error(), "holds no key") {
+		t.Errorf("Reload of an emptied file = %v; want it refused", err)
+	}
+	if err := list("new-key"); err != nil {
+		t.Errorf("after reloading an emptied file, the keys in force: %v; want them kept", err)
 	}
 	writeKeys(t, file, keyLine("operator", "new-key", "new"))
 	os.Remove(tokenFile)
@@ -413,6 +444,13 @@ func TestFirstKeyClosesTheAPI(t *testing.T) {
 	ctx := context.Background()
 	s := startServer(t, nil, nil)
 	c := clients(s)
+	// The first key must be an admin's, or nobody could manage keys.
+	if _, err := c.keys.CreateKey(ctx, &twinv1.CreateKeyRequest{Name: "dash", Role: twinv1.Role_ROLE_VIEWER}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "must be an admin key") {
+		t.Errorf("a viewer as the first key = %v; want FAILED_PRECONDITION", err)
+	}
+	if _, err := c.keys.CreateKey(ctx, &twinv1.CreateKeyRequest{Name: "x", Role: 99}); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "99 is not a role") {
+		t.Errorf("an unknown role = %v; want INVALID_ARGUMENT naming it", err)
+	}
 	k, err := c.keys.CreateKey(ctx, &twinv1.CreateKeyRequest{Name: "root", Role: twinv1.Role_ROLE_ADMIN})
 	if err != nil {
 		t.Fatal(err)
@@ -422,6 +460,16 @@ func TestFirstKeyClosesTheAPI(t *testing.T) {
 	}
 	if _, err := c.keys.RevokeKey(as(k.Secret), &twinv1.RevokeKeyRequest{Name: "root"}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "last key") {
 		t.Errorf("revoking the last key = %v; want FAILED_PRECONDITION saying it is the last", err)
+	}
+	// Nor the last admin key, while other keys remain.
+	if _, err := c.keys.CreateKey(as(k.Secret), &twinv1.CreateKeyRequest{Name: "dash", Role: twinv1.Role_ROLE_VIEWER}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.keys.RevokeKey(as(k.Secret), &twinv1.RevokeKeyRequest{Name: "root"}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "last admin key") {
+		t.Errorf("revoking the last admin key = %v; want FAILED_PRECONDITION saying it is the last admin", err)
+	}
+	if _, err := c.keys.RevokeKey(as(k.Secret), &twinv1.RevokeKeyRequest{}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("RevokeKey without a name = %v; want INVALID_ARGUMENT", err)
 	}
 }
 

@@ -25,6 +25,8 @@ const (
 	defaultMaxConcurrentStreams = 2048
 	defaultMaxConnections       = 10_000
 	defaultMaxHelloWaiting      = 1000
+	defaultMaxHelloWaitingConn  = 16
+	defaultMaxHeaderBytes       = 16 << 10
 	defaultMaxWatchersPerConn   = 100
 	defaultMaxWatchers          = 1000
 	defaultReportRate           = 100
@@ -50,6 +52,13 @@ type Limits struct {
 	// their hello (at most HelloTimeout each); a further one ends at once
 	// with RESOURCE_EXHAUSTED. Default 1000.
 	MaxHelloWaiting int
+	// MaxHelloWaitingPerConn bounds them on one connection, so that one
+	// client cannot take every place. Default 16.
+	MaxHelloWaitingPerConn int
+	// MaxHeaderBytes bounds the metadata (headers) of a call; a call with
+	// more is refused before any handler reads it (RESOURCE_EXHAUSTED
+	// or, beyond it, the connection closed). Default 16 KiB.
+	MaxHeaderBytes int
 	// MaxWatchersPerConn and MaxWatchers bound the WatchTwins and
 	// WatchRuleEvents streams open on one connection and in all; a further
 	// one ends at once with RESOURCE_EXHAUSTED. Defaults 100 and 1000.
@@ -88,6 +97,12 @@ func (l *Limits) ensureDefaults() {
 	if l.MaxHelloWaiting <= 0 {
 		l.MaxHelloWaiting = defaultMaxHelloWaiting
 	}
+	if l.MaxHelloWaitingPerConn <= 0 {
+		l.MaxHelloWaitingPerConn = defaultMaxHelloWaitingConn
+	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = defaultMaxHeaderBytes
+	}
 	if l.MaxWatchersPerConn <= 0 {
 		l.MaxWatchersPerConn = defaultMaxWatchersPerConn
 	}
@@ -119,6 +134,7 @@ func (l *Limits) serverOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxConcurrentStreams(l.MaxConcurrentStreams),
 		grpc.MaxRecvMsgSize(l.MaxRecvMsgSize),
+		grpc.MaxHeaderListSize(uint32(min(l.MaxHeaderBytes, math.MaxUint32))),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: l.KeepaliveTime, Timeout: l.KeepaliveTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.StatsHandler(connTagger{}),
@@ -145,6 +161,7 @@ type connKey struct{}
 // context carries its connection's (see connTagger).
 type connState struct {
 	watchers atomic.Int64 // WatchTwins and WatchRuleEvents streams open
+	hellos   atomic.Int64 // Connect streams waiting for their hello
 }
 
 // connTagger is a gRPC stats handler that gives each connection a
@@ -246,23 +263,38 @@ func (l *reportLimits) refusal(id string) error {
 		errRateLimited, id, float64(l.limit), l.burst)
 }
 
-// helloGate bounds the device streams waiting for their hello, in all. It
-// is safe for concurrent use.
+// helloGate bounds the device streams waiting for their hello, in all and
+// per connection. It is safe for concurrent use.
 type helloGate struct {
-	max     int64
-	waiting atomic.Int64
+	max, perConn int64
+	waiting      atomic.Int64
 }
 
 // enter takes a place for a stream that waits for its hello; the caller
-// must call leave once the hello came (or did not). It fails with
-// RESOURCE_EXHAUSTED when every place is taken.
-func (g *helloGate) enter() error {
+// must call the returned leave once the hello came (or did not). It fails
+// with RESOURCE_EXHAUSTED when every place is taken, or every place of the
+// stream's connection.
+func (g *helloGate) enter(ctx context.Context) (leave func(), err error) {
+	c, _ := ctx.Value(connKey{}).(*connState)
+	if c != nil {
+		if n := c.hellos.Add(1); n > g.perConn {
+			c.hellos.Add(-1)
+			return nil, status.Errorf(codes.ResourceExhausted,
+				"this connection has %d device streams waiting for their hello, the most twind allows on one connection; send each hello as soon as its stream opens, or raise twind's --max-hello-waiting-per-conn", g.perConn)
+		}
+	}
 	if n := g.waiting.Add(1); n > g.max {
 		g.waiting.Add(-1)
-		return status.Errorf(codes.ResourceExhausted,
+		if c != nil {
+			c.hellos.Add(-1)
+		}
+		return nil, status.Errorf(codes.ResourceExhausted,
 			"%d device streams are waiting for their hello, the most twind allows; send the hello as soon as the stream opens and retry later, or raise twind's --max-hello-waiting", g.max)
 	}
-	return nil
+	return func() {
+		g.waiting.Add(-1)
+		if c != nil {
+			c.hellos.Add(-1)
+		}
+	}, nil
 }
-
-func (g *helloGate) leave() { g.waiting.Add(-1) }

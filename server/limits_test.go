@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
@@ -68,8 +69,8 @@ func TestLimitDefaults(t *testing.T) {
 	var o Options
 	o.EnsureDefaults()
 	want := Limits{
-		MaxConcurrentStreams: 2048, MaxConnections: 10_000, MaxHelloWaiting: 1000,
-		MaxWatchersPerConn: 100, MaxWatchers: 1000, ReportRate: 100, ReportBurst: 200,
+		MaxConcurrentStreams: 2048, MaxConnections: 10_000, MaxHelloWaiting: 1000, MaxHelloWaitingPerConn: 16,
+		MaxHeaderBytes: 16 << 10, MaxWatchersPerConn: 100, MaxWatchers: 1000, ReportRate: 100, ReportBurst: 200,
 		MaxRecvMsgSize: 4 << 20, KeepaliveTime: 30 * time.Second, KeepaliveTimeout: 20 * time.Second,
 		KeepaliveMinTime: 10 * time.Second,
 	}
@@ -170,6 +171,50 @@ func TestMaxHelloWaiting(t *testing.T) {
 	d = connect(t, s, &twinv1.Hello{DeviceId: "fridge-1", Token: tok}, true)
 	if d.next().GetWelcome() == nil {
 		t.Error("no welcome for a stream once a place was free")
+	}
+}
+
+// TestMaxHelloWaitingPerConn: one connection cannot take every place of
+// the streams waiting for their hello; another connection still gets one.
+func TestMaxHelloWaitingPerConn(t *testing.T) {
+	s := startServer(t, nil, func(o *Options) {
+		o.Limits.MaxHelloWaitingPerConn = 2
+		o.HelloTimeout = time.Minute
+	})
+	tok := createDevice(t, s, "fridge-1", "fridge")
+	connect(t, s, nil, true)
+	connect(t, s, nil, true)
+	waitFor(t, func() bool { return s.devices.hellos.waiting.Load() == 2 })
+	err := connect(t, s, nil, true).end()
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "--max-hello-waiting-per-conn") {
+		t.Errorf("a third stream waiting for its hello on one connection ended with %v; want RESOURCE_EXHAUSTED naming --max-hello-waiting-per-conn", err)
+	}
+	other, err := grpc.NewClient("passthrough:///bufnet", grpc.WithContextDialer(s.dialer), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	s2 := *s
+	s2.conn = other
+	if d := connect(t, &s2, &twinv1.Hello{DeviceId: "fridge-1", Token: tok}, true); d.next().GetWelcome() == nil {
+		t.Error("no welcome for a stream on another connection")
+	}
+}
+
+// TestMaxHeaderBytes: a call whose metadata is bigger than the limit is
+// refused before any handler (or the API key check) reads it.
+func TestMaxHeaderBytes(t *testing.T) {
+	s := startServer(t, nil, func(o *Options) { o.Limits.MaxHeaderBytes = 4 << 10 })
+	ctx := context.Background()
+	if _, err := s.twins.ListTwins(metadata.AppendToOutgoingContext(ctx, "x-small", strings.Repeat("a", 1<<10)), &twinv1.ListTwinsRequest{}); err != nil {
+		t.Fatalf("a call with 1 KiB of metadata: %v", err)
+	}
+	_, err := s.twins.ListTwins(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+strings.Repeat("a", 64<<10)), &twinv1.ListTwinsRequest{})
+	if code := status.Code(err); code != codes.ResourceExhausted && code != codes.Internal && code != codes.Unavailable {
+		t.Errorf("a call with 64 KiB of metadata = %v; want it refused", err)
+	}
+	if err == nil {
+		t.Error("a call with 64 KiB of metadata succeeded")
 	}
 }
 

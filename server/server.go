@@ -62,6 +62,9 @@ type Options struct {
 	// key of any role; with no key configured, it must be a loopback
 	// address, and serves anyone who can reach it.
 	DebugAddr string
+	// AllowOpenAPI lets Run serve the operator API without any API key on
+	// an address other machines can reach; without it, that is refused.
+	AllowOpenAPI bool
 	// Listener, if set, is used instead of listening on Addr.
 	Listener net.Listener
 	// DataDir is the directory of the store. Default "./twind-data".
@@ -296,7 +299,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.inflight.calls = map[string]int{}
-	auth := &apiAuth{keys: keys, certDevice: s.deviceFromCert, logger: opts.Logger, failures: newSampledLog()}
+	auth := &apiAuth{keys: keys, certDevice: s.deviceFromCert, certRefusal: s.certRefusal, logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	if err := opts.Limits.check(opts.Engine.Limits); err != nil {
 		e.Close()
@@ -325,7 +328,7 @@ func New(opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
 	twinv1.RegisterTwinServiceServer(s.grpc, &twinService{s: s, sendTimeout: opts.WatchSendTimeout})
-	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog(), hellos: &helloGate{max: int64(opts.Limits.MaxHelloWaiting)}}
+	s.devices = &deviceService{s: s, refusals: newSampledLog(), ends: newSampledLog(), hellos: &helloGate{max: int64(opts.Limits.MaxHelloWaiting), perConn: int64(opts.Limits.MaxHelloWaitingPerConn)}}
 	twinv1.RegisterDeviceServiceServer(s.grpc, s.devices)
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
@@ -517,10 +520,20 @@ func Run(ctx context.Context, opts Options) error {
 	if opts.APIToken != "" {
 		opts.Logger.Warn("--api-token is visible in the process list to every user of this machine; prefer --api-token-file or --api-keys")
 	}
+	exposed := exposedAddr(l.Addr())
 	if set := s.keys.current(); set.empty() {
+		if exposed && !opts.AllowOpenAPI {
+			s.Shutdown()
+			return fmt.Errorf("twind would serve its operator API on %s, beyond this machine, to anyone without an API key: "+
+				"configure keys (--api-keys, --api-token-file), listen on localhost, or pass --allow-open-api to accept that", l.Addr())
+		}
 		opts.Logger.Warn("the operator API is open to anyone who can reach it; configure API keys (--api-keys, --api-token-file) to require one")
 	} else {
 		opts.Logger.Info("operator calls need an API key", "keys", len(set.keys))
+		if exposed && opts.TLSCertFile == "" {
+			opts.Logger.Warn("API keys and device tokens travel in cleartext on this address, beyond this machine; serve TLS (--tls-cert, --tls-key)",
+				"addr", l.Addr().String())
+		}
 	}
 	opts.Logger.Info("twind serving", "addr", l.Addr().String(), "tls", opts.TLSCertFile != "", "data", opts.DataDir,
 		"twins", s.engine.Len(), "revision", s.engine.Revision())

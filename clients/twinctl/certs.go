@@ -83,6 +83,7 @@ func certCACmd() *cobra.Command {
 func certIssueCmd() *cobra.Command {
 	var caDir, device, server, out string
 	var validFor time.Duration
+	var force bool
 	cmd := &cobra.Command{
 		Use:   "issue --ca DIR (--device ID | --server HOST[,HOST]) --out DIR",
 		Short: "Issue a device certificate (OUT/ID.pem, OUT/ID-key.pem) or a server certificate (OUT/server.pem, OUT/server-key.pem)",
@@ -96,6 +97,9 @@ addresses given (for twind's --tls-cert and --tls-key).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if caDir == "" || out == "" || (device == "") == (server == "") {
 				return errors.New("give --ca DIR, --out DIR, and one of --device ID or --server HOST")
+			}
+			if validFor <= 0 {
+				return fmt.Errorf("--valid-for %v: give a positive duration, such as 8760h", validFor)
 			}
 			ca, caKey, err := loadCA(caDir)
 			if err != nil {
@@ -135,6 +139,9 @@ addresses given (for twind's --tls-cert and --tls-key).`,
 			if strings.ContainsAny(name, `/\`) || name == "." || name == ".." {
 				return fmt.Errorf("--device %q cannot name a file; twin ids are made of [A-Za-z0-9._:-]", name)
 			}
+			if _, err := os.Stat(filepath.Join(out, name+".pem")); err == nil && !force {
+				return fmt.Errorf("%s exists: its device may still use it; revoke it first if it is to go, and give --force to replace the files", filepath.Join(out, name+".pem"))
+			}
 			der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 			if err != nil {
 				return err
@@ -152,6 +159,7 @@ addresses given (for twind's --tls-cert and --tls-key).`,
 	cmd.Flags().StringVar(&server, "server", "", "issue a server certificate for these host names and IP addresses (comma-separated)")
 	cmd.Flags().StringVar(&out, "out", "", "directory to write the certificate and its key to (made if missing)")
 	cmd.Flags().DurationVar(&validFor, "valid-for", 365*24*time.Hour, "how long the certificate is valid")
+	cmd.Flags().BoolVar(&force, "force", false, "replace a certificate and key of the same name in --out")
 	return cmd
 }
 

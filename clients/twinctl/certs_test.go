@@ -117,6 +117,8 @@ func TestCert(t *testing.T) {
 		{[]string{"cert", "issue", "--ca", t.TempDir(), "--out", pki, "--device", "a"}, "ca.pem"},
 		{[]string{"cert", "issue", "--ca", pki, "--out", pki, "--device", "../a"}, "cannot name a file"},
 		{[]string{"cert", "revoke", "--ca", pki, f("ca-key.pem")}, "not a PEM certificate"},
+		{[]string{"cert", "issue", "--ca", pki, "--out", pki, "--device", "fridge-7"}, "exists"},
+		{[]string{"cert", "issue", "--ca", pki, "--out", t.TempDir(), "--device", "b", "--valid-for", "-1h"}, "positive duration"},
 	} {
 		if out, err := run(t, "unused", "", tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("twinctl %s = %q, %v; want an error containing %q", strings.Join(tt.args, " "), out, err, tt.want)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -15,11 +16,16 @@ import (
 	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/server"
 )
 
 func startTwind(t *testing.T) *twind.Client {
 	t.Helper()
-	c, err := twind.Dial(testserver.Start(t, t.TempDir(), "").Addr)
+	// The load generator's devices report as fast as acks allow: far
+	// beyond the default per-device rate, as the README says.
+	opts := server.Options{}
+	opts.Limits.ReportRate = math.Inf(1)
+	c, err := twind.Dial(testserver.StartWith(t, t.TempDir(), "", opts).Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

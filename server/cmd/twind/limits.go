@@ -21,6 +21,9 @@ func limitFlags(fs *flag.FlagSet, opts *server.Options) func() error {
 	streams := fs.Uint("max-streams-per-conn", 2048, "calls in progress on one connection; further ones wait in the client")
 	fs.IntVar(&l.MaxConnections, "max-connections", 10_000, "connections in all; further ones wait, unaccepted, until one closes")
 	fs.IntVar(&l.MaxHelloWaiting, "max-hello-waiting", 1000, "device streams waiting for their hello, in all; further ones end at once with RESOURCE_EXHAUSTED")
+	fs.IntVar(&l.MaxHelloWaitingPerConn, "max-hello-waiting-per-conn", 16, "device streams waiting for their hello on one connection; further ones end at once with RESOURCE_EXHAUSTED")
+	headers := byteSize(16 << 10)
+	fs.Var(&headers, "max-header-bytes", "largest metadata (headers) of a call; a call with more is refused before it is read")
 	fs.IntVar(&l.MaxWatchersPerConn, "max-watchers-per-conn", 100, "WatchTwins and WatchRuleEvents streams on one connection; further ones end at once with RESOURCE_EXHAUSTED")
 	fs.IntVar(&l.MaxWatchers, "max-watchers", 1000, "WatchTwins and WatchRuleEvents streams in all; further ones end at once with RESOURCE_EXHAUSTED")
 	fs.Float64Var(&l.ReportRate, "report-rate", 100, "reports a second per device, on average (inf: no limit); a report beyond it is refused with RESOURCE_EXHAUSTED")
@@ -41,6 +44,7 @@ func limitFlags(fs *flag.FlagSet, opts *server.Options) func() error {
 			return fmt.Errorf("--report-rate %v: must be positive, or inf for no limit", l.ReportRate)
 		}
 		l.MaxRecvMsgSize = int(min(int64(recv), math.MaxInt32))
+		l.MaxHeaderBytes = int(min(int64(headers), math.MaxInt32))
 		return nil
 	}
 }
