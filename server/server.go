@@ -9,6 +9,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -26,7 +27,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -153,6 +153,7 @@ type Server struct {
 	devices    *deviceService
 	grpc       *grpc.Server
 	health     *health.Server
+	web        web // HTTP/JSON, gRPC-Web and the console (http.go)
 
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
@@ -262,12 +263,14 @@ func New(opts Options) (*Server, error) {
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	var serverOpts []grpc.ServerOption
 	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" {
-		creds, err := credentials.NewServerTLSFromFile(opts.TLSCertFile, opts.TLSKeyFile)
+		// TLS is terminated on the listener (see serve), under the routing
+		// of gRPC and HTTP connections.
+		cert, err := tls.LoadX509KeyPair(opts.TLSCertFile, opts.TLSKeyFile)
 		if err != nil {
 			e.Close()
 			return nil, fmt.Errorf("TLS certificate: %w", err)
 		}
-		serverOpts = append(serverOpts, grpc.Creds(creds))
+		s.web.tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.MaxRecvMsgSize(4<<20),
@@ -300,6 +303,10 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
 	reflection.Register(s.grpc)
+	if err := s.newWeb(); err != nil { // HTTP/JSON and the console: http.go
+		e.Close()
+		return nil, err
+	}
 	s.setServing(healthpb.HealthCheckResponse_SERVING)
 	s.healthWG.Add(1)
 	go s.watchStore()
@@ -317,12 +324,11 @@ func (s *Server) MetricsHandler() http.Handler {
 func (s *Server) Engine() *twin.Engine { return s.engine }
 
 // Serve serves on l until Shutdown. It returns nil after a shutdown.
+//
+// It serves gRPC, and the same services over HTTP/JSON (Connect) and
+// gRPC-Web, and the web console at /, on the one listener (see http.go).
 func (s *Server) Serve(l net.Listener) error {
-	err := s.grpc.Serve(l)
-	if errors.Is(err, grpc.ErrServerStopped) {
-		return nil
-	}
-	return err
+	return s.serve(l)
 }
 
 // Shutdown stops accepting connections, ends streams with UNAVAILABLE,
@@ -341,7 +347,10 @@ func (s *Server) shutdown() error {
 	s.healthWG.Wait()
 	s.health.Shutdown()
 	done := make(chan struct{})
+	webCtx, forceWeb := context.WithCancel(context.Background())
+	defer forceWeb()
 	go func() {
+		s.stopWeb(webCtx) // waits for HTTP calls, which GracefulStop would cancel
 		s.grpc.GracefulStop()
 		close(done)
 	}()
@@ -356,6 +365,7 @@ func (s *Server) shutdown() error {
 	case <-t.C:
 		s.opts.Logger.Warn("calls still in flight after the shutdown timeout; cancelling them",
 			"timeout", s.opts.ShutdownTimeout, "waiting_for", s.inflight.String())
+		forceWeb()
 		stopped := make(chan struct{})
 		go func() {
 			s.grpc.Stop() // waits for the handlers to return
