@@ -10,12 +10,14 @@ import { lineChart, coverage } from './chart.js';
 const HISTORY_PAGE = 1000;
 
 export function render(main, { arg: id }, { signal, session }) {
-  const state = { twin: null, history: [], historyNext: '', field: '', editing: false };
+  // field is the chart's; chosen says the user picked it.
+  const state = { twin: null, history: [], historyNext: '', field: '', chosen: false, editing: false };
+  let editor; // the desired editor's parts, if the key may edit desired
   const head = h('div', { class: 'twin-head' });
   const docs = h('div', { class: 'docs' });
   const chartBox = h('div', { class: 'chart-box' });
   const chartNote = h('p', { class: 'hint', id: 'chart-note' });
-  const fieldSelect = h('select', { id: 'chart-field', onchange: () => { state.field = fieldSelect.value; drawChart(); } });
+  const fieldSelect = h('select', { id: 'chart-field', onchange: () => { state.field = fieldSelect.value; state.chosen = true; drawChart(); } });
   const timeline = h('ol', { class: 'timeline', id: 'history' });
   const more = h('button', { type: 'button', hidden: true, onclick: () => loadHistory(true) }, 'Older changes');
   const live = h('span', { class: 'live' }, 'connecting…');
@@ -67,7 +69,11 @@ export function render(main, { arg: id }, { signal, session }) {
     for (const ev of state.history) {
       for (const [p, v] of leaves(ev.twin?.reported)) if (typeof v === 'number' && !numeric.includes(p)) numeric.push(p);
     }
-    if (!state.field || !numeric.includes(state.field)) state.field = numeric[0] || '';
+    if (!state.chosen || !numeric.includes(state.field)) {
+      // The field that changed most often in the history: what is worth a chart.
+      const changes = (p) => new Set(state.history.map((ev) => at(ev.twin?.reported, p))).size;
+      state.field = numeric.reduce((best, p) => (best === '' || changes(p) > changes(best) ? p : best), '');
+    }
     fill(fieldSelect, numeric.length ? numeric.map((p) => h('option', { value: p, selected: p === state.field }, p)) : h('option', { value: '' }, 'no numeric field'));
     fieldSelect.disabled = !numeric.length;
     refreshEditor();
@@ -155,7 +161,6 @@ export function render(main, { arg: id }, { signal, session }) {
   // The desired editor: the whole document as JSON; saving sends the merge
   // patch from the version it was loaded at, with expected_version, so
   // that a write by someone else in between is refused, not overwritten.
-  let editor;
   function desiredEditor() {
     const text = h('textarea', { id: 'desired-json', rows: 8, spellcheck: 'false', 'aria-describedby': 'desired-msg',
       oninput: () => { state.editing = true; check(); } });
