@@ -31,12 +31,13 @@ import (
 //     native gRPC client, served by grpc-go's own transport
 //     (grpc.Server.Serve), so its keepalive, stream limits and flow control
 //     hold unchanged;
-//   - everything else (HTTP/1.1, and HTTP/2 without prior TLS, "h2c"): an
+//   - everything else (HTTP/1.1, and HTTP/2 without TLS, "h2c"): an
 //     http.Server whose handler transcodes the Connect protocol (JSON or
-//     binary), gRPC-Web and gRPC over HTTP/1.1-incapable paths onto the same
-//     grpc.Server's handlers (connectrpc.com/vanguard), so there is one
-//     implementation, and the same interceptors (auth, metrics, logs) run
-//     for every call; other paths serve the web console.
+//     binary), gRPC-Web, and gRPC with another content type (such as
+//     application/grpc+json) onto the same grpc.Server's handlers
+//     (connectrpc.com/vanguard, through grpc.Server.ServeHTTP), so there is
+//     one implementation, and the same interceptors (auth, metrics, logs)
+//     run for every call; other paths serve the web console.
 //
 // With TLS, the listener terminates TLS first and the sniffing reads the
 // plaintext; ALPN offers h2 and http/1.1.
