@@ -8,7 +8,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/soheilhy/cmux"
 	"log/slog"
+	"net"
 	"os"
 	"sync"
 	"time"
@@ -54,7 +56,7 @@ type liveCert struct{ key, serial string }
 
 // serverTLS returns the server's transport credentials, and its device
 // certificates if opts.DeviceCAFile is set.
-func serverTLS(opts Options) (credentials.TransportCredentials, *deviceCerts, error) {
+func serverTLS(opts Options) (*tls.Config, *deviceCerts, error) {
 	if opts.TLSCertFile == "" || opts.TLSKeyFile == "" {
 		if opts.DeviceCAFile != "" {
 			return nil, nil, fmt.Errorf("--device-ca needs TLS, in whose handshake devices present their certificates: set --tls-cert and --tls-key too")
@@ -65,12 +67,13 @@ func serverTLS(opts Options) (credentials.TransportCredentials, *deviceCerts, er
 	if err != nil {
 		return nil, nil, fmt.Errorf("TLS certificate: %w", err)
 	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	// h2 for gRPC and HTTP/2, http/1.1 for browsers and curl.
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"}}
 	if opts.DeviceCAFile == "" {
 		if opts.DeviceCRLFile != "" {
 			return nil, nil, fmt.Errorf("--device-crl needs --device-ca, the authorities whose certificates it revokes")
 		}
-		return credentials.NewTLS(cfg), nil, nil
+		return cfg, nil, nil
 	}
 	dc, err := loadDeviceCerts(opts.DeviceCAFile, opts.DeviceCRLFile, opts.Logger)
 	if err != nil {
@@ -81,7 +84,52 @@ func serverTLS(opts Options) (credentials.TransportCredentials, *deviceCerts, er
 	for _, ca := range dc.cas {
 		cfg.ClientCAs.AddCert(ca)
 	}
-	return credentials.NewTLS(cfg), dc, nil
+	return cfg, dc, nil
+}
+
+// terminatedTLS is the gRPC transport security of connections whose TLS
+// the listener terminated (serve): it gives grpc-go each connection's TLS
+// state, as credentials.NewTLS would after its own handshake, so that a
+// call knows its peer's certificate (device certificates).
+type terminatedTLS struct{}
+
+func (terminatedTLS) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("terminatedTLS is for a server")
+}
+
+func (terminatedTLS) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	tc := tlsConnOf(c)
+	if tc == nil {
+		return nil, nil, errors.New("the connection is not TLS")
+	}
+	if err := tc.Handshake(); err != nil { // done already, while it was routed
+		return nil, nil, err
+	}
+	return c, credentials.TLSInfo{State: tc.ConnectionState(), CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
+}
+
+func (terminatedTLS) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls", SecurityVersion: "1.2"}
+}
+func (terminatedTLS) Clone() credentials.TransportCredentials { return terminatedTLS{} }
+func (terminatedTLS) OverrideServerName(string) error         { return nil }
+
+// tlsConnOf returns the TLS connection under the wrappers of serve.
+func tlsConnOf(c net.Conn) *tls.Conn {
+	for {
+		switch x := c.(type) {
+		case *tls.Conn:
+			return x
+		case *cmux.MuxConn:
+			c = x.Conn
+		case *trackedConn:
+			c = x.Conn
+		case *settingsAckFilter:
+			c = x.Conn
+		default:
+			return nil
+		}
+	}
 }
 
 func loadDeviceCerts(caFile, crlFile string, logger *slog.Logger) (*deviceCerts, error) {

@@ -259,6 +259,11 @@ func (rs *ruleService) WatchRuleEvents(req *twinv1.WatchRuleEventsRequest, strea
 	defer cancel()
 	sub := rs.s.ruleEvents.subscribe(req.GetRuleId(), req.GetTwinId())
 	defer rs.s.ruleEvents.unsubscribe(sub)
+	// The headers say the watch is in place: a client that has them sees
+	// every event from then on.
+	if err := stream.SendHeader(nil); err != nil {
+		return rs.s.streamStatus("WatchRuleEvents", ctx, err)
+	}
 	send := newSender(stream, rs.s.opts.WatchSendTimeout)
 	defer send.close()
 	for {

@@ -188,6 +188,7 @@ type Server struct {
 	// authenticates devices by their client certificates.
 	reports *reportLimits
 	certs   *deviceCerts
+	web     web // HTTP/JSON, gRPC-Web and the console (http.go)
 
 	// stopCtx is cancelled when shutdown begins; streams end on it.
 	stopCtx  context.Context
@@ -309,13 +310,17 @@ func New(opts Options) (*Server, error) {
 	watchers := &watchLimits{perConn: int64(opts.Limits.MaxWatchersPerConn), all: int64(opts.Limits.MaxWatchers)}
 	serverOpts := opts.Limits.serverOptions()
 	if opts.TLSCertFile != "" || opts.TLSKeyFile != "" || opts.DeviceCAFile != "" {
-		creds, certs, err := serverTLS(opts)
+		// TLS is terminated on the listener (serve), under the routing
+		// of gRPC and HTTP connections; grpc-go learns each connection's
+		// TLS state from it (terminatedTLS), client certificates too.
+		cfg, certs, err := serverTLS(opts)
 		if err != nil {
 			e.Close()
 			return nil, err
 		}
 		s.certs = certs
-		serverOpts = append(serverOpts, grpc.Creds(creds))
+		s.web.tlsConfig = cfg
+		serverOpts = append(serverOpts, grpc.Creds(terminatedTLS{}))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
@@ -348,6 +353,10 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
 	reflection.Register(s.grpc)
+	if err := s.newWeb(); err != nil { // HTTP/JSON and the console: http.go
+		e.Close()
+		return nil, err
+	}
 	s.setServing(healthpb.HealthCheckResponse_SERVING)
 	s.healthWG.Add(1)
 	go s.watchStore()
@@ -365,14 +374,13 @@ func (s *Server) MetricsHandler() http.Handler {
 func (s *Server) Engine() *twin.Engine { return s.engine }
 
 // Serve serves on l until Shutdown. It returns nil after a shutdown.
-// At most Limits.MaxConnections connections are served at once; further
-// ones wait to be accepted.
+//
+// It serves gRPC, and the same services over HTTP/JSON (Connect) and
+// gRPC-Web, and the web console at /, on the one listener (see http.go).
+// At most Limits.MaxConnections connections are served at once, of every
+// protocol; further ones wait to be accepted.
 func (s *Server) Serve(l net.Listener) error {
-	err := s.grpc.Serve(netutil.LimitListener(l, s.opts.Limits.MaxConnections))
-	if errors.Is(err, grpc.ErrServerStopped) {
-		return nil
-	}
-	return err
+	return s.serve(netutil.LimitListener(l, s.opts.Limits.MaxConnections))
 }
 
 // Shutdown stops accepting connections, ends streams with UNAVAILABLE,
@@ -391,7 +399,10 @@ func (s *Server) shutdown() error {
 	s.healthWG.Wait()
 	s.health.Shutdown()
 	done := make(chan struct{})
+	webCtx, forceWeb := context.WithCancel(context.Background())
+	defer forceWeb()
 	go func() {
+		s.stopWeb(webCtx) // waits for HTTP calls, which GracefulStop would cancel
 		s.grpc.GracefulStop()
 		close(done)
 	}()
@@ -406,6 +417,7 @@ func (s *Server) shutdown() error {
 	case <-t.C:
 		s.opts.Logger.Warn("calls still in flight after the shutdown timeout; cancelling them",
 			"timeout", s.opts.ShutdownTimeout, "waiting_for", s.inflight.String())
+		forceWeb()
 		stopped := make(chan struct{})
 		go func() {
 			s.grpc.Stop() // waits for the handlers to return

@@ -426,6 +426,14 @@ func (ts *twinService) WatchTwins(req *twinv1.WatchTwinsRequest, stream twinv1.T
 			"give at most %d, or 0 for changes from now on", errFutureRevision, start, rev, rev+1))
 	}
 	match := sourceMatch(req.GetSource())
+	if start == 0 {
+		start = ts.s.engine.Revision() + 1
+	}
+	// The headers say the watch is in place: a client that has them (a
+	// browser's fetch resolves on them) sees every change committed after.
+	if err := stream.SendHeader(nil); err != nil {
+		return ts.s.status("WatchTwins", err)
+	}
 	ctx, cancel := ts.s.streamContext(stream.Context())
 	defer cancel()
 	timeout := ts.sendTimeout

@@ -54,7 +54,9 @@ type RuleServiceClient interface {
 	// TestRule evaluates a rule against a before and after twin and says what
 	// it would do, with no side effects.
 	TestRule(ctx context.Context, in *TestRuleRequest, opts ...grpc.CallOption) (*TestRuleResponse, error)
-	// WatchRuleEvents streams rule firings and emitted events.
+	// WatchRuleEvents streams rule firings and emitted events, live only:
+	// the response headers come as soon as the watch is in place, and a
+	// client that has them sees every event from then on.
 	WatchRuleEvents(ctx context.Context, in *WatchRuleEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRuleEventsResponse], error)
 }
 
@@ -180,7 +182,9 @@ type RuleServiceServer interface {
 	// TestRule evaluates a rule against a before and after twin and says what
 	// it would do, with no side effects.
 	TestRule(context.Context, *TestRuleRequest) (*TestRuleResponse, error)
-	// WatchRuleEvents streams rule firings and emitted events.
+	// WatchRuleEvents streams rule firings and emitted events, live only:
+	// the response headers come as soon as the watch is in place, and a
+	// client that has them sees every event from then on.
 	WatchRuleEvents(*WatchRuleEventsRequest, grpc.ServerStreamingServer[WatchRuleEventsResponse]) error
 	mustEmbedUnimplementedRuleServiceServer()
 }

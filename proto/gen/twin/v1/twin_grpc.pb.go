@@ -76,6 +76,9 @@ type TwinServiceClient interface {
 	// replays retained history from that revision, then follows live changes.
 	// A watcher that reads nothing for 30 seconds while a change waits for it
 	// is ended with RESOURCE_EXHAUSTED naming the revision to resume from.
+	// The response headers come as soon as the watch is in place: a client
+	// that has them sees every change committed after (without
+	// start_revision, "now" is when the server took the call).
 	WatchTwins(ctx context.Context, in *WatchTwinsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTwinsResponse], error)
 	// ListTwinHistory lists a twin's retained changes, newest first.
 	ListTwinHistory(ctx context.Context, in *ListTwinHistoryRequest, opts ...grpc.CallOption) (*ListTwinHistoryResponse, error)
@@ -294,6 +297,9 @@ type TwinServiceServer interface {
 	// replays retained history from that revision, then follows live changes.
 	// A watcher that reads nothing for 30 seconds while a change waits for it
 	// is ended with RESOURCE_EXHAUSTED naming the revision to resume from.
+	// The response headers come as soon as the watch is in place: a client
+	// that has them sees every change committed after (without
+	// start_revision, "now" is when the server took the call).
 	WatchTwins(*WatchTwinsRequest, grpc.ServerStreamingServer[WatchTwinsResponse]) error
 	// ListTwinHistory lists a twin's retained changes, newest first.
 	ListTwinHistory(context.Context, *ListTwinHistoryRequest) (*ListTwinHistoryResponse, error)
