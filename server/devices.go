@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"google.golang.org/genproto/googleapis/rpc/code"
 	"io"
 	"log/slog"
 	"reflect"
@@ -601,7 +602,9 @@ func (ds *deviceService) write(ctx context.Context, stream twinv1.DeviceService_
 				if st.Code() == codes.Unavailable || st.Code() == codes.Internal {
 					return st.Err()
 				}
-				ack.Error, ack.ErrorCode = st.Message(), st.Code().String()
+				// The code's canonical name, as device.proto says:
+				// "INVALID_ARGUMENT", not Go's "InvalidArgument".
+				ack.Error, ack.ErrorCode = st.Message(), code.Code(st.Code()).String()
 			} else {
 				ack.Version = r.Twin.Version
 			}

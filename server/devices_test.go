@@ -210,7 +210,7 @@ func TestDeviceStream(t *testing.T) {
 	for seq, want := range []struct {
 		version int64
 		code    string
-	}{{3, ""}, {0, "InvalidArgument"}, {4, ""}} {
+	}{{3, ""}, {0, "INVALID_ARGUMENT"}, {4, ""}} {
 		ack := d.next().GetReportAck()
 		if ack.GetSeq() != int64(seq+1) || ack.GetVersion() != want.version || ack.GetErrorCode() != want.code {
 			t.Errorf("ack %d = %v; want version %d code %q", seq+1, ack, want.version, want.code)

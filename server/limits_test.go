@@ -310,7 +310,7 @@ func TestReportRate(t *testing.T) {
 			}
 			continue
 		}
-		if ack.GetSeq() != seq+1 || ack.GetVersion() != 0 || ack.GetErrorCode() != codes.ResourceExhausted.String() ||
+		if ack.GetSeq() != seq+1 || ack.GetVersion() != 0 || ack.GetErrorCode() != "RESOURCE_EXHAUSTED" ||
 			!strings.Contains(ack.GetError(), "--report-rate") {
 			t.Errorf("ack of report %d, beyond the burst = %v; want RESOURCE_EXHAUSTED naming --report-rate", seq+1, ack)
 		}

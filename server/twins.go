@@ -369,6 +369,7 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 	// certificate instead of an API key, for its own twin only; on an open
 	// server, a report is the device's as before.
 	source := twin.SourceDevice
+	var tokenHash []byte // the device token the report must be made with
 	switch c := callerFrom(ctx); {
 	case c.key != nil:
 		source = twin.KeySource(c.key.name)
@@ -382,6 +383,7 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 			return nil, status.Errorf(codes.Unauthenticated, "the bearer token is neither an API key nor the device token of twin %.130q "+
 				"(unknown twin or wrong token): a device reports for its own twin with the token from IssueDeviceToken", req.GetId())
 		}
+		tokenHash = hashToken(c.deviceToken) // checked again as the report applies
 	default:
 		if err := ts.s.checkDeviceReport(ctx, req.GetId()); err != nil {
 			return nil, err
@@ -396,6 +398,7 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 		ExpectedVersion:     req.GetExpectedVersion(),
 		DesiredAckedVersion: req.GetDesiredAckedVersion(),
 		Source:              source,
+		TokenHash:           tokenHash,
 	})
 	if err != nil {
 		return nil, ts.s.status("ReportState", err)

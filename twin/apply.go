@@ -41,6 +41,9 @@ func (w *worker) apply(o *op, now time.Time) (*change, error) {
 		if o.patch.Stream != nil && o.patch.Stream != c.sink {
 			return nil, fmt.Errorf("%w: device %q", ErrStreamClosed, o.id)
 		}
+		if o.patch.TokenHash != nil && subtle.ConstantTimeCompare(cur.TokenHash, o.patch.TokenHash) != 1 {
+			return nil, fmt.Errorf("%w: the token is not device %q's token (any more); report with the current one", ErrTokenRevoked, o.id)
+		}
 		next, err = w.e.apply.patch(cur, o.patch, desired, now)
 		kind, patch, source = KindReported, o.patch.Patch, o.patch.Source
 		if desired {

@@ -74,6 +74,11 @@ type PatchRequest struct {
 	// one (ErrStreamClosed otherwise), so a stream replaced by a newer one,
 	// or whose token was revoked, cannot write.
 	Stream Sink
+	// TokenHash, if set, makes a report apply only while the twin's device
+	// token has this SHA-256 (ErrTokenRevoked otherwise), so that a report
+	// authenticated by a token that is rotated while it is in flight is
+	// refused, as a stream's is.
+	TokenHash []byte
 }
 
 // UpdateRequest changes a twin's type and labels.

@@ -2,6 +2,7 @@ package twin
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"sync"
@@ -265,5 +266,36 @@ func TestStats(t *testing.T) {
 	e.Disconnect(ctx, "a", s2)
 	if st := e.Stats(); st.ConnectedDevices != 0 {
 		t.Errorf("connected after the last disconnect = %d", st.ConnectedDevices)
+	}
+}
+
+// TestReportWithTokenHash: a report made with a device token applies only
+// while the twin's token is that one, so a report in flight when the token
+// is rotated is refused, as a stream's reports are.
+func TestReportWithTokenHash(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	if _, err := e.Create(ctx, CreateRequest{ID: "f"}); err != nil {
+		t.Fatal(err)
+	}
+	old, rotated := sha256.Sum256([]byte("old")), sha256.Sum256([]byte("new"))
+	if _, err := e.Report(ctx, PatchRequest{ID: "f", Patch: Document{"t": 1.0}, TokenHash: old[:]}); !errors.Is(err, ErrTokenRevoked) {
+		t.Errorf("a report with a token the twin has not = %v; want ErrTokenRevoked", err)
+	}
+	if err := e.SetTokenHash(ctx, "f", old[:]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "f", Patch: Document{"t": 2.0}, TokenHash: old[:]}); err != nil {
+		t.Errorf("a report with the twin's token: %v", err)
+	}
+	if err := e.SetTokenHash(ctx, "f", rotated[:]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Report(ctx, PatchRequest{ID: "f", Patch: Document{"t": 3.0}, TokenHash: old[:]}); !errors.Is(err, ErrTokenRevoked) {
+		t.Errorf("a report with the rotated-away token = %v; want ErrTokenRevoked", err)
+	}
+	if tw, _ := e.Get("f"); tw.Reported["t"] != 2.0 {
+		t.Errorf("reported t = %v; want 2 (the refused reports changed nothing)", tw.Reported["t"])
 	}
 }
