@@ -167,6 +167,7 @@ func (s *Server) serve(l net.Listener) error {
 	hs := &http.Server{
 		Handler:           s.web.handler,
 		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    s.opts.Limits.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.opts.Logger.Handler(), slog.LevelDebug),
 		Protocols:         new(http.Protocols),

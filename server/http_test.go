@@ -279,6 +279,20 @@ func TestHTTPAuth(t *testing.T) {
 	if code, _ := postJSON(t, c, s.url, "/grpc.health.v1.Health/Check", `{}`); code != 200 {
 		t.Errorf("health without the token = %d; want 200", code)
 	}
+	// --max-header-bytes holds over HTTP too: a 64 KiB bearer token is
+	// refused before anything reads it.
+	req, err := http.NewRequest("POST", s.url+"/twin.v1.TwinService/ListTwins", strings.NewReader(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+strings.Repeat("a", 64<<10))
+	if resp, err := c.Do(req); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("a call with 64 KiB of headers = %d; want 431", resp.StatusCode)
+		}
+	}
 }
 
 // TestHTTPStreams: WatchTwins and WatchRuleEvents stream over HTTP/1.1 with
