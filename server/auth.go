@@ -123,6 +123,8 @@ func openMethod(method string) bool {
 // own token (the handler checks it against the twin), or nobody on an open
 // server.
 type caller struct {
+	// open says the server has no API key: anyone may call.
+	open        bool
 	key         *apiKey
 	deviceToken string
 	// device is, for ReportState without a bearer token, the device id
@@ -169,12 +171,16 @@ func bearer(md metadata.MD) (string, bool) {
 	if len(vals) == 0 {
 		return "", false
 	}
-	// The scheme is case-insensitive (RFC 7235).
+	// The scheme is case-insensitive (RFC 7235). The token is all that
+	// follows, less the spaces and tabs around it, and must be one that
+	// can be sent: an empty one is none (it would match no key and pass
+	// for a device's token of nothing).
 	scheme, tok, ok := strings.Cut(vals[0], " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return "", false
 	}
-	return strings.TrimSpace(tok), true
+	tok = strings.Trim(tok, " \t")
+	return tok, tok != "" && sendableToken(tok)
 }
 
 // authorize checks a call and returns its context with the caller in it.
@@ -184,7 +190,7 @@ func (a *apiAuth) authorize(ctx context.Context, method string) (context.Context
 	}
 	set := a.keys.current()
 	if set.empty() {
-		return ctx, nil
+		return context.WithValue(ctx, callerKey{}, caller{open: true}), nil
 	}
 	need, ok := methodRoles[method]
 	if !ok {
@@ -277,11 +283,13 @@ func (a *apiAuth) refused(ctx context.Context, method string, err error) {
 // An unknown twin and a wrong token are alike to the caller, so that a
 // stranger cannot probe for device ids.
 func (s *Server) deviceTokenValid(id, token string) bool {
-	if token == "" {
-		return false
-	}
+	h := hashToken(token) // first, whether the twin exists or not
 	tw, err := s.engine.Get(id)
-	return err == nil && tw.TokenHash != nil && subtle.ConstantTimeCompare(tw.TokenHash, hashToken(token)) == 1
+	want := make([]byte, len(h)) // compared against for a twin without a token
+	if err == nil && tw.TokenHash != nil {
+		want = tw.TokenHash
+	}
+	return subtle.ConstantTimeCompare(want, h) == 1 && token != "" && err == nil && tw.TokenHash != nil
 }
 
 // digest is the SHA-256 of a key, as keys are stored and compared.

@@ -2,17 +2,27 @@ package server
 
 import (
 	"bytes"
+	connectrpc "connectrpc.com/connect"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
+	"net/url"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/vanguard"
@@ -48,11 +58,131 @@ const (
 	// its first call, so this is generous; a connection that says no more
 	// within it goes to the http.Server, whose own timeouts apply.
 	sniffTimeout = 2 * time.Minute
-	// maxHTTPBuffer bounds one message of a Connect or gRPC-Web call as the
-	// transcoder buffers it. JSON is bigger than the protobuf encoding it
-	// becomes, on which the gRPC server's 4 MiB limit then applies.
-	maxHTTPBuffer = 16 << 20
 )
+
+// netConnKey is the context key of an HTTP request's connection.
+type netConnKey struct{}
+
+// withConnTLS gives a request over TLS its connection's TLS state: TLS is
+// terminated under the routing (serve), so net/http sees a plain
+// connection and leaves r.TLS nil, and grpc-go, which the transcoder calls,
+// learns the peer's certificate from r.TLS (device certificates,
+// revocation).
+func withConnTLS(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, ok := r.Context().Value(netConnKey{}).(net.Conn); ok && r.TLS == nil {
+			if tc := tlsConnOf(c); tc != nil {
+				st := tc.ConnectionState()
+				r.TLS = &st
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// httpBuffer bounds one message of a Connect or gRPC-Web call as the
+// transcoder buffers it: twice the gRPC limit (--max-recv-msg-size), since
+// JSON is bigger than the protobuf encoding it becomes, on which the gRPC
+// server's limit then applies.
+func httpBuffer(maxRecvMsgSize int) uint32 {
+	return uint32(min(2*int64(maxRecvMsgSize), math.MaxUint32))
+}
+
+// strictCodec makes a request that does not decode an INVALID_ARGUMENT
+// that says so, not the transcoder's INTERNAL or UNKNOWN. Embedding keeps
+// the codec's other methods (stable and REST encodings).
+type strictCodec struct{ vanguard.Codec }
+
+func (c strictCodec) Unmarshal(data []byte, msg proto.Message) error {
+	if err := c.Codec.Unmarshal(data, msg); err != nil {
+		return connectrpc.NewError(connectrpc.CodeInvalidArgument, fmt.Errorf(
+			"the request does not decode as %s (%s): %w", msg.ProtoReflect().Descriptor().FullName(), c.Name(), err))
+	}
+	return nil
+}
+
+// httpGate answers, before the transcoder reads a body, what needs no
+// body: a call of the operator API without a valid API key (so that a
+// stranger's large bodies cost nothing), and, on a server without keys
+// open to this machine only, a request whose Host names another (a web
+// page that rebinds its name to 127.0.0.1 cannot call the API).
+func (s *Server) httpGate(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// A small compressed body can inflate to far more than the
+		// limits allow before anything checks its size: refused.
+		for _, h := range []string{"Content-Encoding", "Connect-Content-Encoding", "Grpc-Encoding"} {
+			if v := r.Header.Get(h); v != "" && !strings.EqualFold(v, "identity") {
+				http.Error(w, fmt.Sprintf("twind takes requests uncompressed; send the body without %s: %s", h, v), http.StatusUnsupportedMediaType)
+				return
+			}
+		}
+		set := s.keys.current()
+		if set.empty() {
+			if !s.opts.AllowOpenAPI && !loopbackHost(hostPort(r.Host)) {
+				http.Error(w, fmt.Sprintf("twind serves its open API to this machine only, and the request names host %q: "+
+					"call it as localhost, or configure API keys", r.Host), http.StatusForbidden)
+				return
+			}
+			h.ServeHTTP(w, r)
+			return
+		}
+		method, ok := rpcMethod(r.URL.Path)
+		if !ok || openMethod(method) || method == twinv1.TwinService_ReportState_FullMethodName {
+			// The console's files, open services, and ReportState, which
+			// a device may call with its token or certificate.
+			h.ServeHTTP(w, r)
+			return
+		}
+		if tok, ok := bearer(metadata.MD{"authorization": r.Header.Values("Authorization")}); ok && set.lookup(tok) != nil {
+			h.ServeHTTP(w, r)
+			return
+		}
+		refuseUnauthenticated(w, r, "this server requires an API key: send the header 'Authorization: Bearer <key>'")
+	})
+}
+
+// refuseUnauthenticated answers a call with UNAUTHENTICATED in its
+// protocol's form: the end of a Connect stream, a gRPC-Web trailers-only
+// answer, or a Connect unary error (HTTP 401).
+func refuseUnauthenticated(w http.ResponseWriter, r *http.Request, msg string) {
+	ct := r.Header.Get("Content-Type")
+	body, _ := json.Marshal(map[string]string{"code": "unauthenticated", "message": msg})
+	switch {
+	case strings.HasPrefix(ct, "application/connect+"):
+		w.Header().Set("Content-Type", ct)
+		w.WriteHeader(http.StatusOK)
+		end, _ := json.Marshal(map[string]json.RawMessage{"error": body})
+		frame := binary.BigEndian.AppendUint32([]byte{2}, uint32(len(end))) // flag 2: the end of the stream
+		w.Write(append(frame, end...))
+	case strings.HasPrefix(ct, "application/grpc-web"):
+		w.Header().Set("Content-Type", ct)
+		w.Header().Set("Grpc-Status", strconv.Itoa(int(codes.Unauthenticated)))
+		w.Header().Set("Grpc-Message", url.PathEscape(msg))
+		w.WriteHeader(http.StatusOK)
+	default:
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnauthorized)
+		w.Write(body)
+	}
+}
+
+// rpcMethod returns the gRPC method a request's path names, if it names
+// one: /<package>.<Service>/<Method>.
+func rpcMethod(path string) (string, bool) {
+	svc, m, ok := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	if !ok || m == "" || strings.Contains(m, "/") || !strings.Contains(svc, ".") {
+		return "", false
+	}
+	return path, true
+}
+
+// hostPort returns a Host header as host:port, for loopbackHost.
+func hostPort(host string) string {
+	if _, _, err := net.SplitHostPort(host); err == nil {
+		return host
+	}
+	return net.JoinHostPort(strings.Trim(host, "[]"), "0")
+}
 
 // web is the HTTP side of a server: the handler and the serving state that
 // Shutdown stops.
@@ -78,12 +208,15 @@ type webServing struct {
 func (s *Server) newWeb() error {
 	jsonCodec := func(res vanguard.TypeResolver) vanguard.Codec {
 		// Proto field names (snake_case), as the API and its docs spell
-		// them, and no zero values: what grpcurl users read too.
-		return &vanguard.JSONCodec{
+		// them, and no zero values: what grpcurl users read too. An
+		// unknown field is an error, as it is for grpcurl: a misspelt
+		// expected_version must not write unguarded.
+		return strictCodec{&vanguard.JSONCodec{
 			MarshalOptions:   protojson.MarshalOptions{Resolver: res, UseProtoNames: true},
-			UnmarshalOptions: protojson.UnmarshalOptions{Resolver: res, DiscardUnknown: true},
-		}
+			UnmarshalOptions: protojson.UnmarshalOptions{Resolver: res},
+		}}
 	}
+	protoCodec := func(res vanguard.TypeResolver) vanguard.Codec { return strictCodec{vanguard.NewProtoCodec(res)} }
 	var services []string
 	for name := range s.grpc.GetServiceInfo() {
 		services = append(services, name)
@@ -94,18 +227,19 @@ func (s *Server) newWeb() error {
 	})
 	t, err := vanguardgrpc.NewTranscoder(s.grpc,
 		vanguard.WithCodec(jsonCodec),
+		vanguard.WithCodec(protoCodec),
 		vanguard.WithUnknownHandler(consoleHandler),
 		// This replaces vanguardgrpc's defaults, so it repeats them: calls
 		// reach the gRPC server as gRPC with protobuf.
 		vanguard.WithDefaultServiceOptions(
 			vanguard.WithTargetProtocols(vanguard.ProtocolGRPC),
 			vanguard.WithTargetCodecs(vanguard.CodecProto),
-			vanguard.WithMaxMessageBufferBytes(maxHTTPBuffer)),
+			vanguard.WithMaxMessageBufferBytes(httpBuffer(s.opts.Limits.MaxRecvMsgSize))),
 	)
 	if err != nil {
 		return fmt.Errorf("HTTP transcoder: %w", err)
 	}
-	s.web.handler = connectByDefault(t)
+	s.web.handler = s.httpGate(connectByDefault(t))
 	s.web.conns = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "twind_connections_total",
 		Help: "Connections accepted, by what they speak: grpc (served by grpc-go's own transport) or http (Connect, gRPC-Web, the console).",
@@ -165,7 +299,13 @@ func (s *Server) serve(l net.Listener) error {
 		conns, false, s.web.conns.WithLabelValues("grpc")}
 	httpL := handoff{m.Match(cmux.Any()), conns, true, s.web.conns.WithLabelValues("http")}
 	hs := &http.Server{
-		Handler:           s.web.handler,
+		Handler: withConnTLS(s.web.handler),
+		// Each HTTP connection has its own connState, as a gRPC one has,
+		// so that per-connection limits count its calls together; and
+		// its TLS state, for withConnTLS.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(context.WithValue(ctx, connKey{}, &connState{}), netConnKey{}, c)
+		},
 		ReadHeaderTimeout: 10 * time.Second,
 		MaxHeaderBytes:    s.opts.Limits.MaxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
@@ -251,6 +391,7 @@ func (t *sniffTracker) Accept() (net.Conn, error) {
 
 func (t *sniffTracker) track(c net.Conn) (net.Conn, error) {
 	tc := &trackedConn{Conn: c, t: t}
+	tc.routing.Store(true)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -283,6 +424,28 @@ func (t *sniffTracker) closeSniffing() {
 type trackedConn struct {
 	net.Conn
 	t *sniffTracker
+	// read counts the bytes read while the connection is routed: cmux
+	// keeps them all, so a client that sends much before its first
+	// request is cut off (maxSniffBytes).
+	read    int
+	routing atomic.Bool // false once routed
+}
+
+// maxSniffBytes bounds what a connection may send before its first
+// request: a client's preface and settings take a few hundred bytes.
+const maxSniffBytes = 64 << 10
+
+var errSniffTooLong = errors.New("the connection sent too much before its first request")
+
+func (c *trackedConn) Read(b []byte) (int, error) {
+	if !c.routing.Load() {
+		return c.Conn.Read(b)
+	}
+	n, err := c.Conn.Read(b)
+	if c.read += n; c.read > maxSniffBytes {
+		return n, errSniffTooLong
+	}
+	return n, err
 }
 
 func (c *trackedConn) Close() error {
@@ -307,6 +470,9 @@ func (h handoff) Accept() (net.Conn, error) {
 	}
 	if mc, ok := c.(*cmux.MuxConn); ok {
 		h.t.routed(mc.Conn)
+		if tc, ok := mc.Conn.(*trackedConn); ok {
+			tc.routing.Store(false)
+		}
 	}
 	h.accepted.Inc()
 	if h.http {

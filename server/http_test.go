@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -475,4 +476,66 @@ func writeFiles(files map[string][]byte) error {
 		}
 	}
 	return nil
+}
+
+// TestHTTPBadRequests: what a Connect or curl client gets wrong is an
+// error that says so, with the right code: a body that does not decode or
+// names an unknown field is INVALID_ARGUMENT (not INTERNAL), a method of a
+// real service called the wrong way says how to call it, a call without a
+// key is refused before its body is read, and an open server answers only
+// requests that name this machine.
+func TestHTTPBadRequests(t *testing.T) {
+	s := startHTTPServer(t, nil)
+	c := http.DefaultClient
+	if code, out := postJSON(t, c, s.url, "/twin.v1.TwinService/CreateTwin", `{"twin": {"id": "fridge-1"}}`); code != 200 {
+		t.Fatalf("CreateTwin = %d %v", code, out)
+	}
+	for _, body := range []string{`{"id": "fridge-1"`, `hello`, `{"id": 5}`, `{"id": "fridge-1", "patch": 5}`,
+		`{"id": "fridge-1", "patch": {}, "expected_version": "abc"}`, `{"id": "fridge-1", "patch": {"t": 1}, "expected_verison": 1}`} {
+		code, out := postJSON(t, c, s.url, "/twin.v1.TwinService/UpdateDesired", body)
+		if code != 400 || out["code"] != "invalid_argument" || !strings.Contains(fmt.Sprint(out["message"]), "UpdateDesiredRequest") {
+			t.Errorf("UpdateDesired with %s = %d %v; want 400 invalid_argument naming the request", body, code, out)
+		}
+	}
+	if tw, err := s.engine.Get("fridge-1"); err != nil || tw.Version != 1 {
+		t.Errorf("fridge-1 after the bad calls: %v, %v; want it untouched at version 1", tw, err)
+	}
+	// A real method called the wrong way.
+	for _, ct := range []string{"text/plain", ""} {
+		req, _ := http.NewRequest("POST", s.url+"/twin.v1.TwinService/GetTwin", strings.NewReader(`{"id": "fridge-1"}`))
+		if ct != "" {
+			req.Header.Set("Content-Type", ct)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnsupportedMediaType || !strings.Contains(string(b), "Content-Type: application/json") {
+			t.Errorf("GetTwin with Content-Type %q = %d %s; want 415 saying how to call it", ct, resp.StatusCode, b)
+		}
+	}
+	// No directory listing among the console's files.
+	if resp, err := c.Get(s.url + "/js/"); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("GET /js/ = %d; want 404", resp.StatusCode)
+	}
+	// An open server answers only requests that name this machine.
+	req, _ := http.NewRequest("POST", s.url+"/twin.v1.TwinService/GetTwin", strings.NewReader(`{"id": "fridge-1"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Host = "evil.example:80"
+	if resp, err := c.Do(req); err != nil {
+		t.Fatal(err)
+	} else if resp.Body.Close(); resp.StatusCode != http.StatusForbidden {
+		t.Errorf("a request for host evil.example to an open server = %d; want 403", resp.StatusCode)
+	}
+
+	// With keys, a call without one is refused before its body is read.
+	k := startHTTPServer(t, func(o *Options) { o.APIToken = "s3cret" })
+	big := `{"id": "fridge-1", "patch": {"x": "` + strings.Repeat("a", 10<<20) + `"}}`
+	if code, out := postJSON(t, c, k.url, "/twin.v1.TwinService/UpdateDesired", big); code != 401 || out["code"] != "unauthenticated" {
+		t.Errorf("a 10 MiB call without a key = %d %v; want 401 unauthenticated", code, out)
+	}
 }

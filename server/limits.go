@@ -169,6 +169,12 @@ type connState struct {
 type connTagger struct{}
 
 func (connTagger) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	if _, ok := ctx.Value(connKey{}).(*connState); ok {
+		// A call over HTTP (grpc-go tags each such call as a
+		// connection): the HTTP connection's state, which the HTTP
+		// server put in the request's context (http.go).
+		return ctx
+	}
 	return context.WithValue(ctx, connKey{}, &connState{})
 }
 func (connTagger) HandleConn(context.Context, stats.ConnStats)                     {}

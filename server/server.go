@@ -426,6 +426,7 @@ func (s *Server) shutdown() error {
 		t.Reset(s.opts.ShutdownTimeout)
 		select {
 		case <-stopped:
+			<-done // GracefulStop returns once Stop has
 			s.devices.readers.Wait()
 		case <-t.C:
 			// A handler ignores its cancellation: a bug, but the store

@@ -384,10 +384,13 @@ func (ts *twinService) ReportState(ctx context.Context, req *twinv1.ReportStateR
 				"(unknown twin or wrong token): a device reports for its own twin with the token from IssueDeviceToken", req.GetId())
 		}
 		tokenHash = hashToken(c.deviceToken) // checked again as the report applies
-	default:
+	case c.open:
 		if err := ts.s.checkDeviceReport(ctx, req.GetId()); err != nil {
 			return nil, err
 		}
+	default:
+		// The interceptor lets nobody else through; fail closed.
+		return nil, status.Error(codes.Unauthenticated, "this server requires an API key, a device token or a device certificate")
 	}
 	if !ts.s.reports.allow(req.GetId()) {
 		return nil, ts.s.status("ReportState", ts.s.reports.refusal(req.GetId()))

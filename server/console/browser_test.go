@@ -276,7 +276,7 @@ func TestConsole(t *testing.T) {
 		typeInto("#desired-json", `{"target_c": 4, "eco": true}`),
 		typeInto("#desired-expected", "1"),
 		submit("#desired-json"))
-	b.expect("status of 412")
+	b.expect("status of 400") // failed_precondition is HTTP 400 in the Connect protocol
 	b.waitFor("the conflict is explained", `document.querySelector('#desired-msg')?.innerText.includes('Someone else changed fridge-1')`, liveDeadline)
 	b.screenshot("twin-conflict")
 	b.do("desired edit", typeInto("#desired-expected", "0"), submit("#desired-json"))

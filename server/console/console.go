@@ -12,6 +12,8 @@ import (
 	"io/fs"
 	"net/http"
 	"slices"
+	"strconv"
+	"strings"
 )
 
 //go:embed static
@@ -53,6 +55,16 @@ func Handler(cfg Config) http.Handler {
 	}
 	fileServer := http.FileServerFS(files)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if svc, _, ok := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/"); ok && slices.Contains(cfg.Services, svc) {
+			// A method of a service the server has, in a form the
+			// transcoder did not take: say what it takes.
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnsupportedMediaType)
+			json.NewEncoder(w).Encode(map[string]string{"code": "invalid_argument",
+				"message": "call " + r.URL.Path + " with POST and Content-Type: application/json (a unary call, or application/connect+json " +
+					"for a server stream; gRPC-Web and gRPC work too); got " + r.Method + " with Content-Type " + strconv.Quote(r.Header.Get("Content-Type"))})
+			return
+		}
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			// An RPC to a service or method the server does not have:
 			// a Connect error, which Connect clients read from a 404 too.
@@ -60,6 +72,10 @@ func Handler(cfg Config) http.Handler {
 			w.WriteHeader(http.StatusNotFound)
 			json.NewEncoder(w).Encode(map[string]string{"code": "unimplemented",
 				"message": "no such service or method: " + r.URL.Path + " (paths are /<package>.<Service>/<Method>, e.g. /twin.v1.TwinService/GetTwin)"})
+			return
+		}
+		if r.URL.Path != "/" && strings.HasSuffix(r.URL.Path, "/") {
+			http.NotFound(w, r) // no directory listings
 			return
 		}
 		h := w.Header()

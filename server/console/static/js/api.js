@@ -39,7 +39,7 @@ function headers(contentType) {
 }
 
 const httpCodes = { 400: 'invalid_argument', 401: 'unauthenticated', 403: 'permission_denied', 404: 'unimplemented',
-  408: 'deadline_exceeded', 409: 'aborted', 412: 'failed_precondition', 429: 'resource_exhausted', 503: 'unavailable' };
+  408: 'deadline_exceeded', 409: 'aborted', 429: 'resource_exhausted', 503: 'unavailable' };
 
 function fail(code, message) {
   const err = new RPCError(code, message);
