@@ -21,6 +21,9 @@ import (
 // keys) decoded, without the token hash, which the log does not hold.
 func eventJSON(t *testing.T, ev *Event) any {
 	t.Helper()
+	if ev == nil {
+		t.Fatal("an event the watcher did not see")
+	}
 	c := *ev
 	if c.Twin != nil {
 		tw := *c.Twin
@@ -99,9 +102,10 @@ func TestLogChangesRebuildTwins(t *testing.T) {
 		wctx, stop := context.WithCancel(ctx)
 		var wg sync.WaitGroup
 		wg.Add(1)
+		from := e.Revision() + 1 // before any change of this phase
 		go func() {
 			defer wg.Done()
-			e.Watch(wctx, e.Revision()+1, func(ev *Event) error {
+			e.Watch(wctx, from, func(ev *Event) error {
 				mu.Lock()
 				published[ev.Revision] = ev
 				mu.Unlock()
