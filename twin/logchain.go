@@ -161,7 +161,10 @@ func diffObject(prev, next map[string]any, pm, nm map[string]FieldMeta, path []b
 			if !sameMeta {
 				return nil, false // a reader would keep the old metadata
 			}
-			if sameMap(po, no) && sameMap(pm, nm) {
+			if sameMap(po, no) {
+				// A merge copies every object it changes (mergeObject),
+				// and metadata changes only where it sets or removes: an
+				// object it kept has nothing changed under it.
 				continue
 			}
 			sub, ok := diffObject(po, no, pm, nm, p)
