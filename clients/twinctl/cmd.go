@@ -186,6 +186,9 @@ func (a *app) more(cmd *cobra.Command, shown int, what, next string) {
 	if next == "" || a.output == outJSON {
 		return
 	}
+	if shown == 1 {
+		what = strings.TrimSuffix(what, "s")
+	}
 	fmt.Fprintf(cmd.ErrOrStderr(), "twinctl: showing %d %s; there are more: raise --limit (0 for all) or go on with --page-token %s\n",
 		shown, what, next)
 }

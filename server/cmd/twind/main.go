@@ -85,7 +85,7 @@ func run(args []string) error {
 	fs.StringVar(&opts.APIKeysFile, "api-keys", envOr("TWIND_API_KEYS", ""), "file of API keys, one a line: '<role> <sha256 of the key, hex> <name>'; re-read on SIGHUP (env TWIND_API_KEYS)")
 	fs.StringVar(&opts.APIToken, "api-token", envOr("TWIND_API_TOKEN", ""), "an admin API key named api-token; visible in the process list, prefer --api-token-file (env TWIND_API_TOKEN)")
 	fs.StringVar(&opts.APITokenFile, "api-token-file", envOr("TWIND_API_TOKEN_FILE", ""), "file holding an admin API key named api-token; re-read on SIGHUP (env TWIND_API_TOKEN_FILE)")
-	fs.BoolVar(&opts.AllowOpenAPI, "allow-open-api", os.Getenv("TWIND_ALLOW_OPEN_API") == "true", "serve the operator API without API keys on an address other machines can reach (env TWIND_ALLOW_OPEN_API=true); without it twind refuses to")
+	fs.BoolVar(&opts.AllowOpenAPI, "allow-open-api", os.Getenv("TWIND_ALLOW_OPEN_API") == "true", "serve the operator API without API keys on an address other machines can reach (env TWIND_ALLOW_OPEN_API=true); without it twind refuses to start on such an address")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
 	finishLimits := limitFlags(fs, &opts)
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
