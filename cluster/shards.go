@@ -1,0 +1,269 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// The names a cluster's state goes under in JetStream.
+const (
+	// logStream holds every virtual shard's log, one subject a shard.
+	logStream = "TWIND_LOG"
+	// ownersBucket holds each virtual shard's owner and its lease.
+	ownersBucket = "twind_owners"
+)
+
+func logSubject(vs uint16) string { return "twind.log." + strconv.Itoa(int(vs)) }
+func ownerKey(vs uint16) string   { return "vs." + strconv.Itoa(int(vs)) }
+
+// Options configure the ownership of virtual shards.
+type Options struct {
+	// Node is this node's name.
+	Node string
+	// Replicas is how many nodes hold each write. Default 3.
+	Replicas int
+	// Lease is how long an owner owns a shard without renewing. Default 5s.
+	Lease time.Duration
+	// Drift is the margin for clocks that disagree: an owner stops
+	// serving that long before its lease runs out, and a node takes a
+	// shard that long after. Default a fifth of Lease.
+	Drift time.Duration
+	// Clock returns the time. Default time.Now; tests pause it.
+	Clock func() time.Time
+}
+
+func (o *Options) ensureDefaults() {
+	if o.Replicas <= 0 {
+		o.Replicas = 3
+	}
+	if o.Lease <= 0 {
+		o.Lease = 5 * time.Second
+	}
+	if o.Drift <= 0 {
+		o.Drift = o.Lease / 5
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+}
+
+// Errors of ownership.
+var (
+	// ErrOwned: another node owns the shard, under a lease that has not
+	// run out.
+	ErrOwned = errors.New("cluster: another node owns the shard")
+	// ErrLost: this node no longer owns the shard: its lease ran out, or
+	// another node took the shard over (its appends are fenced off). The
+	// node must stop serving the shard.
+	ErrLost = errors.New("cluster: this node no longer owns the shard")
+)
+
+// Shards manages which node owns each virtual shard, and appends to the
+// shards' logs under that ownership. It is safe for concurrent use.
+type Shards struct {
+	js   jetstream.JetStream
+	log  jetstream.Stream
+	kv   jetstream.KeyValue
+	opts Options
+}
+
+// Open makes (or finds) the replicated log and the owners' bucket.
+func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, error) {
+	o.ensureDefaults()
+	if o.Node == "" {
+		return nil, errors.New("cluster: Options.Node is required")
+	}
+	log, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:     logStream,
+		Subjects: []string{"twind.log.>"},
+		Storage:  jetstream.FileStorage,
+		Replicas: o.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: the log stream: %w", err)
+	}
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:   ownersBucket,
+		Storage:  jetstream.FileStorage,
+		Replicas: o.Replicas,
+		History:  1,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cluster: the owners' bucket: %w", err)
+	}
+	return &Shards{js: js, log: log, kv: kv, opts: o}, nil
+}
+
+// ownerRecord is the value of a shard's key in the owners' bucket.
+type ownerRecord struct {
+	Node    string `json:"node"`
+	Expires int64  `json:"expires"` // Unix nanoseconds, by the owner's clock
+}
+
+// fenceRecord is what a new owner appends to a shard's log before it
+// serves the shard: appends of the previous owner, which expect the log's
+// last sequence as it knew it, are refused from then on.
+type fenceRecord struct {
+	Fence string `json:"fence"` // the new owner
+}
+
+// Lease is this node's ownership of one virtual shard.
+type Lease struct {
+	s  *Shards
+	vs uint16
+
+	mu      sync.Mutex
+	rev     uint64    // the revision of the owner record this node wrote last
+	expires time.Time // by this node's clock
+	lastSeq uint64    // the shard subject's last sequence, as of this node's last append
+	lost    bool
+}
+
+// Acquire makes this node the owner of shard vs if it has no owner or its
+// owner's lease ran out, and fences the shard's log. It fails with
+// ErrOwned if another node owns it.
+func (s *Shards) Acquire(ctx context.Context, vs uint16) (*Lease, error) {
+	now := s.opts.Clock()
+	key := ownerKey(vs)
+	rec, err := json.Marshal(ownerRecord{Node: s.opts.Node, Expires: now.Add(s.opts.Lease).UnixNano()})
+	if err != nil {
+		return nil, err
+	}
+	var rev uint64
+	switch e, err := s.kv.Get(ctx, key); {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		rev, err = s.kv.Create(ctx, key, rec)
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			return nil, fmt.Errorf("%w: shard %d was taken just now", ErrOwned, vs)
+		}
+		if err != nil {
+			return nil, err
+		}
+	case err != nil:
+		return nil, err
+	default:
+		var cur ownerRecord
+		if err := json.Unmarshal(e.Value(), &cur); err != nil {
+			return nil, fmt.Errorf("cluster: the owner record of shard %d: %w", vs, err)
+		}
+		if until := time.Unix(0, cur.Expires).Add(s.opts.Drift); cur.Node != s.opts.Node && now.Before(until) {
+			return nil, fmt.Errorf("%w: node %s owns shard %d until %s", ErrOwned, cur.Node, vs, until.Format(time.RFC3339Nano))
+		}
+		rev, err = s.kv.Update(ctx, key, rec, e.Revision())
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			return nil, fmt.Errorf("%w: shard %d was taken just now", ErrOwned, vs)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	l := &Lease{s: s, vs: vs, rev: rev, expires: now.Add(s.opts.Lease)}
+	if err := l.fence(ctx); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// fence appends a fence record to the shard's log, expecting the log's
+// last sequence as it is now: from then on, an append of the previous
+// owner, which expects the sequence it last knew, is refused. Without
+// it, a paused old owner of an idle shard would find its expected
+// sequence still current.
+func (l *Lease) fence(ctx context.Context) error {
+	rec, err := json.Marshal(fenceRecord{Fence: l.s.opts.Node})
+	if err != nil {
+		return err
+	}
+	subject := logSubject(l.vs)
+	for range 10 {
+		var last uint64
+		m, err := l.s.log.GetLastMsgForSubject(ctx, subject)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+		case err != nil:
+			return err
+		default:
+			last = m.Sequence
+		}
+		ack, err := l.s.js.Publish(ctx, subject, rec, jetstream.WithExpectLastSequencePerSubject(last))
+		if wrongLastSequence(err) {
+			continue // the old owner appended in between: read again
+		}
+		if err != nil {
+			return fmt.Errorf("cluster: fence shard %d: %w", l.vs, err)
+		}
+		l.lastSeq = ack.Sequence
+		return nil
+	}
+	return fmt.Errorf("cluster: fence shard %d: the log kept moving under the fence", l.vs)
+}
+
+// Valid reports whether the lease lets this node serve the shard now: it
+// has not been lost and runs for longer than the drift margin.
+func (l *Lease) Valid() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return !l.lost && l.s.opts.Clock().Before(l.expires.Add(-l.s.opts.Drift))
+}
+
+// Renew extends the lease. It fails with ErrLost if another node has
+// taken the shard over.
+func (l *Lease) Renew(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.lost {
+		return ErrLost
+	}
+	now := l.s.opts.Clock()
+	rec, err := json.Marshal(ownerRecord{Node: l.s.opts.Node, Expires: now.Add(l.s.opts.Lease).UnixNano()})
+	if err != nil {
+		return err
+	}
+	rev, err := l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
+	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+		l.lost = true
+		return fmt.Errorf("%w: shard %d was taken over", ErrLost, l.vs)
+	}
+	if err != nil {
+		return err
+	}
+	l.rev, l.expires = rev, now.Add(l.s.opts.Lease)
+	return nil
+}
+
+// Append appends data to the shard's log, fenced: it succeeds only if the
+// log's last entry is still this node's last append (or its fence). It
+// fails with ErrLost, and the lease is lost for good, once another node
+// has taken the shard over, or when the lease has run out.
+func (l *Lease) Append(ctx context.Context, data []byte) (seq uint64, err error) {
+	if !l.Valid() {
+		return 0, fmt.Errorf("%w: the lease of shard %d ran out", ErrLost, l.vs)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ack, err := l.s.js.Publish(ctx, logSubject(l.vs), data, jetstream.WithExpectLastSequencePerSubject(l.lastSeq))
+	if wrongLastSequence(err) {
+		l.lost = true
+		return 0, fmt.Errorf("%w: shard %d's log was fenced by a new owner", ErrLost, l.vs)
+	}
+	if err != nil {
+		return 0, err
+	}
+	l.lastSeq = ack.Sequence
+	return ack.Sequence, nil
+}
+
+// wrongLastSequence reports whether a publish was refused because the
+// subject's last sequence was not the one expected.
+func wrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) &&
+		(apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
