@@ -122,6 +122,13 @@ func (ts *twinService) ImportTwins(stream twinv1.TwinService_ImportTwinsServer) 
 			}
 			resp.RulesImported++
 		}
+		for _, k := range b.keys {
+			if err := ts.s.keys.restore(k.rec.GetName(), []byte(k.rec.GetDefinitionJson()), opts.Upsert); err != nil {
+				resp.Errors = append(resp.Errors, keyImportError(k.line, k.index, k.rec.GetName(), err))
+				continue
+			}
+			resp.KeysImported++
+		}
 		p, err := ts.s.engine.StartImport(ctx, b.items, opts)
 		if err != nil {
 			return ts.s.streamStatus(method, ctx, err)
@@ -185,6 +192,7 @@ type importBatch struct {
 	items []twin.ImportItem
 	src   []itemSource // by item
 	rules []ruleItem
+	keys  []keyItem
 }
 
 type itemSource struct {
@@ -195,6 +203,22 @@ type itemSource struct {
 type ruleItem struct {
 	line int64
 	def  string
+}
+
+// keyItem is an API key to import, and where it came from.
+type keyItem struct {
+	line  int64
+	index int32
+	rec   *twinv1.KeyRecord
+}
+
+// keyImportError describes a refused API key.
+func keyImportError(line int64, index int32, name string, err error) *twinv1.ImportError {
+	st := status.Convert(err)
+	if _, ok := status.FromError(err); !ok {
+		st = status.New(codes.InvalidArgument, err.Error())
+	}
+	return &twinv1.ImportError{Line: line, Index: index, Id: name, Key: true, Code: codeName(st.Code()), Message: st.Message()}
 }
 
 // importError describes one refused item.
@@ -222,6 +246,9 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 	for _, r := range req.GetRules() {
 		b.rules = append(b.rules, ruleItem{def: r.GetDefinitionJson()})
 	}
+	for i, k := range req.GetKeys() {
+		b.keys = append(b.keys, keyItem{index: int32(i), rec: k})
+	}
 	for i, r := range req.GetTwins() {
 		it, err := importItem(r)
 		if err != nil {
@@ -236,6 +263,7 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 		line int64
 		it   twin.ImportItem
 		rule *twinv1.RuleRecord
+		key  *twinv1.KeyRecord
 		id   string
 		err  error
 	}
@@ -258,13 +286,17 @@ func (ts *twinService) parseBatch(req *twinv1.ImportTwinsRequest, line *int64, r
 	parallel.Ranges(len(lines), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			p := &lines[i]
-			p.it, p.rule, p.id, p.err = parseLine(text[i])
+			p.it, p.rule, p.key, p.id, p.err = parseLine(text[i])
 		}
 	})
 	for _, p := range lines {
 		switch {
+		case p.err != nil && p.key != nil:
+			resp.Errors = append(resp.Errors, keyImportError(p.line, 0, p.id, p.err))
 		case p.err != nil:
 			resp.Errors = append(resp.Errors, ts.importError(p.line, 0, p.id, p.rule != nil, p.err))
+		case p.key != nil:
+			b.keys = append(b.keys, keyItem{line: p.line, rec: p.key})
 		case p.rule != nil:
 			b.rules = append(b.rules, ruleItem{line: p.line, def: p.rule.GetDefinitionJson()})
 		case p.it.Twin != nil:
@@ -308,6 +340,7 @@ type jsonTwin struct {
 
 	// The other kinds of line.
 	Rule   json.RawMessage `json:"rule"`
+	Key    json.RawMessage `json:"key"`
 	Export json.RawMessage `json:"export"`
 }
 
@@ -364,7 +397,7 @@ var ndjsonRecord = protojson.UnmarshalOptions{}
 // export header (skipped: nothing returned). Lines in the form twinctl
 // export writes (the .proto's field names) take a fast path; others, such
 // as protobuf JSON with lowerCamelCase names, are read as protobuf JSON.
-func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string, err error) {
+func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, key *twinv1.KeyRecord, id string, err error) {
 	var j jsonTwin
 	d := json.NewDecoder(bytes.NewReader(l))
 	d.DisallowUnknownFields()
@@ -372,30 +405,36 @@ func parseLine(l []byte) (it twin.ImportItem, rule *twinv1.RuleRecord, id string
 		var syn *json.SyntaxError
 		if !errors.As(err, &syn) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
 			if it, id, ok := parseProtoLine(l); ok {
-				return it, nil, id, nil
+				return it, nil, nil, id, nil
 			}
 		}
-		return it, nil, "", fmt.Errorf("%w: %v; each line must be one JSON object: a twin ({\"id\": ..., \"type\": ..., "+
-			"\"reported\": {...}, \"desired\": {...}}), a twin record ({\"twin\": {...}, ...}, as an export writes) or {\"rule\": {...}}",
+		return it, nil, nil, "", fmt.Errorf("%w: %v; each line must be one JSON object: a twin ({\"id\": ..., \"type\": ..., "+
+			"\"reported\": {...}, \"desired\": {...}}), a twin record ({\"twin\": {...}, ...}, as an export writes), {\"rule\": {...}} or {\"key\": {...}}",
 			twin.ErrInvalidArgument, jsonError(err))
 	}
 	if d.More() {
-		return it, nil, j.ID, fmt.Errorf("%w: more than one JSON value on the line; put each twin on a line of its own", twin.ErrInvalidArgument)
+		return it, nil, nil, j.ID, fmt.Errorf("%w: more than one JSON value on the line; put each twin on a line of its own", twin.ErrInvalidArgument)
 	}
 	switch {
 	case j.Export != nil:
-		return it, nil, "", nil
+		return it, nil, nil, "", nil
 	case j.Rule != nil:
 		rule = &twinv1.RuleRecord{}
 		if err := ndjsonRecord.Unmarshal(j.Rule, rule); err != nil {
-			return it, rule, "", fmt.Errorf("%w: rule: %v", twin.ErrInvalidArgument, err)
+			return it, rule, nil, "", fmt.Errorf("%w: rule: %v", twin.ErrInvalidArgument, err)
 		}
-		return it, rule, rule.GetId(), nil
+		return it, rule, nil, rule.GetId(), nil
+	case j.Key != nil:
+		key = &twinv1.KeyRecord{}
+		if err := ndjsonRecord.Unmarshal(j.Key, key); err != nil {
+			return it, nil, key, "", fmt.Errorf("%w: key: %v", twin.ErrInvalidArgument, err)
+		}
+		return it, nil, key, key.GetName(), nil
 	case j.Twin != nil:
 		it, err = j.record()
-		return it, nil, j.Twin.ID, err
+		return it, nil, nil, j.Twin.ID, err
 	}
-	return twin.ImportItem{Twin: j.twin()}, nil, j.ID, nil
+	return twin.ImportItem{Twin: j.twin()}, nil, nil, j.ID, nil
 }
 
 // parseProtoLine reads a line as a TwinRecord or a Twin in protobuf's JSON
@@ -653,6 +692,10 @@ func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1
 			msg.Rules = append(msg.Rules, &twinv1.RuleRecord{Id: it.RuleID, DefinitionJson: string(it.RuleDef)})
 			return nil
 		}
+		if it.KeyName != "" {
+			msg.Keys = append(msg.Keys, &twinv1.KeyRecord{Name: it.KeyName, DefinitionJson: string(it.KeyDef)})
+			return nil
+		}
 		r := twinRecord(it)
 		n := proto.Size(r)
 		if len(msg.Twins) > 0 && msgBytes+n > exportMessageBytes {
@@ -667,7 +710,7 @@ func (ts *twinService) ExportTwins(req *twinv1.ExportTwinsRequest, stream twinv1
 		}
 		return nil
 	})
-	if err == nil && (len(msg.Twins) > 0 || len(msg.Rules) > 0 || !sent) {
+	if err == nil && (len(msg.Twins) > 0 || len(msg.Rules) > 0 || len(msg.Keys) > 0 || !sent) {
 		err = flush() // the rest; for an empty store, the header alone
 	}
 	return ts.s.streamStatus(method, ctx, err)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -357,4 +358,79 @@ func compactLine(t *testing.T, b []byte) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// TestExportRestoreKeys: API keys made through the API go into an export
+// and come back with its import, so that a restored server takes the same
+// keys; keys of the flag stay with the server's flags.
+func TestExportRestoreKeys(t *testing.T) {
+	s := startServer(t, nil, func(o *Options) { o.APIToken = "root" })
+	keys := twinv1.NewKeyServiceClient(s.conn)
+	ops, err := keys.CreateKey(as("root"), &twinv1.CreateKeyRequest{Name: "ops", Role: twinv1.Role_ROLE_OPERATOR})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := s.twins.ExportTwins(as("root"), &twinv1.ExportTwinsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var exported []*twinv1.KeyRecord
+	for {
+		m, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		exported = append(exported, m.GetKeys()...)
+	}
+	if len(exported) != 1 || exported[0].GetName() != "ops" || strings.Contains(exported[0].GetDefinitionJson(), ops.GetSecret()) {
+		t.Fatalf("exported keys %v; want ops alone, without its secret", exported)
+	}
+
+	r := startServer(t, nil, func(o *Options) { o.APIToken = "root2" })
+	imp := func(req *twinv1.ImportTwinsRequest) *twinv1.ImportTwinsResponse {
+		t.Helper()
+		st, err := r.twins.ImportTwins(as("root2"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.CloseSend()
+		for {
+			if _, err := st.Recv(); err != nil {
+				break
+			}
+		}
+		return resp
+	}
+	if resp := imp(&twinv1.ImportTwinsRequest{Keys: exported}); resp.GetKeysImported() != 1 || len(resp.GetErrors()) != 0 {
+		t.Fatalf("import of the keys = %v", resp)
+	}
+	if _, err := r.twins.ListTwins(as(ops.GetSecret()), &twinv1.ListTwinsRequest{}); err != nil {
+		t.Errorf("the restored key on the new server: %v", err)
+	}
+	if _, err := r.twins.CreateTwin(as(ops.GetSecret()), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "x"}}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("the restored operator key creating a twin = %v; want PERMISSION_DENIED (its role came with it)", err)
+	}
+	// Again: refused without upsert, taken with it; as an NDJSON line too.
+	resp := imp(&twinv1.ImportTwinsRequest{Keys: exported})
+	if len(resp.GetErrors()) != 1 || !resp.GetErrors()[0].GetKey() || resp.GetErrors()[0].GetCode() != "ALREADY_EXISTS" {
+		t.Errorf("importing an existing key without upsert = %v; want ALREADY_EXISTS for the key", resp)
+	}
+	line := `{"key": {"name": "ops", "definition_json": ` + strconv.Quote(exported[0].GetDefinitionJson()) + `}}` + "\n"
+	if resp := imp(&twinv1.ImportTwinsRequest{Upsert: true, Ndjson: []byte(line)}); resp.GetKeysImported() != 1 || len(resp.GetErrors()) != 0 {
+		t.Errorf("importing the key as an NDJSON line with upsert = %v", resp)
+	}
+	bad := imp(&twinv1.ImportTwinsRequest{Keys: []*twinv1.KeyRecord{{Name: "bad", DefinitionJson: `{"role": "king"}`}, {Name: "api-token", DefinitionJson: exported[0].GetDefinitionJson()}}})
+	if len(bad.GetErrors()) != 2 || bad.GetErrors()[0].GetCode() != "INVALID_ARGUMENT" || bad.GetErrors()[1].GetCode() != "FAILED_PRECONDITION" {
+		t.Errorf("importing a bad key record and one named as the flag's key = %v; want INVALID_ARGUMENT and FAILED_PRECONDITION", bad)
+	}
 }

@@ -393,6 +393,56 @@ func (kr *keyring) create(name string, r role) (*apiKey, string, error) {
 	return k, secret, nil
 }
 
+// restore puts in force a key that an export carried (KeyRecord): its
+// name and stored record. A key of that name made through the API is
+// replaced only with upsert; a key of the file or the flag never is.
+func (kr *keyring) restore(name string, def []byte, upsert bool) error {
+	if !keyNameRE.MatchString(name) {
+		return status.Errorf(codes.InvalidArgument, "key name %.70q is not 1-64 characters of [A-Za-z0-9._@-]", name)
+	}
+	var rec keyRecord
+	r, okRole := roleNone, false
+	var d []byte
+	err := json.Unmarshal(def, &rec)
+	if err == nil {
+		r, okRole = parseRole(rec.Role)
+		d, err = hex.DecodeString(rec.SHA256)
+	}
+	if err != nil || !okRole || len(d) != sha256.Size {
+		return status.Errorf(codes.InvalidArgument, "key %q: the record %.100q is not a key as an export writes it "+
+			`({"role": "viewer|operator|provisioner|admin", "sha256": "<64 hex digits>", "create_time": ...})`, name, def)
+	}
+	k := &apiKey{name: name, role: r, source: fromAPI, created: rec.CreateTime}
+	copy(k.digest[:], d)
+	kr.mu.Lock()
+	defer kr.mu.Unlock()
+	cur := kr.current()
+	old := cur.byName(name)
+	switch {
+	case old != nil && old.source != fromAPI:
+		return status.Errorf(codes.FailedPrecondition, "key %q is %s here; rename one of them", name, old.sourceText())
+	case old != nil && !upsert:
+		return status.Errorf(codes.AlreadyExists, "a key named %q exists already; import with upsert to replace it", name)
+	}
+	for _, o := range cur.keys {
+		if o.digest == k.digest && o.name != name {
+			return status.Errorf(codes.AlreadyExists, "key %q is the same key as %q, which exists already", name, o.name)
+		}
+	}
+	b, err := json.Marshal(keyRecord{Role: r.String(), SHA256: hex.EncodeToString(k.digest[:]), CreateTime: k.created})
+	if err != nil {
+		return err
+	}
+	if err := kr.store.PutAPIKey(name, b); err != nil {
+		return err
+	}
+	keys := slices.DeleteFunc(slices.Clone(cur.keys), func(o *apiKey) bool { return o == old })
+	keys = append(keys, k)
+	slices.SortFunc(keys, func(a, b *apiKey) int { return strings.Compare(a.name, b.name) })
+	kr.install(&keySet{keys: keys})
+	return nil
+}
+
 // revoke deletes a key made through the API; it stops working at once.
 func (kr *keyring) revoke(name string) error {
 	kr.mu.Lock()

@@ -636,6 +636,10 @@ type ExportItem struct {
 	// stores it (see PutRule).
 	RuleID  string
 	RuleDef []byte
+	// KeyName and KeyDef are an API key made through the API, as the
+	// server stores it (see PutAPIKey).
+	KeyName string
+	KeyDef  []byte
 }
 
 // Export is a consistent, durable view of the whole store for a backup.
@@ -710,7 +714,8 @@ func (x *Export) Close() error {
 	return err
 }
 
-// Each calls fn with every rule definition, then every twin with its
+// Each calls fn with every rule definition, every API key made through the
+// API, then every twin with its
 // commands and rule states, shard by shard, until fn returns an error, ctx
 // is done or the engine closes. It holds one twin's records in memory at a
 // time. The item passed to fn is valid only during the call.
@@ -722,6 +727,19 @@ func (x *Export) Each(ctx context.Context, fn func(*ExportItem) error) error {
 	}
 	for it.First(); it.Valid(); it.Next() {
 		item := &ExportItem{RuleID: string(it.Key()[len(prefixRules):]), RuleDef: slices.Clone(it.Value())}
+		if err := fn(item); err != nil {
+			it.Close()
+			return err
+		}
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return err
+	}
+	if it, err = x.snap.NewIter(&pebble.IterOptions{LowerBound: prefixAPIKeys, UpperBound: prefixEnd(prefixAPIKeys)}); err != nil {
+		return err
+	}
+	for it.First(); it.Valid(); it.Next() {
+		item := &ExportItem{KeyName: string(it.Key()[len(prefixAPIKeys):]), KeyDef: slices.Clone(it.Value())}
 		if err := fn(item); err != nil {
 			it.Close()
 			return err

@@ -147,8 +147,11 @@ func importErrorText(name string, e *twinv1.ImportError) string {
 	}
 	if e.GetId() != "" {
 		what := "twin"
-		if e.GetRule() {
+		switch {
+		case e.GetRule():
 			what = "rule"
+		case e.GetKey():
+			what = "key"
 		}
 		where += fmt.Sprintf(" (%s %s)", what, e.GetId())
 	}
@@ -392,6 +395,13 @@ unless --quiet.`,
 						return err
 					}
 					fmt.Fprintf(w, "{\"rule\":%s}\n", compactJSON(b))
+				}
+				for _, k := range m.GetKeys() {
+					b, err := mo.Marshal(k)
+					if err != nil {
+						return err
+					}
+					fmt.Fprintf(w, "{\"key\":%s}\n", compactJSON(b))
 				}
 				// protojson is most of an export's cost: lines are
 				// written side by side, then in order.

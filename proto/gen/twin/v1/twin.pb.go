@@ -1704,6 +1704,10 @@ type ImportTwinsRequest struct {
 	// Rule definitions to import (applied before the twins of the batch).
 	// Errors name them by their index here, with rule set.
 	Rules []*RuleRecord `protobuf:"bytes,4,rep,name=rules,proto3" json:"rules,omitempty"`
+	// API keys made with KeyService.CreateKey, as an export carries them
+	// (applied before the twins of the batch). Errors name them by their
+	// index here, with key set.
+	Keys []*KeyRecord `protobuf:"bytes,6,rep,name=keys,proto3" json:"keys,omitempty"`
 	// NDJSON: whole lines, each a JSON object, one of
 	//
 	//	a Twin in its JSON form: {"id": ..., "type": ..., "labels": {...},
@@ -1713,6 +1717,7 @@ type ImportTwinsRequest struct {
 	//	  "tombstones": {...}, "command_sequence": ..., "commands": [...],
 	//	  "rule_states": [...]}, as `twinctl export` writes;
 	//	{"rule": RuleRecord};
+	//	{"key": KeyRecord};
 	//	{"export": ExportHeader}, which is skipped.
 	//
 	// Empty lines are skipped. Lines are numbered from 1 across the whole
@@ -1780,6 +1785,13 @@ func (x *ImportTwinsRequest) GetRules() []*RuleRecord {
 	return nil
 }
 
+func (x *ImportTwinsRequest) GetKeys() []*KeyRecord {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
 func (x *ImportTwinsRequest) GetNdjson() []byte {
 	if x != nil {
 		return x.Ndjson
@@ -1809,7 +1821,9 @@ type ImportTwinsResponse struct {
 	Done bool `protobuf:"varint,7,opt,name=done,proto3" json:"done,omitempty"`
 	// With done: the revision of the import's TWIN_EVENT_KIND_IMPORTED
 	// event, or 0 if nothing was imported.
-	Revision      int64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision int64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	// How many API keys of the batch were imported.
+	KeysImported  int64 `protobuf:"varint,9,opt,name=keys_imported,json=keysImported,proto3" json:"keys_imported,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1900,6 +1914,13 @@ func (x *ImportTwinsResponse) GetRevision() int64 {
 	return 0
 }
 
+func (x *ImportTwinsResponse) GetKeysImported() int64 {
+	if x != nil {
+		return x.KeysImported
+	}
+	return 0
+}
+
 // ImportError says why one item of an import was refused.
 type ImportError struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1916,7 +1937,9 @@ type ImportError struct {
 	// What is wrong and what to do about it.
 	Message string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
 	// The item is a rule, not a twin.
-	Rule          bool `protobuf:"varint,6,opt,name=rule,proto3" json:"rule,omitempty"`
+	Rule bool `protobuf:"varint,6,opt,name=rule,proto3" json:"rule,omitempty"`
+	// The item is an API key, not a twin; id is its name.
+	Key           bool `protobuf:"varint,7,opt,name=key,proto3" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1989,6 +2012,13 @@ func (x *ImportError) GetMessage() string {
 func (x *ImportError) GetRule() bool {
 	if x != nil {
 		return x.Rule
+	}
+	return false
+}
+
+func (x *ImportError) GetKey() bool {
+	if x != nil {
+		return x.Key
 	}
 	return false
 }
@@ -2245,6 +2275,65 @@ func (x *RuleRecord) GetDefinitionJson() string {
 	return ""
 }
 
+// KeyRecord is an API key made with KeyService.CreateKey as the server
+// stores it: its name, and its role, the SHA-256 of its secret and when it
+// was made, so that a restored server takes the same keys. Keys of
+// --api-keys and --api-token are not exported: they come with the server's
+// files.
+type KeyRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The stored record: a JSON object, opaque to clients.
+	DefinitionJson string `protobuf:"bytes,2,opt,name=definition_json,json=definitionJson,proto3" json:"definition_json,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *KeyRecord) Reset() {
+	*x = KeyRecord{}
+	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyRecord) ProtoMessage() {}
+
+func (x *KeyRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyRecord.ProtoReflect.Descriptor instead.
+func (*KeyRecord) Descriptor() ([]byte, []int) {
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *KeyRecord) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *KeyRecord) GetDefinitionJson() string {
+	if x != nil {
+		return x.DefinitionJson
+	}
+	return ""
+}
+
 // ExportTwinsRequest is the request of TwinService.ExportTwins.
 type ExportTwinsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2257,7 +2346,7 @@ type ExportTwinsRequest struct {
 
 func (x *ExportTwinsRequest) Reset() {
 	*x = ExportTwinsRequest{}
-	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	mi := &file_twin_v1_twin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2269,7 +2358,7 @@ func (x *ExportTwinsRequest) String() string {
 func (*ExportTwinsRequest) ProtoMessage() {}
 
 func (x *ExportTwinsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_twin_v1_twin_proto_msgTypes[31]
+	mi := &file_twin_v1_twin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2282,7 +2371,7 @@ func (x *ExportTwinsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportTwinsRequest.ProtoReflect.Descriptor instead.
 func (*ExportTwinsRequest) Descriptor() ([]byte, []int) {
-	return file_twin_v1_twin_proto_rawDescGZIP(), []int{31}
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ExportTwinsRequest) GetBatchSize() int32 {
@@ -2300,14 +2389,17 @@ type ExportTwinsResponse struct {
 	// Twins, in no particular order.
 	Twins []*TwinRecord `protobuf:"bytes,2,rep,name=twins,proto3" json:"twins,omitempty"`
 	// Rule definitions; all of them come before the first twin.
-	Rules         []*RuleRecord `protobuf:"bytes,3,rep,name=rules,proto3" json:"rules,omitempty"`
+	Rules []*RuleRecord `protobuf:"bytes,3,rep,name=rules,proto3" json:"rules,omitempty"`
+	// API keys made with KeyService.CreateKey; all of them come before the
+	// first twin.
+	Keys          []*KeyRecord `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExportTwinsResponse) Reset() {
 	*x = ExportTwinsResponse{}
-	mi := &file_twin_v1_twin_proto_msgTypes[32]
+	mi := &file_twin_v1_twin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2319,7 +2411,7 @@ func (x *ExportTwinsResponse) String() string {
 func (*ExportTwinsResponse) ProtoMessage() {}
 
 func (x *ExportTwinsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_twin_v1_twin_proto_msgTypes[32]
+	mi := &file_twin_v1_twin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2332,7 +2424,7 @@ func (x *ExportTwinsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportTwinsResponse.ProtoReflect.Descriptor instead.
 func (*ExportTwinsResponse) Descriptor() ([]byte, []int) {
-	return file_twin_v1_twin_proto_rawDescGZIP(), []int{32}
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ExportTwinsResponse) GetHeader() *ExportHeader {
@@ -2356,6 +2448,13 @@ func (x *ExportTwinsResponse) GetRules() []*RuleRecord {
 	return nil
 }
 
+func (x *ExportTwinsResponse) GetKeys() []*KeyRecord {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
 // ExportHeader describes an export.
 type ExportHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2370,7 +2469,7 @@ type ExportHeader struct {
 
 func (x *ExportHeader) Reset() {
 	*x = ExportHeader{}
-	mi := &file_twin_v1_twin_proto_msgTypes[33]
+	mi := &file_twin_v1_twin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2382,7 +2481,7 @@ func (x *ExportHeader) String() string {
 func (*ExportHeader) ProtoMessage() {}
 
 func (x *ExportHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_twin_v1_twin_proto_msgTypes[33]
+	mi := &file_twin_v1_twin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2395,7 +2494,7 @@ func (x *ExportHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExportHeader.ProtoReflect.Descriptor instead.
 func (*ExportHeader) Descriptor() ([]byte, []int) {
-	return file_twin_v1_twin_proto_rawDescGZIP(), []int{33}
+	return file_twin_v1_twin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ExportHeader) GetRevision() int64 {
@@ -2528,13 +2627,14 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x17IssueDeviceTokenRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"0\n" +
 	"\x18IssueDeviceTokenResponse\x12\x14\n" +
-	"\x05token\x18\x01 \x01(\tR\x05token\"\xbf\x01\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\"\xe7\x01\n" +
 	"\x12ImportTwinsRequest\x12\x16\n" +
 	"\x06upsert\x18\x01 \x01(\bR\x06upsert\x12#\n" +
 	"\rkeep_versions\x18\x02 \x01(\bR\fkeepVersions\x12)\n" +
 	"\x05twins\x18\x03 \x03(\v2\x13.twin.v1.TwinRecordR\x05twins\x12)\n" +
-	"\x05rules\x18\x04 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\x12\x16\n" +
-	"\x06ndjson\x18\x05 \x01(\fR\x06ndjson\"\x96\x02\n" +
+	"\x05rules\x18\x04 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\x12&\n" +
+	"\x04keys\x18\x06 \x03(\v2\x12.twin.v1.KeyRecordR\x04keys\x12\x16\n" +
+	"\x06ndjson\x18\x05 \x01(\fR\x06ndjson\"\xbb\x02\n" +
 	"\x13ImportTwinsResponse\x12\x14\n" +
 	"\x05batch\x18\x01 \x01(\x03R\x05batch\x12\x1a\n" +
 	"\bimported\x18\x02 \x01(\x03R\bimported\x12%\n" +
@@ -2543,14 +2643,16 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\x0etotal_imported\x18\x05 \x01(\x03R\rtotalImported\x12!\n" +
 	"\ftotal_failed\x18\x06 \x01(\x03R\vtotalFailed\x12\x12\n" +
 	"\x04done\x18\a \x01(\bR\x04done\x12\x1a\n" +
-	"\brevision\x18\b \x01(\x03R\brevision\"\x89\x01\n" +
+	"\brevision\x18\b \x01(\x03R\brevision\x12#\n" +
+	"\rkeys_imported\x18\t \x01(\x03R\fkeysImported\"\x9b\x01\n" +
 	"\vImportError\x12\x12\n" +
 	"\x04line\x18\x01 \x01(\x03R\x04line\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x05R\x05index\x12\x0e\n" +
 	"\x02id\x18\x03 \x01(\tR\x02id\x12\x12\n" +
 	"\x04code\x18\x04 \x01(\tR\x04code\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12\x12\n" +
-	"\x04rule\x18\x06 \x01(\bR\x04rule\"\xe0\x02\n" +
+	"\x04rule\x18\x06 \x01(\bR\x04rule\x12\x10\n" +
+	"\x03key\x18\a \x01(\bR\x03key\"\xe0\x02\n" +
 	"\n" +
 	"TwinRecord\x12!\n" +
 	"\x04twin\x18\x01 \x01(\v2\r.twin.v1.TwinR\x04twin\x12\x1d\n" +
@@ -2579,14 +2681,18 @@ const file_twin_v1_twin_proto_rawDesc = "" +
 	"\n" +
 	"RuleRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12'\n" +
+	"\x0fdefinition_json\x18\x02 \x01(\tR\x0edefinitionJson\"H\n" +
+	"\tKeyRecord\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
 	"\x0fdefinition_json\x18\x02 \x01(\tR\x0edefinitionJson\"3\n" +
 	"\x12ExportTwinsRequest\x12\x1d\n" +
 	"\n" +
-	"batch_size\x18\x01 \x01(\x05R\tbatchSize\"\x9a\x01\n" +
+	"batch_size\x18\x01 \x01(\x05R\tbatchSize\"\xc2\x01\n" +
 	"\x13ExportTwinsResponse\x12-\n" +
 	"\x06header\x18\x01 \x01(\v2\x15.twin.v1.ExportHeaderR\x06header\x12)\n" +
 	"\x05twins\x18\x02 \x03(\v2\x13.twin.v1.TwinRecordR\x05twins\x12)\n" +
-	"\x05rules\x18\x03 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\"Z\n" +
+	"\x05rules\x18\x03 \x03(\v2\x13.twin.v1.RuleRecordR\x05rules\x12&\n" +
+	"\x04keys\x18\x04 \x03(\v2\x12.twin.v1.KeyRecordR\x04keys\"Z\n" +
 	"\fExportHeader\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time*\xfe\x01\n" +
@@ -2630,7 +2736,7 @@ func file_twin_v1_twin_proto_rawDescGZIP() []byte {
 }
 
 var file_twin_v1_twin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_twin_v1_twin_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_twin_v1_twin_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_twin_v1_twin_proto_goTypes = []any{
 	(TwinEventKind)(0),               // 0: twin.v1.TwinEventKind
 	(*Twin)(nil),                     // 1: twin.v1.Twin
@@ -2664,92 +2770,95 @@ var file_twin_v1_twin_proto_goTypes = []any{
 	(*TwinRecord)(nil),               // 29: twin.v1.TwinRecord
 	(*RuleState)(nil),                // 30: twin.v1.RuleState
 	(*RuleRecord)(nil),               // 31: twin.v1.RuleRecord
-	(*ExportTwinsRequest)(nil),       // 32: twin.v1.ExportTwinsRequest
-	(*ExportTwinsResponse)(nil),      // 33: twin.v1.ExportTwinsResponse
-	(*ExportHeader)(nil),             // 34: twin.v1.ExportHeader
-	nil,                              // 35: twin.v1.Twin.LabelsEntry
-	nil,                              // 36: twin.v1.TwinMetadata.ReportedEntry
-	nil,                              // 37: twin.v1.TwinMetadata.DesiredEntry
-	nil,                              // 38: twin.v1.UpdateTwinRequest.LabelsEntry
-	nil,                              // 39: twin.v1.TwinRecord.TombstonesEntry
-	(*structpb.Struct)(nil),          // 40: google.protobuf.Struct
-	(*timestamppb.Timestamp)(nil),    // 41: google.protobuf.Timestamp
-	(*Command)(nil),                  // 42: twin.v1.Command
+	(*KeyRecord)(nil),                // 32: twin.v1.KeyRecord
+	(*ExportTwinsRequest)(nil),       // 33: twin.v1.ExportTwinsRequest
+	(*ExportTwinsResponse)(nil),      // 34: twin.v1.ExportTwinsResponse
+	(*ExportHeader)(nil),             // 35: twin.v1.ExportHeader
+	nil,                              // 36: twin.v1.Twin.LabelsEntry
+	nil,                              // 37: twin.v1.TwinMetadata.ReportedEntry
+	nil,                              // 38: twin.v1.TwinMetadata.DesiredEntry
+	nil,                              // 39: twin.v1.UpdateTwinRequest.LabelsEntry
+	nil,                              // 40: twin.v1.TwinRecord.TombstonesEntry
+	(*structpb.Struct)(nil),          // 41: google.protobuf.Struct
+	(*timestamppb.Timestamp)(nil),    // 42: google.protobuf.Timestamp
+	(*Command)(nil),                  // 43: twin.v1.Command
 }
 var file_twin_v1_twin_proto_depIdxs = []int32{
-	35, // 0: twin.v1.Twin.labels:type_name -> twin.v1.Twin.LabelsEntry
-	40, // 1: twin.v1.Twin.reported:type_name -> google.protobuf.Struct
-	40, // 2: twin.v1.Twin.desired:type_name -> google.protobuf.Struct
-	40, // 3: twin.v1.Twin.delta:type_name -> google.protobuf.Struct
+	36, // 0: twin.v1.Twin.labels:type_name -> twin.v1.Twin.LabelsEntry
+	41, // 1: twin.v1.Twin.reported:type_name -> google.protobuf.Struct
+	41, // 2: twin.v1.Twin.desired:type_name -> google.protobuf.Struct
+	41, // 3: twin.v1.Twin.delta:type_name -> google.protobuf.Struct
 	2,  // 4: twin.v1.Twin.metadata:type_name -> twin.v1.TwinMetadata
 	4,  // 5: twin.v1.Twin.presence:type_name -> twin.v1.Presence
-	41, // 6: twin.v1.Twin.create_time:type_name -> google.protobuf.Timestamp
-	41, // 7: twin.v1.Twin.update_time:type_name -> google.protobuf.Timestamp
-	36, // 8: twin.v1.TwinMetadata.reported:type_name -> twin.v1.TwinMetadata.ReportedEntry
-	37, // 9: twin.v1.TwinMetadata.desired:type_name -> twin.v1.TwinMetadata.DesiredEntry
-	41, // 10: twin.v1.FieldMetadata.update_time:type_name -> google.protobuf.Timestamp
-	41, // 11: twin.v1.Presence.since:type_name -> google.protobuf.Timestamp
-	41, // 12: twin.v1.Presence.last_seen:type_name -> google.protobuf.Timestamp
+	42, // 6: twin.v1.Twin.create_time:type_name -> google.protobuf.Timestamp
+	42, // 7: twin.v1.Twin.update_time:type_name -> google.protobuf.Timestamp
+	37, // 8: twin.v1.TwinMetadata.reported:type_name -> twin.v1.TwinMetadata.ReportedEntry
+	38, // 9: twin.v1.TwinMetadata.desired:type_name -> twin.v1.TwinMetadata.DesiredEntry
+	42, // 10: twin.v1.FieldMetadata.update_time:type_name -> google.protobuf.Timestamp
+	42, // 11: twin.v1.Presence.since:type_name -> google.protobuf.Timestamp
+	42, // 12: twin.v1.Presence.last_seen:type_name -> google.protobuf.Timestamp
 	1,  // 13: twin.v1.CreateTwinRequest.twin:type_name -> twin.v1.Twin
 	1,  // 14: twin.v1.CreateTwinResponse.twin:type_name -> twin.v1.Twin
 	1,  // 15: twin.v1.GetTwinResponse.twin:type_name -> twin.v1.Twin
 	1,  // 16: twin.v1.ListTwinsResponse.twins:type_name -> twin.v1.Twin
-	38, // 17: twin.v1.UpdateTwinRequest.labels:type_name -> twin.v1.UpdateTwinRequest.LabelsEntry
+	39, // 17: twin.v1.UpdateTwinRequest.labels:type_name -> twin.v1.UpdateTwinRequest.LabelsEntry
 	1,  // 18: twin.v1.UpdateTwinResponse.twin:type_name -> twin.v1.Twin
-	40, // 19: twin.v1.UpdateDesiredRequest.patch:type_name -> google.protobuf.Struct
+	41, // 19: twin.v1.UpdateDesiredRequest.patch:type_name -> google.protobuf.Struct
 	1,  // 20: twin.v1.UpdateDesiredResponse.twin:type_name -> twin.v1.Twin
-	40, // 21: twin.v1.ReportStateRequest.patch:type_name -> google.protobuf.Struct
+	41, // 21: twin.v1.ReportStateRequest.patch:type_name -> google.protobuf.Struct
 	1,  // 22: twin.v1.ReportStateResponse.twin:type_name -> twin.v1.Twin
 	21, // 23: twin.v1.WatchTwinsResponse.event:type_name -> twin.v1.TwinEvent
 	0,  // 24: twin.v1.TwinEvent.kind:type_name -> twin.v1.TwinEventKind
 	1,  // 25: twin.v1.TwinEvent.twin:type_name -> twin.v1.Twin
-	40, // 26: twin.v1.TwinEvent.patch:type_name -> google.protobuf.Struct
-	41, // 27: twin.v1.TwinEvent.time:type_name -> google.protobuf.Timestamp
+	41, // 26: twin.v1.TwinEvent.patch:type_name -> google.protobuf.Struct
+	42, // 27: twin.v1.TwinEvent.time:type_name -> google.protobuf.Timestamp
 	21, // 28: twin.v1.ListTwinHistoryResponse.events:type_name -> twin.v1.TwinEvent
 	29, // 29: twin.v1.ImportTwinsRequest.twins:type_name -> twin.v1.TwinRecord
 	31, // 30: twin.v1.ImportTwinsRequest.rules:type_name -> twin.v1.RuleRecord
-	28, // 31: twin.v1.ImportTwinsResponse.errors:type_name -> twin.v1.ImportError
-	1,  // 32: twin.v1.TwinRecord.twin:type_name -> twin.v1.Twin
-	39, // 33: twin.v1.TwinRecord.tombstones:type_name -> twin.v1.TwinRecord.TombstonesEntry
-	42, // 34: twin.v1.TwinRecord.commands:type_name -> twin.v1.Command
-	30, // 35: twin.v1.TwinRecord.rule_states:type_name -> twin.v1.RuleState
-	41, // 36: twin.v1.RuleState.pending_since:type_name -> google.protobuf.Timestamp
-	41, // 37: twin.v1.RuleState.last_fired:type_name -> google.protobuf.Timestamp
-	34, // 38: twin.v1.ExportTwinsResponse.header:type_name -> twin.v1.ExportHeader
-	29, // 39: twin.v1.ExportTwinsResponse.twins:type_name -> twin.v1.TwinRecord
-	31, // 40: twin.v1.ExportTwinsResponse.rules:type_name -> twin.v1.RuleRecord
-	41, // 41: twin.v1.ExportHeader.time:type_name -> google.protobuf.Timestamp
-	3,  // 42: twin.v1.TwinMetadata.ReportedEntry.value:type_name -> twin.v1.FieldMetadata
-	3,  // 43: twin.v1.TwinMetadata.DesiredEntry.value:type_name -> twin.v1.FieldMetadata
-	5,  // 44: twin.v1.TwinService.CreateTwin:input_type -> twin.v1.CreateTwinRequest
-	7,  // 45: twin.v1.TwinService.GetTwin:input_type -> twin.v1.GetTwinRequest
-	9,  // 46: twin.v1.TwinService.ListTwins:input_type -> twin.v1.ListTwinsRequest
-	11, // 47: twin.v1.TwinService.UpdateTwin:input_type -> twin.v1.UpdateTwinRequest
-	13, // 48: twin.v1.TwinService.UpdateDesired:input_type -> twin.v1.UpdateDesiredRequest
-	15, // 49: twin.v1.TwinService.ReportState:input_type -> twin.v1.ReportStateRequest
-	17, // 50: twin.v1.TwinService.DeleteTwin:input_type -> twin.v1.DeleteTwinRequest
-	19, // 51: twin.v1.TwinService.WatchTwins:input_type -> twin.v1.WatchTwinsRequest
-	22, // 52: twin.v1.TwinService.ListTwinHistory:input_type -> twin.v1.ListTwinHistoryRequest
-	24, // 53: twin.v1.TwinService.IssueDeviceToken:input_type -> twin.v1.IssueDeviceTokenRequest
-	26, // 54: twin.v1.TwinService.ImportTwins:input_type -> twin.v1.ImportTwinsRequest
-	32, // 55: twin.v1.TwinService.ExportTwins:input_type -> twin.v1.ExportTwinsRequest
-	6,  // 56: twin.v1.TwinService.CreateTwin:output_type -> twin.v1.CreateTwinResponse
-	8,  // 57: twin.v1.TwinService.GetTwin:output_type -> twin.v1.GetTwinResponse
-	10, // 58: twin.v1.TwinService.ListTwins:output_type -> twin.v1.ListTwinsResponse
-	12, // 59: twin.v1.TwinService.UpdateTwin:output_type -> twin.v1.UpdateTwinResponse
-	14, // 60: twin.v1.TwinService.UpdateDesired:output_type -> twin.v1.UpdateDesiredResponse
-	16, // 61: twin.v1.TwinService.ReportState:output_type -> twin.v1.ReportStateResponse
-	18, // 62: twin.v1.TwinService.DeleteTwin:output_type -> twin.v1.DeleteTwinResponse
-	20, // 63: twin.v1.TwinService.WatchTwins:output_type -> twin.v1.WatchTwinsResponse
-	23, // 64: twin.v1.TwinService.ListTwinHistory:output_type -> twin.v1.ListTwinHistoryResponse
-	25, // 65: twin.v1.TwinService.IssueDeviceToken:output_type -> twin.v1.IssueDeviceTokenResponse
-	27, // 66: twin.v1.TwinService.ImportTwins:output_type -> twin.v1.ImportTwinsResponse
-	33, // 67: twin.v1.TwinService.ExportTwins:output_type -> twin.v1.ExportTwinsResponse
-	56, // [56:68] is the sub-list for method output_type
-	44, // [44:56] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	32, // 31: twin.v1.ImportTwinsRequest.keys:type_name -> twin.v1.KeyRecord
+	28, // 32: twin.v1.ImportTwinsResponse.errors:type_name -> twin.v1.ImportError
+	1,  // 33: twin.v1.TwinRecord.twin:type_name -> twin.v1.Twin
+	40, // 34: twin.v1.TwinRecord.tombstones:type_name -> twin.v1.TwinRecord.TombstonesEntry
+	43, // 35: twin.v1.TwinRecord.commands:type_name -> twin.v1.Command
+	30, // 36: twin.v1.TwinRecord.rule_states:type_name -> twin.v1.RuleState
+	42, // 37: twin.v1.RuleState.pending_since:type_name -> google.protobuf.Timestamp
+	42, // 38: twin.v1.RuleState.last_fired:type_name -> google.protobuf.Timestamp
+	35, // 39: twin.v1.ExportTwinsResponse.header:type_name -> twin.v1.ExportHeader
+	29, // 40: twin.v1.ExportTwinsResponse.twins:type_name -> twin.v1.TwinRecord
+	31, // 41: twin.v1.ExportTwinsResponse.rules:type_name -> twin.v1.RuleRecord
+	32, // 42: twin.v1.ExportTwinsResponse.keys:type_name -> twin.v1.KeyRecord
+	42, // 43: twin.v1.ExportHeader.time:type_name -> google.protobuf.Timestamp
+	3,  // 44: twin.v1.TwinMetadata.ReportedEntry.value:type_name -> twin.v1.FieldMetadata
+	3,  // 45: twin.v1.TwinMetadata.DesiredEntry.value:type_name -> twin.v1.FieldMetadata
+	5,  // 46: twin.v1.TwinService.CreateTwin:input_type -> twin.v1.CreateTwinRequest
+	7,  // 47: twin.v1.TwinService.GetTwin:input_type -> twin.v1.GetTwinRequest
+	9,  // 48: twin.v1.TwinService.ListTwins:input_type -> twin.v1.ListTwinsRequest
+	11, // 49: twin.v1.TwinService.UpdateTwin:input_type -> twin.v1.UpdateTwinRequest
+	13, // 50: twin.v1.TwinService.UpdateDesired:input_type -> twin.v1.UpdateDesiredRequest
+	15, // 51: twin.v1.TwinService.ReportState:input_type -> twin.v1.ReportStateRequest
+	17, // 52: twin.v1.TwinService.DeleteTwin:input_type -> twin.v1.DeleteTwinRequest
+	19, // 53: twin.v1.TwinService.WatchTwins:input_type -> twin.v1.WatchTwinsRequest
+	22, // 54: twin.v1.TwinService.ListTwinHistory:input_type -> twin.v1.ListTwinHistoryRequest
+	24, // 55: twin.v1.TwinService.IssueDeviceToken:input_type -> twin.v1.IssueDeviceTokenRequest
+	26, // 56: twin.v1.TwinService.ImportTwins:input_type -> twin.v1.ImportTwinsRequest
+	33, // 57: twin.v1.TwinService.ExportTwins:input_type -> twin.v1.ExportTwinsRequest
+	6,  // 58: twin.v1.TwinService.CreateTwin:output_type -> twin.v1.CreateTwinResponse
+	8,  // 59: twin.v1.TwinService.GetTwin:output_type -> twin.v1.GetTwinResponse
+	10, // 60: twin.v1.TwinService.ListTwins:output_type -> twin.v1.ListTwinsResponse
+	12, // 61: twin.v1.TwinService.UpdateTwin:output_type -> twin.v1.UpdateTwinResponse
+	14, // 62: twin.v1.TwinService.UpdateDesired:output_type -> twin.v1.UpdateDesiredResponse
+	16, // 63: twin.v1.TwinService.ReportState:output_type -> twin.v1.ReportStateResponse
+	18, // 64: twin.v1.TwinService.DeleteTwin:output_type -> twin.v1.DeleteTwinResponse
+	20, // 65: twin.v1.TwinService.WatchTwins:output_type -> twin.v1.WatchTwinsResponse
+	23, // 66: twin.v1.TwinService.ListTwinHistory:output_type -> twin.v1.ListTwinHistoryResponse
+	25, // 67: twin.v1.TwinService.IssueDeviceToken:output_type -> twin.v1.IssueDeviceTokenResponse
+	27, // 68: twin.v1.TwinService.ImportTwins:output_type -> twin.v1.ImportTwinsResponse
+	34, // 69: twin.v1.TwinService.ExportTwins:output_type -> twin.v1.ExportTwinsResponse
+	58, // [58:70] is the sub-list for method output_type
+	46, // [46:58] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_twin_v1_twin_proto_init() }
@@ -2764,7 +2873,7 @@ func file_twin_v1_twin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_twin_v1_twin_proto_rawDesc), len(file_twin_v1_twin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   39,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
