@@ -16,7 +16,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -39,41 +38,14 @@ import (
 // gRPC alike.
 type httpServer struct {
 	*Server
-	url    string // http://127.0.0.1:port
-	addr   string
-	served chan error
+	url  string // http://127.0.0.1:port
+	addr string
 }
 
 func startHTTPServer(t *testing.T, mod func(*Options)) *httpServer {
 	t.Helper()
-	opts := Options{DataDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	if mod != nil {
-		mod(&opts)
-	}
-	s, err := New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &httpServer{Server: s, addr: l.Addr().String(), url: "http://" + l.Addr().String(), served: make(chan error, 1)}
-	go func() { hs.served <- s.Serve(l) }()
-	t.Cleanup(func() {
-		if err := s.Shutdown(); err != nil && !strings.Contains(err.Error(), "closed") {
-			t.Errorf("Shutdown: %v", err)
-		}
-		select {
-		case err := <-hs.served:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(20 * time.Second):
-			t.Errorf("Serve did not return 20s after Shutdown")
-		}
-	})
-	return hs
+	s, addr := startTCP(t, mod)
+	return &httpServer{Server: s, addr: addr, url: "http://" + addr}
 }
 
 // grpcConn dials the server with a native gRPC client.
