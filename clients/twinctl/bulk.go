@@ -130,7 +130,7 @@ terminal, unless --quiet.`,
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&upsert, "upsert", false, "replace twins (and rules) that exist instead of refusing them")
+	cmd.Flags().BoolVar(&upsert, "upsert", false, "replace twins (and rules and API keys) that exist instead of refusing them")
 	cmd.Flags().BoolVar(&keepVersions, "keep-versions", false, "keep each twin's version (to restore a backup)")
 	cmd.Flags().StringVar(&from, "from", fromTwind, "input format: twind (twins and export files) or aws-shadow")
 	cmd.Flags().StringVar(&typ, "type", "", "with --from aws-shadow: the device type of the twins")
