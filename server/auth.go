@@ -155,11 +155,10 @@ func sourceOf(ctx context.Context, def twin.Source) twin.Source {
 // the keyring is empty, the operator API is open.
 type apiAuth struct {
 	keys *keyring
-	// certDevice, if set, returns the device id of a call's verified
-	// client certificate; certRefusal why a certificate presented cannot
-	// be used (revoked, or naming no device).
-	certDevice  func(context.Context) (string, bool)
-	certRefusal func(context.Context) error
+	// certDevice, if set, returns the device a call's verified client
+	// certificate names: "" if it presented none, an error if the one it
+	// presented cannot be used (revoked, or naming no device).
+	certDevice func(context.Context) (string, error)
 	// logger and failures log refused calls, sampled.
 	logger   *slog.Logger
 	failures *sampledLog
@@ -198,17 +197,16 @@ func (a *apiAuth) authorize(ctx context.Context, method string) (context.Context
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	tok, ok := bearer(md)
-	if method == twinv1.TwinService_ReportState_FullMethodName && a.certRefusal != nil {
-		// A device whose certificate is revoked is refused, whatever
-		// token it also sends.
-		if err := a.certRefusal(ctx); err != nil {
+	if method == twinv1.TwinService_ReportState_FullMethodName && a.certDevice != nil {
+		dev, err := a.certDevice(ctx)
+		if err != nil {
+			// A device whose certificate is revoked is refused,
+			// whatever token it also sends.
 			return nil, err
 		}
-	}
-	if !ok && len(md.Get("authorization")) == 0 && method == twinv1.TwinService_ReportState_FullMethodName && a.certDevice != nil {
-		// A device with a certificate reports for its own twin, which
-		// the handler checks.
-		if dev, ok := a.certDevice(ctx); ok {
+		if dev != "" && !ok && len(md.Get("authorization")) == 0 {
+			// A device with a certificate reports for its own twin,
+			// which the handler checks.
 			return context.WithValue(ctx, callerKey{}, caller{device: dev}), nil
 		}
 	}

@@ -312,15 +312,16 @@ func (s *Server) deviceFromCert(ctx context.Context) (id string, ok bool) {
 	return id, err == nil
 }
 
-// certRefusal returns why the caller's client certificate cannot be used,
-// if it presented one that names no device or is revoked: such a caller is
-// refused whatever else it sends. nil if it presented none or a good one.
-func (s *Server) certRefusal(ctx context.Context) error {
-	_, _, _, err := s.certs.identity(ctx)
-	if err == nil || errors.Is(err, errNoDeviceCert) {
-		return nil
+// certDevice returns the device the caller's verified client certificate
+// names; "" if it presented none, and why if the one it presented cannot be
+// used (it names no device or is revoked): such a caller is refused
+// whatever else it sends.
+func (s *Server) certDevice(ctx context.Context) (string, error) {
+	id, _, _, err := s.certs.identity(ctx)
+	if errors.Is(err, errNoDeviceCert) {
+		return "", nil
 	}
-	return err
+	return id, err
 }
 
 // checkDeviceReport lets a ReportState call that carries no operator

@@ -300,7 +300,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.inflight.calls = map[string]int{}
-	auth := &apiAuth{keys: keys, certDevice: s.deviceFromCert, certRefusal: s.certRefusal, logger: opts.Logger, failures: newSampledLog()}
+	auth := &apiAuth{keys: keys, certDevice: s.certDevice, logger: opts.Logger, failures: newSampledLog()}
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	if err := opts.Limits.check(opts.Engine.Limits); err != nil {
 		e.Close()
