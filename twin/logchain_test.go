@@ -649,3 +649,35 @@ func withoutSeen(tw, ev *Twin) *Twin {
 	c.TokenHash = nil
 	return c
 }
+
+// TestRecentEventsWeighTheirTwin: the events kept decoded in memory for
+// watchers are bounded by their twins' size, not by their log entries': a
+// small change to a big twin is read from the log, not kept.
+func TestRecentEventsWeighTheirTwin(t *testing.T) {
+	ctx := context.Background()
+	e := openMem(t, vfs.NewMem(), Options{})
+	defer e.Close()
+	big := Document{}
+	for i := range 200 {
+		big[fmt.Sprintf("leaf-%03d", i)] = "some value of a certain length"
+	}
+	for _, id := range []string{"small", "big"} {
+		doc := Document{"t": 0.0}
+		if id == "big" {
+			doc = big
+		}
+		if _, err := e.Create(ctx, CreateRequest{ID: id, Reported: doc}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"small", "big"} {
+		tw, err := e.Report(ctx, PatchRequest{ID: id, Patch: Document{"t": 1.0}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		kept := e.recent[tw.Revision&(recentEvents-1)].Load() != nil
+		if want := id == "small"; kept != want {
+			t.Errorf("the report to %s twin kept in memory: %v, want %v", id, kept, want)
+		}
+	}
+}
