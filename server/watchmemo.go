@@ -26,13 +26,18 @@ const filterMemoSlots = 1 << 10
 type memoSlot struct {
 	mu      sync.Mutex
 	rev     int64
-	results map[string]memoResult // by filter source
+	entries map[string]*memoEntry // by filter source
 }
 
-type memoResult struct {
-	ok   bool
-	cost uint64
-	err  error
+// memoEntry is one filter's answer for one event, once done is closed. Its
+// first watcher evaluates while the others of the same filter wait, and
+// watchers of other filters evaluate theirs meanwhile.
+type memoEntry struct {
+	done  chan struct{}
+	ok    bool
+	cost  uint64
+	err   error
+	valid bool // false: the evaluating watcher's context ended first
 }
 
 // match returns what eval says of f for ev, evaluating it only if no
@@ -44,23 +49,34 @@ func (m *filterMemo) match(ctx context.Context, f *filter, ev *twin.Event, eval 
 	}
 	s := &m.slots[ev.Revision&(filterMemoSlots-1)]
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.rev > ev.Revision {
+		s.mu.Unlock()
 		return eval() // the slot holds a newer event: this watcher is far behind
 	}
 	if s.rev != ev.Revision {
 		s.rev = ev.Revision
-		clear(s.results)
+		clear(s.entries)
 	}
-	if r, ok := s.results[f.src]; ok {
-		return r.ok, 0, r.err // the first watcher paid the cost
-	}
-	ok, cost, err := eval()
-	if ctx.Err() == nil {
-		if s.results == nil {
-			s.results = map[string]memoResult{}
+	if me, ok := s.entries[f.src]; ok {
+		s.mu.Unlock()
+		select {
+		case <-me.done:
+		case <-ctx.Done():
+			return false, 0, ctx.Err()
 		}
-		s.results[f.src] = memoResult{ok: ok, cost: cost, err: err}
+		if me.valid {
+			return me.ok, 0, me.err // the first watcher paid the cost
+		}
+		return eval()
 	}
-	return ok, cost, err
+	me := &memoEntry{done: make(chan struct{})}
+	if s.entries == nil {
+		s.entries = map[string]*memoEntry{}
+	}
+	s.entries[f.src] = me
+	s.mu.Unlock()
+	defer close(me.done)
+	me.ok, me.cost, me.err = eval()
+	me.valid = ctx.Err() == nil
+	return me.ok, me.cost, me.err
 }
