@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/twind-io/twind/clients/internal/testserver"
+	"github.com/twind-io/twind/internal/testserver"
 	"github.com/twind-io/twind/server"
 )
 

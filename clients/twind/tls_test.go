@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
+	"github.com/twind-io/twind/internal/testserver"
 	"github.com/twind-io/twind/server"
 )
 

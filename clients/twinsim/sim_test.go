@@ -13,8 +13,8 @@ import (
 
 	"google.golang.org/protobuf/types/known/structpb"
 
-	"github.com/twind-io/twind/clients/internal/testserver"
 	"github.com/twind-io/twind/clients/twind"
+	"github.com/twind-io/twind/internal/testserver"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/server"
 )

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +16,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/twind-io/twind/clients/twind"
+	"github.com/twind-io/twind/internal/testserver"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/server"
 )
@@ -46,27 +46,7 @@ func chromiumPath(t *testing.T) string {
 // startTwind runs a twind on loopback and returns its address.
 func startTwind(t *testing.T, opts server.Options) string {
 	t.Helper()
-	opts.DataDir = t.TempDir()
-	opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	s, err := server.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- s.Serve(l) }()
-	t.Cleanup(func() {
-		if err := s.Shutdown(); err != nil {
-			t.Errorf("Shutdown: %v", err)
-		}
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-	return l.Addr().String()
+	return testserver.StartWith(t, t.TempDir(), "", opts).Addr
 }
 
 // browser is a headless Chromium tab that records every error in its console.

@@ -1,5 +1,5 @@
 // Package testserver runs a real twind in a test's process, for the tests
-// of the clients, exactly as the twind command runs it.
+// of the clients and of the web console, exactly as the twind command runs it.
 package testserver
 
 import (
