@@ -17,7 +17,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
@@ -304,14 +303,6 @@ func (dc *deviceCerts) reload() error {
 	return nil
 }
 
-// deviceFromCert returns the device that the caller's verified, unrevoked
-// client certificate names, if it presented one. It is false without
-// Options.DeviceCAFile.
-func (s *Server) deviceFromCert(ctx context.Context) (id string, ok bool) {
-	id, _, _, err := s.certs.identity(ctx)
-	return id, err == nil
-}
-
 // certDevice returns the device the caller's verified client certificate
 // names; "" if it presented none, and why if the one it presented cannot be
 // used (it names no device or is revoked): such a caller is refused
@@ -322,26 +313,4 @@ func (s *Server) certDevice(ctx context.Context) (string, error) {
 		return "", nil
 	}
 	return id, err
-}
-
-// checkDeviceReport lets a ReportState call that carries no operator
-// credentials (no 'authorization' metadata) but a device certificate report
-// only for the certificate's own twin. A call with operator credentials
-// was authorized by them.
-//
-// The operator API's interceptor lets such a call in without a key when
-// deviceFromCert is true for it: the handler then relies on this check.
-func (s *Server) checkDeviceReport(ctx context.Context, twinID string) error {
-	dev, ok := s.deviceFromCert(ctx)
-	if !ok {
-		return nil
-	}
-	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get("authorization")) > 0 {
-		return nil
-	}
-	if dev != twinID {
-		return status.Errorf(codes.PermissionDenied,
-			"the client certificate is device %.130q's, which may report only for its own twin, not for %.130q", dev, twinID)
-	}
-	return nil
 }
