@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
@@ -295,7 +297,7 @@ func (s *Server) serve(l net.Listener) error {
 	m.SetReadTimeout(sniffTimeout)
 	// grpc-go clients wait for the server's SETTINGS before they send a
 	// request, so the matcher sends them (cmux's SendSettings matchers).
-	grpcL := handoff{m.MatchWithWriters(cmux.HTTP2MatchHeaderFieldSendSettings("content-type", "application/grpc")),
+	grpcL := handoff{m.MatchWithWriters(matchGRPC),
 		conns, false, s.web.conns.WithLabelValues("grpc")}
 	httpL := handoff{m.Match(cmux.Any()), conns, true, s.web.conns.WithLabelValues("http")}
 	hs := &http.Server{
@@ -334,6 +336,55 @@ func (s *Server) serve(l net.Listener) error {
 	}
 	// Serving failed on its own (the listener broke): stop the rest too.
 	return errors.Join(errs...)
+}
+
+// matchGRPC routes to grpc-go's own transport an HTTP/2 connection whose
+// first request is gRPC ("application/grpc", or "application/grpc+<codec>":
+// not gRPC-Web), as cmux's HTTP2MatchHeaderFieldSendSettings does, and one
+// that pings before its first request: a gRPC client keeps an idle
+// connection alive with pings (keepalive), which grpc-go answers and
+// polices (--keepalive-min-time), while HTTP clients and browsers make a
+// request first. Like cmux's matcher it sends the server's SETTINGS, which
+// grpc-go clients wait for before their first request.
+func matchGRPC(w io.Writer, r io.Reader) bool {
+	var preface [len(http2.ClientPreface)]byte
+	if _, err := io.ReadFull(r, preface[:]); err != nil || string(preface[:]) != http2.ClientPreface {
+		return false
+	}
+	fr := http2.NewFramer(w, r)
+	matched, done := false, false
+	hdec := hpack.NewDecoder(4<<10, func(hf hpack.HeaderField) {
+		if hf.Name == "content-type" {
+			matched = hf.Value == "application/grpc" || strings.HasPrefix(hf.Value, "application/grpc+")
+		}
+	})
+	for !done {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return false
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() && fr.WriteSettings() != nil {
+				return false
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				return true
+			}
+		case *http2.HeadersFrame:
+			if _, err := hdec.Write(f.HeaderBlockFragment()); err != nil {
+				return false
+			}
+			done = f.HeadersEnded()
+		case *http2.ContinuationFrame:
+			if _, err := hdec.Write(f.HeaderBlockFragment()); err != nil {
+				return false
+			}
+			done = f.HeadersEnded()
+		}
+	}
+	return matched
 }
 
 // stopWeb stops accepting connections, closes those not yet routed, and

@@ -199,6 +199,16 @@ func TestHTTPRoutesByProtocol(t *testing.T) {
 	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("<title>twind")) || resp.Header.Get("Content-Security-Policy") == "" {
 		t.Errorf("GET / = %d %q (CSP %q); want the console", resp.StatusCode, body, resp.Header.Get("Content-Security-Policy"))
 	}
+	// "application/grpc+proto", as some gRPC libraries send, is native
+	// gRPC too.
+	g0, h0 := conns("grpc"), conns("http")
+	sub := twinv1.NewTwinServiceClient(s.grpcConn(t))
+	if _, err := sub.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "car-1"}, grpc.CallContentSubtype("proto")); err != nil {
+		t.Fatal(err)
+	}
+	if g, h := conns("grpc"), conns("http"); g != g0+1 || h != h0 {
+		t.Errorf("after a call as application/grpc+proto: grpc, http connections = %v, %v; want %v, %v", g, h, g0+1, h0)
+	}
 }
 
 // TestHTTPh2c: a Connect client over HTTP/2 without TLS (prior knowledge,
