@@ -100,23 +100,38 @@ func openShards(t *testing.T, node *Node, o Options) *Shards {
 	}
 }
 
-// logOf returns the shard's log as strings, in order.
+// logOf returns the shard's log as strings, in order. It retries while
+// the cluster's API answers nothing (a leader being elected).
 func logOf(t *testing.T, s *Shards, vs uint16) []string {
 	t.Helper()
-	ctx := context.Background()
+	var err error
+	for range 20 {
+		var out []string
+		if out, err = readLog(s, vs); err == nil {
+			return out
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Fatalf("reading shard %d's log: %v", vs, err)
+	return nil
+}
+
+func readLog(s *Shards, vs uint16) ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	c, err := s.log.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{logSubject(vs)}})
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	info, err := s.log.Info(ctx, jetstream.WithSubjectFilter(logSubject(vs)))
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	var out []string
 	for range info.State.Subjects[logSubject(vs)] {
 		m, err := c.Next(jetstream.FetchMaxWait(5 * time.Second))
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		var f fenceRecord
 		if json.Unmarshal(m.Data(), &f) == nil && f.Fence != "" {
@@ -125,7 +140,7 @@ func logOf(t *testing.T, s *Shards, vs uint16) []string {
 			out = append(out, string(m.Data()))
 		}
 	}
-	return out
+	return out, nil
 }
 
 // TestOwnershipAndFencing: a shard has one owner at a time; a node whose
