@@ -237,6 +237,9 @@ func (e *Engine) enqueue(ctx context.Context, w *worker, o *op) error {
 	if err := e.err(); err != nil {
 		return err
 	}
+	if e.opts.Follow {
+		return ErrFollowing
+	}
 	e.closeMu.RLock()
 	defer e.closeMu.RUnlock()
 	if e.closed {

@@ -40,6 +40,12 @@ type Engine struct {
 	readerWG sync.WaitGroup // watchers and other long readers of db
 	done     chan struct{}  // closed by Close, for watchers
 
+	// committer appends to the replicated log, when the engine is
+	// clustered (Options.Log).
+	committer *committer
+	// applied is the position of the last log entry the store holds.
+	applied atomic.Uint64
+
 	// nextRev is the last revision handed out.
 	nextRev atomic.Int64
 	// failed holds the error that stopped the engine, if any.
@@ -103,6 +109,9 @@ func (e *Engine) Close() error {
 
 	e.workerWG.Wait()
 	e.syncWG.Wait()
+	if e.committer != nil {
+		e.committer.stop()
+	}
 	close(e.done)
 	e.readerWG.Wait() // so no reader holds a snapshot any more
 	for _, w := range e.workers {

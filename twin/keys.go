@@ -14,7 +14,12 @@ func (e *Engine) PutAPIKey(name string, record []byte) error {
 	if err := e.err(); err != nil {
 		return err
 	}
-	return e.db.Set(append(append([]byte(nil), prefixAPIKeys...), name...), record, pebble.Sync)
+	b := e.db.NewBatch()
+	if err := b.Set(append(append([]byte(nil), prefixAPIKeys...), name...), record, nil); err != nil {
+		b.Close()
+		return err
+	}
+	return e.commitDirect(b)
 }
 
 // DeleteAPIKey durably deletes an API key record.
@@ -22,7 +27,12 @@ func (e *Engine) DeleteAPIKey(name string) error {
 	if err := e.err(); err != nil {
 		return err
 	}
-	return e.db.Delete(append(append([]byte(nil), prefixAPIKeys...), name...), pebble.Sync)
+	b := e.db.NewBatch()
+	if err := b.Delete(append(append([]byte(nil), prefixAPIKeys...), name...), nil); err != nil {
+		b.Close()
+		return err
+	}
+	return e.commitDirect(b)
 }
 
 // APIKeys returns every stored API key record, by name.

@@ -64,6 +64,16 @@ func Open(opts Options) (*Engine, error) {
 		db.Close()
 		return nil, err
 	}
+	if err := e.readApplied(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if opts.Follow {
+		return e, nil // no workers: the log's entries reach the store through ApplyEntry
+	}
+	if opts.Log != nil {
+		e.committer = newCommitter(e, opts.Log)
+	}
 	for _, w := range e.workers {
 		if len(w.lost) > 0 {
 			// The grace counts from now, when the engine serves, not from

@@ -14,6 +14,15 @@ import (
 type Options struct {
 	// Dir is the directory of the Pebble store. Default "twind-data".
 	Dir string
+	// Log, if set, makes the engine clustered: every change goes into this
+	// replicated log, and is durable once the log holds it; the store is
+	// the node's copy of the log (replicate.go).
+	Log Log
+	// Follow opens the engine as a follower of the replicated log: it
+	// takes no requests and runs no timed work, and the log's entries
+	// reach its store through ApplyEntry. A node that takes over closes
+	// its follower and opens the store again with Log.
+	Follow bool
 	// FS is the filesystem of the store. Default vfs.Default; tests use
 	// vfs.NewMem().
 	FS vfs.FS
@@ -155,6 +164,9 @@ func (o *Options) Validate() error {
 	var errs []error
 	if o.VShards > 1<<16 {
 		errs = append(errs, fmt.Errorf("twin: VShards is %d, at most 65536", o.VShards))
+	}
+	if o.Follow && o.Log != nil {
+		errs = append(errs, errors.New("twin: an engine that follows a log (Follow) cannot also append to one (Log)"))
 	}
 	if o.Workers > 4096 {
 		errs = append(errs, fmt.Errorf("twin: Workers is %d, at most 4096", o.Workers))

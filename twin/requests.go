@@ -45,6 +45,9 @@ func (p Pending) Done() <-chan Result { return p.o.done }
 // durable. Workers do this by themselves on time; RunTimers is for tests and
 // tools that drive a fake clock.
 func (e *Engine) RunTimers(ctx context.Context) error {
+	if e.opts.Follow {
+		return ErrFollowing
+	}
 	ops := make([]*op, len(e.workers))
 	e.closeMu.RLock()
 	if e.closed {

@@ -597,7 +597,12 @@ func (e *Engine) PutRule(id string, def []byte) error {
 	if err := e.err(); err != nil {
 		return err
 	}
-	return e.db.Set(append(append([]byte(nil), prefixRules...), id...), def, pebble.Sync)
+	b := e.db.NewBatch()
+	if err := b.Set(append(append([]byte(nil), prefixRules...), id...), def, nil); err != nil {
+		b.Close()
+		return err
+	}
+	return e.commitDirect(b)
 }
 
 // DeleteRule durably deletes a rule definition.
@@ -605,7 +610,12 @@ func (e *Engine) DeleteRule(id string) error {
 	if err := e.err(); err != nil {
 		return err
 	}
-	return e.db.Delete(append(append([]byte(nil), prefixRules...), id...), pebble.Sync)
+	b := e.db.NewBatch()
+	if err := b.Delete(append(append([]byte(nil), prefixRules...), id...), nil); err != nil {
+		b.Close()
+		return err
+	}
+	return e.commitDirect(b)
 }
 
 // Rules returns every stored rule definition, by id.

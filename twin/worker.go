@@ -190,7 +190,16 @@ func (w *worker) step(ops []*op) {
 	g.seq = w.beforeApply()
 	w.evict()
 	w.mu.Unlock()
-	if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
+	if e.committer != nil {
+		// Clustered: the step is durable once the log holds it, and the
+		// committer applies it to the store before it returns, so that
+		// the next step reads what this one wrote.
+		if err := e.committer.commit(b); err != nil {
+			e.fail(err)
+			g.err = e.err()
+		}
+		g.batch = nil
+	} else if err := e.db.ApplyNoSyncWait(b, pebble.Sync); err != nil {
 		e.fail(fmt.Errorf("commit: %w", err))
 		b.Close()
 		g.batch, g.err = nil, e.err()
