@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -20,13 +21,42 @@ const (
 	ownersBucket = "twind_owners"
 )
 
-func logSubject(vs uint16) string { return "twind.log." + strconv.Itoa(int(vs)) }
-func ownerKey(vs uint16) string   { return "vs." + strconv.Itoa(int(vs)) }
+// AllShards names every virtual shard at once: a node that owns it owns
+// them all, with one log. Ownership and the log are designed per virtual
+// shard; until shards are spread over nodes, one owner takes them all.
+const AllShards uint16 = 1<<16 - 1
+
+func logSubject(vs uint16) string {
+	if vs == AllShards {
+		return "twind.log.all"
+	}
+	return "twind.log." + strconv.Itoa(int(vs))
+}
+
+func ownerKey(vs uint16) string {
+	if vs == AllShards {
+		return "vs.all"
+	}
+	return "vs." + strconv.Itoa(int(vs))
+}
+
+// Headers of the log's records.
+const (
+	// fenceHeader marks a new owner's fence; its value is the owner.
+	fenceHeader = "Twind-Fence"
+	// chunkHeader marks a part of an entry too large for one message:
+	// "i/n", from 1. An entry is complete at its part n; parts of an entry
+	// that no part n follows (the owner died between them) are dropped.
+	chunkHeader = "Twind-Chunk"
+)
 
 // Options configure the ownership of virtual shards.
 type Options struct {
 	// Node is this node's name.
 	Node string
+	// Addr is where this node serves the API; the owners' bucket gives it
+	// to the nodes that forward calls to the owner.
+	Addr string
 	// Replicas is how many nodes hold each write. Default 3.
 	Replicas int
 	// Lease is how long an owner owns a shard without renewing. Default 5s.
@@ -104,7 +134,8 @@ func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, erro
 // ownerRecord is the value of a shard's key in the owners' bucket.
 type ownerRecord struct {
 	Node    string `json:"node"`
-	Expires int64  `json:"expires"` // Unix nanoseconds, by the owner's clock
+	Addr    string `json:"addr,omitempty"`
+	Expires int64  `json:"expires"` // Unix nanoseconds, by the owner's clock; 0 once released
 }
 
 // fenceRecord is what a new owner appends to a shard's log before it
@@ -132,7 +163,7 @@ type Lease struct {
 func (s *Shards) Acquire(ctx context.Context, vs uint16) (*Lease, error) {
 	now := s.opts.Clock()
 	key := ownerKey(vs)
-	rec, err := json.Marshal(ownerRecord{Node: s.opts.Node, Expires: now.Add(s.opts.Lease).UnixNano()})
+	rec, err := json.Marshal(ownerRecord{Node: s.opts.Node, Addr: s.opts.Addr, Expires: now.Add(s.opts.Lease).UnixNano()})
 	if err != nil {
 		return nil, err
 	}
@@ -182,6 +213,7 @@ func (l *Lease) fence(ctx context.Context) error {
 		return err
 	}
 	subject := logSubject(l.vs)
+	msg := &nats.Msg{Subject: subject, Data: rec, Header: nats.Header{fenceHeader: []string{l.s.opts.Node}}}
 	for range 10 {
 		var last uint64
 		m, err := l.s.log.GetLastMsgForSubject(ctx, subject)
@@ -192,7 +224,7 @@ func (l *Lease) fence(ctx context.Context) error {
 		default:
 			last = m.Sequence
 		}
-		ack, err := l.s.js.Publish(ctx, subject, rec, jetstream.WithExpectLastSequencePerSubject(last))
+		ack, err := l.s.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(last))
 		if wrongLastSequence(err) {
 			continue // the old owner appended in between: read again
 		}
@@ -222,7 +254,7 @@ func (l *Lease) Renew(ctx context.Context) error {
 		return ErrLost
 	}
 	now := l.s.opts.Clock()
-	rec, err := json.Marshal(ownerRecord{Node: l.s.opts.Node, Expires: now.Add(l.s.opts.Lease).UnixNano()})
+	rec, err := json.Marshal(ownerRecord{Node: l.s.opts.Node, Addr: l.s.opts.Addr, Expires: now.Add(l.s.opts.Lease).UnixNano()})
 	if err != nil {
 		return err
 	}
@@ -241,23 +273,96 @@ func (l *Lease) Renew(ctx context.Context) error {
 // Append appends data to the shard's log, fenced: it succeeds only if the
 // log's last entry is still this node's last append (or its fence). It
 // fails with ErrLost, and the lease is lost for good, once another node
-// has taken the shard over, or when the lease has run out.
+// has taken the shard over, or when the lease has run out. Data larger
+// than a message may be goes in parts (chunkHeader); seq is the last
+// part's.
 func (l *Lease) Append(ctx context.Context, data []byte) (seq uint64, err error) {
 	if !l.Valid() {
 		return 0, fmt.Errorf("%w: the lease of shard %d ran out", ErrLost, l.vs)
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	ack, err := l.s.js.Publish(ctx, logSubject(l.vs), data, jetstream.WithExpectLastSequencePerSubject(l.lastSeq))
-	if wrongLastSequence(err) {
-		l.lost = true
-		return 0, fmt.Errorf("%w: shard %d's log was fenced by a new owner", ErrLost, l.vs)
+	if l.lost {
+		return 0, fmt.Errorf("%w: shard %d", ErrLost, l.vs)
+	}
+	part := l.s.maxPart()
+	n := max((len(data)+part-1)/part, 1)
+	for i := range n {
+		msg := &nats.Msg{Subject: logSubject(l.vs), Data: data[i*part : min((i+1)*part, len(data))]}
+		if n > 1 {
+			msg.Header = nats.Header{chunkHeader: []string{strconv.Itoa(i+1) + "/" + strconv.Itoa(n)}}
+		}
+		ack, err := l.s.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(l.lastSeq))
+		if wrongLastSequence(err) {
+			l.lost = true
+			return 0, fmt.Errorf("%w: shard %d's log was fenced by a new owner", ErrLost, l.vs)
+		}
+		if err != nil {
+			// The part may be in the log or not: what the log holds is
+			// no longer known, so this node must not append again.
+			l.lost = true
+			return 0, fmt.Errorf("%w: append to shard %d's log: %w", ErrLost, l.vs, err)
+		}
+		l.lastSeq = ack.Sequence
+	}
+	return l.lastSeq, nil
+}
+
+// Seq returns the shard subject's last sequence as of this node's last
+// append or fence.
+func (l *Lease) Seq() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lastSeq
+}
+
+// Release gives the shard up at once, for a node that stops: the next
+// node to look takes it without waiting for the lease to run out. The
+// lease is lost from then on.
+func (l *Lease) Release(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.lost {
+		return ErrLost
+	}
+	l.lost = true
+	rec, err := json.Marshal(ownerRecord{Node: l.s.opts.Node})
+	if err != nil {
+		return err
+	}
+	_, err = l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
+	return err
+}
+
+// maxPart is the most data one message of the log carries: the server's
+// payload limit, less room for headers.
+func (s *Shards) maxPart() int {
+	if m := int(s.js.Conn().MaxPayload()); m > 8<<10 {
+		return m - 4<<10
+	}
+	return 1 << 20
+}
+
+// Owner returns shard vs's owner, its API address, and whether its lease
+// runs now by this node's clock (with the drift margin in the owner's
+// favour). A released or never taken shard has no owner.
+func (s *Shards) Owner(ctx context.Context, vs uint16) (node, addr string, live bool, err error) {
+	e, err := s.kv.Get(ctx, ownerKey(vs))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return "", "", false, nil
 	}
 	if err != nil {
-		return 0, err
+		return "", "", false, err
 	}
-	l.lastSeq = ack.Sequence
-	return ack.Sequence, nil
+	var cur ownerRecord
+	if err := json.Unmarshal(e.Value(), &cur); err != nil {
+		return "", "", false, fmt.Errorf("cluster: the owner record of shard %d: %w", vs, err)
+	}
+	if cur.Expires == 0 {
+		return "", "", false, nil
+	}
+	live = s.opts.Clock().Before(time.Unix(0, cur.Expires).Add(s.opts.Drift))
+	return cur.Node, cur.Addr, live, nil
 }
 
 // wrongLastSequence reports whether a publish was refused because the

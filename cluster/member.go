@@ -1,0 +1,503 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/twind-io/twind/twin"
+)
+
+// nodesBucket holds each node's report of itself: its role, its API
+// address and how far it has applied the log.
+const nodesBucket = "twind_nodes"
+
+// MemberOptions configure a twind node of a cluster.
+type MemberOptions struct {
+	// Node is this node's name, unique in the cluster.
+	Node string
+	// ClusterAddr and Peers: where this node's embedded NATS server meets
+	// its peers, and theirs. Unused with NATS.
+	ClusterAddr string
+	Peers       []string
+	// NATS, if set, are the URLs of an existing NATS cluster to use
+	// instead of an embedded server.
+	NATS []string
+	// Replicas is how many nodes hold each write. Default 3.
+	Replicas int
+	// Lease is how long an owner owns the shards without renewing.
+	// Default 5s.
+	Lease time.Duration
+	// Dir holds the embedded NATS server's storage.
+	Dir string
+	// Addr is where this node serves the API, for other nodes to forward
+	// calls to.
+	Addr string
+	// Logger receives the member's logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Role is a node's part in the cluster.
+type Role string
+
+// Roles.
+const (
+	RoleStandby Role = "standby"
+	RoleOwner   Role = "owner"
+	RoleDown    Role = "down"
+)
+
+// Member is this node's place in the cluster: it owns the virtual shards
+// and serves them, or follows the log into its store and lets calls go to
+// the owner.
+type Member struct {
+	opts   MemberOptions
+	node   *Node // nil with an external NATS cluster
+	nc     *nats.Conn
+	shards *Shards
+	nodes  jetstream.KeyValue
+
+	role    atomic.Value  // Role
+	applied atomic.Uint64 // the last log position this node's store holds
+
+	mu        sync.Mutex
+	ownerNode string // the owner as last read, and whether its lease runs
+	ownerAddr string
+	ownerLive bool
+	ownerErr  error
+	// ownerGoneSince is when this node first saw no live owner.
+	ownerGoneSince time.Time
+
+	changes atomic.Int64 // ownership changes this node made
+}
+
+// StartMember starts this node's NATS server (unless it uses an existing
+// cluster), connects to it, and waits until the cluster has the
+// replicated log and buckets, or ctx is done.
+func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	m := &Member{opts: o}
+	m.role.Store(RoleStandby)
+	url := ""
+	if len(o.NATS) > 0 {
+		for i, u := range o.NATS {
+			if i > 0 {
+				url += ","
+			}
+			url += u
+		}
+	} else {
+		n, err := StartNode(NodeOptions{Name: o.Node, ClusterAddr: o.ClusterAddr, Peers: o.Peers, StoreDir: filepath.Join(o.Dir, "jetstream")})
+		if err != nil {
+			return nil, err
+		}
+		m.node = n
+		url = n.ClientURL()
+	}
+	nc, err := nats.Connect(url, nats.Name("twind "+o.Node), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond))
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("cluster: connect to NATS at %s: %w", url, err)
+	}
+	m.nc = nc
+	js, err := jetstream.New(nc)
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	for wait := time.Duration(0); ; wait = 500 * time.Millisecond {
+		select {
+		case <-ctx.Done():
+			m.Close()
+			return nil, fmt.Errorf("cluster: the cluster did not form (is a quorum of --cluster-peers up?): %w", errors.Join(ctx.Err(), err))
+		case <-time.After(wait):
+		}
+		octx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		m.shards, err = Open(octx, js, Options{Node: o.Node, Addr: o.Addr, Replicas: o.Replicas, Lease: o.Lease})
+		if err == nil {
+			m.nodes, err = js.CreateOrUpdateKeyValue(octx, jetstream.KeyValueConfig{
+				Bucket: nodesBucket, Storage: jetstream.FileStorage, Replicas: m.shards.opts.Replicas, History: 1,
+			})
+		}
+		cancel()
+		if err == nil {
+			break
+		}
+		o.Logger.Info("waiting for the cluster to form", "err", err)
+	}
+	if len(o.NATS) > 0 {
+		m.warnLazySync()
+	}
+	return m, nil
+}
+
+// warnLazySync warns when an external cluster's servers do not sync each
+// write to disk before acknowledging it: acknowledged changes may then be
+// lost if a quorum's machines lose power together.
+func (m *Member) warnLazySync() {
+	// The server does not tell clients its sync_interval: say what to
+	// check.
+	m.opts.Logger.Warn("using an existing NATS cluster: make sure its servers set jetstream { sync_interval: always }, or an acknowledged change may be lost when a quorum's machines lose power at once")
+}
+
+// Close disconnects and stops the embedded NATS server.
+func (m *Member) Close() {
+	if m.nc != nil {
+		m.nc.Close()
+	}
+	if m.node != nil {
+		m.node.Shutdown()
+	}
+}
+
+// OwnerFunc serves the API as the owner of every virtual shard, on an
+// engine opened with engine (whose Log is the replicated log), until ctx
+// is done or the engine fails; it returns once the engine is closed.
+type OwnerFunc func(ctx context.Context, engine twin.Options) error
+
+// StandbyFunc serves the API while this node follows the log, forwarding
+// calls to the owner, until ctx is done.
+type StandbyFunc func(ctx context.Context) error
+
+// Run takes this node through its roles until ctx is done: it follows the
+// log into its store as a standby, takes the shards over when their owner
+// is gone, serves them until it loses them, and follows again. When ctx
+// is done while it owns the shards, it hands them over before it returns.
+func (m *Member) Run(ctx context.Context, engine twin.Options, owner OwnerFunc, standby StandbyFunc) error {
+	var wg sync.WaitGroup
+	hctx, stopHeartbeat := context.WithCancel(context.Background())
+	wg.Add(1)
+	go func() { defer wg.Done(); m.heartbeat(hctx) }()
+	defer func() {
+		stopHeartbeat()
+		wg.Wait()
+		m.report(context.Background(), RoleDown)
+	}()
+	for ctx.Err() == nil {
+		lease, err := m.follow(ctx, engine, standby)
+		if err != nil {
+			return err
+		}
+		if lease == nil {
+			return nil // ctx is done
+		}
+		m.serve(ctx, lease, engine, owner)
+	}
+	return nil
+}
+
+// follow runs this node as a standby until it owns the shards and its
+// store holds the log up to its own fence (it returns the lease), or ctx
+// is done (a nil lease).
+func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyFunc) (*Lease, error) {
+	m.role.Store(RoleStandby)
+	opts.Follow, opts.Log = true, nil
+	e, err := twin.Open(opts)
+	if err != nil {
+		return nil, err
+	}
+	m.applied.Store(e.Applied())
+	pctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := standby(pctx); err != nil && pctx.Err() == nil {
+			m.opts.Logger.Error("serving as a standby failed", "err", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for pctx.Err() == nil {
+			err := m.shards.Follow(pctx, AllShards, e.Applied(), func(pos uint64, entry []byte) error {
+				if err := e.ApplyEntry(pos, entry); err != nil {
+					return err
+				}
+				m.applied.Store(pos)
+				return nil
+			})
+			if err != nil && pctx.Err() == nil {
+				m.opts.Logger.Warn("following the log failed; following again", "err", err)
+				select {
+				case <-pctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+		}
+	}()
+	end := func() error {
+		stop()
+		wg.Wait()
+		return e.Close()
+	}
+	tick := time.NewTicker(m.shards.opts.Lease / 20)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, end()
+		case <-tick.C:
+		}
+		if !m.refreshOwner(ctx) {
+			continue
+		}
+		if last, err := m.shards.Last(ctx); err != nil || last > e.Applied()+10_000 {
+			// Far behind (a node rebuilding its store): let a node that
+			// is caught up take over first.
+			if !m.ownerLongGone() {
+				continue
+			}
+		}
+		actx, cancel := context.WithTimeout(ctx, m.shards.opts.Lease)
+		lease, err := m.shards.Acquire(actx, AllShards)
+		cancel()
+		if errors.Is(err, ErrOwned) {
+			continue
+		}
+		if err != nil {
+			m.opts.Logger.Warn("taking the shards over failed", "err", err)
+			continue
+		}
+		m.changes.Add(1)
+		// Serve only once the store holds everything before the fence.
+		for e.Applied() < lease.Seq() && lease.Valid() && ctx.Err() == nil {
+			if err := lease.Renew(ctx); err != nil && errors.Is(err, ErrLost) {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !lease.Valid() || ctx.Err() != nil {
+			lease.Release(context.Background())
+			continue
+		}
+		err = end()
+		m.applied.Store(lease.Seq())
+		return lease, err
+	}
+}
+
+// refreshOwner reads the shards' owner, and reports whether none holds
+// them now (released, never taken, or its lease ran out).
+func (m *Member) refreshOwner(ctx context.Context) (free bool) {
+	rctx, cancel := context.WithTimeout(ctx, m.shards.opts.Lease/2)
+	node, addr, live, err := m.shards.Owner(rctx, AllShards)
+	cancel()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		m.ownerErr = err
+		m.ownerLive = false
+		return false
+	}
+	switch {
+	case live:
+		m.ownerGoneSince = time.Time{}
+	case m.ownerGoneSince.IsZero():
+		m.ownerGoneSince = time.Now()
+	}
+	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = node, addr, live, nil
+	return !live
+}
+
+// ownerLongGone reports whether the shards have had no owner for two
+// leases: long enough for a node that is caught up to have taken them.
+func (m *Member) ownerLongGone() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.ownerGoneSince.IsZero() && time.Since(m.ownerGoneSince) > 2*m.shards.opts.Lease
+}
+
+// serve runs this node as the owner until it loses the shards or ctx is
+// done; then it hands them over.
+func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, owner OwnerFunc) {
+	m.role.Store(RoleOwner)
+	m.mu.Lock()
+	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = m.opts.Node, m.opts.Addr, true, nil
+	m.mu.Unlock()
+	m.opts.Logger.Info("this node owns the shards now", "node", m.opts.Node, "log", lease.Seq())
+	octx, lost := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.renew(octx, lease, lost)
+	}()
+	opts.Follow = false
+	opts.Log = leaseLog{lease: lease, applied: &m.applied}
+	err := owner(octx, opts)
+	lost()
+	wg.Wait()
+	if ctx.Err() != nil {
+		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := lease.Release(rctx); err == nil {
+			m.opts.Logger.Info("handed the shards over")
+		}
+		cancel()
+		return
+	}
+	m.opts.Logger.Warn("this node no longer owns the shards; following the log", "err", err)
+}
+
+// renew renews the lease until ctx is done; it calls lost when the lease
+// is lost or runs out.
+func (m *Member) renew(ctx context.Context, lease *Lease, lost func()) {
+	tick := time.NewTicker(m.shards.opts.Lease / 5)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, m.shards.opts.Lease/5)
+		err := lease.Renew(rctx)
+		cancel()
+		if errors.Is(err, ErrLost) || !lease.Valid() {
+			m.opts.Logger.Warn("the shards' lease is lost", "err", err)
+			lost()
+			return
+		}
+	}
+}
+
+// leaseLog is the replicated log of an owner, under its lease.
+type leaseLog struct {
+	lease   *Lease
+	applied *atomic.Uint64
+}
+
+func (l leaseLog) Append(ctx context.Context, entry []byte) (uint64, error) {
+	pos, err := l.lease.Append(ctx, entry)
+	if err == nil {
+		l.applied.Store(pos)
+	}
+	return pos, err
+}
+
+// nodeRecord is the value of a node's key in the nodes' bucket.
+type nodeRecord struct {
+	Addr    string `json:"addr"`
+	Role    Role   `json:"role"`
+	Applied uint64 `json:"applied"`
+	Updated int64  `json:"updated"` // Unix nanoseconds
+}
+
+func (m *Member) heartbeat(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		m.report(ctx, m.role.Load().(Role))
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (m *Member) report(ctx context.Context, role Role) {
+	rec, _ := json.Marshal(nodeRecord{Addr: m.opts.Addr, Role: role, Applied: m.applied.Load(), Updated: time.Now().UnixNano()})
+	rctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	m.nodes.Put(rctx, "node."+m.opts.Node, rec)
+}
+
+// Owner returns the API address of the node that owns the shards, for a
+// standby to forward calls to.
+func (m *Member) Owner() (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.ownerErr != nil:
+		return "", fmt.Errorf("the cluster does not answer (no quorum?): %w", m.ownerErr)
+	case !m.ownerLive:
+		return "", errors.New("no node owns the shards now (a takeover is under way); retry")
+	case m.ownerNode == m.opts.Node:
+		return "", errors.New("this node is taking the shards over; retry")
+	}
+	return m.ownerAddr, nil
+}
+
+// Healthy reports whether calls to this node can be served: by itself as
+// the owner, or by the owner it forwards to.
+func (m *Member) Healthy() bool {
+	if m.role.Load().(Role) == RoleOwner {
+		return true
+	}
+	_, err := m.Owner()
+	return err == nil && m.nc.IsConnected()
+}
+
+// NodeStatus is one node's state, as it last reported it.
+type NodeStatus struct {
+	Name    string
+	Addr    string
+	Role    Role
+	Applied uint64
+	Lag     uint64
+	Updated time.Time
+}
+
+// Status is the cluster's state.
+type Status struct {
+	Node    string // the node that answers
+	Owner   string // the shards' owner; "" when none
+	LogLast uint64
+	Nodes   []NodeStatus
+}
+
+// Status reads the cluster's state.
+func (m *Member) Status(ctx context.Context) (*Status, error) {
+	last, err := m.shards.Last(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st := &Status{Node: m.opts.Node, LogLast: last}
+	if node, _, live, err := m.shards.Owner(ctx, AllShards); err != nil {
+		return nil, err
+	} else if live {
+		st.Owner = node
+	}
+	keys, err := m.nodes.ListKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for k := range keys.Keys() {
+		e, err := m.nodes.Get(ctx, k)
+		if err != nil {
+			continue
+		}
+		var r nodeRecord
+		if json.Unmarshal(e.Value(), &r) != nil {
+			continue
+		}
+		ns := NodeStatus{Name: k[len("node."):], Addr: r.Addr, Role: r.Role, Applied: r.Applied, Updated: time.Unix(0, r.Updated)}
+		if time.Since(ns.Updated) > m.shards.opts.Lease {
+			ns.Role = RoleDown
+		}
+		if last > ns.Applied {
+			ns.Lag = last - ns.Applied
+		}
+		st.Nodes = append(st.Nodes, ns)
+	}
+	sort.Slice(st.Nodes, func(i, j int) bool { return st.Nodes[i].Name < st.Nodes[j].Name })
+	return st, nil
+}
+
+// OwnershipChanges returns how many times this node took the shards over.
+func (m *Member) OwnershipChanges() int64 { return m.changes.Load() }
+
+// Applied returns the last log position this node's store holds.
+func (m *Member) Applied() uint64 { return m.applied.Load() }

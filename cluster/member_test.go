@@ -1,0 +1,168 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/twind-io/twind/twin"
+)
+
+// ownerSeat is where the test finds the engine of the node that owns the
+// shards now.
+type ownerSeat struct {
+	mu     sync.Mutex
+	node   string
+	engine *twin.Engine
+	served chan string // each node that starts serving
+}
+
+func (s *ownerSeat) get() (string, *twin.Engine) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.node, s.engine
+}
+
+// TestMembersHandOver: three members follow one log; the owner's changes
+// reach every store, a member that stops hands the shards to another at
+// once, and the new owner serves on from the same versions.
+func TestMembersHandOver(t *testing.T) {
+	addrs := []string{freeAddr(t), freeAddr(t), freeAddr(t)}
+	seat := &ownerSeat{served: make(chan string, 16)}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	type running struct {
+		m      *Member
+		cancel context.CancelFunc
+		done   chan error
+		dir    string
+	}
+	nodes := make([]*running, 3)
+	var startWG sync.WaitGroup
+	for i := range nodes {
+		startWG.Add(1)
+		go func() {
+			defer startWG.Done()
+			var peers []string
+			for j, a := range addrs {
+				if j != i {
+					peers = append(peers, a)
+				}
+			}
+			dir := t.TempDir()
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			m, err := StartMember(ctx, MemberOptions{Node: fmt.Sprint("n", i), ClusterAddr: addrs[i], Peers: peers,
+				Lease: time.Second, Dir: dir, Addr: fmt.Sprint("api-", i), Logger: logger})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			nodes[i] = &running{m: m, dir: dir, done: make(chan error, 1)}
+		}()
+	}
+	startWG.Wait()
+	if t.Failed() {
+		for _, n := range nodes {
+			if n != nil {
+				n.m.Close()
+			}
+		}
+		t.FailNow()
+	}
+	for i, n := range nodes {
+		ctx, cancel := context.WithCancel(context.Background())
+		n.cancel = cancel
+		name := fmt.Sprint("n", i)
+		engine := twin.Options{Dir: filepath.Join(n.dir, "store"), Logger: logger}
+		owner := func(ctx context.Context, opts twin.Options) error {
+			e, err := twin.Open(opts)
+			if err != nil {
+				return err
+			}
+			seat.mu.Lock()
+			seat.node, seat.engine = name, e
+			seat.mu.Unlock()
+			seat.served <- name
+			<-ctx.Done()
+			seat.mu.Lock()
+			seat.node, seat.engine = "", nil
+			seat.mu.Unlock()
+			return e.Close()
+		}
+		standby := func(ctx context.Context) error { <-ctx.Done(); return nil }
+		go func() { n.done <- n.m.Run(ctx, engine, owner, standby) }()
+	}
+	defer func() {
+		for _, n := range nodes {
+			if n.cancel != nil {
+				n.cancel()
+				<-n.done
+				n.m.Close()
+			}
+		}
+	}()
+
+	first := waitServed(t, seat)
+	_, e := seat.get()
+	ctx := context.Background()
+	for i := range 30 {
+		if _, err := e.Create(ctx, twin.CreateRequest{ID: fmt.Sprint("fridge-", i), Type: "fridge"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Report(ctx, twin.PatchRequest{ID: fmt.Sprint("fridge-", i), Patch: twin.Document{"temp_c": float64(i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.PutRule("cold", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	rev := e.Revision()
+
+	// The owner stops: another node owns the shards well within a lease.
+	var idx int
+	fmt.Sscanf(first, "n%d", &idx)
+	stopped := time.Now()
+	nodes[idx].cancel()
+	if err := <-nodes[idx].done; err != nil {
+		t.Errorf("the stopped owner's Run = %v", err)
+	}
+	nodes[idx].cancel = nil
+	nodes[idx].m.Close()
+	second := waitServed(t, seat)
+	if second == first {
+		t.Fatalf("%s served again after it stopped", second)
+	}
+	if took := time.Since(stopped); took > time.Second {
+		t.Errorf("the handover took %v; a stopping owner releases the shards, so it should not wait for the lease (1s)", took)
+	}
+	_, e = seat.get()
+	if got := e.Revision(); got != rev {
+		t.Errorf("the new owner is at revision %d; the old one ended at %d", got, rev)
+	}
+	tw, err := e.Report(ctx, twin.PatchRequest{ID: "fridge-7", Patch: twin.Document{"door": "open"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Version != 3 || tw.Reported["temp_c"] != float64(7) {
+		t.Errorf("fridge-7 on the new owner: version %d, reported %v; want version 3 with temp_c 7", tw.Version, tw.Reported)
+	}
+	if rules, err := e.Rules(); err != nil || rules["cold"] == nil {
+		t.Errorf("the new owner's rules: %v, %v; want the rule 'cold'", rules, err)
+	}
+}
+
+func waitServed(t *testing.T, seat *ownerSeat) string {
+	t.Helper()
+	select {
+	case n := <-seat.served:
+		return n
+	case <-time.After(30 * time.Second):
+		t.Fatal("no node served within 30s")
+		return ""
+	}
+}
