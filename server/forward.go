@@ -165,8 +165,8 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 		Rewrite:       f.rewriteHTTP,
 		FlushInterval: -1, // streams flow as they come
 		Transport:     f.transport,
-		ErrorHandler: f.httpError,
-		ErrorLog:     slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
+		ErrorHandler:  f.httpError,
+		ErrorLog:      slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
 	}
 	return f
 }
