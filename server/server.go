@@ -130,6 +130,10 @@ type Options struct {
 	// Reload, if set, makes Run call Reload each time it receives (twind
 	// sends it SIGHUP).
 	Reload <-chan os.Signal
+	// ClusterStatus, if set, answers ClusterService.GetClusterStatus, on a
+	// node of a cluster (cluster.go). Default: none, and GetClusterStatus
+	// answers FAILED_PRECONDITION.
+	ClusterStatus ClusterStatusSource
 }
 
 // EnsureDefaults fills the zero fields of o with their defaults.
@@ -338,6 +342,7 @@ func New(opts Options) (*Server, error) {
 	twinv1.RegisterCommandServiceServer(s.grpc, &commandService{s: s})
 	twinv1.RegisterRuleServiceServer(s.grpc, &ruleService{s: s})
 	twinv1.RegisterKeyServiceServer(s.grpc, &keyService{s: s})
+	twinv1.RegisterClusterServiceServer(s.grpc, clusterService{source: opts.ClusterStatus})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	grpcMetrics.InitializeMetrics(s.grpc)
 	if err := opts.Metrics.Register(grpcMetrics); err != nil {

@@ -91,7 +91,7 @@ func newRoot() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.tlsCA, "tls-ca", a.tlsCA, "connect with TLS, trusting the authorities in this PEM file (env TWIND_TLS_CA)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", outTable,
 		"output: table, json (one document; a list is {kind, items, next_page_token}) or jsonl (one compact object per line)")
-	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a), keyCmd(a), importCmd(a), exportCmd(a), certCmd())
+	root.AddCommand(twinCmd(a), ruleCmd(a), commandCmd(a), keyCmd(a), clusterCmd(a), importCmd(a), exportCmd(a), certCmd())
 	return root
 }
 

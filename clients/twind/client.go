@@ -38,6 +38,7 @@ type Client struct {
 	Rules    twinv1.RuleServiceClient
 	Devices  twinv1.DeviceServiceClient
 	Keys     twinv1.KeyServiceClient
+	Cluster  twinv1.ClusterServiceClient
 }
 
 // Dial connects to a server at addr ("localhost:50051"). Without transport
@@ -61,6 +62,7 @@ func New(conn *grpc.ClientConn) *Client {
 		Rules:    twinv1.NewRuleServiceClient(conn),
 		Devices:  twinv1.NewDeviceServiceClient(conn),
 		Keys:     twinv1.NewKeyServiceClient(conn),
+		Cluster:  twinv1.NewClusterServiceClient(conn),
 	}
 }
 
