@@ -88,6 +88,8 @@ func run(args []string) error {
 	fs.BoolVar(&opts.AllowOpenAPI, "allow-open-api", os.Getenv("TWIND_ALLOW_OPEN_API") == "true", "serve the operator API without API keys on an address other machines can reach (env TWIND_ALLOW_OPEN_API=true); without it twind refuses to start on such an address")
 	fs.StringVar(&opts.DebugAddr, "debug-addr", envOr("TWIND_DEBUG_ADDR", ""), "if set, serve /metrics (Prometheus) and /debug/pprof on this HTTP address (env TWIND_DEBUG_ADDR)")
 	finishLimits := limitFlags(fs, &opts)
+	var cf clusterFlags
+	cf.register(fs)
 	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
 		return nil
 	} else if err != nil {
@@ -143,6 +145,12 @@ func run(args []string) error {
 	var stopHangups func()
 	opts.Reload, stopHangups = hangups()
 	defer stopHangups()
+	if cf.enabled() {
+		if err := cf.check(&opts); err != nil {
+			return err
+		}
+		return runCluster(ctx, cf, opts)
+	}
 	return server.Run(ctx, opts)
 }
 

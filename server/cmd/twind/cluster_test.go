@@ -1,0 +1,530 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/twin"
+)
+
+// A cluster node run as a real twind process (the test binary, as
+// TestMain says), on fixed loopback ports so that it can restart.
+type clusterNode struct {
+	name, api, peer, dir string
+	peers               []string
+	d                   *daemon // nil while stopped
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func newClusterNodes(t *testing.T, n int) []*clusterNode {
+	nodes := make([]*clusterNode, n)
+	for i := range nodes {
+		nodes[i] = &clusterNode{name: fmt.Sprint("n", i+1), api: freePort(t), peer: freePort(t), dir: t.TempDir()}
+	}
+	for _, a := range nodes {
+		for _, b := range nodes {
+			if a != b {
+				a.peers = append(a.peers, b.peer)
+			}
+		}
+	}
+	return nodes
+}
+
+// start starts the node's process and waits until it has joined the
+// cluster.
+func (c *clusterNode) start(t *testing.T, extra ...string) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"--node", c.name, "--addr", c.api, "--cluster-listen", c.peer,
+		"--cluster-peers", strings.Join(c.peers, ","), "--data", c.dir, "--history-limit", "100000"}, extra...)
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), "TWIND_TEST_DAEMON=1")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cmd: cmd, done: make(chan error, 1), lines: make(chan string, 100000), addr: c.api}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			select {
+			case d.lines <- c.name + ": " + sc.Text():
+			default:
+			}
+		}
+		d.done <- cmd.Wait()
+	}()
+	c.d = d
+	d.waitLog(t, "joined the cluster")
+}
+
+func (c *clusterNode) signal(t *testing.T, sig syscall.Signal) {
+	t.Helper()
+	if err := c.d.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("signal %v to %s: %v", sig, c.name, err)
+	}
+}
+
+// stop ends the node's process with sig and waits for it.
+func (c *clusterNode) stop(t *testing.T, sig syscall.Signal) {
+	t.Helper()
+	c.signal(t, sig)
+	select {
+	case <-c.d.done:
+	case <-time.After(30 * time.Second):
+		c.d.cmd.Process.Kill()
+		<-c.d.done
+		t.Errorf("%s did not exit within 30s of %v", c.name, sig)
+	}
+	c.d = nil
+}
+
+// clusterClients are connections to every node.
+type clusterClients struct {
+	twins    []twinv1.TwinServiceClient
+	commands []twinv1.CommandServiceClient
+	cluster  []twinv1.ClusterServiceClient
+}
+
+func dialCluster(t *testing.T, nodes []*clusterNode) *clusterClients {
+	c := &clusterClients{}
+	for _, n := range nodes {
+		conn, err := grpc.NewClient(n.api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		c.twins = append(c.twins, twinv1.NewTwinServiceClient(conn))
+		c.commands = append(c.commands, twinv1.NewCommandServiceClient(conn))
+		c.cluster = append(c.cluster, twinv1.NewClusterServiceClient(conn))
+	}
+	return c
+}
+
+// retryable reports whether a call's outcome is unknown or it may succeed
+// later: the node is down or changing roles.
+func retryable(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.Aborted:
+		return true
+	}
+	return false
+}
+
+// status asks any node that answers for the cluster's state.
+func (c *clusterClients) status(ctx context.Context) (*twinv1.GetClusterStatusResponse, error) {
+	var err error
+	for _, cl := range c.cluster {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		var st *twinv1.GetClusterStatusResponse
+		st, err = cl.GetClusterStatus(cctx, &twinv1.GetClusterStatusRequest{})
+		cancel()
+		if err == nil {
+			return st, nil
+		}
+	}
+	return nil, err
+}
+
+// owner waits until the cluster has an owner, and returns its index.
+func (c *clusterClients) owner(t *testing.T, nodes []*clusterNode, not string) int {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		st, err := c.status(context.Background())
+		if err == nil && st.Owner != "" && st.Owner != not {
+			for i, n := range nodes {
+				if n.name == st.Owner {
+					return i
+				}
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("the cluster has no owner (other than %q) after 60s", not)
+	return -1
+}
+
+// checker records every acknowledged change and command.
+type checker struct {
+	mu       sync.Mutex
+	versions map[string]map[int64]string // twin -> version -> "field=value" it acknowledged
+	commands map[string]string           // command id -> device
+	acked    int
+	unknown  int
+	errs     []string
+}
+
+func (k *checker) ack(t *testing.T, id string, version int64, write string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.acked++
+	vs := k.versions[id]
+	if vs == nil {
+		vs = map[int64]string{}
+		k.versions[id] = vs
+	}
+	if prev, ok := vs[version]; ok {
+		k.errs = append(k.errs, fmt.Sprintf("%s version %d was acknowledged twice: for %s and for %s", id, version, prev, write))
+	}
+	vs[version] = write
+}
+
+// load drives writes, reports and commands through every node until ctx
+// is done.
+func (k *checker) load(ctx context.Context, t *testing.T, c *clusterClients, worker, twins int) {
+	rng := rand.New(rand.NewPCG(uint64(worker), 7))
+	for seq := 0; ctx.Err() == nil; seq++ {
+		node := (worker + seq) % len(c.twins)
+		id := fmt.Sprint("t-", rng.IntN(twins))
+		field := fmt.Sprintf("w%d", worker)
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		var err error
+		switch seq % 3 {
+		case 0:
+			var r *twinv1.UpdateDesiredResponse
+			patch, _ := structpb.NewStruct(map[string]any{field: seq})
+			if r, err = c.twins[node].UpdateDesired(cctx, &twinv1.UpdateDesiredRequest{Id: id, Patch: patch}); err == nil {
+				k.ack(t, id, r.Twin.Version, "desired."+field+"="+strconv.Itoa(seq))
+			}
+		case 1:
+			var r *twinv1.ReportStateResponse
+			patch, _ := structpb.NewStruct(map[string]any{field: seq})
+			if r, err = c.twins[node].ReportState(cctx, &twinv1.ReportStateRequest{Id: id, Patch: patch}); err == nil {
+				k.ack(t, id, r.Twin.Version, "reported."+field+"="+strconv.Itoa(seq))
+			}
+		case 2:
+			var r *twinv1.SendCommandResponse
+			reqID := fmt.Sprintf("%d-%d", worker, seq)
+			if r, err = c.commands[node].SendCommand(cctx, &twinv1.SendCommandRequest{DeviceId: id, Name: "ping", RequestId: reqID}); err == nil {
+				k.mu.Lock()
+				k.commands[r.Command.Id] = id
+				k.acked++
+				k.mu.Unlock()
+			}
+		}
+		cancel()
+		switch {
+		case err == nil:
+		case ctx.Err() != nil:
+		case retryable(err):
+			k.mu.Lock()
+			k.unknown++
+			k.mu.Unlock()
+			time.Sleep(20 * time.Millisecond)
+		case status.Code(err) == codes.ResourceExhausted:
+			time.Sleep(50 * time.Millisecond) // a device's queue is full
+		default:
+			k.mu.Lock()
+			k.errs = append(k.errs, fmt.Sprintf("worker %d, node %d: %v", worker, node, err))
+			k.mu.Unlock()
+		}
+	}
+}
+
+// TestClusterFaults runs three real twind nodes under load through all
+// three, and kills the owner (SIGKILL), kills a standby, pauses the owner
+// past its lease (SIGSTOP) and resumes it, wipes a standby's store, and
+// stops the owner (SIGTERM: a handover). At the end every acknowledged
+// change is in its twin's history, in version order, no version was
+// acknowledged twice, every acknowledged command exists, and every node's
+// store holds the same twins and histories.
+func TestClusterFaults(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts three twind processes")
+	}
+	nodes := newClusterNodes(t, 3)
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); n.start(t) }()
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, n := range nodes {
+			if n.d != nil {
+				n.d.cmd.Process.Signal(syscall.SIGCONT)
+				n.stop(t, syscall.SIGKILL)
+			}
+		}
+	})
+	c := dialCluster(t, nodes)
+	owner := c.owner(t, nodes, "")
+	const twins = 20
+	for i := range twins {
+		for {
+			_, err := c.twins[i%3].CreateTwin(context.Background(), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("t-", i), Type: "planter"}})
+			if err == nil || status.Code(err) == codes.AlreadyExists {
+				break
+			}
+			if !retryable(err) {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+
+	k := &checker{versions: map[string]map[int64]string{}, commands: map[string]string{}}
+	ctx, stopLoad := context.WithCancel(context.Background())
+	var load sync.WaitGroup
+	for w := range 6 {
+		load.Add(1)
+		go func() { defer load.Done(); k.load(ctx, t, c, w, twins) }()
+	}
+	settle := func() { time.Sleep(3 * time.Second) }
+	progress := func(what string) {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		t.Logf("%s: %d acknowledged, %d unknown so far", what, k.acked, k.unknown)
+	}
+	// firstWrite measures how long after a fault a write succeeds again.
+	firstWrite := func(since time.Time) time.Duration {
+		for {
+			k.mu.Lock()
+			before := k.acked
+			k.mu.Unlock()
+			time.Sleep(50 * time.Millisecond)
+			k.mu.Lock()
+			after := k.acked
+			k.mu.Unlock()
+			if after > before {
+				return time.Since(since)
+			}
+			if time.Since(since) > 60*time.Second {
+				t.Fatal("no write succeeded within 60s of the fault")
+			}
+		}
+	}
+	settle()
+	progress("before faults")
+
+	// 1. SIGKILL the owner.
+	killed := time.Now()
+	old := nodes[owner].name
+	nodes[owner].stop(t, syscall.SIGKILL)
+	owner2 := c.owner(t, nodes, old)
+	t.Logf("SIGKILL of owner %s: %s owns the shards after %v; writes resume after %v", old, nodes[owner2].name, time.Since(killed), firstWrite(killed))
+	nodes[owner].start(t)
+	owner = owner2
+	settle()
+	progress("after the owner's SIGKILL")
+
+	// 2. SIGKILL a standby, and restart it.
+	standby := (owner + 1) % 3
+	nodes[standby].stop(t, syscall.SIGKILL)
+	settle()
+	nodes[standby].start(t)
+	settle()
+	progress("after a standby's SIGKILL")
+
+	// 3. SIGSTOP the owner past its lease, then resume it: it must see
+	// that it lost the shards, and append nothing more.
+	paused := nodes[owner]
+	paused.signal(t, syscall.SIGSTOP)
+	stoppedAt := time.Now()
+	owner2 = c.owner(t, nodes, paused.name)
+	t.Logf("SIGSTOP of owner %s: %s owns the shards after %v", paused.name, nodes[owner2].name, time.Since(stoppedAt))
+	paused.signal(t, syscall.SIGCONT)
+	paused.d.waitLog(t, "no longer owns the shards")
+	owner = owner2
+	settle()
+	progress("after the owner's SIGSTOP")
+
+	// 4. Wipe a standby's store: it rebuilds from the others.
+	standby = (owner + 1) % 3
+	nodes[standby].stop(t, syscall.SIGKILL)
+	if err := os.RemoveAll(nodes[standby].dir); err != nil {
+		t.Fatal(err)
+	}
+	nodes[standby].start(t)
+	settle()
+	progress("after wiping a standby")
+
+	// 5. SIGTERM the owner: it hands the shards over.
+	termed := time.Now()
+	old = nodes[owner].name
+	nodes[owner].stop(t, syscall.SIGTERM)
+	t.Logf("SIGTERM of owner %s: writes resume after %v", old, firstWrite(termed))
+	nodes[owner].start(t)
+	settle()
+	progress("after the owner's SIGTERM")
+
+	stopLoad()
+	load.Wait()
+	if len(k.errs) > 0 {
+		t.Errorf("%d errors, the first: %s", len(k.errs), strings.Join(k.errs[:min(len(k.errs), 10)], "\n"))
+	}
+	if k.acked < 100 {
+		t.Errorf("only %d changes were acknowledged", k.acked)
+	}
+
+	// Every node catches up with the log.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		st, err := c.status(context.Background())
+		caught := err == nil && len(st.Nodes) == 3
+		if caught {
+			for _, n := range st.Nodes {
+				caught = caught && n.Lag == 0 && n.Role != "down"
+			}
+		}
+		if caught {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the nodes did not catch up within 60s: %v %v", st, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	// Every acknowledged change is in its twin's history, in version
+	// order; every acknowledged command exists.
+	for i := range twins {
+		id := fmt.Sprint("t-", i)
+		events := history(t, c.twins[i%3], id)
+		byVersion := map[int64]*twinv1.TwinEvent{}
+		for j, ev := range events {
+			v := ev.Twin.Version
+			if j > 0 && v >= events[j-1].Twin.Version {
+				t.Errorf("%s: history has version %d after version %d (newest first)", id, v, events[j-1].Twin.Version)
+			}
+			byVersion[v] = ev
+		}
+		for v, write := range k.versions[id] {
+			ev := byVersion[v]
+			if ev == nil {
+				t.Errorf("%s: acknowledged version %d (%s) is not in the history", id, v, write)
+				continue
+			}
+			doc, rest, _ := strings.Cut(write, ".")
+			field, value, _ := strings.Cut(rest, "=")
+			got := ev.Twin.Reported
+			if doc == "desired" {
+				got = ev.Twin.Desired
+			}
+			if f := got.GetFields()[field]; f == nil || strconv.Itoa(int(f.GetNumberValue())) != value {
+				t.Errorf("%s version %d: %s is %v; the acknowledged write set %s", id, v, doc+"."+field, f, value)
+			}
+		}
+	}
+	for cmdID, device := range k.commands {
+		r, err := c.commands[0].GetCommand(context.Background(), &twinv1.GetCommandRequest{Id: cmdID})
+		if err != nil {
+			t.Errorf("acknowledged command %s of %s: %v", cmdID, device, err)
+		} else if r.Command.DeviceId != device {
+			t.Errorf("command %s is for %s; it was sent to %s", cmdID, r.Command.DeviceId, device)
+		}
+	}
+
+	// Every node's store holds the same twins and histories.
+	owner = c.owner(t, nodes, "")
+	for i, n := range nodes {
+		if i != owner {
+			n.stop(t, syscall.SIGTERM)
+		}
+	}
+	nodes[owner].stop(t, syscall.SIGTERM)
+	var want map[string]any
+	for i, n := range nodes {
+		got := storeTwins(t, filepath.Join(n.dir, "store"), twins)
+		if i == 0 {
+			want = got
+			continue
+		}
+		if !reflect.DeepEqual(got, want) {
+			for id := range want {
+				if !reflect.DeepEqual(got[id], want[id]) {
+					t.Errorf("%s: node %s has %v; node %s has %v", id, n.name, got[id], nodes[0].name, want[id])
+				}
+			}
+		}
+	}
+	t.Logf("%d changes and %d commands acknowledged; %d calls of unknown outcome", k.acked-len(k.commands), len(k.commands), k.unknown)
+}
+
+// history returns a twin's whole history, newest first.
+func history(t *testing.T, c twinv1.TwinServiceClient, id string) []*twinv1.TwinEvent {
+	t.Helper()
+	var out []*twinv1.TwinEvent
+	token := ""
+	for {
+		r, err := c.ListTwinHistory(context.Background(), &twinv1.ListTwinHistoryRequest{Id: id, PageSize: 1000, PageToken: token})
+		if err != nil {
+			t.Fatalf("history of %s: %v", id, err)
+		}
+		out = append(out, r.Events...)
+		if token = r.NextPageToken; token == "" {
+			return out
+		}
+	}
+}
+
+// storeTwins opens a stopped node's store and returns its twins with
+// their histories.
+func storeTwins(t *testing.T, dir string, twins int) map[string]any {
+	t.Helper()
+	e, err := twin.Open(twin.Options{Dir: dir, HistoryLimit: 100000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	out := map[string]any{}
+	for i := range twins {
+		id := fmt.Sprint("t-", i)
+		tw, err := e.Get(id)
+		if errors.Is(err, twin.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := e.History(id, 0, 100000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hist []string
+		for _, ev := range h {
+			hist = append(hist, fmt.Sprint(ev.Revision, ev.Twin.Version, ev.Twin.Reported, ev.Twin.Desired))
+		}
+		out[id] = fmt.Sprint(tw.Version, tw.Revision, tw.Reported, tw.Desired, hist)
+	}
+	return out
+}
