@@ -150,10 +150,10 @@ func statusProto(st *cluster.Status) *twinv1.GetClusterStatusResponse {
 // dispatcher hands the connections of one listener to the listener of the
 // phase in force: the owner's server or the standby's forwarder.
 type dispatcher struct {
-	l    net.Listener
-	mu   sync.Mutex
-	cur  *phaseListener
-	wg   sync.WaitGroup
+	l   net.Listener
+	mu  sync.Mutex
+	cur *phaseListener
+	wg  sync.WaitGroup
 }
 
 func newDispatcher(l net.Listener) *dispatcher {

@@ -32,8 +32,8 @@ import (
 // TestMain says), on fixed loopback ports so that it can restart.
 type clusterNode struct {
 	name, api, peer, dir string
-	peers               []string
-	d                   *daemon // nil while stopped
+	peers                []string
+	d                    *daemon // nil while stopped
 }
 
 func freePort(t *testing.T) string {
