@@ -45,6 +45,10 @@ type MemberOptions struct {
 	Addr string
 	// Logger receives the member's logs. Default slog.Default().
 	Logger *slog.Logger
+
+	// applyDelay slows the follower down, for tests of a takeover by a
+	// node that lags.
+	applyDelay time.Duration
 }
 
 // Role is a node's part in the cluster.
@@ -222,6 +226,7 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 		defer wg.Done()
 		for pctx.Err() == nil {
 			err := m.shards.Follow(pctx, AllShards, e.Applied(), func(pos uint64, entry []byte) error {
+				time.Sleep(m.opts.applyDelay)
 				if err := e.ApplyEntry(pos, entry); err != nil {
 					return err
 				}
