@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -81,6 +82,9 @@ type Member struct {
 	ownerErr  error
 	// ownerGoneSince is when this node first saw no live owner.
 	ownerGoneSince time.Time
+	peers          map[string]nodeRecord // the nodes' reports, as watched
+	logLast        uint64                // the log's last position, as last read
+	statusAt       time.Time             // when logLast was read
 
 	changes atomic.Int64 // ownership changes this node made
 }
@@ -92,7 +96,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	m := &Member{opts: o}
+	m := &Member{opts: o, peers: map[string]nodeRecord{}}
 	m.role.Store(RoleStandby)
 	url := ""
 	if len(o.NATS) > 0 {
@@ -121,14 +125,16 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		m.Close()
 		return nil, err
 	}
-	for wait := time.Duration(0); ; wait = 500 * time.Millisecond {
+	for wait := time.Duration(0); ; wait = 250 * time.Millisecond {
 		select {
 		case <-ctx.Done():
 			m.Close()
 			return nil, fmt.Errorf("cluster: the cluster did not form (is a quorum of --cluster-peers up?): %w", errors.Join(ctx.Err(), err))
 		case <-time.After(wait):
 		}
-		octx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		// A request made before the cluster has elected its leaders goes
+		// unanswered: ask again, often.
+		octx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		m.shards, err = Open(octx, js, Options{Node: o.Node, Addr: o.Addr, Replicas: o.Replicas, Lease: o.Lease})
 		if err == nil {
 			m.nodes, err = js.CreateOrUpdateKeyValue(octx, jetstream.KeyValueConfig{
@@ -168,8 +174,10 @@ func (m *Member) Close() {
 
 // OwnerFunc serves the API as the owner of every virtual shard, on an
 // engine opened with engine (whose Log is the replicated log), until ctx
-// is done or the engine fails; it returns once the engine is closed.
-type OwnerFunc func(ctx context.Context, engine twin.Options) error
+// is done or the engine fails; it returns once the engine is closed. It
+// serves a call only while serving returns nil: the node's lease on the
+// shards runs, less the margin for clock drift.
+type OwnerFunc func(ctx context.Context, engine twin.Options, serving func() error) error
 
 // StandbyFunc serves the API while this node follows the log, forwarding
 // calls to the owner, until ctx is done.
@@ -182,8 +190,9 @@ type StandbyFunc func(ctx context.Context) error
 func (m *Member) Run(ctx context.Context, engine twin.Options, owner OwnerFunc, standby StandbyFunc) error {
 	var wg sync.WaitGroup
 	hctx, stopHeartbeat := context.WithCancel(context.Background())
-	wg.Add(1)
+	wg.Add(2)
 	go func() { defer wg.Done(); m.heartbeat(hctx) }()
+	go func() { defer wg.Done(); m.watchNodes(hctx) }()
 	defer func() {
 		stopHeartbeat()
 		wg.Wait()
@@ -341,7 +350,12 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 	}()
 	opts.Follow = false
 	opts.Log = leaseLog{lease: lease, applied: &m.applied}
-	err := owner(octx, opts)
+	err := owner(octx, opts, func() error {
+		if !lease.Valid() {
+			return errors.New("this node's lease on the shards has lapsed; retry")
+		}
+		return nil
+	})
 	lost()
 	wg.Wait()
 	if ctx.Err() != nil {
@@ -404,6 +418,14 @@ func (m *Member) heartbeat(ctx context.Context) {
 	defer tick.Stop()
 	for {
 		m.report(ctx, m.role.Load().(Role))
+		lctx, cancel := context.WithTimeout(ctx, time.Second)
+		last, err := m.shards.Last(lctx)
+		cancel()
+		if err == nil {
+			m.mu.Lock()
+			m.logLast, m.statusAt = last, time.Now()
+			m.mu.Unlock()
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -463,42 +485,64 @@ type Status struct {
 	Nodes   []NodeStatus
 }
 
-// Status reads the cluster's state.
+// Status returns the cluster's state as this node knows it now, without
+// asking the cluster: it answers while the cluster elects leaders.
 func (m *Member) Status(ctx context.Context) (*Status, error) {
-	last, err := m.shards.Last(ctx)
-	if err != nil {
-		return nil, err
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.statusAt.IsZero() {
+		return nil, errors.New("the cluster's status is not known yet")
 	}
-	st := &Status{Node: m.opts.Node, LogLast: last}
-	if node, _, live, err := m.shards.Owner(ctx, AllShards); err != nil {
-		return nil, err
-	} else if live {
-		st.Owner = node
+	st := &Status{Node: m.opts.Node, LogLast: m.logLast}
+	if m.ownerLive && m.ownerErr == nil {
+		st.Owner = m.ownerNode
 	}
-	keys, err := m.nodes.ListKeys(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for k := range keys.Keys() {
-		e, err := m.nodes.Get(ctx, k)
-		if err != nil {
-			continue
-		}
-		var r nodeRecord
-		if json.Unmarshal(e.Value(), &r) != nil {
-			continue
-		}
-		ns := NodeStatus{Name: k[len("node."):], Addr: r.Addr, Role: r.Role, Applied: r.Applied, Updated: time.Unix(0, r.Updated)}
+	for name, r := range m.peers {
+		ns := NodeStatus{Name: name, Addr: r.Addr, Role: r.Role, Applied: r.Applied, Updated: time.Unix(0, r.Updated)}
 		if time.Since(ns.Updated) > m.shards.opts.Lease {
 			ns.Role = RoleDown
 		}
-		if last > ns.Applied {
-			ns.Lag = last - ns.Applied
+		if name == m.opts.Node {
+			ns.Role, ns.Applied, ns.Updated = m.role.Load().(Role), m.applied.Load(), time.Now()
+		}
+		if st.LogLast < ns.Applied {
+			st.LogLast = ns.Applied
 		}
 		st.Nodes = append(st.Nodes, ns)
 	}
+	for i := range st.Nodes {
+		st.Nodes[i].Lag = st.LogLast - st.Nodes[i].Applied
+	}
 	sort.Slice(st.Nodes, func(i, j int) bool { return st.Nodes[i].Name < st.Nodes[j].Name })
 	return st, nil
+}
+
+// watchNodes keeps m.peers up to date with the nodes' bucket until ctx is
+// done.
+func (m *Member) watchNodes(ctx context.Context) {
+	for ctx.Err() == nil {
+		w, err := m.nodes.WatchAll(ctx)
+		if err != nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		for e := range w.Updates() {
+			if e == nil {
+				continue // the initial values are all in
+			}
+			var r nodeRecord
+			if e.Operation() != jetstream.KeyValuePut || json.Unmarshal(e.Value(), &r) != nil {
+				continue
+			}
+			m.mu.Lock()
+			m.peers[strings.TrimPrefix(e.Key(), "node.")] = r
+			m.mu.Unlock()
+		}
+		w.Stop()
+	}
 }
 
 // OwnershipChanges returns how many times this node took the shards over.

@@ -82,7 +82,7 @@ func TestMembersHandOver(t *testing.T) {
 		n.cancel = cancel
 		name := fmt.Sprint("n", i)
 		engine := twin.Options{Dir: filepath.Join(n.dir, "store"), Logger: logger}
-		owner := func(ctx context.Context, opts twin.Options) error {
+		owner := func(ctx context.Context, opts twin.Options, _ func() error) error {
 			e, err := twin.Open(opts)
 			if err != nil {
 				return err

@@ -27,9 +27,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/rules"
@@ -134,6 +136,10 @@ type Options struct {
 	// node of a cluster (cluster.go). Default: none, and GetClusterStatus
 	// answers FAILED_PRECONDITION.
 	ClusterStatus ClusterStatusSource
+	// Serving, if set, is asked before every call whether this node may
+	// serve it; an error refuses the call with UNAVAILABLE and its
+	// message. A cluster node serves only under its lease on the shards.
+	Serving func() error
 }
 
 // EnsureDefaults fills the zero fields of o with their defaults.
@@ -327,8 +333,8 @@ func New(opts Options) (*Server, error) {
 		serverOpts = append(serverOpts, grpc.Creds(terminatedTLS{}))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, auth.unary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.endAtShutdown, auth.stream, watchers.stream),
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.inflight.unary, s.servingUnary, auth.unary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.inflight.stream, s.servingStream, s.endAtShutdown, auth.stream, watchers.stream),
 		grpc.StatsHandler(rpcLog{logger: opts.Logger, decode: newSampledLog()}),
 		// Stop, after the shutdown timeout, waits for the handlers it
 		// cancels: the store closes under none of them.
@@ -496,6 +502,27 @@ func (s *Server) streamStatus(method string, ctx context.Context, err error) err
 // status translates err for a method.
 func (s *Server) status(method string, err error) error {
 	return toStatus(s.opts.Logger, method, err)
+}
+
+// servingUnary and servingStream refuse a call with UNAVAILABLE while
+// Options.Serving says this node may not serve (a cluster node whose lease
+// on the shards lapsed): the client retries, and reaches the new owner.
+func (s *Server) servingUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if s.opts.Serving != nil {
+		if err := s.opts.Serving(); err != nil {
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+	}
+	return handler(ctx, req)
+}
+
+func (s *Server) servingStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if s.opts.Serving != nil {
+		if err := s.opts.Serving(); err != nil {
+			return status.Error(codes.Unavailable, err.Error())
+		}
+	}
+	return handler(srv, ss)
 }
 
 // Run runs a server until ctx is done, then shuts it down gracefully. It

@@ -98,12 +98,14 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 	}
 	defer m.Close()
 	opts.Logger.Info("joined the cluster", "node", c.node, "api", l.Addr().String(), "advertise", c.advertise)
+	shards := opts.Engine
+	shards.EnsureDefaults()
 	status := func(ctx context.Context) (*twinv1.GetClusterStatusResponse, error) {
 		st, err := m.Status(ctx)
 		if err != nil {
 			return nil, err
 		}
-		return statusProto(st), nil
+		return statusProto(st, shards.VShards), nil
 	}
 	opts.ClusterStatus = status
 	opts.DataDir = filepath.Join(opts.DataDir, "store")
@@ -113,9 +115,9 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 		opts.Ready(l.Addr())
 		opts.Ready = nil
 	}
-	owner := func(ctx context.Context, engine twin.Options) error {
+	owner := func(ctx context.Context, engine twin.Options, serving func() error) error {
 		o := opts
-		o.Engine = engine
+		o.Engine, o.Serving = engine, serving
 		o.Listener = d.phase()
 		return server.Run(ctx, o)
 	}
@@ -138,10 +140,13 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 	return m.Run(ctx, engine, owner, standby)
 }
 
-func statusProto(st *cluster.Status) *twinv1.GetClusterStatusResponse {
-	out := &twinv1.GetClusterStatusResponse{Node: st.Node, Owner: st.Owner, LogLast: st.LogLast, VirtualShards: 0}
+func statusProto(st *cluster.Status, vshards int) *twinv1.GetClusterStatusResponse {
+	out := &twinv1.GetClusterStatusResponse{Node: st.Node, Owner: st.Owner, LogLast: st.LogLast, VirtualShards: uint32(vshards)}
 	for _, n := range st.Nodes {
 		cn := &twinv1.ClusterNode{Name: n.Name, Addr: n.Addr, Role: string(n.Role), Applied: n.Applied, Lag: n.Lag, Updated: timestamppb.New(n.Updated)}
+		if n.Role == cluster.RoleOwner {
+			cn.ShardsOwned = uint32(vshards)
+		}
 		out.Nodes = append(out.Nodes, cn)
 	}
 	return out
