@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -108,4 +109,46 @@ func (s *Shards) Last(ctx context.Context) (uint64, error) {
 		return 0, err
 	}
 	return info.State.LastSeq, nil
+}
+
+// leadHere asks the leaders of the cluster's streams (the log and the
+// buckets) to hand their leadership to the NATS server named server, the
+// one embedded in the shards' owner: a standby that dies then never takes
+// a leader with it, so the owner's appends and renewals go on without an
+// election. A stream that server leads already is left alone.
+func (s *Shards) leadHere(ctx context.Context, server string) error {
+	req, err := json.Marshal(map[string]any{"placement": map[string]string{"preferred": server}})
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, name := range []string{logStream, "KV_" + ownersBucket, "KV_" + nodesBucket} {
+		st, err := s.js.Stream(ctx, name)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		info, err := st.Info(ctx)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if info.Cluster == nil || info.Cluster.Leader == server {
+			continue
+		}
+		msg, err := s.js.Conn().RequestWithContext(ctx, "$JS.API.STREAM.LEADER.STEPDOWN."+name, req)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			continue
+		}
+		var resp struct {
+			Error *struct {
+				Description string `json:"description"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(msg.Data, &resp) == nil && resp.Error != nil {
+			errs = append(errs, fmt.Errorf("%s: %s", name, resp.Error.Description))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -341,6 +341,13 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = m.opts.Node, m.opts.Addr, true, nil
 	m.mu.Unlock()
 	m.opts.Logger.Info("this node owns the shards now", "node", m.opts.Node, "log", lease.Seq())
+	if m.node != nil {
+		lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		if err := m.shards.leadHere(lctx, m.opts.Node); err != nil {
+			m.opts.Logger.Warn("the streams' leaders stay where they are", "err", err)
+		}
+		cancel()
+	}
 	octx, lost := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)

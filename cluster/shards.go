@@ -150,11 +150,17 @@ type Lease struct {
 	s  *Shards
 	vs uint16
 
-	mu      sync.Mutex
-	rev     uint64    // the revision of the owner record this node wrote last
-	expires time.Time // by this node's clock
-	lastSeq uint64    // the shard subject's last sequence, as of this node's last append
+	mu      sync.Mutex // guards rev, expires and lost
+	rev     uint64     // the revision of the owner record this node wrote last
+	expires time.Time  // by this node's clock
 	lost    bool
+	id      string // names this lease in its appends' message ids
+
+	// appendMu serializes appends, and guards what they keep: renewals do
+	// not wait for an append that is retried.
+	appendMu sync.Mutex
+	lastSeq  uint64 // the shard subject's last sequence, as of this node's last append
+	sent     uint64 // appends made under the lease
 }
 
 // Acquire makes this node the owner of shard vs if it has no owner or its
@@ -195,7 +201,7 @@ func (s *Shards) Acquire(ctx context.Context, vs uint16) (*Lease, error) {
 			return nil, err
 		}
 	}
-	l := &Lease{s: s, vs: vs, rev: rev, expires: now.Add(s.opts.Lease)}
+	l := &Lease{s: s, vs: vs, rev: rev, expires: now.Add(s.opts.Lease), id: s.opts.Node + "." + strconv.FormatUint(rev, 10)}
 	if err := l.fence(ctx); err != nil {
 		return nil, err
 	}
@@ -277,13 +283,10 @@ func (l *Lease) Renew(ctx context.Context) error {
 // than a message may be goes in parts (chunkHeader); seq is the last
 // part's.
 func (l *Lease) Append(ctx context.Context, data []byte) (seq uint64, err error) {
+	l.appendMu.Lock()
+	defer l.appendMu.Unlock()
 	if !l.Valid() {
 		return 0, fmt.Errorf("%w: the lease of shard %d ran out", ErrLost, l.vs)
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.lost {
-		return 0, fmt.Errorf("%w: shard %d", ErrLost, l.vs)
 	}
 	part := l.s.maxPart()
 	n := max((len(data)+part-1)/part, 1)
@@ -292,28 +295,61 @@ func (l *Lease) Append(ctx context.Context, data []byte) (seq uint64, err error)
 		if n > 1 {
 			msg.Header = nats.Header{chunkHeader: []string{strconv.Itoa(i+1) + "/" + strconv.Itoa(n)}}
 		}
-		ack, err := l.s.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(l.lastSeq))
-		if wrongLastSequence(err) {
-			l.lost = true
-			return 0, fmt.Errorf("%w: shard %d's log was fenced by a new owner", ErrLost, l.vs)
+		// A publish whose answer is lost (the stream electing a leader)
+		// is sent again under the same message id while the lease runs:
+		// JetStream answers a second copy with the first one's sequence,
+		// and never stores it twice.
+		l.sent++
+		id := l.id + "." + strconv.FormatUint(l.sent, 10)
+		for {
+			pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+			ack, err := l.s.js.PublishMsg(pctx, msg, jetstream.WithExpectLastSequencePerSubject(l.lastSeq), jetstream.WithMsgID(id))
+			cancel()
+			if err == nil {
+				l.lastSeq = ack.Sequence
+				break
+			}
+			if wrongLastSequence(err) {
+				l.lose()
+				return 0, fmt.Errorf("%w: shard %d's log was fenced by a new owner", ErrLost, l.vs)
+			}
+			if !transient(err) || !l.Valid() || ctx.Err() != nil {
+				// The part may be in the log or not: what the log holds
+				// is no longer known, so this node must not append again.
+				l.lose()
+				return 0, fmt.Errorf("%w: append to shard %d's log: %w", ErrLost, l.vs, err)
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
-		if err != nil {
-			// The part may be in the log or not: what the log holds is
-			// no longer known, so this node must not append again.
-			l.lost = true
-			return 0, fmt.Errorf("%w: append to shard %d's log: %w", ErrLost, l.vs, err)
-		}
-		l.lastSeq = ack.Sequence
 	}
 	return l.lastSeq, nil
+}
+
+// publishTimeout bounds one attempt of a publish to the log.
+const publishTimeout = 2 * time.Second
+
+// transient reports whether a failed publish may succeed if sent again:
+// no answer in time, or the stream has no leader just now.
+func transient(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.Code == 503
+	}
+	return true
 }
 
 // Seq returns the shard subject's last sequence as of this node's last
 // append or fence.
 func (l *Lease) Seq() uint64 {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	l.appendMu.Lock()
+	defer l.appendMu.Unlock()
 	return l.lastSeq
+}
+
+func (l *Lease) lose() {
+	l.mu.Lock()
+	l.lost = true
+	l.mu.Unlock()
 }
 
 // Release gives the shard up at once, for a node that stops: the next

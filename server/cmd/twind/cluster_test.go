@@ -81,14 +81,27 @@ func (c *clusterNode) start(t *testing.T, extra ...string) {
 		t.Fatal(err)
 	}
 	d := &daemon{cmd: cmd, done: make(chan error, 1), lines: make(chan string, 100000), addr: c.api}
+	// TWIND_CLUSTER_LOGS=DIR keeps each node's log in DIR/<node>.log.
+	var logFile *os.File
+	if dir := os.Getenv("TWIND_CLUSTER_LOGS"); dir != "" {
+		if logFile, err = os.OpenFile(filepath.Join(dir, c.name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(nil, 1<<20)
 		for sc.Scan() {
+			if logFile != nil {
+				fmt.Fprintln(logFile, sc.Text())
+			}
 			select {
 			case d.lines <- c.name + ": " + sc.Text():
 			default:
 			}
+		}
+		if logFile != nil {
+			logFile.Close()
 		}
 		d.done <- cmd.Wait()
 	}()
@@ -313,7 +326,7 @@ func TestClusterFaults(t *testing.T) {
 	progress := func(what string) {
 		k.mu.Lock()
 		defer k.mu.Unlock()
-		t.Logf("%s: %d acknowledged, %d unknown so far", what, k.acked, k.unknown)
+		t.Logf("%s %s: %d acknowledged, %d unknown so far", time.Now().Format("15:04:05.000"), what, k.acked, k.unknown)
 	}
 	// firstWrite measures how long after a fault a write succeeds again.
 	firstWrite := func(since time.Time) time.Duration {
