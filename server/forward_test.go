@@ -1,7 +1,9 @@
 package server
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -647,4 +649,42 @@ func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// TestForwardHTTPStream: a Connect server stream (WatchTwins, as the
+// console calls it) flows through the forwarder: its headers as soon as
+// the watch is in place, then each event as it comes.
+func TestForwardHTTPStream(t *testing.T) {
+	ctx := testCtx(t)
+	owner, addr := startOwner(t, nil)
+	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
+	body := []byte("{}")
+	frame := append([]byte{0, 0, 0, 0, byte(len(body))}, body...)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+f.addr+"/twin.v1.TwinService/WatchTwins", bytes.NewReader(frame))
+	req.Header.Set("Content-Type", "application/connect+json")
+	req.Header.Set("Connect-Protocol-Version", "1")
+	resp, err := http.DefaultClient.Do(req) // returns on the headers
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("WatchTwins over Connect = %d", resp.StatusCode)
+	}
+	if _, err := f.ts.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1", Type: "fridge"}}); err != nil {
+		t.Fatal(err)
+	}
+	var head [5]byte
+	if _, err := io.ReadFull(resp.Body, head[:]); err != nil {
+		t.Fatal(err)
+	}
+	msg := make([]byte, binary.BigEndian.Uint32(head[1:]))
+	if _, err := io.ReadFull(resp.Body, msg); err != nil {
+		t.Fatal(err)
+	}
+	if head[0] != 0 || !strings.Contains(string(msg), `"id":"f1"`) {
+		t.Errorf("the first frame = %d %s; want the event of f1", head[0], msg)
+	}
+	resp.Body.Close()
+	waitFor(t, func() bool { return owner.inflight.String() == "" })
 }
