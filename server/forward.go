@@ -166,7 +166,10 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 	}
 	f.proxy = &httputil.ReverseProxy{
 		Rewrite:       f.rewriteHTTP,
-		FlushInterval: -1, // streams flow as they come
+		// Streams flow as they come, and their headers go to the client
+		// as soon as the owner's come (a browser's fetch resolves on
+		// them): ReverseProxy flushes them at once.
+		FlushInterval: -1,
 		Transport:     f.transport,
 		ErrorHandler:  f.httpError,
 		ErrorLog:      slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
@@ -543,12 +546,6 @@ func (f *Forwarder) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
-	}
-	if ct := r.Header.Get("Content-Type"); strings.HasPrefix(ct, "application/connect+") || strings.HasPrefix(ct, "application/grpc-web") {
-		// A stream's headers go to the client as soon as the owner's
-		// come (a browser's fetch resolves on them), as the owner sends
-		// them (connectByDefault).
-		w = headerFlusher{w}
 	}
 	f.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ownerKey{}, addr)))
 }
