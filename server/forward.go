@@ -165,7 +165,7 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 		IdleConnTimeout:     90 * time.Second,
 	}
 	f.proxy = &httputil.ReverseProxy{
-		Rewrite:       f.rewriteHTTP,
+		Rewrite: f.rewriteHTTP,
 		// Streams flow as they come, and their headers go to the client
 		// as soon as the owner's come (a browser's fetch resolves on
 		// them): ReverseProxy flushes them at once.
