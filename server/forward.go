@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/soheilhy/cmux"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -100,6 +101,7 @@ const healthPoll = time.Second
 // Forwarder serves a standby's API port. It is safe for concurrent use.
 type Forwarder struct {
 	opts   ForwardOptions
+	limits Limits // the server's defaults, MaxRecvMsgSize aside
 	grpc   *grpc.Server
 	health *forwardHealth
 	// proxy serves the HTTP connections (Connect, gRPC-Web, the console),
@@ -138,6 +140,7 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 	f.stopCtx, f.stop = context.WithCancel(context.Background())
 	limits := Limits{MaxRecvMsgSize: o.MaxRecvMsgSize}
 	limits.ensureDefaults()
+	f.limits = limits
 	f.grpc = grpc.NewServer(
 		grpc.MaxConcurrentStreams(limits.MaxConcurrentStreams),
 		grpc.MaxRecvMsgSize(limits.MaxRecvMsgSize),
@@ -162,8 +165,11 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 		IdleConnTimeout:     90 * time.Second,
 	}
 	f.proxy = &httputil.ReverseProxy{
-		Rewrite:       f.rewriteHTTP,
-		FlushInterval: -1, // streams flow as they come
+		Rewrite: f.rewriteHTTP,
+		// Streams flow as they come, and their headers go to the client
+		// as soon as the owner's come (a browser's fetch resolves on
+		// them): ReverseProxy flushes them at once.
+		FlushInterval: -1,
 		Transport:     f.transport,
 		ErrorHandler:  f.httpError,
 		ErrorLog:      slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
@@ -172,8 +178,10 @@ func NewForwarder(o ForwardOptions) *Forwarder {
 }
 
 // Serve serves gRPC and HTTP on l until Stop; it returns nil after Stop.
+// It serves at most the server's default Limits.MaxConnections
+// connections at once.
 func (f *Forwarder) Serve(l net.Listener) error {
-	conns := &sniffTracker{Listener: l, sniffing: map[net.Conn]struct{}{}}
+	conns := &sniffTracker{Listener: netutil.LimitListener(l, f.limits.MaxConnections), sniffing: map[net.Conn]struct{}{}}
 	m := cmux.New(conns)
 	m.SetReadTimeout(sniffTimeout)
 	uncounted := prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
@@ -286,19 +294,17 @@ func (f *Forwarder) forward(_ any, ss grpc.ServerStream) error {
 	}
 
 	// The client's messages go to the owner on a goroutine of their own;
-	// the owner's go back to the client on this one. reqErr is set when
-	// the client's side failed (not when it merely finished sending).
-	var reqErr error
-	reqDone := make(chan struct{})
+	// the owner's go back to the client on this one.
 	f.wg.Go(func() {
-		defer close(reqDone)
 		for {
 			var msg rawFrame
 			if err := ss.RecvMsg(&msg); err != nil {
 				if err == io.EOF {
 					cs.CloseSend()
 				} else {
-					reqErr = err
+					// The client left, or sent what cannot be received
+					// (a message over MaxRecvMsgSize), which grpc-go has
+					// answered already: the owner's call ends too.
 					cancel()
 				}
 				return
@@ -328,14 +334,6 @@ func (f *Forwarder) forward(_ any, ss grpc.ServerStream) error {
 		}
 		if err != nil {
 			ss.SetTrailer(cs.Trailer())
-			cancel()
-			select {
-			case <-reqDone:
-				if reqErr != nil && ss.Context().Err() == nil {
-					return reqErr // the client's message was refused here
-				}
-			default:
-			}
 			return f.upstreamStatus(ss, err)
 		}
 		if err := ss.SendMsg(&msg); err != nil {

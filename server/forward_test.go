@@ -1,7 +1,9 @@
 package server
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -98,7 +100,7 @@ func ownerAt(addr string) func() (string, error) { return func() (string, error)
 // TestForwardUnary makes unary calls through a forwarder: answers and
 // errors (code and message) are the owner's, unchanged.
 func TestForwardUnary(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
 	c := f.ts.twins
@@ -155,10 +157,10 @@ func TestForwardUnary(t *testing.T) {
 // TestForwardWatch watches through a forwarder: events flow as they come,
 // and a client that cancels ends the owner's stream too.
 func TestForwardWatch(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
-	wctx, cancel := context.WithCancel(ctx)
+	wctx, cancel := context.WithTimeout(ctx, time.Minute) // fails rather than hangs
 	defer cancel()
 	watch, err := f.ts.twins.WatchTwins(wctx, &twinv1.WatchTwinsRequest{})
 	if err != nil {
@@ -185,7 +187,7 @@ func TestForwardWatch(t *testing.T) {
 		}
 	}
 	cancel()
-	if _, err := watch.Recv(); status.Code(err) != codes.Canceled {
+	if _, err := watch.Recv(); status.Code(err) != codes.Canceled || wctx.Err() != context.Canceled {
 		t.Errorf("a cancelled watch = %v; want CANCELED", err)
 	}
 	waitFor(t, func() bool { return owner.inflight.String() == "" })
@@ -195,7 +197,7 @@ func TestForwardWatch(t *testing.T) {
 // hello and welcome, reports and their acks, a desired change pushed by
 // the owner, and the device's disconnection seen by the owner.
 func TestForwardDevice(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
 	tok := createDevice(t, f.ts, "fridge-1", "fridge")
@@ -243,7 +245,7 @@ func TestForwardDevice(t *testing.T) {
 // server with API keys refuses a call without one, and takes one with its
 // key, through the forwarder.
 func TestForwardKeys(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, func(o *Options) { o.APIToken = "root" })
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
 	if _, err := f.ts.twins.ListTwins(ctx, &twinv1.ListTwinsRequest{}); status.Code(err) != codes.Unauthenticated {
@@ -261,7 +263,7 @@ func TestForwardKeys(t *testing.T) {
 // TestForwardNoOwner: with no owner known, calls fail with UNAVAILABLE and
 // Owner's message; once one is, they go through.
 func TestForwardNoOwner(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	var known atomic.Bool
 	f := startForwarder(t, owner, ForwardOptions{Owner: func() (string, error) {
@@ -284,7 +286,7 @@ func TestForwardNoOwner(t *testing.T) {
 // again, so two standbys that each take the other for the owner answer
 // UNAVAILABLE instead of passing a call back and forth.
 func TestForwardLoop(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
 	marked := metadata.AppendToOutgoingContext(ctx, "twind-forwarded", "1")
@@ -296,7 +298,10 @@ func TestForwardLoop(t *testing.T) {
 		t.Errorf("the owner serves %s", owner.inflight.String())
 	}
 
-	// Two standbys, each naming the other as the owner.
+	// Two standbys, each naming the other as the owner. (The deadline
+	// fails the test rather than hang it.)
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
 	var bAddr atomic.Value
 	a := startForwarder(t, owner, ForwardOptions{Owner: func() (string, error) { return bAddr.Load().(string), nil }})
 	b := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(a.addr)})
@@ -311,7 +316,7 @@ func TestForwardLoop(t *testing.T) {
 // goes to the new one, and its streams to the old one end with UNAVAILABLE
 // (so the client reconnects them, to the new owner).
 func TestForwardOwnerChange(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner1, addr1 := startOwner(t, nil)
 	owner2, addr2 := startOwner(t, nil)
 	var cur atomic.Value
@@ -342,7 +347,7 @@ func TestForwardOwnerChange(t *testing.T) {
 
 // TestForwardHealth: health answers by Healthy, on the forwarder itself.
 func TestForwardHealth(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	var healthy atomic.Bool
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr), Healthy: healthy.Load})
@@ -378,7 +383,7 @@ func TestForwardHealth(t *testing.T) {
 // TestForwardStop: Stop ends the streams through the forwarder with
 // UNAVAILABLE, and the owner's ends too.
 func TestForwardStop(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
 	tok := createDevice(t, f.ts, "fridge-1", "fridge")
@@ -415,7 +420,7 @@ func TestForwardStop(t *testing.T) {
 func TestForwardReflection(t *testing.T) {
 	owner, addr := startOwner(t, nil)
 	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
-	rc, err := reflectionpb.NewServerReflectionClient(f.conn).ServerReflectionInfo(context.Background())
+	rc, err := reflectionpb.NewServerReflectionClient(f.conn).ServerReflectionInfo(testCtx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +456,7 @@ func TestForwardReflection(t *testing.T) {
 // source, the source's answer; and a forwarder answers from its own
 // source, without forwarding.
 func TestClusterStatus(t *testing.T) {
-	ctx := context.Background()
+	ctx := testCtx(t)
 	alone := startServer(t, nil, nil)
 	_, err := twinv1.NewClusterServiceClient(alone.conn).GetClusterStatus(ctx, &twinv1.GetClusterStatusRequest{})
 	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), "--cluster-peers") {
@@ -543,4 +548,143 @@ func clientOf(t *testing.T, addr string) *grpc.ClientConn {
 	}
 	t.Cleanup(func() { conn.Close() })
 	return conn
+}
+
+// TestForwardOwnerEnds: when the owner ends a stream (here, as it shuts
+// down), the client sees the owner's status.
+func TestForwardOwnerEnds(t *testing.T) {
+	owner, addr := startOwner(t, nil)
+	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
+	watch, err := f.ts.twins.WatchTwins(testCtx(t), &twinv1.WatchTwinsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := watch.Header(); err != nil {
+		t.Fatal(err)
+	}
+	owner.Shutdown()
+	_, err = watch.Recv()
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "shutting down") {
+		t.Errorf("a watch whose owner shut down = %v; want the owner's UNAVAILABLE", err)
+	}
+}
+
+// TestForwardCall checks, on an owner that records what it receives, what
+// a forwarded call carries: the client's metadata and deadline, and the
+// mark of a forwarded call, without the forwarder's own hop headers; and
+// what comes back: the owner's headers, trailers and status with its
+// details.
+func TestForwardCall(t *testing.T) {
+	type seen struct {
+		md       metadata.MD
+		deadline time.Time
+	}
+	calls := make(chan seen, 1)
+	detail := &twinv1.Twin{Id: "detail"}
+	owner := grpc.NewServer(grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+		md, _ := metadata.FromIncomingContext(ss.Context())
+		d, _ := ss.Context().Deadline()
+		calls <- seen{md, d}
+		ss.SendHeader(metadata.Pairs("x-owner-header", "h"))
+		ss.SetTrailer(metadata.Pairs("x-owner-trailer", "t"))
+		st, _ := status.New(codes.Aborted, "the owner says no").WithDetails(detail)
+		return st.Err()
+	}))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go owner.Serve(l)
+	defer owner.Stop()
+	f := startForwarder(t, nil, ForwardOptions{Owner: ownerAt(l.Addr().String())})
+
+	deadline := time.Now().Add(time.Hour)
+	ctx, cancel := context.WithDeadline(metadata.AppendToOutgoingContext(context.Background(),
+		"authorization", "Bearer k", "x-custom", "v", "x-bin-bin", "\x00\x01"), deadline)
+	defer cancel()
+	var header, trailer metadata.MD
+	_, err = f.ts.twins.GetTwin(ctx, &twinv1.GetTwinRequest{Id: "a"}, grpc.Header(&header), grpc.Trailer(&trailer))
+	st := status.Convert(err)
+	if st.Code() != codes.Aborted || st.Message() != "the owner says no" || len(st.Details()) != 1 ||
+		!cmp.Equal(st.Details()[0], detail, protocmp.Transform()) {
+		t.Errorf("the call = %v %v; want the owner's ABORTED with its detail", st, st.Details())
+	}
+	if header.Get("x-owner-header")[0] != "h" || trailer.Get("x-owner-trailer")[0] != "t" {
+		t.Errorf("header %v, trailer %v; want the owner's", header, trailer)
+	}
+	got := <-calls
+	for k, want := range map[string]string{"authorization": "Bearer k", "x-custom": "v", "x-bin-bin": "\x00\x01", "twind-forwarded": "1"} {
+		if v := got.md.Get(k); len(v) != 1 || v[0] != want {
+			t.Errorf("the owner got %s = %q; want [%q]", k, v, want)
+		}
+	}
+	for _, k := range []string{"user-agent", "content-type"} {
+		if v := got.md.Get(k); len(v) != 1 {
+			t.Errorf("the owner got %s = %q; want one value (the forwarder's own)", k, v)
+		}
+	}
+	if d := got.deadline.Sub(deadline); got.deadline.IsZero() || d > time.Second || d < -time.Second {
+		t.Errorf("the owner's deadline = %v; want the client's %v", got.deadline, deadline)
+	}
+}
+
+// TestForwardTooLarge: a message over the forwarder's MaxRecvMsgSize is
+// refused there with RESOURCE_EXHAUSTED, and the owner's call ends.
+func TestForwardTooLarge(t *testing.T) {
+	owner, addr := startOwner(t, nil)
+	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr), MaxRecvMsgSize: 1 << 10})
+	_, err := f.ts.twins.CreateTwin(testCtx(t), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "a", Type: strings.Repeat("x", 2<<10)}})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("a request over the limit = %v; want RESOURCE_EXHAUSTED", err)
+	}
+	waitFor(t, func() bool { return owner.inflight.String() == "" })
+	if _, err := owner.Engine().Get("a"); err == nil {
+		t.Error("the owner created the twin")
+	}
+}
+
+// testCtx bounds a test's calls, so that a test whose stream never gets
+// what it waits for fails instead of hanging.
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestForwardHTTPStream: a Connect server stream (WatchTwins, as the
+// console calls it) flows through the forwarder: its headers as soon as
+// the watch is in place, then each event as it comes.
+func TestForwardHTTPStream(t *testing.T) {
+	ctx := testCtx(t)
+	owner, addr := startOwner(t, nil)
+	f := startForwarder(t, owner, ForwardOptions{Owner: ownerAt(addr)})
+	body := []byte("{}")
+	frame := append([]byte{0, 0, 0, 0, byte(len(body))}, body...)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+f.addr+"/twin.v1.TwinService/WatchTwins", bytes.NewReader(frame))
+	req.Header.Set("Content-Type", "application/connect+json")
+	req.Header.Set("Connect-Protocol-Version", "1")
+	resp, err := http.DefaultClient.Do(req) // returns on the headers
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("WatchTwins over Connect = %d", resp.StatusCode)
+	}
+	if _, err := f.ts.twins.CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "f1", Type: "fridge"}}); err != nil {
+		t.Fatal(err)
+	}
+	var head [5]byte
+	if _, err := io.ReadFull(resp.Body, head[:]); err != nil {
+		t.Fatal(err)
+	}
+	msg := make([]byte, binary.BigEndian.Uint32(head[1:]))
+	if _, err := io.ReadFull(resp.Body, msg); err != nil {
+		t.Fatal(err)
+	}
+	if head[0] != 0 || !strings.Contains(string(msg), `"id":"f1"`) {
+		t.Errorf("the first frame = %d %s; want the event of f1", head[0], msg)
+	}
+	resp.Body.Close()
+	waitFor(t, func() bool { return owner.inflight.String() == "" })
 }
