@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -25,14 +27,17 @@ func (s *Shards) Follow(ctx context.Context, vs uint16, from uint64, apply func(
 	if err != nil {
 		return fmt.Errorf("cluster: follow shard %d's log: %w", vs, err)
 	}
-	it, err := cons.Messages()
+	// Short heartbeats: a follower whose stream leader died notices
+	// within a second and reads on from the new leader, so that a
+	// takeover does not wait for it.
+	it, err := cons.Messages(jetstream.PullExpiry(2*time.Second), jetstream.PullHeartbeat(500*time.Millisecond))
 	if err != nil {
 		return fmt.Errorf("cluster: follow shard %d's log: %w", vs, err)
 	}
 	stop := context.AfterFunc(ctx, it.Stop)
 	defer stop()
 	defer it.Stop()
-	var parts [][]byte // of the entry being joined
+	var a assembler
 	for {
 		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil {
@@ -50,35 +55,69 @@ func (s *Shards) Follow(ctx context.Context, vs uint16, from uint64, apply func(
 		if err != nil {
 			return fmt.Errorf("cluster: follow shard %d's log: %w", vs, err)
 		}
-		pos := meta.Sequence.Stream
-		h := msg.Headers()
-		switch {
-		case h.Get(fenceHeader) != "":
-			parts = parts[:0] // an entry cut off by its owner's end
-			err = apply(pos, nil)
-		case h.Get(chunkHeader) != "":
-			i, n, ok := parseChunk(h.Get(chunkHeader))
-			if !ok {
-				return fmt.Errorf("cluster: shard %d's log record %d has a bad %s %q", vs, pos, chunkHeader, h.Get(chunkHeader))
-			}
-			if i == 1 {
-				parts = parts[:0]
-			}
-			if i != len(parts)+1 {
-				continue // a part of an entry whose first part came before from
-			}
-			parts = append(parts, msg.Data())
-			if i == n {
-				err = apply(pos, joinParts(parts))
-				parts = parts[:0]
-			}
-		default:
-			parts = parts[:0]
-			err = apply(pos, msg.Data())
-		}
-		if err != nil {
+		if err := a.add(meta.Sequence.Stream, msg.Headers(), msg.Data(), apply); err != nil {
 			return err
 		}
+	}
+}
+
+// ReadRange reads shard vs's log records from position from+1 to to, one
+// by one from the stream's leader, and hands each complete entry to apply
+// as Follow does. A node taking a shard over catches up with it when its
+// follower, whose consumer may be recreating itself after a leader
+// change, lags.
+func (s *Shards) ReadRange(ctx context.Context, vs uint16, from, to uint64, apply func(pos uint64, entry []byte) error) error {
+	var a assembler
+	for pos := from + 1; pos <= to; pos++ {
+		msg, err := s.log.GetMsg(ctx, pos)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // a record of another subject, or deleted
+		}
+		if err != nil {
+			return fmt.Errorf("cluster: read record %d of shard %d's log: %w", pos, vs, err)
+		}
+		if msg.Subject != logSubject(vs) {
+			continue
+		}
+		if err := a.add(pos, msg.Header, msg.Data, apply); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// assembler turns a log's records, in order, into entries: the parts of
+// an entry joined, a fence as a nil entry.
+type assembler struct {
+	parts [][]byte // of the entry being joined
+}
+
+func (a *assembler) add(pos uint64, h nats.Header, data []byte, apply func(pos uint64, entry []byte) error) error {
+	switch {
+	case h.Get(fenceHeader) != "":
+		a.parts = a.parts[:0] // an entry cut off by its owner's end
+		return apply(pos, nil)
+	case h.Get(chunkHeader) != "":
+		i, n, ok := parseChunk(h.Get(chunkHeader))
+		if !ok {
+			return fmt.Errorf("cluster: log record %d has a bad %s %q", pos, chunkHeader, h.Get(chunkHeader))
+		}
+		if i == 1 {
+			a.parts = a.parts[:0]
+		}
+		if i != len(a.parts)+1 {
+			return nil // a part of an entry whose first part came before the reading began
+		}
+		a.parts = append(a.parts, data)
+		if i < n {
+			return nil
+		}
+		entry := joinParts(a.parts)
+		a.parts = a.parts[:0]
+		return apply(pos, entry)
+	default:
+		a.parts = a.parts[:0]
+		return apply(pos, data)
 	}
 }
 
@@ -121,6 +160,19 @@ func (s *Shards) leadHere(ctx context.Context, server string) error {
 	if err != nil {
 		return err
 	}
+	return s.moveLeaders(ctx, req, func(leader string) bool { return leader != server })
+}
+
+// leaveLeadership asks the streams that the NATS server named server
+// leads to elect another leader, for an owner that stops: the leaders
+// move at once, instead of after an election timeout once it is gone.
+func (s *Shards) leaveLeadership(ctx context.Context, server string) error {
+	return s.moveLeaders(ctx, nil, func(leader string) bool { return leader == server })
+}
+
+// moveLeaders asks each of the cluster's streams whose leader move
+// approves to step down, with req as the request.
+func (s *Shards) moveLeaders(ctx context.Context, req []byte, move func(leader string) bool) error {
 	var errs []error
 	for _, name := range []string{logStream, "KV_" + ownersBucket, "KV_" + nodesBucket} {
 		st, err := s.js.Stream(ctx, name)
@@ -133,7 +185,7 @@ func (s *Shards) leadHere(ctx context.Context, server string) error {
 			errs = append(errs, err)
 			continue
 		}
-		if info.Cluster == nil || info.Cluster.Leader == server {
+		if info.Cluster == nil || !move(info.Cluster.Leader) {
 			continue
 		}
 		msg, err := s.js.Conn().RequestWithContext(ctx, "$JS.API.STREAM.LEADER.STEPDOWN."+name, req)

@@ -224,34 +224,51 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 	m.applied.Store(e.Applied())
 	pctx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		if err := standby(pctx); err != nil && pctx.Err() == nil {
 			m.opts.Logger.Error("serving as a standby failed", "err", err)
 		}
 	}()
-	go func() {
-		defer wg.Done()
-		for pctx.Err() == nil {
-			err := m.shards.Follow(pctx, AllShards, e.Applied(), func(pos uint64, entry []byte) error {
-				time.Sleep(m.opts.applyDelay)
-				if err := e.ApplyEntry(pos, entry); err != nil {
-					return err
-				}
-				m.applied.Store(pos)
-				return nil
-			})
-			if err != nil && pctx.Err() == nil {
-				m.opts.Logger.Warn("following the log failed; following again", "err", err)
-				select {
-				case <-pctx.Done():
-				case <-time.After(time.Second):
+	apply := func(pos uint64, entry []byte) error {
+		time.Sleep(m.opts.applyDelay)
+		if err := e.ApplyEntry(pos, entry); err != nil {
+			return err
+		}
+		m.applied.Store(pos)
+		return nil
+	}
+	// The follower applies the log as it grows, until stopped.
+	var (
+		fwg   sync.WaitGroup
+		fstop context.CancelFunc
+	)
+	startFollower := func() {
+		fctx, cancel := context.WithCancel(pctx)
+		fstop = cancel
+		fwg.Add(1)
+		go func() {
+			defer fwg.Done()
+			for fctx.Err() == nil {
+				err := m.shards.Follow(fctx, AllShards, e.Applied(), apply)
+				if err != nil && fctx.Err() == nil {
+					m.opts.Logger.Warn("following the log failed; following again", "err", err)
+					select {
+					case <-fctx.Done():
+					case <-time.After(time.Second):
+					}
 				}
 			}
-		}
-	}()
+		}()
+	}
+	stopFollower := func() {
+		fstop()
+		fwg.Wait()
+	}
+	startFollower()
 	end := func() error {
+		stopFollower()
 		stop()
 		wg.Wait()
 		return e.Close()
@@ -274,7 +291,9 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 				continue
 			}
 		}
-		actx, cancel := context.WithTimeout(ctx, m.shards.opts.Lease)
+		// A request sent while a stream elects its leader goes
+		// unanswered: give up on it soon, and try again.
+		actx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
 		lease, err := m.shards.Acquire(actx, AllShards)
 		cancel()
 		if errors.Is(err, ErrOwned) {
@@ -285,15 +304,17 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 			continue
 		}
 		m.changes.Add(1)
-		// Serve only once the store holds everything before the fence.
-		for e.Applied() < lease.Seq() && lease.Valid() && ctx.Err() == nil {
-			if err := lease.Renew(ctx); err != nil && errors.Is(err, ErrLost) {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		if !lease.Valid() || ctx.Err() != nil {
-			lease.Release(context.Background())
+		// Serve only once the store holds everything before the fence:
+		// from the follower, or, if it lags (its consumer recreating
+		// itself after the leader it read from died), from the log's
+		// leader record by record. A store that cannot catch up within
+		// two leases gives the shards back, for a node that can.
+		if !m.catchUp(ctx, lease, e, apply, stopFollower) {
+			m.opts.Logger.Warn("gave the shards back: the store did not catch up with the log", "applied", e.Applied(), "fence", lease.Seq())
+			rctx, cancel := context.WithTimeout(context.Background(), m.attemptTimeout())
+			lease.Release(rctx)
+			cancel()
+			startFollower()
 			continue
 		}
 		err = end()
@@ -302,10 +323,55 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 	}
 }
 
+// catchUp waits until e holds the log up to lease's fence, keeping the
+// lease renewed; it stops the follower (with stopFollower) to read the
+// rest itself if the follower does not get there soon. It reports whether
+// e caught up with the lease still valid; the follower is stopped then.
+func (m *Member) catchUp(ctx context.Context, lease *Lease, e *twin.Engine, apply func(uint64, []byte) error, stopFollower func()) bool {
+	deadline := time.Now().Add(2 * m.shards.opts.Lease)
+	renewed := time.Now()
+	following := true
+	defer func() {
+		if following {
+			stopFollower()
+		}
+	}()
+	for waited := 0; e.Applied() < lease.Seq(); waited++ {
+		if !lease.Valid() || ctx.Err() != nil || time.Now().After(deadline) {
+			return false
+		}
+		if time.Since(renewed) > m.shards.opts.Lease/5 {
+			rctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
+			err := lease.Renew(rctx)
+			cancel()
+			if errors.Is(err, ErrLost) {
+				return false
+			}
+			renewed = time.Now()
+		}
+		if following && waited >= 30 {
+			stopFollower()
+			following = false
+		}
+		if following {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
+		err := m.shards.ReadRange(rctx, AllShards, e.Applied(), lease.Seq(), apply)
+		cancel()
+		if err != nil {
+			m.opts.Logger.Warn("catching up with the log", "err", err)
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return lease.Valid() && ctx.Err() == nil
+}
+
 // refreshOwner reads the shards' owner, and reports whether none holds
 // them now (released, never taken, or its lease ran out).
 func (m *Member) refreshOwner(ctx context.Context) (free bool) {
-	rctx, cancel := context.WithTimeout(ctx, m.shards.opts.Lease/2)
+	rctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
 	node, addr, live, err := m.shards.Owner(rctx, AllShards)
 	cancel()
 	m.mu.Lock()
@@ -323,6 +389,12 @@ func (m *Member) refreshOwner(ctx context.Context) (free bool) {
 	}
 	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = node, addr, live, nil
 	return !live
+}
+
+// attemptTimeout bounds one request to the cluster: a quarter of the
+// lease, between half a second and two.
+func (m *Member) attemptTimeout() time.Duration {
+	return min(max(m.shards.opts.Lease/4, 500*time.Millisecond), 2*time.Second)
 }
 
 // ownerLongGone reports whether the shards have had no owner for two
@@ -366,7 +438,12 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 	lost()
 	wg.Wait()
 	if ctx.Err() != nil {
-		rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if m.node != nil {
+			if err := m.shards.leaveLeadership(rctx, m.opts.Node); err != nil {
+				m.opts.Logger.Warn("the streams' leaders stay on this node as it stops", "err", err)
+			}
+		}
 		if err := lease.Release(rctx); err == nil {
 			m.opts.Logger.Info("handed the shards over")
 		}

@@ -366,8 +366,16 @@ func (l *Lease) Release(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	_, err = l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
-	return err
+	for {
+		_, err = l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			return nil // released by an attempt whose answer was lost, or taken over
+		}
+		if err == nil || !transient(err) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond) // the bucket is electing a leader
+	}
 }
 
 // maxPart is the most data one message of the log carries: the server's

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -202,6 +203,7 @@ type checker struct {
 	versions map[string]map[int64]string // twin -> version -> "field=value" it acknowledged
 	commands map[string]string           // command id -> device
 	acked    int
+	ackTimes []time.Time // of every acknowledged change, in order
 	unknown  int
 	errs     []string
 }
@@ -210,6 +212,7 @@ func (k *checker) ack(t *testing.T, id string, version int64, write string) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.acked++
+	k.ackTimes = append(k.ackTimes, time.Now())
 	vs := k.versions[id]
 	if vs == nil {
 		vs = map[int64]string{}
@@ -302,8 +305,12 @@ func TestClusterFaults(t *testing.T) {
 	c := dialCluster(t, nodes)
 	owner := c.owner(t, nodes, "")
 	const twins = 20
+	created := time.Now()
 	for i := range twins {
 		for {
+			if time.Since(created) > time.Minute {
+				t.Fatal("the cluster did not take the twins' creation within a minute")
+			}
 			_, err := c.twins[i%3].CreateTwin(context.Background(), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: fmt.Sprint("t-", i), Type: "planter"}})
 			if err == nil || status.Code(err) == codes.AlreadyExists {
 				break
@@ -328,77 +335,101 @@ func TestClusterFaults(t *testing.T) {
 		defer k.mu.Unlock()
 		t.Logf("%s %s: %d acknowledged, %d unknown so far", time.Now().Format("15:04:05.000"), what, k.acked, k.unknown)
 	}
-	// firstWrite measures how long after a fault a write succeeds again.
-	firstWrite := func(since time.Time) time.Duration {
-		for {
-			k.mu.Lock()
-			before := k.acked
-			k.mu.Unlock()
-			time.Sleep(50 * time.Millisecond)
-			k.mu.Lock()
-			after := k.acked
-			k.mu.Unlock()
-			if after > before {
-				return time.Since(since)
+	// outage measures the longest time after a fault at which no write
+	// was acknowledged, over the 15s that follow it.
+	outage := func(fault time.Time) time.Duration {
+		time.Sleep(time.Until(fault.Add(15 * time.Second)))
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		var longest time.Duration
+		last := fault
+		for _, at := range k.ackTimes {
+			if at.Before(fault) || at.After(fault.Add(20*time.Second)) {
+				continue
 			}
-			if time.Since(since) > 60*time.Second {
-				t.Fatal("no write succeeded within 60s of the fault")
-			}
+			longest = max(longest, at.Sub(last))
+			last = at
 		}
+		return max(longest, fault.Add(15*time.Second).Sub(last))
 	}
 	settle()
 	progress("before faults")
 
-	// 1. SIGKILL the owner.
-	killed := time.Now()
-	old := nodes[owner].name
-	nodes[owner].stop(t, syscall.SIGKILL)
-	owner2 := c.owner(t, nodes, old)
-	t.Logf("SIGKILL of owner %s: %s owns the shards after %v; writes resume after %v", old, nodes[owner2].name, time.Since(killed), firstWrite(killed))
-	nodes[owner].start(t)
-	owner = owner2
-	settle()
-	progress("after the owner's SIGKILL")
-
-	// 2. SIGKILL a standby, and restart it.
-	standby := (owner + 1) % 3
-	nodes[standby].stop(t, syscall.SIGKILL)
-	settle()
-	nodes[standby].start(t)
-	settle()
-	progress("after a standby's SIGKILL")
-
-	// 3. SIGSTOP the owner past its lease, then resume it: it must see
-	// that it lost the shards, and append nothing more.
-	paused := nodes[owner]
-	paused.signal(t, syscall.SIGSTOP)
-	stoppedAt := time.Now()
-	owner2 = c.owner(t, nodes, paused.name)
-	t.Logf("SIGSTOP of owner %s: %s owns the shards after %v", paused.name, nodes[owner2].name, time.Since(stoppedAt))
-	paused.signal(t, syscall.SIGCONT)
-	paused.d.waitLog(t, "no longer owns the shards")
-	owner = owner2
-	settle()
-	progress("after the owner's SIGSTOP")
-
-	// 4. Wipe a standby's store: it rebuilds from the others.
-	standby = (owner + 1) % 3
-	nodes[standby].stop(t, syscall.SIGKILL)
-	if err := os.RemoveAll(nodes[standby].dir); err != nil {
-		t.Fatal(err)
+	// TWIND_CLUSTER_SOAK=N runs the faults N times over (a soak); the
+	// default is once.
+	rounds := 1
+	if v := os.Getenv("TWIND_CLUSTER_SOAK"); v != "" {
+		var err error
+		if rounds, err = strconv.Atoi(v); err != nil || rounds < 1 {
+			t.Fatalf("TWIND_CLUSTER_SOAK=%q: want a number of rounds", v)
+		}
 	}
-	nodes[standby].start(t)
-	settle()
-	progress("after wiping a standby")
+	outages := map[string][]time.Duration{}
+	for round := range rounds {
+		t.Logf("round %d of %d", round+1, rounds)
+		// 1. SIGKILL the owner.
+		killed := time.Now()
+		old := nodes[owner].name
+		nodes[owner].stop(t, syscall.SIGKILL)
+		owner2 := c.owner(t, nodes, old)
+		took := time.Since(killed)
+		d := outage(killed)
+		outages["owner SIGKILL"] = append(outages["owner SIGKILL"], d)
+		t.Logf("SIGKILL of owner %s: %s owns the shards %v after; no write was acknowledged for %v", old, nodes[owner2].name, took, d)
+		nodes[owner].start(t)
+		owner = owner2
+		settle()
+		progress("after the owner's SIGKILL")
 
-	// 5. SIGTERM the owner: it hands the shards over.
-	termed := time.Now()
-	old = nodes[owner].name
-	nodes[owner].stop(t, syscall.SIGTERM)
-	t.Logf("SIGTERM of owner %s: writes resume after %v", old, firstWrite(termed))
-	nodes[owner].start(t)
-	settle()
-	progress("after the owner's SIGTERM")
+		// 2. SIGKILL a standby, and restart it.
+		standby := (owner + 1) % 3
+		nodes[standby].stop(t, syscall.SIGKILL)
+		settle()
+		nodes[standby].start(t)
+		settle()
+		progress("after a standby's SIGKILL")
+
+		// 3. SIGSTOP the owner past its lease, then resume it: it must see
+		// that it lost the shards, and append nothing more.
+		paused := nodes[owner]
+		paused.signal(t, syscall.SIGSTOP)
+		stoppedAt := time.Now()
+		owner2 = c.owner(t, nodes, paused.name)
+		d = outage(stoppedAt)
+		outages["owner SIGSTOP"] = append(outages["owner SIGSTOP"], d)
+		t.Logf("SIGSTOP of owner %s: %s owns the shards; no write was acknowledged for %v", paused.name, nodes[owner2].name, d)
+		paused.signal(t, syscall.SIGCONT)
+		paused.d.waitLog(t, "no longer owns the shards")
+		owner = owner2
+		settle()
+		progress("after the owner's SIGSTOP")
+
+		// 4. Wipe a standby's store: it rebuilds from the others.
+		standby = (owner + 1) % 3
+		nodes[standby].stop(t, syscall.SIGKILL)
+		if err := os.RemoveAll(nodes[standby].dir); err != nil {
+			t.Fatal(err)
+		}
+		nodes[standby].start(t)
+		settle()
+		progress("after wiping a standby")
+
+		// 5. SIGTERM the owner: it hands the shards over.
+		termed := time.Now()
+		old = nodes[owner].name
+		nodes[owner].stop(t, syscall.SIGTERM)
+		d = outage(termed)
+		outages["owner SIGTERM"] = append(outages["owner SIGTERM"], d)
+		t.Logf("SIGTERM of owner %s: no write was acknowledged for %v", old, d)
+		nodes[owner].start(t)
+		settle()
+		progress("after the owner's SIGTERM")
+
+	}
+	for fault, ds := range outages {
+		slices.Sort(ds)
+		t.Logf("%s: longest time without an acknowledged write: median %v, worst %v, over %d", fault, ds[len(ds)/2], ds[len(ds)-1], len(ds))
+	}
 
 	stopLoad()
 	load.Wait()
@@ -459,7 +490,9 @@ func TestClusterFaults(t *testing.T) {
 		}
 	}
 	for cmdID, device := range k.commands {
-		r, err := c.commands[0].GetCommand(context.Background(), &twinv1.GetCommandRequest{Id: cmdID})
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		r, err := c.commands[0].GetCommand(ctx, &twinv1.GetCommandRequest{Id: cmdID}, grpc.WaitForReady(true))
+		cancel()
 		if err != nil {
 			t.Errorf("acknowledged command %s of %s: %v", cmdID, device, err)
 		} else if r.Command.DeviceId != device {
@@ -499,7 +532,9 @@ func history(t *testing.T, c twinv1.TwinServiceClient, id string) []*twinv1.Twin
 	var out []*twinv1.TwinEvent
 	token := ""
 	for {
-		r, err := c.ListTwinHistory(context.Background(), &twinv1.ListTwinHistoryRequest{Id: id, PageSize: 1000, PageToken: token})
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		r, err := c.ListTwinHistory(ctx, &twinv1.ListTwinHistoryRequest{Id: id, PageSize: 1000, PageToken: token}, grpc.WaitForReady(true))
+		cancel()
 		if err != nil {
 			t.Fatalf("history of %s: %v", id, err)
 		}
