@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/twind-io/twind/twin"
 )
@@ -87,6 +88,7 @@ type Member struct {
 	statusAt       time.Time             // when logLast was read
 
 	changes atomic.Int64 // ownership changes this node made
+	metrics *metrics
 }
 
 // StartMember starts this node's NATS server (unless it uses an existing
@@ -97,6 +99,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		o.Logger = slog.Default()
 	}
 	m := &Member{opts: o, peers: map[string]nodeRecord{}}
+	m.metrics = newMetrics(m)
 	m.role.Store(RoleStandby)
 	url := ""
 	if len(o.NATS) > 0 {
@@ -428,7 +431,7 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 		m.renew(octx, lease, lost)
 	}()
 	opts.Follow = false
-	opts.Log = leaseLog{lease: lease, applied: &m.applied}
+	opts.Log = leaseLog{lease: lease, applied: &m.applied, latency: m.metrics.append}
 	err := owner(octx, opts, func() error {
 		if !lease.Valid() {
 			return errors.New("this node's lease on the shards has lapsed; retry")
@@ -479,11 +482,14 @@ func (m *Member) renew(ctx context.Context, lease *Lease, lost func()) {
 type leaseLog struct {
 	lease   *Lease
 	applied *atomic.Uint64
+	latency prometheus.Histogram
 }
 
 func (l leaseLog) Append(ctx context.Context, entry []byte) (uint64, error) {
+	start := time.Now()
 	pos, err := l.lease.Append(ctx, entry)
 	if err == nil {
+		l.latency.Observe(time.Since(start).Seconds())
 		l.applied.Store(pos)
 	}
 	return pos, err

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/twind-io/twind/cluster"
@@ -115,12 +117,7 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 		opts.Ready(l.Addr())
 		opts.Ready = nil
 	}
-	owner := func(ctx context.Context, engine twin.Options, serving func() error) error {
-		o := opts
-		o.Engine, o.Serving = engine, serving
-		o.Listener = d.phase()
-		return server.Run(ctx, o)
-	}
+	owner := ownerPhase(opts, d, m.Metrics())
 	standby := func(ctx context.Context) error {
 		f := server.NewForwarder(server.ForwardOptions{
 			Owner: m.Owner, Healthy: m.Healthy, ClusterStatus: status, Logger: opts.Logger,
@@ -138,6 +135,23 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 		return err
 	}
 	return m.Run(ctx, engine, owner, standby)
+}
+
+// ownerPhase returns what serves the API while this node owns the shards:
+// a server on the dispatcher's next phase, with the cluster's metrics.
+// A node may own the shards many times in one process.
+func ownerPhase(opts server.Options, d *dispatcher, clusterMetrics prometheus.Collector) cluster.OwnerFunc {
+	return func(ctx context.Context, engine twin.Options, serving func() error) error {
+		o := opts
+		o.Engine, o.Serving = engine, serving
+		// Each phase has a registry of its own: a server registers its
+		// collectors once in a registry.
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), clusterMetrics)
+		o.Metrics = reg
+		o.Listener = d.phase()
+		return server.Run(ctx, o)
+	}
 }
 
 func statusProto(st *cluster.Status, vshards int) *twinv1.GetClusterStatusResponse {

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -19,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -26,6 +29,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
+	"github.com/twind-io/twind/server"
 	"github.com/twind-io/twind/twin"
 )
 
@@ -575,4 +579,41 @@ func storeTwins(t *testing.T, dir string, twins int) map[string]any {
 		out[id] = fmt.Sprint(tw.Version, tw.Revision, tw.Reported, tw.Desired, hist)
 	}
 	return out
+}
+
+// TestOwnerPhaseTwice: a node that owns the shards, loses them and takes
+// them again serves again, in the same process and on the same listener.
+func TestOwnerPhaseTwice(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newDispatcher(l)
+	defer d.close()
+	dir := t.TempDir()
+	served := make(chan struct{}, 1)
+	opts := server.Options{DataDir: dir, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Ready: func(net.Addr) { served <- struct{}{} }}
+	opts.EnsureDefaults()
+	phase := ownerPhase(opts, d, prometheus.NewCounter(prometheus.CounterOpts{Name: "twind_test_total", Help: "test"}))
+	engine := opts.Engine
+	c := dial(t, l.Addr().String())
+	for i := range 2 {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- phase(ctx, engine, func() error { return nil }) }()
+		select {
+		case <-served:
+		case err := <-done:
+			cancel()
+			t.Fatalf("owner phase %d ended before serving: %v", i+1, err)
+		}
+		id := fmt.Sprint("fridge-", i)
+		if _, err := c.CreateTwin(context.Background(), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: id}}, grpc.WaitForReady(true)); err != nil {
+			t.Errorf("owner phase %d: CreateTwin: %v", i+1, err)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("owner phase %d ended with %v", i+1, err)
+		}
+	}
 }
