@@ -287,12 +287,13 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 		if !m.refreshOwner(ctx) {
 			continue
 		}
-		if last, err := m.shards.Last(ctx); err != nil || last > e.Applied()+10_000 {
+		lctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
+		last, err := m.shards.Last(lctx)
+		cancel()
+		if err == nil && last > e.Applied()+10_000 && !m.ownerLongGone() {
 			// Far behind (a node rebuilding its store): let a node that
 			// is caught up take over first.
-			if !m.ownerLongGone() {
-				continue
-			}
+			continue
 		}
 		// A request sent while a stream elects its leader goes
 		// unanswered: give up on it soon, and try again.
@@ -391,7 +392,10 @@ func (m *Member) refreshOwner(ctx context.Context) (free bool) {
 		m.ownerGoneSince = time.Now()
 	}
 	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = node, addr, live, nil
-	return !live
+	// A record of this node's own, while it follows, is a lease it took
+	// and could not use (its fence failed, or it gave the shards back):
+	// take the shards again rather than wait for it to run out.
+	return !live || node == m.opts.Node
 }
 
 // attemptTimeout bounds one request to the cluster: a quarter of the

@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/twind-io/twind/cluster"
 	twinv1 "github.com/twind-io/twind/proto/gen/twin/v1"
 	"github.com/twind-io/twind/server"
 	"github.com/twind-io/twind/twin"
@@ -38,7 +39,9 @@ import (
 type clusterNode struct {
 	name, api, peer, dir string
 	peers                []string
-	d                    *daemon // nil while stopped
+	extra                []string // more flags; with --nats, the peers' are left out
+	started              []string // what it logged until it joined the cluster
+	d                    *daemon  // nil while stopped
 }
 
 func freePort(t *testing.T) string {
@@ -74,8 +77,11 @@ func (c *clusterNode) start(t *testing.T, extra ...string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	args := append([]string{"--node", c.name, "--addr", c.api, "--cluster-listen", c.peer,
-		"--cluster-peers", strings.Join(c.peers, ","), "--data", c.dir, "--history-limit", "100000"}, extra...)
+	args := []string{"--node", c.name, "--addr", c.api, "--data", c.dir, "--history-limit", "100000"}
+	if len(c.extra) == 0 {
+		args = append(args, "--cluster-listen", c.peer, "--cluster-peers", strings.Join(c.peers, ","))
+	}
+	args = append(append(args, c.extra...), extra...)
 	cmd := exec.Command(exe, args...)
 	cmd.Env = append(os.Environ(), "TWIND_TEST_DAEMON=1")
 	stderr, err := cmd.StderrPipe()
@@ -111,7 +117,7 @@ func (c *clusterNode) start(t *testing.T, extra ...string) {
 		d.done <- cmd.Wait()
 	}()
 	c.d = d
-	d.waitLog(t, "joined the cluster")
+	c.started = d.waitLog(t, "joined the cluster")
 }
 
 func (c *clusterNode) signal(t *testing.T, sig syscall.Signal) {
@@ -138,6 +144,7 @@ func (c *clusterNode) stop(t *testing.T, sig syscall.Signal) {
 // clusterClients are connections to every node.
 type clusterClients struct {
 	twins    []twinv1.TwinServiceClient
+	devices  []twinv1.DeviceServiceClient
 	commands []twinv1.CommandServiceClient
 	cluster  []twinv1.ClusterServiceClient
 }
@@ -151,6 +158,7 @@ func dialCluster(t *testing.T, nodes []*clusterNode) *clusterClients {
 		}
 		t.Cleanup(func() { conn.Close() })
 		c.twins = append(c.twins, twinv1.NewTwinServiceClient(conn))
+		c.devices = append(c.devices, twinv1.NewDeviceServiceClient(conn))
 		c.commands = append(c.commands, twinv1.NewCommandServiceClient(conn))
 		c.cluster = append(c.cluster, twinv1.NewClusterServiceClient(conn))
 	}
@@ -203,19 +211,22 @@ func (c *clusterClients) owner(t *testing.T, nodes []*clusterNode, not string) i
 
 // checker records every acknowledged change and command.
 type checker struct {
-	mu       sync.Mutex
-	versions map[string]map[int64]string // twin -> version -> "field=value" it acknowledged
-	commands map[string]string           // command id -> device
-	acked    int
-	ackTimes []time.Time // of every acknowledged change, in order
-	unknown  int
-	errs     []string
+	mu           sync.Mutex
+	versions     map[string]map[int64]string // twin -> version -> "field=value" it acknowledged
+	commands     map[string]string           // command id -> device
+	acked        int
+	ackTimes     []time.Time // of every acknowledged change, in order
+	maxRev       int64       // the highest revision acknowledged
+	deviceBreaks int
+	unknown      int
+	errs         []string
 }
 
-func (k *checker) ack(t *testing.T, id string, version int64, write string) {
+func (k *checker) ack(t *testing.T, id string, version, revision int64, write string) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.acked++
+	k.maxRev = max(k.maxRev, revision)
 	k.ackTimes = append(k.ackTimes, time.Now())
 	vs := k.versions[id]
 	if vs == nil {
@@ -243,13 +254,13 @@ func (k *checker) load(ctx context.Context, t *testing.T, c *clusterClients, wor
 			var r *twinv1.UpdateDesiredResponse
 			patch, _ := structpb.NewStruct(map[string]any{field: seq})
 			if r, err = c.twins[node].UpdateDesired(cctx, &twinv1.UpdateDesiredRequest{Id: id, Patch: patch}); err == nil {
-				k.ack(t, id, r.Twin.Version, "desired."+field+"="+strconv.Itoa(seq))
+				k.ack(t, id, r.Twin.Version, r.Twin.Revision, "desired."+field+"="+strconv.Itoa(seq))
 			}
 		case 1:
 			var r *twinv1.ReportStateResponse
 			patch, _ := structpb.NewStruct(map[string]any{field: seq})
 			if r, err = c.twins[node].ReportState(cctx, &twinv1.ReportStateRequest{Id: id, Patch: patch}); err == nil {
-				k.ack(t, id, r.Twin.Version, "reported."+field+"="+strconv.Itoa(seq))
+				k.ack(t, id, r.Twin.Version, r.Twin.Revision, "reported."+field+"="+strconv.Itoa(seq))
 			}
 		case 2:
 			var r *twinv1.SendCommandResponse
@@ -276,6 +287,120 @@ func (k *checker) load(ctx context.Context, t *testing.T, c *clusterClients, wor
 			k.mu.Lock()
 			k.errs = append(k.errs, fmt.Sprintf("worker %d, node %d: %v", worker, node, err))
 			k.mu.Unlock()
+		}
+	}
+}
+
+// device reports over a Connect stream, through a node that changes each
+// time the stream breaks; it says hello with the last desired version it
+// was told of, and checks that the welcome never goes back in versions.
+func (k *checker) device(ctx context.Context, c *clusterClients, id, token string) {
+	var lastVersion, acked int64
+	for node := 0; ctx.Err() == nil; node++ {
+		err := func() error {
+			sctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			stream, err := c.devices[node%len(c.devices)].Connect(sctx)
+			if err != nil {
+				return err
+			}
+			if err := stream.Send(&twinv1.ConnectRequest{Msg: &twinv1.ConnectRequest_Hello{Hello: &twinv1.Hello{DeviceId: id, Token: token, LastVersion: lastVersion}}}); err != nil {
+				return err
+			}
+			r, err := stream.Recv()
+			if err != nil {
+				return err
+			}
+			w := r.GetWelcome()
+			if w == nil {
+				return fmt.Errorf("the first message is %v, not a welcome", r)
+			}
+			if w.Version < acked {
+				k.mu.Lock()
+				k.errs = append(k.errs, fmt.Sprintf("%s: welcome at version %d after a report acknowledged at %d", id, w.Version, acked))
+				k.mu.Unlock()
+			}
+			lastVersion = w.Version
+			for seq := int64(1); ctx.Err() == nil; seq++ {
+				patch, _ := structpb.NewStruct(map[string]any{"dev": seq})
+				if err := stream.Send(&twinv1.ConnectRequest{Msg: &twinv1.ConnectRequest_Report{Report: &twinv1.Report{Seq: seq, Patch: patch}}}); err != nil {
+					return err
+				}
+				for {
+					r, err := stream.Recv()
+					if err != nil {
+						return err
+					}
+					if u := r.GetDesiredUpdate(); u != nil {
+						lastVersion = u.Version
+					}
+					if a := r.GetReportAck(); a != nil {
+						if a.Error != "" {
+							return errors.New(a.Error)
+						}
+						acked = a.Version
+						k.ack(nil, id, a.Version, 0, "reported.dev="+strconv.Itoa(int(seq)))
+						break
+					}
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			return nil
+		}()
+		if err != nil && ctx.Err() == nil {
+			k.mu.Lock()
+			k.deviceBreaks++
+			k.mu.Unlock()
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
+
+// watcher watches every change from revision 1 through any node, and
+// resumes from the revision after the last it got whenever its stream
+// ends, through the next node.
+type watcher struct {
+	mu      sync.Mutex
+	next    int64                     // the revision to resume from
+	seen    map[string]map[int64]bool // twin -> versions seen
+	last    map[string]int64          // twin -> last version seen
+	errs    []string
+	resumes int
+}
+
+func (w *watcher) run(ctx context.Context, c *clusterClients) {
+	w.next = 1
+	for node := 0; ctx.Err() == nil; node++ {
+		stream, err := c.twins[node%len(c.twins)].WatchTwins(ctx, &twinv1.WatchTwinsRequest{StartRevision: w.next})
+		for err == nil {
+			var r *twinv1.WatchTwinsResponse
+			if r, err = stream.Recv(); err != nil {
+				break
+			}
+			ev := r.Event
+			w.mu.Lock()
+			if ev.Revision < w.next {
+				w.errs = append(w.errs, fmt.Sprintf("revision %d came after a resume from %d", ev.Revision, w.next))
+			}
+			w.next = ev.Revision + 1
+			if tw := ev.Twin; tw != nil {
+				if tw.Version <= w.last[tw.Id] && ev.Kind != twinv1.TwinEventKind_TWIN_EVENT_KIND_DELETED {
+					w.errs = append(w.errs, fmt.Sprintf("%s: version %d came after version %d", tw.Id, tw.Version, w.last[tw.Id]))
+				}
+				w.last[tw.Id] = tw.Version
+				if w.seen[tw.Id] == nil {
+					w.seen[tw.Id] = map[int64]bool{}
+				}
+				w.seen[tw.Id][tw.Version] = true
+			}
+			w.mu.Unlock()
+		}
+		w.mu.Lock()
+		w.resumes++
+		w.mu.Unlock()
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
@@ -329,9 +454,33 @@ func TestClusterFaults(t *testing.T) {
 	k := &checker{versions: map[string]map[int64]string{}, commands: map[string]string{}}
 	ctx, stopLoad := context.WithCancel(context.Background())
 	var load sync.WaitGroup
+	w := &watcher{seen: map[string]map[int64]bool{}, last: map[string]int64{}}
+	wctx, stopWatch := context.WithCancel(context.Background())
+	var watching sync.WaitGroup
+	watching.Add(1)
+	go func() { defer watching.Done(); w.run(wctx, c) }()
+	defer func() { stopWatch(); watching.Wait() }()
 	for w := range 6 {
 		load.Add(1)
 		go func() { defer load.Done(); k.load(ctx, t, c, w, twins) }()
+	}
+	for i := range 3 {
+		id := fmt.Sprint("d-", i)
+		var token string
+		for deadline := time.Now().Add(time.Minute); token == ""; {
+			_, err := c.twins[i].CreateTwin(context.Background(), &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: id, Type: "car"}})
+			if err == nil || status.Code(err) == codes.AlreadyExists {
+				r, err := c.twins[i].IssueDeviceToken(context.Background(), &twinv1.IssueDeviceTokenRequest{Id: id})
+				if err == nil {
+					token = r.Token
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("device %s: no token within a minute: %v", id, err)
+			}
+		}
+		load.Add(1)
+		go func() { defer load.Done(); k.device(ctx, c, id, token) }()
 	}
 	settle := func() { time.Sleep(3 * time.Second) }
 	progress := func(what string) {
@@ -463,10 +612,44 @@ func TestClusterFaults(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 
+	// The watcher, resumed across every failover, saw every acknowledged
+	// change, each twin's versions in order.
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		w.mu.Lock()
+		caught := w.next > k.maxRev
+		w.mu.Unlock()
+		if caught {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the watcher did not reach revision %d within 60s (at %d)", k.maxRev, w.next)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	stopWatch()
+	watching.Wait()
+	for _, e := range w.errs[:min(len(w.errs), 10)] {
+		t.Errorf("watch: %s", e)
+	}
+	missed := 0
+	for id, vs := range k.versions {
+		for v := range vs {
+			if !w.seen[id][v] {
+				if missed++; missed <= 10 {
+					t.Errorf("watch: %s version %d was acknowledged, and never watched", id, v)
+				}
+			}
+		}
+	}
+	t.Logf("the watcher resumed %d times, through every node", w.resumes)
+
 	// Every acknowledged change is in its twin's history, in version
 	// order; every acknowledged command exists.
+	ids := []string{"d-0", "d-1", "d-2"}
 	for i := range twins {
-		id := fmt.Sprint("t-", i)
+		ids = append(ids, fmt.Sprint("t-", i))
+	}
+	for i, id := range ids {
 		events := history(t, c.twins[i%3], id)
 		byVersion := map[int64]*twinv1.TwinEvent{}
 		for j, ev := range events {
@@ -514,7 +697,7 @@ func TestClusterFaults(t *testing.T) {
 	nodes[owner].stop(t, syscall.SIGTERM)
 	var want map[string]any
 	for i, n := range nodes {
-		got := storeTwins(t, filepath.Join(n.dir, "store"), twins)
+		got := storeTwins(t, filepath.Join(n.dir, "store"), ids)
 		if i == 0 {
 			want = got
 			continue
@@ -527,7 +710,7 @@ func TestClusterFaults(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d changes and %d commands acknowledged; %d calls of unknown outcome", k.acked-len(k.commands), len(k.commands), k.unknown)
+	t.Logf("%d changes and %d commands acknowledged; %d calls of unknown outcome; device streams broke %d times", k.acked-len(k.commands), len(k.commands), k.unknown, k.deviceBreaks)
 }
 
 // history returns a twin's whole history, newest first.
@@ -551,7 +734,7 @@ func history(t *testing.T, c twinv1.TwinServiceClient, id string) []*twinv1.Twin
 
 // storeTwins opens a stopped node's store and returns its twins with
 // their histories.
-func storeTwins(t *testing.T, dir string, twins int) map[string]any {
+func storeTwins(t *testing.T, dir string, ids []string) map[string]any {
 	t.Helper()
 	e, err := twin.Open(twin.Options{Dir: dir, HistoryLimit: 100000})
 	if err != nil {
@@ -559,8 +742,7 @@ func storeTwins(t *testing.T, dir string, twins int) map[string]any {
 	}
 	defer e.Close()
 	out := map[string]any{}
-	for i := range twins {
-		id := fmt.Sprint("t-", i)
+	for _, id := range ids {
 		tw, err := e.Get(id)
 		if errors.Is(err, twin.ErrNotFound) {
 			continue
@@ -615,5 +797,64 @@ func TestOwnerPhaseTwice(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Errorf("owner phase %d ended with %v", i+1, err)
 		}
+	}
+}
+
+// TestExternalNATS: twind nodes on an existing NATS cluster (--nats) take
+// the shards, answer through either node, and warn that the cluster must
+// sync every write.
+func TestExternalNATS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a NATS cluster and two twind processes")
+	}
+	routes := []string{freePort(t), freePort(t), freePort(t)}
+	var urls []string
+	for i, r := range routes {
+		var peers []string
+		for j, p := range routes {
+			if j != i {
+				peers = append(peers, p)
+			}
+		}
+		n, err := cluster.StartNode(cluster.NodeOptions{Name: fmt.Sprint("nats-", i), ClusterAddr: r, Peers: peers, StoreDir: t.TempDir()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(n.Shutdown)
+		urls = append(urls, n.ClientURL())
+	}
+	nodes := newClusterNodes(t, 2)
+	for _, n := range nodes {
+		n.extra = []string{"--nats", strings.Join(urls, ",")}
+	}
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); n.start(t) }()
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, n := range nodes {
+			if n.d != nil {
+				n.stop(t, syscall.SIGKILL)
+			}
+		}
+	})
+	c := dialCluster(t, nodes)
+	c.owner(t, nodes, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := c.twins[0].CreateTwin(ctx, &twinv1.CreateTwinRequest{Twin: &twinv1.Twin{Id: "car-1", Type: "car"}}, grpc.WaitForReady(true)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.twins[1].GetTwin(ctx, &twinv1.GetTwinRequest{Id: "car-1"}, grpc.WaitForReady(true))
+	if err != nil || r.Twin.Version != 1 {
+		t.Fatalf("GetTwin through the other node = %v, %v; want version 1", r, err)
+	}
+	for _, n := range nodes {
+		if log := strings.Join(n.started, "\n"); !strings.Contains(log, "sync_interval: always") {
+			t.Errorf("%s did not warn that the NATS cluster must sync every write; it logged:\n%s", n.name, log)
+		}
+		n.stop(t, syscall.SIGTERM)
 	}
 }
