@@ -356,9 +356,22 @@ func (l *Lease) lose() {
 // node to look takes it without waiting for the lease to run out. The
 // lease is lost from then on.
 func (l *Lease) Release(ctx context.Context) error {
+	return l.release(ctx, false)
+}
+
+// giveBack releases the owner record this node wrote last even if the
+// lease is lost already: a node whose append failed (the lease is lost,
+// but no other node took the shard) lets the next owner take it at once,
+// rather than once the record runs out. If another node has taken the
+// shard, the record is not this node's any more and stays as it is.
+func (l *Lease) giveBack(ctx context.Context) error {
+	return l.release(ctx, true)
+}
+
+func (l *Lease) release(ctx context.Context, evenLost bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.lost {
+	if l.lost && !evenLost {
 		return ErrLost
 	}
 	l.lost = true
