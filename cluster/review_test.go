@@ -104,3 +104,65 @@ func TestMemberTakesAShardItsOwnRecordHolds(t *testing.T) {
 		t.Fatal("n0 never served")
 	}
 }
+
+// armedClock is a fixed clock that tells, once armed, of the next time it
+// is read.
+type armedClock struct {
+	t    time.Time
+	mu   sync.Mutex
+	read chan struct{} // closed on the first read once armed
+}
+
+func (c *armedClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.read != nil {
+		close(c.read)
+		c.read = nil
+	}
+	return c.t
+}
+
+func (c *armedClock) arm() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.read = make(chan struct{})
+	return c.read
+}
+
+// Valid answers at once while a renewal waits for the owners' bucket (a
+// bucket that lost its quorum, or elects a leader): an owner asks it
+// before every call it serves and every append, and must not stall them
+// all for the renewal's whole timeout.
+func TestValidDoesNotWaitForARenewal(t *testing.T) {
+	nodes := startCluster(t, 3)
+	c := &armedClock{t: time.Now()}
+	s := openShards(t, nodes[0], Options{Node: "a", Lease: time.Hour, Clock: c.Now})
+	l, err := s.Acquire(context.Background(), 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The bucket loses its quorum: a renewal now waits for its timeout.
+	nodes[1].Shutdown()
+	nodes[2].Shutdown()
+	read := c.arm()
+	renewed := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		renewed <- l.Renew(ctx)
+	}()
+	<-read // the renewal is under way
+	valid := l.Valid()
+	select {
+	case err := <-renewed:
+		t.Fatalf("Valid returned only once the renewal had (%v)", err)
+	default:
+	}
+	if !valid {
+		t.Error("the lease is not valid an hour before it runs out")
+	}
+	if err := <-renewed; err == nil {
+		t.Error("a renewal without the bucket's quorum succeeded")
+	}
+}
