@@ -372,8 +372,13 @@ func (m *Member) catchUp(ctx context.Context, lease *Lease, e *twin.Engine, appl
 	return lease.Valid() && ctx.Err() == nil
 }
 
-// refreshOwner reads the shards' owner, and reports whether none holds
-// them now (released, never taken, or its lease ran out).
+// refreshOwner reads the shards' owner, and reports whether this node
+// may take them: none holds them now (released, never taken, or its lease
+// ran out), or the record names this node itself. A live record of this
+// node's own is what an Acquire leaves that updated the record but could
+// not fence the log (the log's stream electing a leader, an answer lost),
+// or a process of this node that died: nothing of this node serves under
+// it, and no other node may take it before it runs out.
 func (m *Member) refreshOwner(ctx context.Context) (free bool) {
 	rctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
 	node, addr, live, err := m.shards.Owner(rctx, AllShards)
@@ -457,6 +462,13 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 		cancel()
 		return
 	}
+	// The lease is lost (taken over, run out, or an append failed) or the
+	// engine failed: give the record back if no other node has taken it,
+	// so that the next owner (this node again, possibly) need not wait
+	// for it to run out.
+	rctx, cancel := context.WithTimeout(context.Background(), m.attemptTimeout())
+	lease.giveBack(rctx)
+	cancel()
 	m.opts.Logger.Warn("this node no longer owns the shards; following the log", "err", err)
 }
 

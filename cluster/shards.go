@@ -150,9 +150,14 @@ type Lease struct {
 	s  *Shards
 	vs uint16
 
-	mu      sync.Mutex // guards rev, expires and lost
-	rev     uint64     // the revision of the owner record this node wrote last
-	expires time.Time  // by this node's clock
+	// kvMu serializes the updates of the owner record (Renew, Release);
+	// mu, held for no request, guards rev, expires and lost, so that
+	// Valid, which an owner asks before every call and append, never
+	// waits for the bucket.
+	kvMu    sync.Mutex
+	mu      sync.Mutex
+	rev     uint64    // the revision of the owner record this node wrote last
+	expires time.Time // by this node's clock
 	lost    bool
 	id      string // names this lease in its appends' message ids
 
@@ -254,9 +259,12 @@ func (l *Lease) Valid() bool {
 // Renew extends the lease. It fails with ErrLost if another node has
 // taken the shard over.
 func (l *Lease) Renew(ctx context.Context) error {
+	l.kvMu.Lock()
+	defer l.kvMu.Unlock()
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.lost {
+	lost, last := l.lost, l.rev
+	l.mu.Unlock()
+	if lost {
 		return ErrLost
 	}
 	now := l.s.opts.Clock()
@@ -264,7 +272,9 @@ func (l *Lease) Renew(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	rev, err := l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
+	rev, err := l.s.kv.Update(ctx, ownerKey(l.vs), rec, last)
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 		l.lost = true
 		return fmt.Errorf("%w: shard %d was taken over", ErrLost, l.vs)
@@ -272,6 +282,8 @@ func (l *Lease) Renew(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Even if an append lost the lease meanwhile: the record is this
+	// node's, at rev, for Release.
 	l.rev, l.expires = rev, now.Add(l.s.opts.Lease)
 	return nil
 }
@@ -356,18 +368,35 @@ func (l *Lease) lose() {
 // node to look takes it without waiting for the lease to run out. The
 // lease is lost from then on.
 func (l *Lease) Release(ctx context.Context) error {
+	return l.release(ctx, false)
+}
+
+// giveBack releases the owner record this node wrote last even if the
+// lease is lost already: a node whose append failed (the lease is lost,
+// but no other node took the shard) lets the next owner take it at once,
+// rather than once the record runs out. If another node has taken the
+// shard, the record is not this node's any more and stays as it is.
+func (l *Lease) giveBack(ctx context.Context) error {
+	return l.release(ctx, true)
+}
+
+func (l *Lease) release(ctx context.Context, evenLost bool) error {
+	l.kvMu.Lock()
+	defer l.kvMu.Unlock()
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.lost {
+	if l.lost && !evenLost {
+		l.mu.Unlock()
 		return ErrLost
 	}
 	l.lost = true
+	last := l.rev
+	l.mu.Unlock()
 	rec, err := json.Marshal(ownerRecord{Node: l.s.opts.Node})
 	if err != nil {
 		return err
 	}
 	for {
-		_, err = l.s.kv.Update(ctx, ownerKey(l.vs), rec, l.rev)
+		_, err = l.s.kv.Update(ctx, ownerKey(l.vs), rec, last)
 		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			return nil // released by an attempt whose answer was lost, or taken over
 		}

@@ -1,6 +1,7 @@
 package twin
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -191,12 +192,39 @@ func (e *Engine) ApplyEntry(pos uint64, entry []byte) error {
 	if err := all.Set(keyApplied, binary.BigEndian.AppendUint64(nil, pos), nil); err != nil {
 		return err
 	}
+	top := lastLogRevision(all)
 	if err := e.db.Apply(all, pebble.NoSync); err != nil {
 		e.fail(fmt.Errorf("apply log entry %d: %w", pos, err))
 		return err
 	}
 	e.applied.Store(pos)
+	if top > 0 {
+		// The follower prunes its watch log as an owner does (its own
+		// write, out of the log): a standby's store stays within the
+		// retention, and so does the watch log it serves from once it
+		// owns the shards.
+		e.revMu.Lock()
+		e.rev = max(e.rev, top)
+		e.pruneLog()
+		e.revMu.Unlock()
+	}
 	return nil
+}
+
+// lastLogRevision returns the newest revision b writes to the watch log,
+// 0 if none.
+func lastLogRevision(b *pebble.Batch) int64 {
+	var top int64
+	r := b.Reader()
+	for {
+		_, k, _, ok, err := r.Next()
+		if !ok || err != nil {
+			return top
+		}
+		if len(k) == len(prefixLog)+8 && bytes.HasPrefix(k, prefixLog) {
+			top = max(top, int64(binary.BigEndian.Uint64(k[len(prefixLog):])))
+		}
+	}
 }
 
 // Applied returns the position of the last log entry the store holds: 0
