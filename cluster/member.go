@@ -425,13 +425,6 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 	m.ownerNode, m.ownerAddr, m.ownerLive, m.ownerErr = m.opts.Node, m.opts.Addr, true, nil
 	m.mu.Unlock()
 	m.opts.Logger.Info("this node owns the shards now", "node", m.opts.Node, "log", lease.Seq())
-	if m.node != nil {
-		lctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		if err := m.shards.leadHere(lctx, m.opts.Node); err != nil {
-			m.opts.Logger.Warn("the streams' leaders stay where they are", "err", err)
-		}
-		cancel()
-	}
 	octx, lost := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -439,6 +432,19 @@ func (m *Member) serve(ctx context.Context, lease *Lease, opts twin.Options, own
 		defer wg.Done()
 		m.renew(octx, lease, lost)
 	}()
+	if m.node != nil {
+		// Beside serving: a leader that does not answer (the old owner,
+		// paused) must not hold the serving back.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lctx, cancel := context.WithTimeout(octx, 5*time.Second)
+			defer cancel()
+			if err := m.shards.leadHere(lctx, m.opts.Node); err != nil && octx.Err() == nil {
+				m.opts.Logger.Warn("the streams' leaders stay where they are", "err", err)
+			}
+		}()
+	}
 	opts.Follow = false
 	opts.Log = leaseLog{lease: lease, applied: &m.applied, latency: m.metrics.append}
 	err := owner(octx, opts, func() error {

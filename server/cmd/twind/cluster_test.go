@@ -520,6 +520,7 @@ func TestClusterFaults(t *testing.T) {
 	outages := map[string][]time.Duration{}
 	for round := range rounds {
 		t.Logf("round %d of %d", round+1, rounds)
+		owner = c.owner(t, nodes, "")
 		// 1. SIGKILL the owner.
 		killed := time.Now()
 		old := nodes[owner].name
