@@ -332,7 +332,9 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 // rest itself if the follower does not get there soon. It reports whether
 // e caught up with the lease still valid; the follower is stopped then.
 func (m *Member) catchUp(ctx context.Context, lease *Lease, e *twin.Engine, apply func(uint64, []byte) error, stopFollower func()) bool {
+	// It gives up after two leases without progress.
 	deadline := time.Now().Add(2 * m.shards.opts.Lease)
+	progress := e.Applied()
 	renewed := time.Now()
 	following := true
 	defer func() {
@@ -341,6 +343,9 @@ func (m *Member) catchUp(ctx context.Context, lease *Lease, e *twin.Engine, appl
 		}
 	}()
 	for waited := 0; e.Applied() < lease.Seq(); waited++ {
+		if p := e.Applied(); p != progress {
+			progress, deadline = p, time.Now().Add(2*m.shards.opts.Lease)
+		}
 		if !lease.Valid() || ctx.Err() != nil || time.Now().After(deadline) {
 			return false
 		}
