@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -225,19 +226,30 @@ func (l *Lease) fence(ctx context.Context) error {
 	}
 	subject := logSubject(l.vs)
 	msg := &nats.Msg{Subject: subject, Data: rec, Header: nats.Header{fenceHeader: []string{l.s.opts.Node}}}
+	var last uint64
+	m, err := l.s.log.GetLastMsgForSubject(ctx, subject)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return err
+	default:
+		last = m.Sequence
+	}
 	for range 10 {
-		var last uint64
-		m, err := l.s.log.GetLastMsgForSubject(ctx, subject)
-		switch {
-		case errors.Is(err, jetstream.ErrMsgNotFound):
-		case err != nil:
-			return err
-		default:
-			last = m.Sequence
-		}
 		ack, err := l.s.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(last))
 		if wrongLastSequence(err) {
-			continue // the old owner appended in between: read again
+			// The old owner appended in between, or a message is still
+			// on its way into the log (an append whose answer was lost in
+			// a leader change): the stream says which sequence it holds
+			// last, counting those; fence after it.
+			if seq, ok := lastSequenceOf(err); ok {
+				last = seq
+				continue
+			}
+			if m, err := l.s.log.GetLastMsgForSubject(ctx, subject); err == nil {
+				last = m.Sequence
+			}
+			continue
 		}
 		if err != nil {
 			return fmt.Errorf("cluster: fence shard %d: %w", l.vs, err)
@@ -436,6 +448,21 @@ func (s *Shards) Owner(ctx context.Context, vs uint16) (node, addr string, live 
 	}
 	live = s.opts.Clock().Before(time.Unix(0, cur.Expires).Add(s.opts.Drift))
 	return cur.Node, cur.Addr, live, nil
+}
+
+// lastSequenceOf returns the sequence a refused publish's error names as
+// the subject's last ("wrong last sequence: 42").
+func lastSequenceOf(err error) (uint64, bool) {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return 0, false
+	}
+	_, n, ok := strings.Cut(apiErr.Description, "wrong last sequence: ")
+	if !ok {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(strings.TrimSpace(n), 10, 64)
+	return seq, err == nil
 }
 
 // wrongLastSequence reports whether a publish was refused because the
