@@ -6,7 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,6 +28,7 @@ type clusterFlags struct {
 	node, listen, peers, nats, advertise string
 	replicas                             int
 	lease                                time.Duration
+	envErr                               error // a TWIND_REPLICAS or TWIND_LEASE that does not parse
 }
 
 func (c *clusterFlags) register(fs *flag.FlagSet) {
@@ -34,8 +37,17 @@ func (c *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.peers, "cluster-peers", envOr("TWIND_CLUSTER_PEERS", ""), "the other nodes' --cluster-listen addresses, comma-separated (env TWIND_CLUSTER_PEERS)")
 	fs.StringVar(&c.nats, "nats", envOr("TWIND_NATS", ""), "URLs of an existing NATS cluster with JetStream to use instead of an embedded server, comma-separated (env TWIND_NATS)")
 	fs.StringVar(&c.advertise, "advertise-addr", envOr("TWIND_ADVERTISE_ADDR", ""), "host:port where the other nodes reach this node's API, to forward calls to it (default: --addr, which must then name a host) (env TWIND_ADVERTISE_ADDR)")
-	fs.IntVar(&c.replicas, "replicas", 3, "how many nodes hold each write of the replicated log")
-	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long the owner of the shards owns them without renewing; failover takes about this long plus a fifth")
+	replicas, lease := 3, 5*time.Second
+	if v, ok := os.LookupEnv("TWIND_REPLICAS"); ok {
+		n, err := strconv.Atoi(v)
+		replicas, c.envErr = n, errors.Join(c.envErr, wrapEnv("TWIND_REPLICAS", err))
+	}
+	if v, ok := os.LookupEnv("TWIND_LEASE"); ok {
+		d, err := time.ParseDuration(v)
+		lease, c.envErr = d, errors.Join(c.envErr, wrapEnv("TWIND_LEASE", err))
+	}
+	fs.IntVar(&c.replicas, "replicas", replicas, "how many nodes hold each write of the replicated log; fixed when the cluster is first started (env TWIND_REPLICAS)")
+	fs.DurationVar(&c.lease, "lease", lease, "how long the owner of the shards owns them without renewing, at least 1s; failover takes about this long plus a fifth (env TWIND_LEASE)")
 }
 
 func (c *clusterFlags) enabled() bool {
@@ -55,6 +67,27 @@ func (c *clusterFlags) check(opts *server.Options) error {
 		return errors.New("cluster mode does not serve TLS yet (nodes forward calls to each other in plaintext): terminate TLS in front of the nodes, or run one node")
 	case opts.Listener != nil:
 		return errors.New("cluster mode listens itself")
+	case c.envErr != nil:
+		return c.envErr
+	case c.replicas < 1:
+		return fmt.Errorf("--replicas %d: want at least 1 (3 survives the loss of one node)", c.replicas)
+	case c.lease < time.Second:
+		return fmt.Errorf("--lease %v: want at least 1s (an owner renews it every fifth of it)", c.lease)
+	}
+	if c.nats == "" {
+		if _, _, err := net.SplitHostPort(c.listen); err != nil {
+			return fmt.Errorf("--cluster-listen %q: want host:port (or :port for every interface): %w", c.listen, err)
+		}
+		for _, p := range splitList(c.peers) {
+			if err := checkHostPort("--cluster-peers", p); err != nil {
+				return err
+			}
+		}
+	}
+	if c.advertise != "" {
+		if err := checkHostPort("--advertise-addr", c.advertise); err != nil {
+			return err
+		}
 	}
 	if c.advertise == "" {
 		host, _, err := net.SplitHostPort(opts.Addr)
@@ -65,6 +98,29 @@ func (c *clusterFlags) check(opts *server.Options) error {
 			return fmt.Errorf("--addr %s names no host the other nodes can reach: set --advertise-addr", opts.Addr)
 		}
 		c.advertise = opts.Addr
+	}
+	return nil
+}
+
+func wrapEnv(name string, err error) error {
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// checkHostPort says what is wrong with an address that should be
+// host:port.
+func checkHostPort(flag, addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%s %q: want host:port: %w", flag, addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n <= 0 || n > 65535 {
+		return fmt.Errorf("%s %q: the port must be a number from 1 to 65535", flag, addr)
+	}
+	if host == "" {
+		return fmt.Errorf("%s %q: name the host", flag, addr)
 	}
 	return nil
 }
