@@ -140,7 +140,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		octx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		m.shards, err = Open(octx, js, Options{Node: o.Node, Addr: o.Addr, Replicas: o.Replicas, Lease: o.Lease})
 		if err == nil {
-			m.nodes, err = js.CreateOrUpdateKeyValue(octx, jetstream.KeyValueConfig{
+			m.nodes, err = EnsureBucket(octx, js, jetstream.KeyValueConfig{
 				Bucket: nodesBucket, Storage: jetstream.FileStorage, Replicas: m.shards.opts.Replicas, History: 1,
 			})
 		}
@@ -148,12 +148,28 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		if err == nil {
 			break
 		}
+		if errors.Is(err, ErrReplicas) {
+			m.Close()
+			return nil, err
+		}
+		if strings.Contains(err.Error(), "no suitable peers") {
+			// A new cluster's log needs all its replicas up to be made.
+			o.Logger.Info("waiting for the cluster to form: the first start needs as many nodes up as --replicas", "replicas", m.replicas(), "err", err)
+			continue
+		}
 		o.Logger.Info("waiting for the cluster to form", "err", err)
 	}
 	if len(o.NATS) > 0 {
 		m.warnLazySync()
 	}
 	return m, nil
+}
+
+func (m *Member) replicas() int {
+	if m.opts.Replicas > 0 {
+		return m.opts.Replicas
+	}
+	return 3
 }
 
 // warnLazySync warns when an external cluster's servers do not sync each

@@ -111,7 +111,7 @@ func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, erro
 	if o.Node == "" {
 		return nil, errors.New("cluster: Options.Node is required")
 	}
-	log, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	log, err := ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:     logStream,
 		Subjects: []string{"twind.log.>"},
 		Storage:  jetstream.FileStorage,
@@ -120,7 +120,7 @@ func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, erro
 	if err != nil {
 		return nil, fmt.Errorf("cluster: the log stream: %w", err)
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	kv, err := EnsureBucket(ctx, js, jetstream.KeyValueConfig{
 		Bucket:   ownersBucket,
 		Storage:  jetstream.FileStorage,
 		Replicas: o.Replicas,
@@ -130,6 +130,56 @@ func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, erro
 		return nil, fmt.Errorf("cluster: the owners' bucket: %w", err)
 	}
 	return &Shards{js: js, log: log, kv: kv, opts: o}, nil
+}
+
+// ErrReplicas: the cluster's log keeps another number of copies than this
+// node was started with. The number is fixed when the cluster first
+// starts; a node that changed it would change it for every node.
+var ErrReplicas = errors.New("cluster: --replicas differs from the cluster's")
+
+// ensureStream finds the stream of cfg, or makes it if there is none. It
+// never changes an existing stream: a node started with other settings
+// would change them for the whole cluster.
+func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	st, err := js.Stream(ctx, cfg.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		st, err = js.CreateStream(ctx, cfg)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			st, err = js.Stream(ctx, cfg.Name) // another node made it just now
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if got := st.CachedInfo().Config.Replicas; got != cfg.Replicas {
+		return nil, fmt.Errorf("%w: %s keeps %d copies, and this node was started with --replicas %d: start it with --replicas %d",
+			ErrReplicas, cfg.Name, got, cfg.Replicas, got)
+	}
+	return st, nil
+}
+
+// EnsureBucket finds the key-value bucket of cfg, or makes it if there is
+// none; as ensureStream, it never changes one.
+func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	kv, err := js.KeyValue(ctx, cfg.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = js.CreateKeyValue(ctx, cfg)
+		if errors.Is(err, jetstream.ErrBucketExists) || errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			kv, err = js.KeyValue(ctx, cfg.Bucket)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if err != nil {
+		return nil, err
+	}
+	if got := st.CachedInfo().Config.Replicas; got != cfg.Replicas {
+		return nil, fmt.Errorf("%w: the bucket %s keeps %d copies, and this node was started with --replicas %d: start it with --replicas %d",
+			ErrReplicas, cfg.Bucket, got, cfg.Replicas, got)
+	}
+	return kv, nil
 }
 
 // ownerRecord is the value of a shard's key in the owners' bucket.

@@ -276,3 +276,41 @@ func TestFailoverWhenANodeDies(t *testing.T) {
 		t.Errorf("shard 3's log = %s; want %s", got, want)
 	}
 }
+
+// TestReplicasAreFixed: a node started with another --replicas than the
+// cluster's is refused, and the log keeps its copies.
+func TestReplicasAreFixed(t *testing.T) {
+	nodes := startCluster(t, 3)
+	openShards(t, nodes[0], Options{Node: "a", Replicas: 3})
+	nc, err := nats.Connect(nodes[1].ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := Open(ctx, js, Options{Node: "b", Replicas: 1}); !errors.Is(err, ErrReplicas) {
+		t.Fatalf("Open with 1 replica on a log of 3 = %v; want ErrReplicas", err)
+	}
+	st, err := js.Stream(ctx, logStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.CachedInfo().Config.Replicas; got != 3 {
+		t.Errorf("the log keeps %d copies after the refused node; want 3", got)
+	}
+}
+
+func TestLastSequenceOf(t *testing.T) {
+	err := &jetstream.APIError{Code: 400, ErrorCode: jetstream.JSErrCodeStreamWrongLastSequence, Description: "wrong last sequence: 42"}
+	if seq, ok := lastSequenceOf(fmt.Errorf("publish: %w", err)); !ok || seq != 42 {
+		t.Errorf("lastSequenceOf = %d, %v; want 42", seq, ok)
+	}
+	if _, ok := lastSequenceOf(errors.New("wrong last sequence")); ok {
+		t.Error("lastSequenceOf found a sequence in an error that names none")
+	}
+}
