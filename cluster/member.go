@@ -132,7 +132,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		select {
 		case <-ctx.Done():
 			m.Close()
-			return nil, fmt.Errorf("cluster: the cluster did not form (is a quorum of --cluster-peers up?): %w", errors.Join(ctx.Err(), err))
+			return nil, fmt.Errorf("cluster: the cluster did not form (a first start needs --replicas nodes up, later a majority of them): %w", errors.Join(ctx.Err(), err))
 		case <-time.After(wait):
 		}
 		// A request made before the cluster has elected its leaders goes
@@ -330,7 +330,11 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 		// leader record by record. A store that cannot catch up within
 		// two leases gives the shards back, for a node that can.
 		if !m.catchUp(ctx, lease, e, apply, stopFollower) {
-			m.opts.Logger.Warn("gave the shards back: the store did not catch up with the log", "applied", e.Applied(), "fence", lease.Seq())
+			why := "the store did not catch up with the log"
+			if e.Applied() >= lease.Seq() {
+				why = "the lease ran out while taking over"
+			}
+			m.opts.Logger.Warn("gave the shards back: "+why, "applied", e.Applied(), "fence", lease.Seq())
 			rctx, cancel := context.WithTimeout(context.Background(), m.attemptTimeout())
 			lease.Release(rctx)
 			cancel()
@@ -390,7 +394,17 @@ func (m *Member) catchUp(ctx context.Context, lease *Lease, e *twin.Engine, appl
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	return lease.Valid() && ctx.Err() == nil
+	if ctx.Err() != nil {
+		return false
+	}
+	// Caught up: renew once more, so that serving starts on a whole
+	// lease however long the takeover took.
+	rctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
+	defer cancel()
+	if err := lease.Renew(rctx); err != nil {
+		m.opts.Logger.Warn("renewing the lease after catching up failed", "err", err)
+	}
+	return lease.Valid()
 }
 
 // refreshOwner reads the shards' owner, and reports whether this node
@@ -583,7 +597,7 @@ func (m *Member) Owner() (string, error) {
 	case m.ownerErr != nil:
 		return "", fmt.Errorf("the cluster does not answer (no quorum?): %w", m.ownerErr)
 	case !m.ownerLive:
-		return "", errors.New("no node owns the shards now (a takeover is under way); retry")
+		return "", errors.New("no node owns the shards now: a takeover is under way, or too few nodes are up to choose one (a majority of --replicas); retry")
 	case m.ownerNode == m.opts.Node:
 		return "", errors.New("this node is taking the shards over; retry")
 	}

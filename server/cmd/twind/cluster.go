@@ -147,10 +147,31 @@ func runCluster(ctx context.Context, c clusterFlags, opts server.Options) error 
 	}
 	d := newDispatcher(l)
 	defer d.close()
+	// While it joins, the node answers every call with UNAVAILABLE and
+	// health with NOT_SERVING, rather than reset connections.
+	joining := errors.New("this node is joining the cluster; retry")
+	jf := server.NewForwarder(server.ForwardOptions{
+		Owner:   func() (string, error) { return "", joining },
+		Healthy: func() bool { return false },
+		ClusterStatus: func(context.Context) (*twinv1.GetClusterStatusResponse, error) {
+			return nil, joining
+		},
+		Logger: opts.Logger,
+	})
+	jl := d.phase()
+	var jwg sync.WaitGroup
+	jwg.Add(1)
+	go func() { defer jwg.Done(); jf.Serve(jl) }()
 	m, err := cluster.StartMember(ctx, cluster.MemberOptions{
 		Node: c.node, ClusterAddr: c.listen, Peers: splitList(c.peers), NATS: splitList(c.nats),
 		Replicas: c.replicas, Lease: c.lease, Dir: opts.DataDir, Addr: c.advertise, Logger: opts.Logger,
 	})
+	jf.Stop()
+	jwg.Wait()
+	if err != nil && ctx.Err() != nil {
+		opts.Logger.Info("stopped before joining the cluster")
+		return nil
+	}
 	if err != nil {
 		return err
 	}
