@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -87,8 +88,9 @@ type Member struct {
 	logLast        uint64                // the log's last position, as last read
 	statusAt       time.Time             // when logLast was read
 
-	changes atomic.Int64 // ownership changes this node made
-	metrics *metrics
+	changes  atomic.Int64 // ownership changes this node made
+	instance string       // names this process in its node record
+	metrics  *metrics
 }
 
 // StartMember starts this node's NATS server (unless it uses an existing
@@ -98,7 +100,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	m := &Member{opts: o, peers: map[string]nodeRecord{}}
+	m := &Member{opts: o, peers: map[string]nodeRecord{}, instance: strconv.FormatInt(time.Now().UnixNano(), 36)}
 	m.metrics = newMetrics(m)
 	m.role.Store(RoleStandby)
 	url := ""
@@ -159,10 +161,45 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		}
 		o.Logger.Info("waiting for the cluster to form", "err", err)
 	}
+	if err := m.checkName(ctx); err != nil {
+		m.Close()
+		return nil, err
+	}
 	if len(o.NATS) > 0 {
 		m.warnLazySync()
 	}
 	return m, nil
+}
+
+// checkName refuses a node whose name another running twind has: two
+// nodes of one name would take the shards from each other. A record of
+// the name that another process updated within the last seconds may be
+// this node's own before a restart: it is another node only if it is
+// updated again.
+func (m *Member) checkName(ctx context.Context) error {
+	read := func() (nodeRecord, bool) {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		e, err := m.nodes.Get(rctx, "node."+m.opts.Node)
+		var r nodeRecord
+		if err != nil || json.Unmarshal(e.Value(), &r) != nil {
+			return r, false
+		}
+		return r, true
+	}
+	first, ok := read()
+	if !ok || first.Role == RoleDown || time.Since(time.Unix(0, first.Updated)) > 3*time.Second {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(2500 * time.Millisecond): // more than a heartbeat
+	}
+	if again, ok := read(); ok && again.Updated != first.Updated && again.Role != RoleDown {
+		return fmt.Errorf("cluster: another twind runs as node %s (serving %s): give each node its own --node name", m.opts.Node, again.Addr)
+	}
+	return nil
 }
 
 func (m *Member) replicas() int {
@@ -554,10 +591,11 @@ func (l leaseLog) Append(ctx context.Context, entry []byte) (uint64, error) {
 
 // nodeRecord is the value of a node's key in the nodes' bucket.
 type nodeRecord struct {
-	Addr    string `json:"addr"`
-	Role    Role   `json:"role"`
-	Applied uint64 `json:"applied"`
-	Updated int64  `json:"updated"` // Unix nanoseconds
+	Addr     string `json:"addr"`
+	Role     Role   `json:"role"`
+	Applied  uint64 `json:"applied"`
+	Updated  int64  `json:"updated"`  // Unix nanoseconds
+	Instance string `json:"instance"` // the process, so that two with one name show
 }
 
 func (m *Member) heartbeat(ctx context.Context) {
@@ -582,7 +620,7 @@ func (m *Member) heartbeat(ctx context.Context) {
 }
 
 func (m *Member) report(ctx context.Context, role Role) {
-	rec, _ := json.Marshal(nodeRecord{Addr: m.opts.Addr, Role: role, Applied: m.applied.Load(), Updated: time.Now().UnixNano()})
+	rec, _ := json.Marshal(nodeRecord{Addr: m.opts.Addr, Role: role, Applied: m.applied.Load(), Updated: time.Now().UnixNano(), Instance: m.instance})
 	rctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	m.nodes.Put(rctx, "node."+m.opts.Node, rec)
