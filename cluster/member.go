@@ -253,6 +253,16 @@ func (m *Member) Run(ctx context.Context, engine twin.Options, owner OwnerFunc, 
 		stopHeartbeat()
 		wg.Wait()
 		m.report(context.Background(), RoleDown)
+		if m.node != nil && m.node.leadsMeta() {
+			// A node that stops hands JetStream's meta leadership on:
+			// without a meta leader, followers cannot make consumers
+			// until the others elect one.
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			if _, err := m.nc.RequestWithContext(sctx, "$JS.API.META.LEADER.STEPDOWN", []byte("{}")); err != nil {
+				m.opts.Logger.Warn("JetStream's meta leader stays on this node as it stops", "err", err)
+			}
+			cancel()
+		}
 	}()
 	for ctx.Err() == nil {
 		lease, err := m.follow(ctx, engine, standby)

@@ -96,6 +96,10 @@ func StartNode(o NodeOptions) (*Node, error) {
 	return &Node{srv: srv}, nil
 }
 
+// leadsMeta reports whether this node's server leads JetStream's meta
+// group (which places streams and makes consumers).
+func (n *Node) leadsMeta() bool { return n.srv.JetStreamIsLeader() }
+
 // ClientURL is the URL clients connect to.
 func (n *Node) ClientURL() string { return n.srv.ClientURL() }
 
