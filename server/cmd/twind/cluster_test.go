@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -819,6 +820,7 @@ func TestExternalNATS(t *testing.T) {
 	}
 	routes := []string{freePort(t), freePort(t), freePort(t)}
 	var urls []string
+	var natsNodes []*cluster.Node
 	for i, r := range routes {
 		var peers []string
 		for j, p := range routes {
@@ -832,6 +834,7 @@ func TestExternalNATS(t *testing.T) {
 		}
 		t.Cleanup(n.Shutdown)
 		urls = append(urls, n.ClientURL())
+		natsNodes = append(natsNodes, n)
 	}
 	nodes := newClusterNodes(t, 2)
 	for _, n := range nodes {
@@ -860,6 +863,32 @@ func TestExternalNATS(t *testing.T) {
 	r, err := c.twins[1].GetTwin(ctx, &twinv1.GetTwinRequest{Id: "car-1"}, grpc.WaitForReady(true))
 	if err != nil || r.Twin.Version != 1 {
 		t.Fatalf("GetTwin through the other node = %v, %v; want version 1", r, err)
+	}
+	// Without a quorum, every node answers UNAVAILABLE, and health says
+	// NOT_SERVING.
+	natsNodes[0].Shutdown()
+	natsNodes[1].Shutdown()
+	for i, n := range nodes {
+		conn, err := grpc.NewClient(n.api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		health := healthpb.NewHealthClient(conn)
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			hctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			h, herr := health.Check(hctx, &healthpb.HealthCheckRequest{})
+			_, gerr := c.twins[i].GetTwin(hctx, &twinv1.GetTwinRequest{Id: "car-1"})
+			cancel()
+			if herr == nil && h.Status == healthpb.HealthCheckResponse_NOT_SERVING && status.Code(gerr) == codes.Unavailable {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s without a quorum: health %v (%v), GetTwin %v; want NOT_SERVING and UNAVAILABLE", n.name, h, herr, gerr)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	}
 	for _, n := range nodes {
 		if log := strings.Join(n.started, "\n"); !strings.Contains(log, "sync_interval: always") {
