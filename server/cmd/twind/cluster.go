@@ -90,12 +90,15 @@ func (c *clusterFlags) check(opts *server.Options) error {
 		}
 	}
 	if c.advertise == "" {
-		host, _, err := net.SplitHostPort(opts.Addr)
+		host, port, err := net.SplitHostPort(opts.Addr)
 		if err != nil {
 			return fmt.Errorf("--addr %q: %w", opts.Addr, err)
 		}
 		if host == "" || net.ParseIP(host).IsUnspecified() {
 			return fmt.Errorf("--addr %s names no host the other nodes can reach: set --advertise-addr", opts.Addr)
+		}
+		if port == "0" {
+			return fmt.Errorf("--addr %s: a cluster node needs a fixed port, which the other nodes forward calls to", opts.Addr)
 		}
 		c.advertise = opts.Addr
 	}

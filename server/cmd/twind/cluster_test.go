@@ -897,3 +897,35 @@ func TestExternalNATS(t *testing.T) {
 		n.stop(t, syscall.SIGTERM)
 	}
 }
+
+// TestClusterFlags: cluster flags that are missing, contradictory or
+// malformed are refused before anything starts, saying what to fix.
+func TestClusterFlags(t *testing.T) {
+	base := []string{"--addr", "127.0.0.1:50999", "--data", t.TempDir()}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--node", "n1"}, "needs --cluster-listen"},
+		{[]string{"--cluster-peers", "a:1"}, "needs --node"},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201"}, "--cluster-peers"},
+		{[]string{"--node", "n1", "--nats", "nats://a:4222", "--cluster-listen", "127.0.0.1:7201"}, "does not go with --cluster-listen"},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "garbage"}, `--cluster-peers "garbage": want host:port`},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:99999"}, "the port must be a number"},
+		{[]string{"--node", "n1", "--cluster-listen", "nocolon", "--cluster-peers", "a:1"}, "--cluster-listen"},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1", "--lease", "10ms"}, "at least 1s"},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1", "--advertise-addr", "foo"}, "--advertise-addr"},
+		{[]string{"--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1", "--tls-cert", "c.pem", "--tls-key", "k.pem"}, "does not serve TLS"},
+		{[]string{"--addr", "127.0.0.1:0", "--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1"}, "needs a fixed port"},
+		{[]string{"--addr", "0.0.0.0:50051", "--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1"}, "set --advertise-addr"},
+	} {
+		err := run(append(append([]string(nil), base...), c.args...))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("twind %s = %v; want an error saying %q", strings.Join(c.args, " "), err, c.want)
+		}
+	}
+	t.Setenv("TWIND_LEASE", "soon")
+	if err := run(append(base, "--node", "n1", "--cluster-listen", "127.0.0.1:7201", "--cluster-peers", "a:1")); err == nil || !strings.Contains(err.Error(), "TWIND_LEASE") {
+		t.Errorf("TWIND_LEASE=soon: %v; want an error naming TWIND_LEASE", err)
+	}
+}
