@@ -419,6 +419,27 @@ func (u *upstream) close() {
 	}
 }
 
+// retireOwnersBut closes every connection to an owner other than addr, the
+// owner now: its calls end with UNAVAILABLE at once, and their clients
+// retry, instead of waiting on an owner that is paused or cut off until
+// their deadlines.
+func (f *Forwarder) retireOwnersBut(addr string) {
+	f.mu.Lock()
+	ups := make([]*upstream, 0, len(f.ups))
+	for u := range f.ups {
+		ups = append(ups, u)
+	}
+	f.mu.Unlock()
+	for _, u := range ups {
+		u.mu.Lock()
+		if u.cc != nil && u.addr != addr {
+			u.cc.Close()
+			u.cc, u.addr = nil, ""
+		}
+		u.mu.Unlock()
+	}
+}
+
 // noteOwner logs a change of the owner the calls go to.
 func (f *Forwarder) noteOwner(addr string) {
 	f.mu.Lock()
@@ -517,6 +538,9 @@ func (f *Forwarder) pollHealth() {
 		select {
 		case <-t.C:
 			f.health.check()
+			if addr, err := f.opts.Owner(); err == nil {
+				f.retireOwnersBut(addr)
+			}
 		case <-f.stopCtx.Done():
 			return
 		}

@@ -688,3 +688,29 @@ func TestForwardHTTPStream(t *testing.T) {
 	resp.Body.Close()
 	waitFor(t, func() bool { return owner.inflight.String() == "" })
 }
+
+// TestForwardRetiresOldOwner: once the owner changes, a stream through the
+// forwarder to the old owner ends with UNAVAILABLE by itself, without a
+// new call on its connection, so that its client goes to the new owner
+// rather than wait on an old owner that is paused or cut off.
+func TestForwardRetiresOldOwner(t *testing.T) {
+	ctx := testCtx(t)
+	owner1, addr1 := startOwner(t, nil)
+	_, addr2 := startOwner(t, nil)
+	var cur atomic.Value
+	cur.Store(addr1)
+	f := startForwarder(t, owner1, ForwardOptions{Owner: func() (string, error) { return cur.Load().(string), nil }})
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	watch, err := f.ts.twins.WatchTwins(wctx, &twinv1.WatchTwinsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := watch.Header(); err != nil {
+		t.Fatal(err)
+	}
+	cur.Store(addr2)
+	if _, err := watch.Recv(); status.Code(err) != codes.Unavailable {
+		t.Errorf("a watch on the old owner, 10 s after the owner changed = %v; want UNAVAILABLE", err)
+	}
+}
