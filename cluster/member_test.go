@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/twind-io/twind/twin"
 )
 
@@ -133,6 +136,28 @@ func TestMembersHandOver(t *testing.T) {
 		if i != idx && n.m.Applied() >= nodes[idx].m.Applied() {
 			t.Fatalf("standby n%d has applied the log up to %d, as far as the owner: nothing to catch up with", i, n.m.Applied())
 		}
+	}
+
+	// The owner's metrics: its appends, that it owns the shards, and each
+	// node's lag.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(nodes[idx].m.Metrics())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*dto.MetricFamily{}
+	for _, mf := range mfs {
+		got[mf.GetName()] = mf
+	}
+	if mf := got["twind_cluster_append_seconds"]; mf == nil || mf.Metric[0].GetHistogram().GetSampleCount() == 0 {
+		t.Errorf("twind_cluster_append_seconds = %v; want the owner's appends", mf)
+	}
+	if mf := got["twind_cluster_owner"]; mf == nil || mf.Metric[0].GetGauge().GetValue() != 1 {
+		t.Errorf("twind_cluster_owner = %v; want 1 on the owner", mf)
+	}
+	if mf := got["twind_cluster_ownership_changes_total"]; mf == nil || mf.Metric[0].GetCounter().GetValue() < 1 {
+		t.Errorf("twind_cluster_ownership_changes_total = %v; want at least 1 on the owner", mf)
 	}
 
 	// The owner stops: another node owns the shards well within a lease.
