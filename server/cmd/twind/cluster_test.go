@@ -144,7 +144,7 @@ func (c *clusterNode) stop(t *testing.T, sig syscall.Signal) {
 
 // waitLogAny waits for a line of the daemon's log that contains any of
 // the strings.
-func (d *daemon) waitLogAny(t *testing.T, any ...string) {
+func (d *daemon) waitLogAny(t *testing.T, wants ...string) {
 	t.Helper()
 	var seen []string
 	deadline := time.After(30 * time.Second)
@@ -152,13 +152,13 @@ func (d *daemon) waitLogAny(t *testing.T, any ...string) {
 		select {
 		case l := <-d.lines:
 			seen = append(seen, l)
-			for _, s := range any {
-				if strings.Contains(l, s) {
+			for _, w := range wants {
+				if strings.Contains(l, w) {
 					return
 				}
 			}
 		case <-deadline:
-			t.Fatalf("twind did not log any of %q within 30s; it logged:\n%s", any, strings.Join(seen, "\n"))
+			t.Fatalf("twind did not log any of %q within 30s; it logged:\n%s", wants, strings.Join(seen, "\n"))
 		}
 	}
 }
