@@ -353,9 +353,10 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 		lctx, cancel := context.WithTimeout(ctx, m.attemptTimeout())
 		last, err := m.shards.Last(lctx)
 		cancel()
-		if err == nil && last > e.Applied()+10_000 && !m.ownerLongGone() {
-			// Far behind (a node rebuilding its store): let a node that
-			// is caught up take over first.
+		if err == nil && last > e.Applied()+behind && !m.ownerLongGone() {
+			// Behind (a node that has just restarted, or rebuilds its
+			// store): let a node that is caught up take over first; it
+			// serves sooner.
 			continue
 		}
 		// A request sent while a stream elects its leader goes
@@ -490,6 +491,11 @@ func (m *Member) refreshOwner(ctx context.Context) (free bool) {
 func (m *Member) attemptTimeout() time.Duration {
 	return min(max(m.shards.opts.Lease/4, 500*time.Millisecond), 2*time.Second)
 }
+
+// behind is how many log records a standby may lag and still take the
+// shards over at once; one further behind leaves them to a node that is
+// caught up, for two leases.
+const behind = 500
 
 // ownerLongGone reports whether the shards have had no owner for two
 // leases: long enough for a node that is caught up to have taken them.
