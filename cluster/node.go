@@ -89,9 +89,9 @@ func StartNode(o NodeOptions) (*Node, error) {
 		return nil, fmt.Errorf("cluster: %w", err)
 	}
 	srv.Start()
-	if !srv.ReadyForConnections(10 * time.Second) {
+	if !srv.ReadyForConnections(time.Minute) {
 		srv.Shutdown()
-		return nil, fmt.Errorf("cluster: node %s did not start taking connections within 10s", o.Name)
+		return nil, fmt.Errorf("cluster: node %s did not start taking connections within a minute", o.Name)
 	}
 	return &Node{srv: srv}, nil
 }
