@@ -57,7 +57,7 @@ func TestMembersHandOver(t *testing.T) {
 				}
 			}
 			dir := t.TempDir()
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
 			m, err := StartMember(ctx, MemberOptions{Node: fmt.Sprint("n", i), ClusterAddr: addrs[i], Peers: peers,
 				Lease: time.Second, Dir: dir, Addr: fmt.Sprint("api-", i), Logger: logger,

@@ -118,7 +118,9 @@ func (c *clusterNode) start(t *testing.T, extra ...string) {
 		d.done <- cmd.Wait()
 	}()
 	c.d = d
-	c.started = d.waitLog(t, "joined the cluster")
+	// Generous: a loaded machine running the tests under -race forms a
+	// cluster slowly.
+	c.started = d.waitLogAny(t, 2*time.Minute, "joined the cluster")
 }
 
 func (c *clusterNode) signal(t *testing.T, sig syscall.Signal) {
@@ -144,21 +146,21 @@ func (c *clusterNode) stop(t *testing.T, sig syscall.Signal) {
 
 // waitLogAny waits for a line of the daemon's log that contains any of
 // the strings.
-func (d *daemon) waitLogAny(t *testing.T, wants ...string) {
+func (d *daemon) waitLogAny(t *testing.T, timeout time.Duration, wants ...string) []string {
 	t.Helper()
 	var seen []string
-	deadline := time.After(30 * time.Second)
+	deadline := time.After(timeout)
 	for {
 		select {
 		case l := <-d.lines:
 			seen = append(seen, l)
 			for _, w := range wants {
 				if strings.Contains(l, w) {
-					return
+					return seen
 				}
 			}
 		case <-deadline:
-			t.Fatalf("twind did not log any of %q within 30s; it logged:\n%s", wants, strings.Join(seen, "\n"))
+			t.Fatalf("twind did not log any of %q within %v; it logged:\n%s", wants, timeout, strings.Join(seen, "\n"))
 		}
 	}
 }
@@ -585,7 +587,7 @@ func TestClusterFaults(t *testing.T) {
 		paused.signal(t, syscall.SIGCONT)
 		// It stepped down as the owner, or, paused in the middle of its
 		// takeover, gave the shards back.
-		paused.d.waitLogAny(t, "no longer owns the shards", "gave the shards back")
+		paused.d.waitLogAny(t, 30*time.Second, "no longer owns the shards", "gave the shards back")
 		owner = owner2
 		settle()
 		progress("after the owner's SIGSTOP")
