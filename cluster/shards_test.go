@@ -85,7 +85,7 @@ func openShards(t *testing.T, node *Node, o Options) *Shards {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(2 * time.Minute) // a loaded machine forms a cluster slowly
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		s, err := Open(ctx, js, o)
