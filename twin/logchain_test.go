@@ -555,6 +555,12 @@ func TestLogChainsSurvivePowerLoss(t *testing.T) {
 	}
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
+	// The revisions of acknowledged changes, in the order of their
+	// acknowledgements: those acknowledged before a crash must survive it.
+	// Others may not: a revision handed out to a change that was not yet
+	// durable leaves a hole in the log when the power cut takes it.
+	var ackMu sync.Mutex
+	var acked []int64
 	for w := range writers {
 		wg.Add(1)
 		go func() {
@@ -567,26 +573,36 @@ func TestLogChainsSurvivePowerLoss(t *testing.T) {
 				default:
 				}
 				id := fmt.Sprint("t", r.IntN(twins))
+				var tw *Twin
 				var err error
 				if i%3 == 0 {
-					_, err = e.UpdateDesired(ctx, PatchRequest{ID: id, Patch: randomPatch(r, 0)})
+					tw, err = e.UpdateDesired(ctx, PatchRequest{ID: id, Patch: randomPatch(r, 0)})
 				} else {
-					_, err = e.Report(ctx, PatchRequest{ID: id, Patch: randomPatch(r, 0)})
+					tw, err = e.Report(ctx, PatchRequest{ID: id, Patch: randomPatch(r, 0)})
 				}
 				if errors.Is(err, ErrClosed) {
 					return
+				}
+				if err == nil {
+					ackMu.Lock()
+					acked = append(acked, tw.Revision)
+					ackMu.Unlock()
 				}
 			}
 		}()
 	}
 	var clones []vfs.FS
+	var ackedBefore []int // len(acked) when each clone was taken
 	for len(clones) < 6 {
 		// Pruning starts once the log holds its retention and a pruning
 		// step (1,024 revisions) more.
 		for target := max(e.Stats().Changes, 2000) + int64(300+rng.IntN(900)); e.Stats().Changes < target; {
 			time.Sleep(time.Millisecond)
 		}
+		ackMu.Lock()
+		ackedBefore = append(ackedBefore, len(acked))
 		clones = append(clones, mem.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: rng.IntN(101), RNG: rand.New(rand.NewPCG(rng.Uint64(), 2))}))
+		ackMu.Unlock()
 	}
 	close(stop)
 	wg.Wait()
@@ -603,6 +619,7 @@ func TestLogChainsSurvivePowerLoss(t *testing.T) {
 			t.Errorf("crash %d: oldest revision %d: the log was never pruned; the test needs more changes", i, e.OldestRevision())
 		}
 		n, last := int64(0), e.Revision()
+		read := map[int64]bool{}
 		lr := newLogReader(e.db)
 		for from := e.OldestRevision(); from <= last; {
 			evs, next, err := e.readLog(lr, nil, from, last)
@@ -613,12 +630,18 @@ func TestLogChainsSurvivePowerLoss(t *testing.T) {
 				if ev.Twin == nil || ev.Twin.Revision != ev.Revision {
 					t.Fatalf("crash %d: revision %d rebuilt as %+v", i, ev.Revision, ev.Twin)
 				}
+				read[ev.Revision] = true
 			}
 			n += int64(len(evs))
 			from = next
 		}
-		if want := last - e.OldestRevision() + 1; n != want {
-			t.Errorf("crash %d: read %d events, want %d", i, n, want)
+		if want := last - e.OldestRevision() + 1; n > want || n < want/2 {
+			t.Errorf("crash %d: read %d events from revision %d to %d", i, n, e.OldestRevision(), last)
+		}
+		for _, rev := range acked[:ackedBefore[i]] {
+			if rev >= e.OldestRevision() && !read[rev] {
+				t.Errorf("crash %d: revision %d was acknowledged before the crash, and is not in the log", i, rev)
+			}
 		}
 		for j := range twins {
 			id := fmt.Sprint("t", j)
