@@ -316,10 +316,19 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 		fwg.Add(1)
 		go func() {
 			defer fwg.Done()
+			var failing time.Time // when a failure was last logged; zero after progress
 			for fctx.Err() == nil {
-				err := m.shards.Follow(fctx, AllShards, e.Applied(), apply)
+				from := e.Applied()
+				err := m.shards.Follow(fctx, AllShards, from, apply)
+				if e.Applied() > from {
+					failing = time.Time{} // it made progress: a new failure is news
+				}
 				if err != nil && fctx.Err() == nil {
-					m.opts.Logger.Warn("following the log failed; following again", "err", err)
+					// Once a minute while it lasts, not every second.
+					if failing.IsZero() || time.Since(failing) > time.Minute {
+						m.opts.Logger.Warn("following the log failed; following again every second", "err", err)
+						failing = time.Now()
+					}
 					select {
 					case <-fctx.Done():
 					case <-time.After(time.Second):
@@ -341,6 +350,7 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 	}
 	tick := time.NewTicker(m.shards.opts.Lease / 20)
 	defer tick.Stop()
+	var loggedTakeover time.Time // when a failed takeover was last logged
 	for {
 		select {
 		case <-ctx.Done():
@@ -368,7 +378,12 @@ func (m *Member) follow(ctx context.Context, opts twin.Options, standby StandbyF
 			continue
 		}
 		if err != nil {
-			m.opts.Logger.Warn("taking the shards over failed", "err", err)
+			// Once a lease while it lasts (no quorum), not four times a
+			// second.
+			if time.Since(loggedTakeover) > m.shards.opts.Lease {
+				m.opts.Logger.Warn("taking the shards over failed", "err", err)
+				loggedTakeover = time.Now()
+			}
 			continue
 		}
 		m.changes.Add(1)
