@@ -320,7 +320,10 @@ func (k *checker) load(ctx context.Context, t *testing.T, c *clusterClients, wor
 // time the stream breaks; it says hello with the last desired version it
 // was told of, and checks that the welcome never goes back in versions.
 func (k *checker) device(ctx context.Context, c *clusterClients, id, token string) {
-	var lastVersion, acked int64
+	// n numbers every report across reconnects: each one changes the twin
+	// (a report that changes nothing keeps the version, and would look
+	// like a version acknowledged twice).
+	var lastVersion, acked, n int64
 	for node := 0; ctx.Err() == nil; node++ {
 		err := func() error {
 			sctx, cancel := context.WithCancel(ctx)
@@ -347,7 +350,8 @@ func (k *checker) device(ctx context.Context, c *clusterClients, id, token strin
 			}
 			lastVersion = w.Version
 			for seq := int64(1); ctx.Err() == nil; seq++ {
-				patch, _ := structpb.NewStruct(map[string]any{"dev": seq})
+				n++
+				patch, _ := structpb.NewStruct(map[string]any{"dev": n})
 				if err := stream.Send(&twinv1.ConnectRequest{Msg: &twinv1.ConnectRequest_Report{Report: &twinv1.Report{Seq: seq, Patch: patch}}}); err != nil {
 					return err
 				}
@@ -364,7 +368,7 @@ func (k *checker) device(ctx context.Context, c *clusterClients, id, token strin
 							return errors.New(a.Error)
 						}
 						acked = a.Version
-						k.ack(nil, id, a.Version, 0, "reported.dev="+strconv.Itoa(int(seq)))
+						k.ack(nil, id, a.Version, 0, "reported.dev="+strconv.Itoa(int(n)))
 						break
 					}
 				}
