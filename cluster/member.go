@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -88,9 +87,8 @@ type Member struct {
 	logLast        uint64                // the log's last position, as last read
 	statusAt       time.Time             // when logLast was read
 
-	changes  atomic.Int64 // ownership changes this node made
-	instance string       // names this process in its node record
-	metrics  *metrics
+	changes atomic.Int64 // ownership changes this node made
+	metrics *metrics
 }
 
 // StartMember starts this node's NATS server (unless it uses an existing
@@ -100,7 +98,10 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	m := &Member{opts: o, peers: map[string]nodeRecord{}, instance: strconv.FormatInt(time.Now().UnixNano(), 36)}
+	if o.Replicas <= 0 {
+		o.Replicas = 3
+	}
+	m := &Member{opts: o, peers: map[string]nodeRecord{}}
 	m.metrics = newMetrics(m)
 	m.role.Store(RoleStandby)
 	url := ""
@@ -142,7 +143,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		octx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		m.shards, err = Open(octx, js, Options{Node: o.Node, Addr: o.Addr, Replicas: o.Replicas, Lease: o.Lease})
 		if err == nil {
-			m.nodes, err = EnsureBucket(octx, js, jetstream.KeyValueConfig{
+			m.nodes, err = ensureBucket(octx, js, jetstream.KeyValueConfig{
 				Bucket: nodesBucket, Storage: jetstream.FileStorage, Replicas: m.shards.opts.Replicas, History: 1,
 			})
 		}
@@ -156,7 +157,7 @@ func StartMember(ctx context.Context, o MemberOptions) (*Member, error) {
 		}
 		if strings.Contains(err.Error(), "no suitable peers") {
 			// A new cluster's log needs all its replicas up to be made.
-			o.Logger.Info("waiting for the cluster to form: the first start needs as many nodes up as --replicas", "replicas", m.replicas(), "err", err)
+			o.Logger.Info("waiting for the cluster to form: the first start needs as many nodes up as --replicas", "replicas", o.Replicas, "err", err)
 			continue
 		}
 		o.Logger.Info("waiting for the cluster to form", "err", err)
@@ -200,13 +201,6 @@ func (m *Member) checkName(ctx context.Context) error {
 		return fmt.Errorf("cluster: another twind runs as node %s (serving %s): give each node its own --node name", m.opts.Node, again.Addr)
 	}
 	return nil
-}
-
-func (m *Member) replicas() int {
-	if m.opts.Replicas > 0 {
-		return m.opts.Replicas
-	}
-	return 3
 }
 
 // warnLazySync warns when an external cluster's servers do not sync each
@@ -622,11 +616,10 @@ func (l leaseLog) Append(ctx context.Context, entry []byte) (uint64, error) {
 
 // nodeRecord is the value of a node's key in the nodes' bucket.
 type nodeRecord struct {
-	Addr     string `json:"addr"`
-	Role     Role   `json:"role"`
-	Applied  uint64 `json:"applied"`
-	Updated  int64  `json:"updated"`  // Unix nanoseconds
-	Instance string `json:"instance"` // the process, so that two with one name show
+	Addr    string `json:"addr"`
+	Role    Role   `json:"role"`
+	Applied uint64 `json:"applied"`
+	Updated int64  `json:"updated"` // Unix nanoseconds
 }
 
 func (m *Member) heartbeat(ctx context.Context) {
@@ -651,7 +644,7 @@ func (m *Member) heartbeat(ctx context.Context) {
 }
 
 func (m *Member) report(ctx context.Context, role Role) {
-	rec, _ := json.Marshal(nodeRecord{Addr: m.opts.Addr, Role: role, Applied: m.applied.Load(), Updated: time.Now().UnixNano(), Instance: m.instance})
+	rec, _ := json.Marshal(nodeRecord{Addr: m.opts.Addr, Role: role, Applied: m.applied.Load(), Updated: time.Now().UnixNano()})
 	rctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	m.nodes.Put(rctx, "node."+m.opts.Node, rec)
@@ -760,9 +753,6 @@ func (m *Member) watchNodes(ctx context.Context) {
 		w.Stop()
 	}
 }
-
-// OwnershipChanges returns how many times this node took the shards over.
-func (m *Member) OwnershipChanges() int64 { return m.changes.Load() }
 
 // Applied returns the last log position this node's store holds.
 func (m *Member) Applied() uint64 { return m.applied.Load() }

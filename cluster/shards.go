@@ -120,7 +120,7 @@ func Open(ctx context.Context, js jetstream.JetStream, o Options) (*Shards, erro
 	if err != nil {
 		return nil, fmt.Errorf("cluster: the log stream: %w", err)
 	}
-	kv, err := EnsureBucket(ctx, js, jetstream.KeyValueConfig{
+	kv, err := ensureBucket(ctx, js, jetstream.KeyValueConfig{
 		Bucket:   ownersBucket,
 		Storage:  jetstream.FileStorage,
 		Replicas: o.Replicas,
@@ -158,9 +158,9 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 	return st, nil
 }
 
-// EnsureBucket finds the key-value bucket of cfg, or makes it if there is
+// ensureBucket finds the key-value bucket of cfg, or makes it if there is
 // none; as ensureStream, it never changes one.
-func EnsureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	kv, err := js.KeyValue(ctx, cfg.Bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		kv, err = js.CreateKeyValue(ctx, cfg)
